@@ -1,0 +1,97 @@
+"""The floor: the least work that answers the game, to compare the service against.
+
+One statement claims, closes and answers up to a batch of pending requests with a fixed
+action (sql/bench.sql ``floor_answer``); it is woken by the schema's NOTIFY, with a 50 ms
+polling fallback, exactly like the bridge. Whatever the service costs above this is the
+price of routing, batching and inference.
+
+``python -m mltasks.bench.floor [--database-url URL]`` runs it until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from mltasks.bench.queries import bench_query
+
+log = logging.getLogger(__name__)
+
+FLOOR_ACTION = 1  # ATTACK: a valid, fixed answer
+BATCH = 128
+POLL_S = 0.05
+
+
+class Floor:
+    """A responder that answers every pending request at once, nothing else."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        action_id: int = FLOOR_ACTION,
+        batch: int = BATCH,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self.conninfo = conninfo
+        self.action_id = action_id
+        self.batch = batch
+        self.poll_s = poll_s
+        self.answered = 0
+
+    def drain(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+        """Answer batches until one comes back short: the table has nothing pending."""
+        total = 0
+        params = {"limit": self.batch, "action_id": self.action_id}
+        while True:
+            cur = conn.execute(bench_query("floor_answer"), params, prepare=True)
+            n = max(cur.rowcount, 0)
+            total += n
+            if n < self.batch:
+                self.answered += total
+                return total
+
+    def run(self, stop: threading.Event) -> None:
+        """Answer until ``stop`` is set (checked at least every poll interval)."""
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            conn.execute("LISTEN ai_requests")
+            while not stop.is_set():
+                self.drain(conn)
+                # Sleep until an insert notifies or the poll interval passes; the backlog of
+                # notifications is swallowed: one drain answers all of them.
+                for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
+                    pass
+                for _ in conn.notifies(timeout=0):
+                    pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the floor on the configured database (or ``--database-url``) until a signal."""
+    p = argparse.ArgumentParser(prog="python -m mltasks.bench.floor", description=__doc__)
+    p.add_argument("--database-url", help="libpq URL (default: the mltasks config's database)")
+    p.add_argument("--action-id", type=int, default=FLOOR_ACTION)
+    p.add_argument("--batch", type=int, default=BATCH)
+    args = p.parse_args(argv)
+    if args.database_url:
+        conninfo = args.database_url
+    else:
+        from mltasks.config import get_config
+
+        conninfo = get_config().database.conninfo
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    floor = Floor(conninfo, action_id=args.action_id, batch=args.batch)
+    floor.run(stop)
+    log.info("floor stopped: %d requests answered", floor.answered)
+
+
+if __name__ == "__main__":
+    main()

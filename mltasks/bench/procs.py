@@ -1,0 +1,175 @@
+"""Child processes of a run (responders) and waiting until they answer.
+
+Each child gets its own session, so a Ctrl-C in the terminal reaches only the benchmark,
+which then stops its children itself: SIGTERM, then SIGKILL after a timeout, including
+grandchildren (a Celery worker's pool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import psutil
+
+from mltasks.bench import BenchError
+from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql
+from mltasks.bench.queries import bench_query
+
+STOP_TIMEOUT_S = 15.0
+
+
+class ManagedProcess:
+    """A process we started, logging into a file, that we alone stop."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} was not started")
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def check(self) -> None:
+        """Raise BenchError, with the end of its log, if the process has exited."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        raise BenchError(
+            f"{self.name} exited with code {self.proc.returncode}; "
+            f"end of {self.log_path}:\n{tail(self.log_path)}"
+        )
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+        if self.proc is None:
+            return None
+        descendants: list[psutil.Process] = []
+        if self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(self.proc.pid).children(recursive=True)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout_s)
+        # Children that outlived their parent were still ours: psutil checks that a pid
+        # was not reused before it signals.
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(descendants, timeout=timeout_s)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for an error message."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_all(procs: Sequence[ManagedProcess]) -> dict[str, int | None]:
+    """Stop in reverse start order; every one is tried even if another fails."""
+    codes: dict[str, int | None] = {}
+    for p in reversed(procs):
+        try:
+            codes[p.name] = p.stop()
+        except Exception as exc:
+            codes[p.name] = None
+            with contextlib.suppress(OSError):
+                os.write(2, f"mltasks bench: stopping {p.name} failed: {exc}\n".encode())
+    return codes
+
+
+def wait_until_answering(
+    conninfo: str,
+    procs: Sequence[ManagedProcess] = (),
+    *,
+    timeout_s: float = 180.0,
+    attempt_s: float = 5.0,
+    reject_sources: Sequence[str] = ("bridge",),
+) -> float:
+    """Send warm-up requests until one is answered by the responder itself.
+
+    An answer from a source in ``reject_sources`` (the bridge's 255 when no worker took
+    the batch in time) does not count: another request is sent. Returns the seconds it
+    took; raises BenchError when a process exits or ``timeout_s`` passes.
+    """
+    from mltasks.demo_models import sample_states
+
+    state = sample_states(np.random.default_rng(12345), 1)[0].tolist()
+    array, hp, sp = state_sql(state)
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    last = "no answer"
+    with connect_as_game(conninfo) as conn:
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            row = conn.execute(
+                insert_sql(
+                    monster_id=999_000_000 + attempt,
+                    mob_id=1002,
+                    archetype="aggressive",
+                    array=array,
+                    hp=hp,
+                    sp=sp,
+                )
+            ).fetchone()
+            assert row is not None  # INSERT ... RETURNING always returns the row
+            request_id = int(row[0])
+            attempt_end = min(deadline, time.monotonic() + attempt_s)
+            while time.monotonic() < attempt_end:
+                for p in procs:
+                    p.check()
+                answer = conn.execute(
+                    bench_query("warm_up_answer"), {"request_id": request_id}
+                ).fetchone()
+                if answer is not None:
+                    if answer[2] not in reject_sources:
+                        return time.monotonic() - t0
+                    last = f"answered {answer[0]} by {answer[2]}"
+                    break
+                time.sleep(0.01)
+    raise BenchError(f"the responder did not answer a warm-up request in {timeout_s:.0f}s ({last})")

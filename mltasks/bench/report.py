@@ -1,0 +1,212 @@
+"""Figures of a gateway run, the machine they were measured on, and the Markdown report.
+
+A decision's latency is the time from the start of its INSERT until the game could act:
+the answer seen, or the timeout passed (then the game used its own AI). Percentiles are
+over all decisions, so a p99 at the timeout means more than 1% timed out.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections import Counter
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import psutil
+
+from mltasks.bench.gateway import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
+from mltasks.contract import TRADITIONAL_AI
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values.size else None
+
+
+def summarize(result: GatewayResult) -> dict[str, Any]:
+    """The figures of one run, JSON-ready."""
+    lat = np.asarray(result.latencies_ms, dtype=np.float64)
+    outcomes = np.asarray(result.outcomes, dtype=np.int64)
+    n = int(lat.size)
+    answered = int((outcomes == ANSWERED).sum())
+    timeouts = int((outcomes == TIMEOUT).sum())
+    parse_failures = int((outcomes == PARSE_FAILURE).sum())
+    actions = Counter(
+        a for a, o in zip(result.actions, result.outcomes, strict=True) if o == ANSWERED
+    )
+    n255 = actions.get(TRADITIONAL_AI, 0)
+    answered_lat = lat[outcomes == ANSWERED]
+    cores = os.cpu_count() or 1
+    return {
+        "clients": result.clients,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "decisions": n,
+        "decisions_per_s": round(n / result.elapsed_s, 1) if result.elapsed_s > 0 else 0.0,
+        "answered_in_time": answered,
+        "in_time_share": round(answered / n, 4) if n else 0.0,
+        "timeouts": timeouts,
+        "parse_failures": parse_failures,
+        "invalid_answers": result.invalid_answers,
+        "errors": result.error_count,
+        "error_messages": result.errors,
+        "latency_ms": {
+            "p50": _pct(lat, 50),
+            "p95": _pct(lat, 95),
+            "p99": _pct(lat, 99),
+            "max": round(float(lat.max()), 2) if n else None,
+            "mean": round(float(lat.mean()), 2) if n else None,
+        },
+        "answered_latency_ms": {"p50": _pct(answered_lat, 50), "p99": _pct(answered_lat, 99)},
+        "actions": {str(a): c for a, c in sorted(actions.items())},
+        "share_255": round(n255 / n, 4) if n else 0.0,
+        # 255 answers, timeouts and would-be crashes: every decision the game's own AI made.
+        "traditional_ai_share": round((n255 + timeouts + parse_failures) / n, 4) if n else 0.0,
+        "client_cpu_s": round(result.client_cpu_s, 2),
+        "client_cpu_share_of_machine": (
+            round(result.client_cpu_s / (result.elapsed_s * cores), 3)
+            if result.elapsed_s > 0
+            else 0.0
+        ),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured: they mean little without it."""
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        model = platform.processor() or "?"
+    versions: dict[str, str | None] = {}
+    for dist in ("onnxruntime", "celery", "psycopg", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Service against floor at each client count measured with both."""
+    by_key = {(r["responder"], r["clients"]): r for r in runs if "failed" not in r}
+    out = []
+    for clients in sorted({r["clients"] for r in runs}):
+        svc, flo = by_key.get(("service", clients)), by_key.get(("floor", clients))
+        if svc is None or flo is None:
+            continue
+        s_lat, f_lat = svc["latency_ms"], flo["latency_ms"]
+        out.append(
+            {
+                "clients": clients,
+                "decisions_per_s_ratio": _ratio(svc["decisions_per_s"], flo["decisions_per_s"]),
+                "p50_diff_ms": (
+                    round(s_lat["p50"] - f_lat["p50"], 2)
+                    if s_lat["p50"] is not None and f_lat["p50"] is not None
+                    else None
+                ),
+                "p99_ratio": _ratio(s_lat["p99"], f_lat["p99"]),
+            }
+        )
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _fmt(v: Any, suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v}{suffix}"
+
+
+def _actions(hist: dict[str, int]) -> str:
+    return " ".join(f"{a}:{c}" for a, c in hist.items()) or "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report for people: the runs, the ratios, the machine, the worker's memory."""
+    m = report["machine"]
+    lines = [
+        f"# Gateway benchmark, {report['started_at']}",
+        "",
+        f"{report['duration_s']} s per run, timeout {report['timeout_ms']} ms, "
+        f"poll every {report['poll_ms']} ms, "
+        f"{'unprepared literal SQL' if report['literal_sql'] else 'prepared polls'}, "
+        f"{report['client_processes']} client processes.",
+        "Latency: INSERT start until the answer was seen, or until the timeout for a decision "
+        "that timed out. `255` and `in time` are shares of all decisions.",
+        "",
+        "| responder | clients | decisions/s | in time | p50 ms | p95 ms | p99 ms | 255 "
+        "| parse failures | errors | actions (id:count) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in report["runs"]:
+        if "failed" in r:
+            reason = r["failed"].strip().splitlines()[0] if r["failed"].strip() else "?"
+            lines.append(
+                f"| {r['responder']} | {r['clients']} | failed: {reason} "
+                "| | | | | | | | |"
+            )
+            continue
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['responder']} | {r['clients']} | {r['decisions_per_s']} "
+            f"| {r['in_time_share'] * 100:.1f}% | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} "
+            f"| {_fmt(lat['p99'])} | {r['share_255'] * 100:.1f}% | {r['parse_failures']} "
+            f"| {r['errors']} | {_actions(r['actions'])} |"
+        )
+    if report["ratios"]:
+        lines += [
+            "",
+            "| clients | decisions/s service/floor | p50 service - floor (ms) "
+            "| p99 service/floor |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for q in report["ratios"]:
+            lines.append(
+                f"| {q['clients']} | {_fmt(q['decisions_per_s_ratio'])} "
+                f"| {_fmt(q['p50_diff_ms'])} | {_fmt(q['p99_ratio'])} |"
+            )
+    lines += [
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
+        f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}.",
+    ]
+    mems = [r for r in report["runs"] if r.get("worker_memory")]
+    if mems:
+        lines += [
+            "",
+            "Worker memory (54 models loaded per pool child; RSS counts pages shared "
+            "with the parent, USS does not):",
+            "",
+            "| clients | when | worker main RSS MB | children RSS MB | children USS MB |",
+            "| ---: | --- | ---: | --- | --- |",
+        ]
+        for r in mems:
+            for when, mem in r["worker_memory"].items():
+                kids = mem["children"]
+                lines.append(
+                    f"| {r['clients']} | {when} | {mem['worker_main_rss_mb']} "
+                    f"| {', '.join(str(c['rss_mb']) for c in kids)} "
+                    f"| {', '.join(str(c.get('uss_mb', 'n/a')) for c in kids)} |"
+                )
+    problems = [r for r in report["runs"] if r.get("error_messages")]
+    if problems:
+        lines += ["", "Errors (first few per run):", ""]
+        for r in problems:
+            for msg in r["error_messages"][:5]:
+                first = msg.strip().splitlines()[-1] if msg.strip() else msg
+                lines.append(f"- {r['responder']} x{r['clients']}: {first}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""The Celery application ``mltasks``: ``celery -A mltasks worker -Q cpu`` (or ``-Q gpu``).
+
+Settings come from our config when Celery first needs them (mltasks.celery_settings),
+not at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from beat.schedule import SCHEDULE
+from mltasks.config import Config
+
+# One queue per tier of the fallback ladder.
+QUEUES = ("gpu", "cpu", "rules")
+INFER_TASK = "mltasks.infer_batch"
+
+
+def settings_for(cfg: Config) -> dict[str, Any]:
+    """Celery settings derived from the service's config."""
+    return {
+        "broker_url": cfg.redis.db_url(cfg.redis.broker_db),
+        "broker_transport_options": {
+            # A killed worker's unacked batch comes back after this, not the 1 h default.
+            "visibility_timeout": cfg.redis.visibility_timeout_s,
+            "socket_timeout": cfg.redis.socket_timeout_s,
+            "socket_connect_timeout": cfg.redis.socket_timeout_s,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_pool_limit": 10,
+        # Never pickle: a broker message must not be able to run code.
+        "task_serializer": "msgpack",
+        "accept_content": ["msgpack", "json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Batches are short: one in flight per process keeps a slow one from holding others.
+        "worker_prefetch_multiplier": cfg.worker.prefetch_multiplier,
+        "worker_concurrency": cfg.worker.concurrency,
+        "task_default_queue": "cpu",
+        "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
+        "task_soft_time_limit": 10,
+        "task_time_limit": 20,
+        "worker_disable_rate_limits": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+        "beat_schedule": SCHEDULE,
+    }
+
+
+app = Celery("mltasks", include=["mltasks.tasks"])
+app.config_from_object("mltasks.celery_settings")

@@ -1,0 +1,123 @@
+"""The ``mltasks`` command: db init, models init, bridge, worker, dev, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mltasks.config import get_config, load_config, set_config
+from mltasks.errors import MLTasksError
+
+
+def _db_init(args: argparse.Namespace) -> int:
+    from mltasks.db import create_database_if_missing, init_schema
+
+    cfg = get_config()
+    if args.create and create_database_if_missing(cfg.database, args.admin_url):
+        print(f"created database {cfg.database.safe_dsn}")
+    init_schema(cfg.database)
+    print(f"schema applied to {cfg.database.safe_dsn}")
+    return 0
+
+
+def _models_init(args: argparse.Namespace) -> int:
+    import time
+
+    from mltasks.demo_models import write_demo_models
+
+    t0 = time.perf_counter()
+    paths = write_demo_models(Path(args.dir), seed=args.seed)
+    print(f"wrote {len(paths)} models into {args.dir} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from bridge.loop import main
+
+    main()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "worker", "-Q", args.queues,
+           "--loglevel", args.loglevel, *args.celery_args]
+    return subprocess.call(cmd)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from mltasks.dev import run_dev
+
+    return run_dev(models_dir=args.models_dir, admin_url=args.admin_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mltasks", description=__doc__)
+    p.add_argument("--config", help="a YAML file (default: $MLTASKS_CONFIG or config/mltasks.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
+    init = db.add_parser("init", help="apply sql/schema.sql (idempotent)")
+    init.add_argument(
+        "--create", action="store_true", help="create the role and database if missing"
+    )
+    init.add_argument(
+        "--admin-url", default=None,
+        help="superuser connection used by --create (default: same server, db postgres)",
+    )
+    init.set_defaults(func=_db_init)
+
+    models = sub.add_parser("models", help="model files").add_subparsers(
+        dest="models_cmd", required=True
+    )
+    minit = models.add_parser("init", help="write the 54 demo models")
+    minit.add_argument("dir")
+    minit.add_argument("--seed", type=int, default=0)
+    minit.set_defaults(func=_models_init)
+
+    br = sub.add_parser("bridge", help="run a bridge (same as python -m bridge)")
+    br.set_defaults(func=_bridge)
+
+    wk = sub.add_parser("worker", help="run a Celery worker (celery -A mltasks worker)")
+    wk.add_argument("-Q", "--queues", default="cpu")
+    wk.add_argument("--loglevel", default="INFO")
+    wk.add_argument("celery_args", nargs=argparse.REMAINDER)
+    wk.set_defaults(func=_worker)
+
+    dev = sub.add_parser("dev", help="run database schema, demo models, bridge and worker here")
+    dev.add_argument("--models-dir", default=None)
+    dev.add_argument(
+        "--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="superuser connection used to create the role and database when missing",
+    )
+    dev.set_defaults(func=_dev)
+
+    try:
+        from mltasks.bench.cli import add_parser as add_bench
+    except ImportError:  # the bench package is optional at import time
+        pass
+    else:
+        add_bench(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.config:
+            os.environ["MLTASKS_CONFIG"] = args.config
+            set_config(load_config(args.config))
+        result: int = args.func(args)
+        return result
+    except MLTasksError as exc:
+        print(f"mltasks: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

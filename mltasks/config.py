@@ -1,0 +1,361 @@
+"""Configuration: YAML with ``${VAR}`` substitution, read once into frozen dataclasses.
+
+Why dataclasses rather than a dict: a typo in a key or a bad value must stop the
+service at start, with a message naming the key, not at the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mltasks.yaml"
+
+
+def _range(key: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
+
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    dir: Path = Path("models")
+    serve_model_type: str = "combat_dqn"
+    # "all" loads the 54 models in every worker process; "serving" only the served type.
+    preload: Literal["all", "serving"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.serve_model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"models.serve_model_type: {self.serve_model_type!r} is not one of {MODEL_TYPES}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceConfig:
+    batch_size: int = 64
+    poll_interval_ms: int = 50
+    max_latency_ms: int = 100
+    lease_ms: int = 2000
+    intra_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        _range("inference.batch_size", self.batch_size, 32, 128)
+        _range("inference.poll_interval_ms", self.poll_interval_ms, 1, 10_000)
+        _range("inference.max_latency_ms", self.max_latency_ms, 5, 60_000)
+        _range("inference.lease_ms", self.lease_ms, 100, 600_000)
+        _range("inference.intra_op_threads", self.intra_op_threads, 0, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_device_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    name: str = "ragnarok_ml"
+    user: str = "ml_user"
+    password: str = field(default="", repr=False)
+    # A full libpq URL or conninfo; when set it wins over the fields above.
+    url: str = field(default="", repr=False)
+    connect_timeout_s: int = 5
+
+    def __post_init__(self) -> None:
+        _range("database.port", self.port, 1, 65535)
+
+    @property
+    def conninfo(self) -> str:
+        """The libpq connection string (holds the password: never log it)."""
+        if self.url:
+            return self.url
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.name,
+            user=self.user,
+            password=self.password or None,
+            connect_timeout=self.connect_timeout_s,
+        )
+
+    @property
+    def safe_dsn(self) -> str:
+        """The target without credentials, for logs."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        d = conninfo_to_dict(self.conninfo)
+        return f"{d.get('host', '')}:{d.get('port', 5432)}/{d.get('dbname', '')}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = field(default="redis://127.0.0.1:6379", repr=False)
+    broker_db: int = 1
+    # The game's gateway keeps its action cache in db 0: the shared cache must be there too.
+    cache_db: int = 0
+    visibility_timeout_s: int = 30
+    socket_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis.url: scheme must be redis://, rediss:// or unix://")
+        _range("redis.broker_db", self.broker_db, 0, 15)
+        _range("redis.cache_db", self.cache_db, 0, 15)
+        _range("redis.visibility_timeout_s", self.visibility_timeout_s, 1, 3600)
+
+    def db_url(self, db: int) -> str:
+        base = self.url.rstrip("/")
+        # A db number already in the URL path is replaced.
+        base = re.sub(r"(redis[s]?://[^/]*)/\d+$", r"\1", base)
+        return f"{base}/{db}"
+
+
+@dataclass(frozen=True, slots=True)
+class CachingConfig:
+    enabled: bool = True
+    action_ttl_s: int = 10
+
+    def __post_init__(self) -> None:
+        _range("caching.action_ttl_s", self.action_ttl_s, 1, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackConfig:
+    failure_threshold: int = 3
+    # Archetypes the rule policy may answer when no model exists; [] answers 255.
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupConfig:
+    retention_s: int = 3600
+    batch_limit: int = 5000
+
+    def __post_init__(self) -> None:
+        _range("cleanup.retention_s", self.retention_s, 1, 30 * 86400)
+        _range("cleanup.batch_limit", self.batch_limit, 1, 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    prefetch_multiplier: int = 1
+    concurrency: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringConfig:
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090
+    heartbeat_ttl_s: int = 5
+
+    def __post_init__(self) -> None:
+        _range("monitoring.metrics_port", self.metrics_port, 0, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    caching: CachingConfig = field(default_factory=CachingConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def archetypes(self) -> tuple[str, ...]:
+        return ARCHETYPES
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error."""
+    env = os.environ if environ is None else environ
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set and has no default")
+            return default
+        return value
+
+    return _VAR.sub(repl, text)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{key}: unsupported type")  # not used by Config
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the configuration once.
+
+    Order: ``path`` or ``$MLTASKS_CONFIG`` or ``config/mltasks.yaml`` in the checkout
+    (embedded defaults when none exists), then the ``MLTASKS_*_URL``/``MLTASKS_MODELS_DIR``
+    overrides.
+    """
+    env = os.environ if environ is None else environ
+    chosen = path or env.get("MLTASKS_CONFIG") or None
+    data: dict[str, Any] = {}
+    if chosen is not None:
+        p = Path(chosen)
+        if not p.is_file():
+            raise ConfigError(f"MLTASKS_CONFIG: {p} does not exist")
+        data = _read_yaml(p, env)
+    elif DEFAULT_CONFIG_PATH.is_file():
+        data = _read_yaml(DEFAULT_CONFIG_PATH, env)
+
+    overrides = {
+        "MLTASKS_DATABASE_URL": ("database", "url"),
+        "MLTASKS_REDIS_URL": ("redis", "url"),
+        "MLTASKS_MODELS_DIR": ("models", "dir"),
+    }
+    for var, (section, key) in overrides.items():
+        value = env.get(var)
+        if value:
+            sect = data.setdefault(section, {}) or {}
+            if not isinstance(sect, dict):
+                raise ConfigError(f"{section}: expected a mapping")
+            sect[key] = value
+            data[section] = sect
+    return _build(Config, data, "")
+
+
+def _read_yaml(p: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    expanded: dict[str, Any] = _expand(raw, env)
+    return expanded
+
+
+def _expand(node: Any, env: Mapping[str, str]) -> Any:
+    """Substitute in scalar values only, after parsing, so comments and quoting are inert."""
+    if isinstance(node, dict):
+        return {k: _expand(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, env) for v in node]
+    if isinstance(node, str):
+        return substitute_env(node, env)
+    return node
+
+
+_cached: Config | None = None
+
+
+def get_config() -> Config:
+    """The process's configuration, read on first use (never at import)."""
+    global _cached
+    if _cached is None:
+        _cached = load_config()
+    return _cached
+
+
+def set_config(config: Config | None) -> None:
+    """Replace the process's configuration (tests, the CLI's --config)."""
+    global _cached
+    _cached = config

@@ -1,0 +1,144 @@
+"""ONNX model discovery and batched inference, one engine per worker process.
+
+Sessions are made after the fork (first use or ``worker_process_init``), never at
+import: an ONNX Runtime session does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mltasks.config import Config
+from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM
+from mltasks.errors import ModelError
+from mltasks.hardware import providers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    archetype: str
+    model_type: str
+    path: Path
+    session: ort.InferenceSession
+    input_name: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.archetype}/{self.model_type}"
+
+    def logits(self, states: np.ndarray) -> np.ndarray:
+        """Run one batch; raises ModelError when the output breaks the model contract."""
+        try:
+            out = self.session.run(None, {self.input_name: states})[0]
+        except Exception as exc:  # onnxruntime raises its own, untyped errors
+            raise ModelError(f"{self.name}: inference failed: {exc}") from exc
+        out = np.asarray(out)
+        if out.shape != (states.shape[0], N_ACTIONS):
+            raise ModelError(
+                f"{self.name}: returned shape {out.shape} for {states.shape[0]} rows"
+            )
+        return out
+
+
+def model_path(models_dir: Path, archetype: str, model_type: str) -> Path:
+    """Only names from the contract ever reach a path: never a value read from the database."""
+    if archetype not in ARCHETYPES or model_type not in MODEL_TYPES:
+        raise ModelError(f"unknown model {archetype}/{model_type}")
+    return models_dir / archetype / f"{model_type}.onnx"
+
+
+def load_model(
+    path: Path, archetype: str, model_type: str, config: Config
+) -> LoadedModel:
+    """Load and check one model: input [N, 64] float32, output [N, 10]."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.inference.intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=opts, providers=providers(config.hardware)
+        )
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot load: {exc}") from exc
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{path}: expected one input, found {len(inputs)}")
+    shape = inputs[0].shape
+    if len(shape) != 2 or shape[1] != STATE_DIM:
+        raise ModelError(f"{path}: input shape {shape}, expected [N, {STATE_DIM}]")
+    model = LoadedModel(archetype, model_type, path, session, inputs[0].name)
+    # Probe with two rows: catches a fixed batch dimension and a wrong output width.
+    model.logits(np.zeros((2, STATE_DIM), dtype=np.float32))
+    return model
+
+
+class Engine:
+    """The models of one process, keyed by (archetype, model_type)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.models: dict[tuple[str, str], LoadedModel] = {}
+        self.skipped: dict[str, str] = {}
+
+    def load(self) -> Engine:
+        cfg = self.config.models
+        types = MODEL_TYPES if cfg.preload == "all" else (cfg.serve_model_type,)
+        for archetype in ARCHETYPES:
+            for model_type in types:
+                path = model_path(cfg.dir, archetype, model_type)
+                if not path.is_file():
+                    self.skipped[f"{archetype}/{model_type}"] = "missing"
+                    continue
+                try:
+                    self.models[(archetype, model_type)] = load_model(
+                        path, archetype, model_type, self.config
+                    )
+                except ModelError as exc:
+                    self.skipped[f"{archetype}/{model_type}"] = str(exc)
+                    log.error(
+                        "model skipped: %s",
+                        exc,
+                        extra={"event": "model_skipped", "model": f"{archetype}/{model_type}"},
+                    )
+        log.info(
+            "%d models loaded from %s (%d missing or skipped)",
+            len(self.models),
+            cfg.dir,
+            len(self.skipped),
+            extra={"event": "models_loaded", "count": len(self.models)},
+        )
+        return self
+
+    def serving(self, archetype: str) -> LoadedModel | None:
+        """The model that answers this archetype, or None (its requests then get 255)."""
+        return self.models.get((archetype, self.config.models.serve_model_type))
+
+
+_engine: Engine | None = None
+_lock = threading.Lock()
+
+
+def get_engine(config: Config) -> Engine:
+    """This process's engine, loaded on first use."""
+    global _engine
+    with _lock:
+        if _engine is None or _engine.config is not config:
+            _engine = Engine(config).load()
+        return _engine
+
+
+def reset_engine() -> None:
+    """Forget the loaded models (tests; a worker child after fork)."""
+    global _engine
+    with _lock:
+        _engine = None

@@ -1,0 +1,42 @@
+"""Named SQL statements from ``sql/``, parsed once.
+
+Why files and not f-strings: the statements are the protocol with the game's
+table, reviewed as SQL, with bound parameters only.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import LiteralString, cast
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+_BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """Split a queries file into ``{name: statement}``."""
+    parts = _BLOCK.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"duplicate query name {name!r}")
+        queries[name] = body.strip().rstrip(";").strip()
+    return queries
+
+
+@cache
+def _queries() -> dict[str, str]:
+    return parse_queries((SQL_DIR / "queries.sql").read_text())
+
+
+def query(name: str) -> LiteralString:
+    """The statement called ``name`` in sql/queries.sql."""
+    # The text comes from our own file, never from input: it is as literal as code.
+    return cast(LiteralString, _queries()[name])
+
+
+def schema() -> LiteralString:
+    return cast(LiteralString, (SQL_DIR / "schema.sql").read_text())

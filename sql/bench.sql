@@ -1,0 +1,51 @@
+-- Statements of the benchmark (mltasks/bench), one named block each, same format as
+-- queries.sql. They are not the service's: they measure against it.
+
+-- floor_answer --
+-- The floor: the least a responder can do per request. Claims up to %(limit)s pending
+-- rows in the bridge's order, closes them and answers them with a fixed action, all in
+-- one statement (one round trip, one commit). Whatever the service costs on top of this
+-- is the price of routing, batching and inference.
+WITH picked AS (
+    SELECT request_id
+    FROM ai_requests
+    WHERE status = 'pending'
+    ORDER BY priority DESC, created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), closed AS (
+    UPDATE ai_requests AS r
+    SET status = 'completed', claimed_at = clock_timestamp(), attempts = r.attempts + 1
+    FROM picked
+    WHERE r.request_id = picked.request_id
+    RETURNING r.request_id
+)
+INSERT INTO ai_responses (request_id, action_id, confidence, source)
+SELECT request_id, %(action_id)s, 1, 'floor' FROM closed
+ON CONFLICT (request_id) DO NOTHING;
+
+-- poll_response --
+-- The game's poll (CONTRACT.md section 1) with the id bound instead of formatted in, so
+-- it can be prepared: the benchmark's Python client must cost as little as it can.
+SELECT action_id, confidence FROM ai_responses WHERE request_id = %(request_id)s LIMIT 1;
+
+-- mark_timeout --
+-- The game's give-up (CONTRACT.md section 1), id bound for the same reason.
+UPDATE ai_requests SET status = 'timeout' WHERE request_id = %(request_id)s;
+
+-- reset_tables --
+-- A fresh table for each run; ids start again at 1.
+TRUNCATE ai_responses, ai_requests RESTART IDENTITY;
+
+-- request_statuses --
+-- Where the requests of a run ended.
+SELECT status, count(*) FROM ai_requests GROUP BY status ORDER BY status;
+
+-- response_sources --
+-- Who answered the requests of a run, and how often with 255.
+SELECT source, count(*), count(*) FILTER (WHERE action_id = 255)
+FROM ai_responses GROUP BY source ORDER BY source;
+
+-- warm_up_answer --
+-- The warm-up request's answer and who gave it: a 'bridge' 255 means the worker was not up.
+SELECT action_id, confidence, source FROM ai_responses WHERE request_id = %(request_id)s;

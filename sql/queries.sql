@@ -1,0 +1,103 @@
+-- The service's statements, one named block each, loaded once by mltasks/sql.py.
+-- A block starts with `-- name --`; the comment lines after it say what it is for.
+-- Parameters are always bound (%(name)s), never formatted in.
+
+-- claim_batch --
+-- Claim up to %(limit)s pending rows, most urgent first. SKIP LOCKED lets several
+-- bridges share the table without double claims. `overdue` marks rows already past
+-- the deadline: the bridge answers those 255 itself instead of sending them.
+WITH picked AS (
+    SELECT request_id
+    FROM ai_requests
+    WHERE status = 'pending'
+    ORDER BY priority DESC, created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE ai_requests AS r
+    SET status = 'processing', claimed_at = clock_timestamp(), attempts = r.attempts + 1
+    FROM picked
+    WHERE r.request_id = picked.request_id
+    RETURNING r.request_id, r.archetype, r.mob_id, r.state_vector, r.priority, r.created_at
+)
+SELECT request_id, archetype, mob_id, state_vector,
+       created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue
+FROM claimed
+ORDER BY priority DESC, created_at;
+
+-- release_stale --
+-- Give back rows whose lease ran out (a worker died or a batch was lost), so that a
+-- bridge claims them again (and, if they are past their deadline, expires them).
+UPDATE ai_requests
+SET status = 'pending'
+WHERE status = 'processing'
+  AND claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s);
+
+-- answer_game_timeouts --
+-- Rows the game marked 'timeout' before any bridge claimed them get their 255 answer,
+-- so every request ends with exactly one response row.
+WITH gave_up AS (
+    UPDATE ai_requests
+    SET claimed_at = clock_timestamp()
+    WHERE status = 'timeout' AND claimed_at IS NULL
+    RETURNING request_id
+)
+INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
+SELECT request_id, 255, 0, 'bridge', 'game_timeout' FROM gave_up
+ON CONFLICT (request_id) DO NOTHING;
+
+-- expire_batch --
+-- Answer claimed rows 255 without sending them (past the deadline, or no broker).
+-- Only rows still 'processing' are touched, so a redelivery writes nothing twice.
+WITH expired AS (
+    UPDATE ai_requests AS r
+    SET status = 'expired'
+    WHERE r.request_id = ANY(%(request_ids)s::integer[]) AND r.status = 'processing'
+    RETURNING r.request_id
+)
+INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
+SELECT request_id, 255, 0, 'bridge', %(reason)s FROM expired
+ON CONFLICT (request_id) DO NOTHING;
+
+-- answer_batch --
+-- Write every answer of a batch and close its rows in one statement. Idempotent: the
+-- primary key of ai_responses drops a second answer, and only 'processing' rows change
+-- status (a row the game marked 'timeout' meanwhile keeps it, but still gets its one answer).
+WITH answer AS (
+    SELECT *
+    FROM unnest(%(request_ids)s::integer[], %(action_ids)s::integer[],
+                %(confidences)s::real[], %(sources)s::text[], %(models)s::text[],
+                %(reasons)s::text[], %(statuses)s::text[])
+         AS a(request_id, action_id, confidence, source, model, reason, status)
+), closed AS (
+    UPDATE ai_requests AS r
+    SET status = a.status
+    FROM answer AS a
+    WHERE r.request_id = a.request_id AND r.status = 'processing'
+    RETURNING r.request_id
+)
+INSERT INTO ai_responses (request_id, action_id, confidence, source, model, reason)
+SELECT a.request_id, a.action_id, a.confidence, a.source, a.model, a.reason
+FROM answer AS a
+JOIN ai_requests AS r ON r.request_id = a.request_id
+ON CONFLICT (request_id) DO NOTHING;
+
+-- delete_finished --
+-- Cleanup, in bounded batches so it never holds the queue: finished rows older than
+-- the retention go, with their answers (ON DELETE CASCADE).
+DELETE FROM ai_requests
+WHERE request_id IN (
+    SELECT request_id
+    FROM ai_requests
+    WHERE status IN ('completed', 'invalid', 'expired', 'timeout')
+      AND created_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- queue_depth --
+-- Pending and processing rows, for status and tests.
+SELECT status, count(*) AS n
+FROM ai_requests
+WHERE status IN ('pending', 'processing')
+GROUP BY status;

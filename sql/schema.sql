@@ -1,0 +1,86 @@
+-- mltasks schema. Idempotent: `mltasks db init` applies it as often as it likes.
+-- The C++ map server's statements (shared/CONTRACT.md) must work on it unchanged.
+
+-- request_id stays in PostgreSQL `integer` range: the game reads it as a 32-bit value.
+-- The sequence cycles; a row still holding an id when it comes round is over 2^31
+-- requests old and is removed by ai_requests_reuse_id below before the insert.
+CREATE SEQUENCE IF NOT EXISTS ai_requests_request_id_seq
+    AS integer MINVALUE 1 MAXVALUE 2147483647 CYCLE;
+
+CREATE TABLE IF NOT EXISTS ai_requests (
+    request_id   integer PRIMARY KEY DEFAULT nextval('ai_requests_request_id_seq'),
+    monster_id   bigint,
+    mob_id       integer,
+    archetype    text,
+    state_vector real[],
+    map_id       integer,
+    position_x   integer,
+    position_y   integer,
+    hp_ratio     real,
+    sp_ratio     real,
+    status       text        NOT NULL DEFAULT 'pending',
+    priority     integer     NOT NULL DEFAULT 5,
+    created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    claimed_at   timestamptz,
+    attempts     integer     NOT NULL DEFAULT 0,
+    CONSTRAINT ai_requests_status_check CHECK (
+        status IN ('pending', 'processing', 'completed', 'invalid', 'expired', 'timeout')
+    )
+);
+
+ALTER SEQUENCE ai_requests_request_id_seq OWNED BY ai_requests.request_id;
+
+-- What the bridge claims: most urgent first, oldest first within a priority.
+CREATE INDEX IF NOT EXISTS ai_requests_pending_idx
+    ON ai_requests (priority DESC, created_at) WHERE status = 'pending';
+-- Rows whose lease may have run out.
+CREATE INDEX IF NOT EXISTS ai_requests_processing_idx
+    ON ai_requests (claimed_at) WHERE status = 'processing';
+-- Rows the game gave up on before any bridge claimed them.
+CREATE INDEX IF NOT EXISTS ai_requests_unclaimed_timeout_idx
+    ON ai_requests (request_id) WHERE status = 'timeout' AND claimed_at IS NULL;
+-- Cleanup by age; BRIN because rows arrive in time order and it costs inserts nothing.
+CREATE INDEX IF NOT EXISTS ai_requests_created_brin
+    ON ai_requests USING brin (created_at);
+
+-- One answer per request at most (the primary key); the answer goes with its request.
+CREATE TABLE IF NOT EXISTS ai_responses (
+    request_id integer PRIMARY KEY
+        REFERENCES ai_requests (request_id) ON DELETE CASCADE,
+    -- The game parses these with std::stoi / std::stof: never NULL, never out of range.
+    action_id  integer NOT NULL
+        CONSTRAINT ai_responses_action_check CHECK (action_id BETWEEN 0 AND 9 OR action_id = 255),
+    confidence real    NOT NULL
+        CONSTRAINT ai_responses_confidence_check CHECK (confidence >= 0 AND confidence <= 1),
+    source     text    NOT NULL,  -- model | rules | cache | bridge
+    model      text,              -- <archetype>/<model_type> when a model answered
+    reason     text,              -- why a 255 was given
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Wrap-around: free the id the sequence just handed out if an ancient row still holds it,
+-- so the game's INSERT never fails and never reads a stale answer for a new request.
+CREATE OR REPLACE FUNCTION ai_requests_reuse_id() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM ai_requests WHERE request_id = NEW.request_id;
+    RETURN NEW;
+END;
+$$;
+
+-- Wake the bridges: one notification per insert statement (the game inserts one row each).
+CREATE OR REPLACE FUNCTION ai_requests_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('ai_requests', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER ai_requests_reuse_id
+    BEFORE INSERT ON ai_requests
+    FOR EACH ROW EXECUTE FUNCTION ai_requests_reuse_id();
+
+CREATE OR REPLACE TRIGGER ai_requests_notify
+    AFTER INSERT ON ai_requests
+    FOR EACH STATEMENT EXECUTE FUNCTION ai_requests_notify();

@@ -1,0 +1,220 @@
+"""Fixtures on real services: a template database per session, a fresh copy per test,
+a real Celery worker, real Redis. Waiting is on conditions, never on fixed sleeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg import sql
+
+TESTS = Path(__file__).resolve().parent
+os.environ["MLTASKS_CONFIG"] = str(TESTS / "config" / "test.yaml")
+os.environ.pop("MLTASKS_DATABASE_URL", None)
+os.environ.pop("MLTASKS_REDIS_URL", None)
+
+from mltasks.config import Config, load_config, set_config  # noqa: E402
+
+ADMIN_URL = os.environ.get("MLTASKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
+    """Poll a condition until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _url_for(dbname: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(ADMIN_URL, dbname=dbname)
+
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(ADMIN_URL, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def base_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """The test config; its models dir is filled only by tests that need models."""
+    models = tmp_path_factory.getbasetemp() / "models"
+    env = dict(os.environ, MLTASKS_MODELS_DIR=str(models))
+    return load_config(environ=env)
+
+
+@pytest.fixture(scope="session")
+def models_dir(base_config: Config) -> Path:
+    """The 54 demo models, written once per session."""
+    from mltasks.demo_models import write_demo_models
+
+    write_demo_models(base_config.models.dir)
+    return base_config.models.dir
+
+
+@pytest.fixture(scope="session")
+def template_db(base_config: Config) -> Iterator[str]:
+    """A database with the schema applied once; each test copies it."""
+    from mltasks.db import init_schema
+
+    name = f"mltasks_tpl_{os.getpid()}"
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    cfg = dataclasses.replace(
+        base_config, database=dataclasses.replace(base_config.database, url=_url_for(name))
+    )
+    init_schema(cfg.database)
+    yield name
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def config(base_config: Config, template_db: str) -> Iterator[Config]:
+    """A fresh database copied from the template; the process config points at it."""
+    from mltasks.engine import reset_engine
+    from mltasks.tasks import close_pool
+
+    name = f"mltasks_t_{os.getpid()}_{next(_counter)}"
+    with _admin() as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
+    cfg = dataclasses.replace(
+        base_config, database=dataclasses.replace(base_config.database, url=_url_for(name))
+    )
+    set_config(cfg)
+    reset_engine()
+    close_pool()
+    yield cfg
+    close_pool()
+    reset_engine()
+    set_config(None)
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def use_config(cfg: Config) -> Config:
+    """Switch the process (and the in-process worker) to another config mid-test."""
+    from mltasks.engine import reset_engine
+
+    set_config(cfg)
+    reset_engine()
+    return cfg
+
+
+@pytest.fixture
+def pg(config: Config) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the test database, in autocommit like the game's."""
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def redis_cache(config: Config) -> Iterator[Any]:
+    """The cache db, flushed before and after the test."""
+    import redis
+
+    r = redis.Redis.from_url(config.redis.db_url(config.redis.cache_db))
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def celery_app(base_config: Config) -> Any:
+    set_config(base_config)
+    from mltasks.celery_app import app
+
+    app.conf.broker_url  # noqa: B018 - load the settings now, from the test config
+    import celery.contrib.testing.tasks  # noqa: F401 - start_worker wants celery.ping
+
+    return app
+
+
+def _purge(app: Any) -> None:
+    with app.connection_for_write() as conn:
+        for q in ("cpu", "gpu", "rules"):
+            conn.default_channel.queue_purge(q)
+
+
+@pytest.fixture(scope="session")
+def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
+    """A real Celery worker consuming `cpu` and `gpu`, in this process (solo pool)."""
+    from celery.contrib.testing.worker import start_worker
+
+    _purge(celery_app)
+    with start_worker(
+        celery_app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        queues=["cpu", "gpu"],
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    ) as worker:
+        yield worker
+
+
+@pytest.fixture
+def worker(session_worker: Any, config: Config, celery_app: Any) -> Iterator[Any]:
+    _purge(celery_app)
+    yield session_worker
+    _purge(celery_app)
+
+
+class BridgeThread:
+    """A real Bridge running in a thread, stopped at teardown."""
+
+    def __init__(self, cfg: Config, app: Any = None) -> None:
+        from bridge.loop import Bridge
+
+        self.bridge = Bridge(cfg, app)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"bridge-{uuid.uuid4().hex[:6]}")
+
+    def _run(self) -> None:
+        try:
+            self.bridge.run(self.stop)
+        except BaseException as exc:  # surfaced in the test, not lost in a thread
+            self.error = exc
+
+    def __enter__(self) -> BridgeThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "bridge did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def bridge(config: Config, worker: Any, celery_app: Any) -> Iterator[BridgeThread]:
+    with BridgeThread(config, celery_app) as b:
+        yield b

@@ -1,0 +1,112 @@
+"""The map server's side, as the C++ gateway does it (shared/CONTRACT.md section 1).
+
+Statements are built as text exactly like the C++ formats them, and results are read
+as the text libpq returns, parsed the way std::stoi / std::stof would.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+_INT = re.compile(r"^\s*[+-]?\d+")
+_FLOAT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|^\s*[+-]?(inf|nan)", re.I)
+
+
+def stoi(text: str) -> int:
+    """std::stoi: leading integer or throw (the map server would crash)."""
+    m = _INT.match(text)
+    if not m:
+        raise ValueError(f"stoi would throw on {text!r}")
+    return int(m.group(0))
+
+
+def stof(text: str) -> float:
+    """std::stof: leading float or throw; out of float range also throws."""
+    m = _FLOAT.match(text)
+    if not m:
+        raise ValueError(f"stof would throw on {text!r}")
+    v = float(m.group(0))
+    if v != 0.0 and abs(v) < 1.1754943508222875e-38:
+        raise ValueError(f"stof would throw out_of_range on {text!r}")
+    return v
+
+
+def state_sql(state: Sequence[float] | None) -> str:
+    if state is None:
+        return "NULL"
+    return "ARRAY[" + ",".join(f"{v:.6f}" for v in state) + "]::REAL[]"
+
+
+def insert_sql(
+    state: Sequence[float] | None,
+    archetype: str = "aggressive",
+    mob_id: int = 1002,
+    monster_id: int = 1002,
+    priority: int = 5,
+) -> str:
+    hp = state[0] if state else 0.0
+    sp = state[1] if state and len(state) > 1 else 0.0
+    return (
+        "INSERT INTO ai_requests (monster_id, mob_id, archetype, state_vector, "
+        "map_id, position_x, position_y, hp_ratio, sp_ratio, status, priority) "
+        f"VALUES ({monster_id}, {mob_id}, '{archetype}', {state_sql(state)}, "
+        f"0, 0, 0, {hp:g}, {sp:g}, 'pending', {priority}) RETURNING request_id;"
+    )
+
+
+def _exec_text(conn: psycopg.Connection[Any], text: str) -> list[tuple[str | None, ...]]:
+    res = conn.pgconn.exec_(text.encode())
+    if res.status not in (1, 2):  # COMMAND_OK, TUPLES_OK
+        raise psycopg.DatabaseError((res.error_message or b"").decode())
+    return [
+        tuple(
+            None if res.get_value(r, c) is None else bytes(res.get_value(r, c) or b"").decode()
+            for c in range(res.nfields)
+        )
+        for r in range(res.ntuples)
+    ]
+
+
+def insert(conn: psycopg.Connection[Any], state: Sequence[float] | None, **kw: Any) -> int:
+    rows = _exec_text(conn, insert_sql(state, **kw))
+    text = rows[0][0]
+    assert text is not None
+    rid = int(text)  # std::stoul, then uint32
+    assert 0 < rid <= 2**31 - 1
+    return rid
+
+
+def poll(conn: psycopg.Connection[Any], request_id: int) -> tuple[int, float] | None:
+    rows = _exec_text(
+        conn, f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {request_id} LIMIT 1;"
+    )
+    if not rows:
+        return None
+    action, conf = rows[0]
+    if action is None or conf is None:
+        raise ValueError("NULL in a response: the map server would crash")
+    return stoi(action), stof(conf)
+
+
+def mark_timeout(conn: psycopg.Connection[Any], request_id: int) -> None:
+    _exec_text(conn, f"UPDATE ai_requests SET status = 'timeout' WHERE request_id = {request_id};")
+
+
+def decide(
+    conn: psycopg.Connection[Any], state: Sequence[float] | None, timeout_ms: float, **kw: Any
+) -> tuple[int, tuple[int, float] | None]:
+    """One decision: insert, poll every 2 ms, give up and mark timeout after timeout_ms."""
+    rid = insert(conn, state, **kw)
+    deadline = time.monotonic() + timeout_ms / 1000
+    while time.monotonic() < deadline:
+        answer = poll(conn, rid)
+        if answer is not None:
+            return rid, answer
+        time.sleep(0.002)
+    mark_timeout(conn, rid)
+    return rid, None

@@ -1,0 +1,116 @@
+"""The bridge's promises that need no model: deadlines, leases, game timeouts, no broker."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import psycopg
+from celery import Celery
+
+from bridge.loop import Bridge
+from mltasks.celery_app import settings_for
+from mltasks.config import Config
+from tests import game
+
+STATE = [0.8, 0.5] + [0.0] * 62
+
+
+def response(pg: psycopg.Connection[Any], rid: int) -> tuple[Any, ...] | None:
+    return pg.execute(
+        "SELECT s.action_id, s.confidence, s.reason, r.status "
+        "FROM ai_requests r LEFT JOIN ai_responses s USING (request_id) WHERE request_id = %s",
+        (rid,),
+    ).fetchone()
+
+
+def dead_broker_app(config: Config) -> Celery:
+    """A Celery app whose broker is a closed port: every publish fails at once."""
+    app = Celery("dead")
+    app.conf.update(settings_for(config))
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    return app
+
+
+def test_overdue_rows_are_answered_255_without_a_worker(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    old = game.insert(pg, STATE)
+    pg.execute("UPDATE ai_requests SET created_at = created_at - interval '1 minute' "
+               "WHERE request_id = %s", (old,))
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        assert b.step() == 1
+    finally:
+        b.close()
+    assert response(pg, old) == (255, 0.0, "deadline", "expired")
+    assert game.poll(pg, old) == (255, 0.0)
+
+
+def test_unpublishable_batch_is_answered_not_stranded(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    rids = [game.insert(pg, STATE) for _ in range(3)]
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        assert b.step() == 3
+    finally:
+        b.close()
+    for rid in rids:
+        assert response(pg, rid) == (255, 0.0, "broker_unavailable", "expired")
+
+
+def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    pg.execute("UPDATE ai_requests SET status = 'processing', attempts = 1, "
+               "claimed_at = clock_timestamp() - interval '1 hour', "
+               "created_at = created_at - interval '1 hour' WHERE request_id = %s", (rid,))
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        assert b.step() == 0  # still leased as far as the claim is concerned
+        b.housekeeping()
+        assert b.step() == 1
+    finally:
+        b.close()
+    assert response(pg, rid) == (255, 0.0, "deadline", "expired")
+    assert pg.execute("SELECT attempts FROM ai_requests").fetchone() == (2,)
+
+
+def test_live_lease_is_left_alone(config: Config, pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    pg.execute("UPDATE ai_requests SET status = 'processing', claimed_at = clock_timestamp() "
+               "WHERE request_id = %s", (rid,))
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        b.housekeeping()
+        assert b.step() == 0
+    finally:
+        b.close()
+    assert response(pg, rid) == (None, None, None, "processing")
+
+
+def test_rows_the_game_gave_up_on_get_one_255(config: Config, pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    game.mark_timeout(pg, rid)
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        b.housekeeping()
+        b.housekeeping()
+        assert b.step() == 0
+    finally:
+        b.close()
+    assert response(pg, rid) == (255, 0.0, "game_timeout", "timeout")
+    assert pg.execute("SELECT count(*) FROM ai_responses").fetchone() == (1,)
+
+
+def test_highest_priority_is_claimed_first(config: Config, pg: psycopg.Connection[Any]) -> None:
+    low = [game.insert(pg, STATE, priority=1) for _ in range(40)]
+    high = game.insert(pg, STATE, priority=9)
+    cfg = dataclasses.replace(config, inference=dataclasses.replace(config.inference, batch_size=32))
+    b = Bridge(cfg, dead_broker_app(cfg))
+    try:
+        rows = b.claim()
+    finally:
+        b.close()
+    assert rows[0][0] == high
+    assert [r[0] for r in rows[1:]] == low[:31]

@@ -1,0 +1,108 @@
+"""Configuration: defaults, substitution, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mltasks.config import DEFAULT_CONFIG_PATH, load_config, substitute_env
+from mltasks.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_file_matches_the_game_defaults() -> None:
+    cfg = load_config(DEFAULT_CONFIG_PATH, environ={"ML_DB_PASSWORD": "s3cret"})
+    assert cfg.database.name == "ragnarok_ml"
+    assert cfg.database.user == "ml_user"
+    assert cfg.database.password == "s3cret"
+    assert "s3cret" not in repr(cfg)  # never in a log line that prints the config
+    assert cfg.models.serve_model_type == "combat_dqn"
+    assert 32 <= cfg.inference.batch_size <= 128
+    assert cfg.redis.cache_db == 0  # the game's own cache lives in db 0
+
+
+def test_embedded_defaults_without_any_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""), environ={})
+    assert cfg.database.name == "ragnarok_ml"
+    assert cfg.monitoring.metrics_port == 9090
+
+
+def test_substitution_with_defaults() -> None:
+    env = {"A": "1", "EMPTY": ""}
+    assert substitute_env("x${A}y", env) == "x1y"
+    assert substitute_env("${B:-dflt}", env) == "dflt"
+    assert substitute_env("${EMPTY:-dflt}", env) == "dflt"
+    with pytest.raises(ConfigError, match="B is not set"):
+        substitute_env("${B}", env)
+
+
+def test_env_overrides_win(tmp_path: Path) -> None:
+    env = {
+        "MLTASKS_DATABASE_URL": "postgresql://u@h:1/d",
+        "MLTASKS_REDIS_URL": "redis://other:6380",
+        "MLTASKS_MODELS_DIR": "/srv/models",
+    }
+    cfg = load_config(write(tmp_path, "database:\n  name: x\n"), environ=env)
+    assert cfg.database.conninfo == "postgresql://u@h:1/d"
+    assert cfg.redis.db_url(3) == "redis://other:6380/3"
+    assert cfg.models.dir == Path("/srv/models")
+
+
+def test_mltasks_config_env_selects_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "inference:\n  batch_size: 100\n")
+    assert load_config(environ={"MLTASKS_CONFIG": str(p)}).inference.batch_size == 100
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("inferense:\n  batch_size: 64\n", "inferense"),
+        ("inference:\n  batchsize: 64\n", "inference.batchsize"),
+        ("inference:\n  batch_size: 500\n", "inference.batch_size"),
+        ("inference:\n  batch_size: lots\n", "inference.batch_size"),
+        ("inference:\n  poll_interval_ms: true\n", "inference.poll_interval_ms"),
+        ("hardware:\n  device: tpu\n", "hardware.device"),
+        ("models:\n  serve_model_type: chess\n", "models.serve_model_type"),
+        ("caching:\n  enabled: maybe\n", "caching.enabled"),
+        ("redis:\n  url: http://x\n", "redis.url"),
+        ("database:\n  port: 70000\n", "database.port"),
+        ("logging: 3\n", "logging"),
+        ("database:\n  password: ${NOT_SET_ANYWHERE}\n", "NOT_SET_ANYWHERE"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    assert key in str(err.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MLTASKS_CONFIG"):
+        load_config(environ={"MLTASKS_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(DEFAULT_CONFIG_PATH, environ={})
+    with pytest.raises(AttributeError):
+        cfg.inference.batch_size = 1  # type: ignore[misc]
+
+
+def test_cli_reports_config_errors_naming_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = write(tmp_path, "inference:\n  max_latency_ms: -1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "mltasks.cli", "--config", str(p), "db", "init"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "inference.max_latency_ms" in out.stderr

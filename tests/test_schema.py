@@ -1,0 +1,113 @@
+"""The schema: the game's exact statements, id wrap-around, constraints, idempotent init."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from mltasks.config import Config
+from mltasks.db import init_schema
+from tests import game
+
+STATE = [0.8, 0.5] + [0.0] * 62
+
+
+def test_init_is_idempotent(config: Config, pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    init_schema(config.database)
+    init_schema(config.database)
+    assert pg.execute("SELECT count(*) FROM ai_requests").fetchone() == (1,)
+    assert pg.execute("SELECT request_id FROM ai_requests").fetchone() == (rid,)
+
+
+def test_the_game_statements_work_unchanged(pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    assert game.poll(pg, rid) is None
+    game.mark_timeout(pg, rid)
+    row = pg.execute(
+        "SELECT status, priority, archetype, array_length(state_vector, 1), hp_ratio "
+        "FROM ai_requests WHERE request_id = %s",
+        (rid,),
+    ).fetchone()
+    assert row == ("timeout", 5, "aggressive", 64, pytest.approx(0.8))
+
+
+def test_created_at_uses_the_clock_not_the_transaction(pg: psycopg.Connection[Any]) -> None:
+    with pg.transaction():
+        a = game.insert(pg, STATE)
+        pg.execute("SELECT pg_sleep(0.01)")
+        b = game.insert(pg, STATE)
+    ta, tb = (
+        r[0]
+        for r in pg.execute(
+            "SELECT created_at FROM ai_requests WHERE request_id = ANY(%s) ORDER BY request_id",
+            ([a, b],),
+        )
+    )
+    assert tb > ta
+
+
+def test_one_response_per_request_and_only_parseable_values(pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    ins = "INSERT INTO ai_responses (request_id, action_id, confidence, source) VALUES (%s, %s, %s, 'model')"
+    pg.execute(ins, (rid, 1, 0.5))
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pg.execute(ins, (rid, 2, 0.5))
+    rid2 = game.insert(pg, STATE)
+    for action, conf in [(None, 0.5), (1, None), (10, 0.5), (-1, 0.5), (1, 1.5), (1, float("nan"))]:
+        with pytest.raises((psycopg.errors.NotNullViolation, psycopg.errors.CheckViolation)):
+            pg.execute(ins, (rid2, action, conf))
+
+
+def test_status_is_checked(pg: psycopg.Connection[Any]) -> None:
+    rid = game.insert(pg, STATE)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        pg.execute("UPDATE ai_requests SET status = 'bogus' WHERE request_id = %s", (rid,))
+
+
+def test_insert_notifies_the_bridge(config: Config, pg: psycopg.Connection[Any]) -> None:
+    with psycopg.connect(config.database.conninfo, autocommit=True) as listener:
+        listener.execute("LISTEN ai_requests")
+        game.insert(pg, STATE)
+        got = list(listener.notifies(timeout=5, stop_after=1))
+    assert [n.channel for n in got] == ["ai_requests"]
+
+
+def test_request_id_wraps_around_inside_integer_range(pg: psycopg.Connection[Any]) -> None:
+    # An ancient request 1 with its answer still in the table when the ids come round.
+    pg.execute(
+        "INSERT INTO ai_requests (request_id, archetype, state_vector, status) "
+        "VALUES (1, 'tank', NULL, 'completed')"
+    )
+    pg.execute(
+        "INSERT INTO ai_responses (request_id, action_id, confidence, source) "
+        "VALUES (1, 7, 0.9, 'model')"
+    )
+    pg.execute("SELECT setval('ai_requests_request_id_seq', 2147483646)")
+    ids = [game.insert(pg, STATE) for _ in range(3)]
+    assert ids == [2147483647, 1, 2]
+    # The new request 1 is the game's fresh one, and no stale answer can be read for it.
+    assert game.poll(pg, 1) is None
+    row = pg.execute("SELECT archetype, status FROM ai_requests WHERE request_id = 1").fetchone()
+    assert row == ("aggressive", "pending")
+    assert pg.execute("SELECT data_type FROM information_schema.columns "
+                      "WHERE table_name = 'ai_requests' AND column_name = 'request_id'"
+                      ).fetchone() == ("integer",)
+
+
+def test_cleanup_removes_finished_rows_with_their_answers(pg: psycopg.Connection[Any]) -> None:
+    from mltasks.sql import query
+
+    done = game.insert(pg, STATE)
+    live = game.insert(pg, STATE)
+    pg.execute("UPDATE ai_requests SET status = 'completed', "
+               "created_at = created_at - interval '1 hour' WHERE request_id = %s", (done,))
+    pg.execute("INSERT INTO ai_responses (request_id, action_id, confidence, source) "
+               "VALUES (%s, 1, 0.5, 'model')", (done,))
+    cur = pg.execute(query("delete_finished"), {"retention_s": 60, "limit": 100})
+    assert cur.rowcount == 1
+    left = [r[0] for r in pg.execute("SELECT request_id FROM ai_requests")]
+    assert left == [live]
+    assert pg.execute("SELECT count(*) FROM ai_responses").fetchone() == (0,)
