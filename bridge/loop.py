@@ -7,12 +7,13 @@ them from claiming a row twice. Whatever fails after a claim, the rows are answe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -183,25 +184,14 @@ class Bridge:
             extra={"event": "bridge_stopped"},
         )
 
-    def _errors(self, what: str) -> Any:
-        return _Wrap(what, self)
-
-
-class _Wrap:
-    """Driver errors become DatabaseError; the broken connection is dropped."""
-
-    def __init__(self, what: str, bridge: Bridge) -> None:
-        self.what = what
-        self.bridge = bridge
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp: Any, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, psycopg.Error):
-            self.bridge.close()
-            raise DatabaseError(f"{self.what}: {exc}") from exc
-        return False
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Driver errors become DatabaseError; the broken connection is dropped."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            self.close()
+            raise DatabaseError(f"{what}: {exc}") from exc
 
 
 def main() -> None:

@@ -43,8 +43,19 @@ def _bridge(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "worker", "-Q", args.queues,
-           "--loglevel", args.loglevel, *args.celery_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "mltasks",
+        "worker",
+        "-Q",
+        args.queues,
+        "--loglevel",
+        args.loglevel,
+        *args.celery_args,
+    ]
     return subprocess.call(cmd)
 
 
@@ -65,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--create", action="store_true", help="create the role and database if missing"
     )
     init.add_argument(
-        "--admin-url", default=None,
+        "--admin-url",
+        default=None,
         help="superuser connection used by --create (default: same server, db postgres)",
     )
     init.set_defaults(func=_db_init)
@@ -90,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run database schema, demo models, bridge and worker here")
     dev.add_argument("--models-dir", default=None)
     dev.add_argument(
-        "--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+        "--admin-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="superuser connection used to create the role and database when missing",
     )
     dev.set_defaults(func=_dev)

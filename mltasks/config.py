@@ -30,7 +30,6 @@ def _range(key: str, value: int, lo: int, hi: int) -> None:
         raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
 
 
-
 @dataclass(frozen=True, slots=True)
 class ModelsConfig:
     dir: Path = Path("models")
@@ -284,9 +283,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the configuration once.
 
     Order: ``path`` or ``$MLTASKS_CONFIG`` or ``config/mltasks.yaml`` in the checkout

@@ -15,7 +15,9 @@ from mltasks.sql import schema
 _SCHEMA_LOCK = 0x6D6C7461
 
 
-def connect(db: DatabaseConfig, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
+def connect(
+    db: DatabaseConfig, *, autocommit: bool = True
+) -> psycopg.Connection[tuple[object, ...]]:
     """A new connection; the service runs every statement in autocommit, like the game."""
     try:
         return psycopg.connect(db.conninfo, autocommit=autocommit)
@@ -67,9 +69,12 @@ def create_database_if_missing(db: DatabaseConfig, admin_url: str | None = None)
     created = False
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
-            if user and not conn.execute(
-                "SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)
-            ).fetchone():
+            if (
+                user
+                and not conn.execute(
+                    "SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)
+                ).fetchone()
+            ):
                 password = params.get("password")
                 stmt = sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(user))
                 if password:

@@ -51,10 +51,32 @@ def run_dev(models_dir: str | None = None, admin_url: str | None = None) -> int:
     py = sys.executable
     commands = {
         "bridge": [py, "-m", "bridge"],
-        "worker": [py, "-m", "celery", "-A", "mltasks", "worker", "-Q", "gpu,cpu",
-                   "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-        "beat": [py, "-m", "celery", "-A", "mltasks", "beat", "--loglevel", "WARNING",
-                 "-s", str(beat_dir / "schedule")],
+        "worker": [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "mltasks",
+            "worker",
+            "-Q",
+            "gpu,cpu",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        "beat": [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "mltasks",
+            "beat",
+            "--loglevel",
+            "WARNING",
+            "-s",
+            str(beat_dir / "schedule"),
+        ],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:

@@ -42,9 +42,7 @@ class LoadedModel:
             raise ModelError(f"{self.name}: inference failed: {exc}") from exc
         out = np.asarray(out)
         if out.shape != (states.shape[0], N_ACTIONS):
-            raise ModelError(
-                f"{self.name}: returned shape {out.shape} for {states.shape[0]} rows"
-            )
+            raise ModelError(f"{self.name}: returned shape {out.shape} for {states.shape[0]} rows")
         return out
 
 
@@ -55,9 +53,7 @@ def model_path(models_dir: Path, archetype: str, model_type: str) -> Path:
     return models_dir / archetype / f"{model_type}.onnx"
 
 
-def load_model(
-    path: Path, archetype: str, model_type: str, config: Config
-) -> LoadedModel:
+def load_model(path: Path, archetype: str, model_type: str, config: Config) -> LoadedModel:
     """Load and check one model: input [N, 64] float32, output [N, 10]."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.inference.intra_op_threads

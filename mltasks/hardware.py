@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from mltasks.config import HardwareConfig
@@ -22,10 +23,8 @@ def gpu_count() -> int:
     except Exception:
         return 0
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def cuda_usable(hw: HardwareConfig) -> bool:

@@ -54,15 +54,17 @@ def validate(row: Row) -> tuple[str, np.ndarray] | str:
         return "state_not_array"
     if len(state) != STATE_DIM:
         return f"state_length_{len(state)}"
-    for v in state:
-        if v is None:
-            return "state_element_null"
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return "state_not_numeric"
-        if not math.isfinite(v):
-            return "state_not_finite"
-    vec = np.asarray(state, dtype=np.float32)
-    if not np.isfinite(vec).all():  # finite in float64, overflowing float32
+    if any(v is None for v in state):  # numpy would silently turn None into NaN
+        return "state_element_null"
+    try:
+        wide = np.array(state, dtype=np.float64)
+    except (TypeError, ValueError):
+        return "state_not_numeric"
+    if wide.shape != (STATE_DIM,) or any(isinstance(v, bool) for v in state):
+        return "state_not_numeric"
+    with np.errstate(over="ignore"):
+        vec = wide.astype(np.float32)
+    if not np.isfinite(vec).all():  # NaN, infinities, and values beyond float32's range
         return "state_not_finite"
     return archetype, vec
 

@@ -36,6 +36,4 @@ def expire(
     if not request_ids:
         return
     with wrap_errors("expiring requests"):
-        conn.execute(
-            query("expire_batch"), {"request_ids": sorted(request_ids), "reason": reason}
-        )
+        conn.execute(query("expire_batch"), {"request_ids": sorted(request_ids), "reason": reason})

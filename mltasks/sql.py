@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
-from typing import LiteralString, cast
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -32,11 +31,13 @@ def _queries() -> dict[str, str]:
     return parse_queries((SQL_DIR / "queries.sql").read_text())
 
 
-def query(name: str) -> LiteralString:
-    """The statement called ``name`` in sql/queries.sql."""
-    # The text comes from our own file, never from input: it is as literal as code.
-    return cast(LiteralString, _queries()[name])
+def query(name: str) -> str:
+    """The statement called ``name`` in sql/queries.sql.
+
+    The text comes from our own file, never from input: it is as literal as code.
+    """
+    return _queries()[name]
 
 
-def schema() -> LiteralString:
-    return cast(LiteralString, (SQL_DIR / "schema.sql").read_text())
+def schema() -> str:
+    return (SQL_DIR / "schema.sql").read_text()

@@ -74,7 +74,9 @@ def template_db(base_config: Config) -> Iterator[str]:
 
     name = f"mltasks_tpl_{os.getpid()}"
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     cfg = dataclasses.replace(
         base_config, database=dataclasses.replace(base_config.database, url=_url_for(name))
@@ -82,7 +84,9 @@ def template_db(base_config: Config) -> Iterator[str]:
     init_schema(cfg.database)
     yield name
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 _counter = itertools.count()
@@ -112,7 +116,9 @@ def config(base_config: Config, template_db: str) -> Iterator[Config]:
     reset_engine()
     set_config(None)
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def use_config(cfg: Config) -> Config:

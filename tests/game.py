@@ -83,7 +83,8 @@ def insert(conn: psycopg.Connection[Any], state: Sequence[float] | None, **kw: A
 
 def poll(conn: psycopg.Connection[Any], request_id: int) -> tuple[int, float] | None:
     rows = _exec_text(
-        conn, f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {request_id} LIMIT 1;"
+        conn,
+        f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {request_id} LIMIT 1;",
     )
     if not rows:
         return None

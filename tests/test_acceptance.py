@@ -44,8 +44,24 @@ def service(service_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes
     procs = [
         subprocess.Popen([py, "-m", "bridge"], env=service_env),
         subprocess.Popen(
-            [py, "-m", "celery", "-A", "mltasks", "worker", "-Q", "cpu", "--pool", "prefork",
-             "--concurrency", "2", "--without-gossip", "--without-mingle", "-l", "WARNING"],
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "mltasks",
+                "worker",
+                "-Q",
+                "cpu",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "2",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "WARNING",
+            ],
             env=service_env,
         ),
     ]

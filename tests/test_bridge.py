@@ -36,8 +36,11 @@ def test_overdue_rows_are_answered_255_without_a_worker(
     config: Config, pg: psycopg.Connection[Any]
 ) -> None:
     old = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET created_at = created_at - interval '1 minute' "
-               "WHERE request_id = %s", (old,))
+    pg.execute(
+        "UPDATE ai_requests SET created_at = created_at - interval '1 minute' "
+        "WHERE request_id = %s",
+        (old,),
+    )
     b = Bridge(config, dead_broker_app(config))
     try:
         assert b.step() == 1
@@ -62,9 +65,12 @@ def test_unpublishable_batch_is_answered_not_stranded(
 
 def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[Any]) -> None:
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing', attempts = 1, "
-               "claimed_at = clock_timestamp() - interval '1 hour', "
-               "created_at = created_at - interval '1 hour' WHERE request_id = %s", (rid,))
+    pg.execute(
+        "UPDATE ai_requests SET status = 'processing', attempts = 1, "
+        "claimed_at = clock_timestamp() - interval '1 hour', "
+        "created_at = created_at - interval '1 hour' WHERE request_id = %s",
+        (rid,),
+    )
     b = Bridge(config, dead_broker_app(config))
     try:
         assert b.step() == 0  # still leased as far as the claim is concerned
@@ -78,8 +84,11 @@ def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[A
 
 def test_live_lease_is_left_alone(config: Config, pg: psycopg.Connection[Any]) -> None:
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing', claimed_at = clock_timestamp() "
-               "WHERE request_id = %s", (rid,))
+    pg.execute(
+        "UPDATE ai_requests SET status = 'processing', claimed_at = clock_timestamp() "
+        "WHERE request_id = %s",
+        (rid,),
+    )
     b = Bridge(config, dead_broker_app(config))
     try:
         b.housekeeping()
@@ -106,7 +115,9 @@ def test_rows_the_game_gave_up_on_get_one_255(config: Config, pg: psycopg.Connec
 def test_highest_priority_is_claimed_first(config: Config, pg: psycopg.Connection[Any]) -> None:
     low = [game.insert(pg, STATE, priority=1) for _ in range(40)]
     high = game.insert(pg, STATE, priority=9)
-    cfg = dataclasses.replace(config, inference=dataclasses.replace(config.inference, batch_size=32))
+    cfg = dataclasses.replace(
+        config, inference=dataclasses.replace(config.inference, batch_size=32)
+    )
     b = Bridge(cfg, dead_broker_app(cfg))
     try:
         rows = b.claim()

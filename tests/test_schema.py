@@ -51,7 +51,10 @@ def test_created_at_uses_the_clock_not_the_transaction(pg: psycopg.Connection[An
 
 def test_one_response_per_request_and_only_parseable_values(pg: psycopg.Connection[Any]) -> None:
     rid = game.insert(pg, STATE)
-    ins = "INSERT INTO ai_responses (request_id, action_id, confidence, source) VALUES (%s, %s, %s, 'model')"
+    ins = (
+        "INSERT INTO ai_responses (request_id, action_id, confidence, source) "
+        "VALUES (%s, %s, %s, 'model')"
+    )
     pg.execute(ins, (rid, 1, 0.5))
     with pytest.raises(psycopg.errors.UniqueViolation):
         pg.execute(ins, (rid, 2, 0.5))
@@ -92,9 +95,10 @@ def test_request_id_wraps_around_inside_integer_range(pg: psycopg.Connection[Any
     assert game.poll(pg, 1) is None
     row = pg.execute("SELECT archetype, status FROM ai_requests WHERE request_id = 1").fetchone()
     assert row == ("aggressive", "pending")
-    assert pg.execute("SELECT data_type FROM information_schema.columns "
-                      "WHERE table_name = 'ai_requests' AND column_name = 'request_id'"
-                      ).fetchone() == ("integer",)
+    assert pg.execute(
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_name = 'ai_requests' AND column_name = 'request_id'"
+    ).fetchone() == ("integer",)
 
 
 def test_cleanup_removes_finished_rows_with_their_answers(pg: psycopg.Connection[Any]) -> None:
@@ -102,10 +106,16 @@ def test_cleanup_removes_finished_rows_with_their_answers(pg: psycopg.Connection
 
     done = game.insert(pg, STATE)
     live = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'completed', "
-               "created_at = created_at - interval '1 hour' WHERE request_id = %s", (done,))
-    pg.execute("INSERT INTO ai_responses (request_id, action_id, confidence, source) "
-               "VALUES (%s, 1, 0.5, 'model')", (done,))
+    pg.execute(
+        "UPDATE ai_requests SET status = 'completed', "
+        "created_at = created_at - interval '1 hour' WHERE request_id = %s",
+        (done,),
+    )
+    pg.execute(
+        "INSERT INTO ai_responses (request_id, action_id, confidence, source) "
+        "VALUES (%s, 1, 0.5, 'model')",
+        (done,),
+    )
     cur = pg.execute(query("delete_finished"), {"retention_s": 60, "limit": 100})
     assert cur.rowcount == 1
     left = [r[0] for r in pg.execute("SELECT request_id FROM ai_requests")]

@@ -62,7 +62,8 @@ def test_the_game_gets_a_model_answer_for_every_archetype(
         assert 0.1 <= confidence <= 1.0  # max of a 10-way softmax is at least 0.1
         seen[archetype] = (rid, action, confidence)
     rows = pg.execute(
-        "SELECT r.status, s.source, s.model FROM ai_requests r JOIN ai_responses s USING (request_id)"
+        "SELECT r.status, s.source, s.model "
+        "FROM ai_requests r JOIN ai_responses s USING (request_id)"
     ).fetchall()
     assert {r[0] for r in rows} == {"completed"}
     assert {r[1] for r in rows} == {"model"}
@@ -88,9 +89,7 @@ def test_answer_arrives_before_the_deadline(
     assert row[1] < config.inference.max_latency_ms
 
 
-def test_500_requests_answered_exactly_once(
-    config: Config, bridge: BridgeThread
-) -> None:
+def test_500_requests_answered_exactly_once(config: Config, bridge: BridgeThread) -> None:
     pool = states(500, seed=7)
     ids: list[int] = []
     lock = threading.Lock()
@@ -144,10 +143,18 @@ BAD_INPUTS = [
     ("inf", "ARRAY[0.1" + ",0.1" * 62 + ",'Infinity']::REAL[]", "mage", "state_not_finite"),
     ("null_state", "NULL", "support", "state_null"),
     ("null_element", "ARRAY[NULL" + ",0.1" * 63 + "]::REAL[]", "ranged", "state_element_null"),
-    ("two_dims", "ARRAY[[" + ",".join(["0.1"] * 32) + "],[" + ",".join(["0.1"] * 32) + "]]::REAL[]",
-     "defensive", "state_length_2"),
-    ("unknown_archetype", "ARRAY[" + ",".join(["0.1"] * 64) + "]::REAL[]", "../../etc/passwd",
-     "archetype_unknown"),
+    (
+        "two_dims",
+        "ARRAY[[" + ",".join(["0.1"] * 32) + "],[" + ",".join(["0.1"] * 32) + "]]::REAL[]",
+        "defensive",
+        "state_length_2",
+    ),
+    (
+        "unknown_archetype",
+        "ARRAY[" + ",".join(["0.1"] * 64) + "]::REAL[]",
+        "../../etc/passwd",
+        "archetype_unknown",
+    ),
     ("null_archetype", "ARRAY[" + ",".join(["0.1"] * 64) + "]::REAL[]", None, "archetype_null"),
 ]
 
@@ -186,7 +193,7 @@ def test_no_models_means_255_for_everyone(
     config: Config, pg: psycopg.Connection[Any], bridge: BridgeThread, tmp_path: Path
 ) -> None:
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path)))
-    rid, answer = game.decide(pg, STATE, timeout_ms=10_000, archetype="mage")
+    _, answer = game.decide(pg, STATE, timeout_ms=10_000, archetype="mage")
     assert answer == (255, 0.0)
     row = pg.execute(
         "SELECT s.reason, r.status FROM ai_responses s JOIN ai_requests r USING (request_id)"
@@ -195,8 +202,12 @@ def test_no_models_means_255_for_everyone(
 
 
 def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
-    config: Config, pg: psycopg.Connection[Any], bridge: BridgeThread, tmp_path: Path,
-    models_dir: Path, caplog: pytest.LogCaptureFixture,
+    config: Config,
+    pg: psycopg.Connection[Any],
+    bridge: BridgeThread,
+    tmp_path: Path,
+    models_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import shutil
 
@@ -204,8 +215,9 @@ def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
 
     shutil.copytree(models_dir, tmp_path / "m")
     write_corrupt_model(tmp_path / "m" / "tank" / "combat_dqn.onnx")
-    use_config(dataclasses.replace(
-        config, models=dataclasses.replace(config.models, dir=tmp_path / "m")))
+    use_config(
+        dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path / "m"))
+    )
     _, tank = game.decide(pg, STATE, timeout_ms=10_000, archetype="tank")
     _, mage = game.decide(pg, STATE, timeout_ms=10_000, archetype="mage")
     assert tank == (255, 0.0)

@@ -1,0 +1,153 @@
+"""Pure units: validation, the softmax choice, grouping, and the engine's model checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mltasks.config import Config, load_config
+from mltasks.engine import Engine, load_model, model_path
+from mltasks.errors import ModelError
+from mltasks.inference import answer_rows, as_confidence, softmax_choice, validate
+
+GOOD = [0.5] * 64
+
+
+def test_validate_accepts_64_finite_floats_of_a_known_archetype() -> None:
+    checked = validate([1, "mage", 1002, GOOD])
+    assert not isinstance(checked, str)
+    archetype, vec = checked
+    assert archetype == "mage" and vec.dtype == np.float32 and vec.shape == (64,)
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ([1, None, 1, GOOD], "archetype_null"),
+        ([1, "Mage", 1, GOOD], "archetype_unknown"),
+        ([1, "../x", 1, GOOD], "archetype_unknown"),
+        ([1, "mage", 1, None], "state_null"),
+        ([1, "mage", 1, "0.5,0.5"], "state_not_array"),
+        ([1, "mage", 1, [0.5] * 63], "state_length_63"),
+        ([1, "mage", 1, [[0.5] * 32, [0.5] * 32]], "state_length_2"),
+        ([1, "mage", 1, [None] + [0.5] * 63], "state_element_null"),
+        ([1, "mage", 1, [float("nan")] + [0.5] * 63], "state_not_finite"),
+        ([1, "mage", 1, [float("-inf")] + [0.5] * 63], "state_not_finite"),
+        ([1, "mage", 1, [1e300] + [0.5] * 63], "state_not_finite"),
+        ([1, "mage", 1, [True] + [0.5] * 63], "state_not_numeric"),
+    ],
+)
+def test_validate_names_what_is_wrong(row: list[object], reason: str) -> None:
+    assert validate(row) == reason
+
+
+def test_confidence_is_the_softmax_probability_of_the_chosen_action() -> None:
+    logits = np.array([[0.0] * 9 + [5.0], [1.0, 2.0] + [0.0] * 8], dtype=np.float32)
+    actions, probs = softmax_choice(logits)
+    assert actions.tolist() == [9, 1]
+    e = np.exp(logits.astype(np.float64))
+    expected = e.max(axis=1) / e.sum(axis=1)
+    assert probs == pytest.approx(expected)
+    assert probs[0] != probs[1]
+
+
+@pytest.mark.parametrize(
+    ("p", "want"), [(0.87654, 0.8765), (1.2, 1.0), (-0.1, 0.0), (float("nan"), 0.0), (1e-9, 0.0)]
+)
+def test_confidence_always_parses_as_a_float_in_range(p: float, want: float) -> None:
+    assert as_confidence(p) == want
+
+
+class FakeModel:
+    """Stands in for an ONNX session: returns what the test tells it to."""
+
+    def __init__(self, out: np.ndarray | None = None, fail: bool = False) -> None:
+        self.out, self.fail, self.name = out, fail, "fake"
+
+    def logits(self, states: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise ModelError("fake: wrong number of rows")
+        if self.out is not None:
+            return self.out
+        z = np.zeros((len(states), 10), dtype=np.float32)
+        z[:, 2] = states[:, 0] * 10
+        return z
+
+
+class FakeEngine:
+    def __init__(self, models: dict[str, FakeModel]) -> None:
+        self.models = models
+
+    def serving(self, archetype: str) -> FakeModel | None:
+        return self.models.get(archetype)
+
+
+def test_one_bad_group_or_row_never_fails_the_others() -> None:
+    nan_out = np.full((1, 10), np.nan, dtype=np.float32)
+    engine = FakeEngine(
+        {"mage": FakeModel(), "tank": FakeModel(fail=True), "support": FakeModel(out=nan_out)}
+    )
+    rows = [
+        [1, "mage", 1, GOOD],
+        [2, "tank", 1, GOOD],
+        [3, "ranged", 1, GOOD],
+        [4, "mage", 1, None],
+        [5, "support", 1, GOOD],
+        [6, "mage", 1, [0.9] + [0.5] * 63],
+    ]
+    got = {a.request_id: a for a in answer_rows(rows, engine)}  # type: ignore[arg-type]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert (got[1].action_id, got[1].source, got[1].status) == (2, "model", "completed")
+    assert (got[2].action_id, got[2].reason) == (255, "model_error")
+    assert (got[3].action_id, got[3].reason) == (255, "no_model")
+    assert (got[4].action_id, got[4].reason, got[4].status) == (255, "state_null", "invalid")
+    assert (got[5].action_id, got[5].reason) == (255, "model_output_not_finite")
+    assert got[6].confidence > got[1].confidence  # larger logit gap, higher confidence
+
+
+def test_archetype_never_reaches_a_path_unchecked() -> None:
+    with pytest.raises(ModelError):
+        model_path(Path("/m"), "../../etc", "combat_dqn")
+    assert model_path(Path("/m"), "tank", "skill_dqn") == Path("/m/tank/skill_dqn.onnx")
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, models_dir: Path) -> Config:
+    """A private copy of the session's demo models, free to break."""
+    shutil.copytree(models_dir, tmp_path / "models")
+    base = load_config(environ={"MLTASKS_CONFIG": str(Path(__file__).parent / "config/test.yaml")})
+    return dataclasses.replace(
+        base, models=dataclasses.replace(base.models, dir=tmp_path / "models")
+    )
+
+
+def test_engine_skips_corrupt_and_misshaped_files_and_loads_the_rest(cfg: Config) -> None:
+    from mltasks.demo_models import write_corrupt_model, write_misshaped_model
+
+    write_corrupt_model(cfg.models.dir / "tank" / "combat_dqn.onnx")
+    write_misshaped_model(cfg.models.dir / "mage" / "skill_dqn.onnx")
+    (cfg.models.dir / "ranged" / "spatial_vit.onnx").unlink()
+    engine = Engine(cfg).load()
+    assert len(engine.models) == 51
+    assert set(engine.skipped) == {"tank/combat_dqn", "mage/skill_dqn", "ranged/spatial_vit"}
+    assert engine.skipped["ranged/spatial_vit"] == "missing"
+    assert engine.serving("tank") is None
+    assert engine.serving("mage") is not None
+    with pytest.raises(ModelError, match="shape"):
+        load_model(cfg.models.dir / "mage" / "skill_dqn.onnx", "mage", "skill_dqn", cfg)
+
+
+def test_engine_on_cpu_when_no_gpu(cfg: Config) -> None:
+    from mltasks.hardware import cuda_usable, gpu_count
+
+    assert gpu_count() == 0  # this host has no NVIDIA device; NVML absence is handled
+    assert not cuda_usable(cfg.hardware)
+    forced = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, device="cuda"))
+    model = load_model(
+        model_path(cfg.models.dir, "tank", "combat_dqn"), "tank", "combat_dqn", forced
+    )
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
