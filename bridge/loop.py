@@ -8,6 +8,7 @@ them from claiming a row twice. Whatever fails after a claim, the rows are answe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -19,18 +20,22 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from bridge.routing import initial_queue
-from mltasks.celery_app import INFER_TASK
+from mltasks.celery_app import INFER_TASK, QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
-from mltasks.responses import expire
+from mltasks.fallback import LEVEL_QUEUE, Level, LevelState, LevelStore, route
+from mltasks.inference import answer_rows, traditional
+from mltasks.responses import expire, write_answers
+from mltasks.rules import RULES
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_S = 0.25
 # A publish either goes through at once or the batch is answered 255: the game cannot wait.
+# After a failed publish, batches are answered here for this long before the next try.
+PUBLISH_PAUSE_S = 1.0
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
 
 
@@ -42,13 +47,21 @@ class Bridge:
 
             app = default_app
         self.app = app
-        self.queue = initial_queue(self.config)
+        self.store = LevelStore(self.config)
+        self.state = self.store.last
+        self.live: dict[str, bool] = {}
+        # The level batches are served at: the shared one, or lower when its tier is empty.
+        # Until Redis has been read, the configured start level.
+        self.level = int(self.config.fallback.start_level)
+        self._publish_blocked_until = 0.0
         self.name = f"bridge-{os.getpid()}"
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._next_housekeeping = 0.0
         self.claimed = 0
         self.sent = 0
         self.expired = 0
+        self.answered_here = 0
+        self.refresh_level()
 
     # -- connection ---------------------------------------------------------------------
 
@@ -58,10 +71,9 @@ class Bridge:
             conn.execute("LISTEN ai_requests")
             self._conn = conn
             log.info(
-                "listening on %s, sending to queue %s",
+                "listening on %s",
                 self.config.database.safe_dsn,
-                self.queue,
-                extra={"event": "bridge_connected", "queue": self.queue},
+                extra={"event": "bridge_connected"},
             )
         return self._conn
 
@@ -96,24 +108,47 @@ class Bridge:
         return len(rows)
 
     def dispatch(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Send a batch to the queue of the current level; level 5 is answered here."""
+        level = self.level
+        if level >= Level.TRADITIONAL:
+            self.answer_here(rows, rules=False, reason="fallback_level_5")
+            return
+        queue = LEVEL_QUEUE[level]
+        if time.monotonic() < self._publish_blocked_until:
+            # The broker failed a moment ago: do not stall every batch on it.
+            self.answer_here(rows, rules=True, reason="broker_unavailable")
+            return
         try:
             self.app.send_task(
                 INFER_TASK,
-                args=[rows],
-                queue=self.queue,
+                args=[rows, level, time.time()],
+                queue=queue,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
             )
         except Exception as exc:  # any broker failure: answer now, never strand the rows
             log.error(
-                "cannot publish a batch of %d: %s",
+                "cannot publish a batch of %d to %s: %s",
                 len(rows),
+                queue,
                 exc,
-                extra={"event": "publish_failed", "queue": self.queue},
+                extra={"event": "publish_failed", "queue": queue},
             )
-            self._expire([r[0] for r in rows], "broker_unavailable")
+            self._publish_blocked_until = time.monotonic() + PUBLISH_PAUSE_S
+            self.answer_here(rows, rules=True, reason="broker_unavailable")
             return
         self.sent += len(rows)
+
+    def answer_here(self, rows: Sequence[Sequence[Any]], *, rules: bool, reason: str) -> None:
+        """Answer in this process: the rule policy where allowed, else 255."""
+        if rules:
+            answers = answer_rows(rows, RULES)
+            answers = [a if a.reason else dataclasses.replace(a, reason=reason) for a in answers]
+        else:
+            answers = [traditional(int(r[0]), reason) for r in rows]
+        with self._errors("answering"):
+            write_answers(self._connection(), answers)
+        self.answered_here += len(answers)
 
     def _expire(self, request_ids: list[int], reason: str) -> None:
         with self._errors("expiring"):
@@ -126,8 +161,44 @@ class Bridge:
             extra={"event": "requests_expired", "reason": reason, "rows": len(request_ids)},
         )
 
+    def refresh_level(self) -> None:
+        """Read the shared level and the live queues; on a Redis error keep the last ones."""
+        try:
+            state, live = self.store.snapshot(QUEUES)
+        except Exception as exc:  # Redis down: route on what we knew
+            if self.live:
+                log.warning(
+                    "cannot read the fallback level, keeping level %d: %s",
+                    self.level,
+                    exc,
+                    extra={"event": "level_unreadable", "level": self.level},
+                )
+                self.live = {}
+            return
+        self.live = live
+        self._set_route(state, route(state.level, live))
+
+    def _set_route(self, state: LevelState, level: int) -> None:
+        if (state.level, state.reason, level) != (self.state.level, self.state.reason, self.level):
+            log.warning(
+                "fallback level %d (%s), serving at level %d",
+                state.level,
+                state.reason,
+                level,
+                extra={
+                    "event": "route_changed",
+                    "level": state.level,
+                    "reason": state.reason,
+                    "serving_level": level,
+                    "live_queues": sorted(q for q, up in self.live.items() if up),
+                },
+            )
+        self.state = state
+        self.level = level
+
     def housekeeping(self) -> None:
         """Give back rows whose lease ran out; answer rows the game gave up on unclaimed."""
+        self.refresh_level()
         with self._errors("housekeeping"):
             conn = self._connection()
             conn.execute(query("release_stale"), {"lease_s": self.config.inference.lease_ms / 1000})
@@ -177,10 +248,11 @@ class Bridge:
                 backoff = min(backoff * 2, 2.0)
         self.close()
         log.info(
-            "stopped: %d claimed, %d sent, %d answered 255",
+            "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge",
             self.claimed,
             self.sent,
             self.expired,
+            self.answered_here,
             extra={"event": "bridge_stopped"},
         )
 

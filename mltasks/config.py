@@ -30,6 +30,10 @@ def _range(key: str, value: int, lo: int, hi: int) -> None:
         raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
 
 
+PROVIDERS = ("cuda", "tensorrt", "cpu")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelsConfig:
     dir: Path = Path("models")
@@ -139,9 +143,53 @@ class CachingConfig:
 
 @dataclass(frozen=True, slots=True)
 class FallbackConfig:
+    # The level the service starts at when Redis holds none (1 best .. 5 traditional AI).
+    start_level: int = 1
+    # Consecutive failed batches at a level that move the service one level down.
     failure_threshold: int = 3
-    # Archetypes the rule policy may answer when no model exists; [] answers 255.
-    enabled: bool = True
+    # Workers refresh a heartbeat key per queue; a queue whose key lapsed has no consumer.
+    heartbeat_interval_ms: int = 500
+    heartbeat_ttl_ms: int = 1500
+    # Probes run in every worker's main process at this interval.
+    probe_interval_s: float = 2.0
+    # Recovery: probes healthy this long before one step up, confirmed by a canary batch.
+    recovery_hysteresis_s: float = 30.0
+    recovery_backoff_s: float = 30.0
+    recovery_backoff_max_s: float = 600.0
+    canary_timeout_s: float = 5.0
+    # Overload thresholds of the CPU tier.
+    cpu_load_per_core: float = 2.0
+    queue_lag_ms: int = 50
+    # (execution provider, precision) per model level.
+    level1: str = "cuda:fp16"
+    level2: str = "tensorrt:int8"
+    level3: str = "cpu:int8"
+
+    def __post_init__(self) -> None:
+        _range("fallback.start_level", self.start_level, 1, 5)
+        _range("fallback.failure_threshold", self.failure_threshold, 1, 1000)
+        _range("fallback.heartbeat_interval_ms", self.heartbeat_interval_ms, 50, 60_000)
+        if self.heartbeat_ttl_ms <= self.heartbeat_interval_ms:
+            raise ConfigError(
+                "fallback.heartbeat_ttl_ms: must be longer than fallback.heartbeat_interval_ms"
+            )
+        for name in ("level1", "level2", "level3"):
+            value = getattr(self, name)
+            provider, _, precision = value.partition(":")
+            if provider not in PROVIDERS or precision not in PRECISIONS:
+                raise ConfigError(
+                    f"fallback.{name}: {value!r} is not <provider>:<precision> with provider "
+                    f"in {PROVIDERS} and precision in {PRECISIONS}"
+                )
+        if self.level3.startswith(("cuda", "tensorrt")):
+            raise ConfigError("fallback.level3: the CPU level must use the cpu provider")
+
+    def level_profile(self, level: int) -> tuple[str, str]:
+        """(provider, precision) of a model level (1-3)."""
+        provider, _, precision = {1: self.level1, 2: self.level2, 3: self.level3}[level].partition(
+            ":"
+        )
+        return provider, precision
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +212,6 @@ class WorkerConfig:
 class MonitoringConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090
-    heartbeat_ttl_s: int = 5
 
     def __post_init__(self) -> None:
         _range("monitoring.metrics_port", self.metrics_port, 0, 65535)

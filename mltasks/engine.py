@@ -34,6 +34,10 @@ class LoadedModel:
     def name(self) -> str:
         return f"{self.archetype}/{self.model_type}"
 
+    @property
+    def source(self) -> str:
+        return "model"
+
     def logits(self, states: np.ndarray) -> np.ndarray:
         """Run one batch; raises ModelError when the output breaks the model contract."""
         try:
@@ -79,10 +83,11 @@ def load_model(path: Path, archetype: str, model_type: str, config: Config) -> L
 
 
 class Engine:
-    """The models of one process, keyed by (archetype, model_type)."""
+    """The models of one process at one fallback level, keyed by (archetype, model_type)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, level: int = 3) -> None:
         self.config = config
+        self.level = level
         self.models: dict[tuple[str, str], LoadedModel] = {}
         self.skipped: dict[str, str] = {}
 
@@ -120,21 +125,20 @@ class Engine:
         return self.models.get((archetype, self.config.models.serve_model_type))
 
 
-_engine: Engine | None = None
+_engines: dict[int, Engine] = {}
 _lock = threading.Lock()
 
 
-def get_engine(config: Config) -> Engine:
-    """This process's engine, loaded on first use."""
-    global _engine
+def get_engine(config: Config, level: int = 3) -> Engine:
+    """This process's engine for a model level (1-3), loaded on first use."""
     with _lock:
-        if _engine is None or _engine.config is not config:
-            _engine = Engine(config).load()
-        return _engine
+        engine = _engines.get(level)
+        if engine is None or engine.config is not config:
+            engine = _engines[level] = Engine(config, level).load()
+        return engine
 
 
 def reset_engine() -> None:
     """Forget the loaded models (tests; a worker child after fork)."""
-    global _engine
     with _lock:
-        _engine = None
+        _engines.clear()

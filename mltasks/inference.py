@@ -11,18 +11,33 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mltasks.contract import ARCHETYPES, STATE_DIM, TRADITIONAL_AI
-from mltasks.engine import Engine
 from mltasks.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 # A claimed row as the bridge sends it: [request_id, archetype, mob_id, state_vector].
 Row = Sequence[Any]
+
+
+class Predictor(Protocol):
+    """What answers one archetype: an ONNX model, or the rule policy."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    def logits(self, states: np.ndarray) -> np.ndarray: ...
+
+
+class Predictors(Protocol):
+    def serving(self, archetype: str) -> Predictor | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +101,22 @@ def as_confidence(p: float) -> float:
     return round(min(1.0, max(0.0, p)), 4)
 
 
-def answer_rows(rows: Sequence[Row], engine: Engine) -> list[Answer]:
+@dataclass(slots=True)
+class Outcome:
+    """A batch's answers, and the model failures the fallback ladder must hear about."""
+
+    answers: list[Answer]
+    failures: list[ModelError]
+
+
+def answer_rows(rows: Sequence[Row], engine: Predictors) -> list[Answer]:
     """One answer per row, in any order; a bad row never fails the others."""
+    return answer_batch(rows, engine).answers
+
+
+def answer_batch(rows: Sequence[Row], engine: Predictors) -> Outcome:
+    """Like answer_rows, also returning the model failures met on the way."""
+    failures: list[ModelError] = []
     answers: list[Answer] = []
     groups: dict[str, tuple[list[int], list[np.ndarray]]] = defaultdict(lambda: ([], []))
     for row in rows:
@@ -108,8 +137,10 @@ def answer_rows(rows: Sequence[Row], engine: Engine) -> list[Answer]:
             continue
         try:
             logits = model.logits(np.stack(vecs))
-        except ModelError as exc:
-            log.error("%s", exc, extra={"event": "inference_failed", "model": model.name})
+        except Exception as exc:  # a model or the rule policy broke: this group gets 255
+            err = exc if isinstance(exc, ModelError) else ModelError(f"{model.name}: {exc!r}")
+            log.error("%s", err, extra={"event": "inference_failed", "model": model.name})
+            failures.append(err)
             answers.extend(traditional(i, "model_error") for i in ids)
             continue
         if not np.isfinite(logits).all():
@@ -131,9 +162,9 @@ def answer_rows(rows: Sequence[Row], engine: Engine) -> list[Answer]:
                     request_id,
                     int(actions[i]),
                     as_confidence(float(probs[i])),
-                    "model",
+                    model.source,
                     "completed",
                     model.name,
                 )
             )
-    return answers
+    return Outcome(answers, failures)

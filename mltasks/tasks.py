@@ -1,8 +1,11 @@
-"""The worker's task: answer one claimed batch."""
+"""The worker's tasks: answer a batch at a fallback level; beat's periodic jobs."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -10,19 +13,27 @@ from celery import Task
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 from psycopg_pool import ConnectionPool
 
-from beat.schedule import CLEANUP_TASK
+from beat.schedule import CANARY_TASK, CLEANUP_TASK, RECOVER_TASK
+from mltasks import keys
 from mltasks.celery_app import INFER_TASK, app
-from mltasks.config import get_config
+from mltasks.config import Config, get_config
 from mltasks.engine import get_engine, reset_engine
 from mltasks.errors import DatabaseError
-from mltasks.inference import Row, answer_rows
+from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
+from mltasks.inference import Outcome, Predictors, Row, answer_batch
 from mltasks.logs import configure_logging
 from mltasks.responses import write_answers
+from mltasks.rules import RULES
 from mltasks.sql import query
+from mltasks.worker import MonitorStep, worker_queues
 
 log = logging.getLogger(__name__)
 
+app.steps["worker"].add(MonitorStep)
+
 _pool: ConnectionPool | None = None
+_store: LevelStore | None = None
+_failing: set[int] = set()
 
 
 def _db_pool() -> ConnectionPool:
@@ -41,17 +52,37 @@ def _db_pool() -> ConnectionPool:
 
 
 def close_pool() -> None:
-    global _pool
+    global _pool, _store
     if _pool is not None:
         _pool.close()
         _pool = None
+    _store = None
+    _failing.clear()
+
+
+def level_store() -> LevelStore:
+    global _store
+    if _store is None or _store.config is not get_config():
+        _store = LevelStore(get_config())
+    return _store
+
+
+def predictors(config: Config, level: int) -> Predictors:
+    """What serves a level: the ONNX engine (1-3) or the rule policy (4)."""
+    if level == Level.RULES:
+        return RULES
+    return get_engine(config, level)
 
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # Sessions and connections are per process: make them now, not on the first batch.
     reset_engine()
-    get_engine(get_config())
+    cfg = get_config()
+    for queue in worker_queues():
+        levels = QUEUE_LEVELS.get(queue, ())
+        if levels and levels[0] != Level.RULES:
+            get_engine(cfg, levels[0])
 
 
 @worker_process_shutdown.connect
@@ -64,6 +95,35 @@ def _logging(**_: Any) -> None:
     configure_logging(get_config().logging)
 
 
+def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) -> None:
+    """Tell the fallback ladder how the batch went; never fails the batch itself."""
+    from mltasks.health import is_oom_error
+
+    try:
+        store = level_store()
+        if level <= Level.CPU and not get_engine(config, level).models:
+            store.degrade(Level.TRADITIONAL, "no usable model", from_level=level)
+            return
+        if outcome.failures:
+            _failing.add(level)
+            if any(is_oom_error(f) for f in outcome.failures):
+                store.degrade(level + 1, "out of memory", from_level=level)
+            else:
+                store.report_failure(level, f"batch failed: {outcome.failures[0]}")
+        elif (
+            level == Level.CPU and lag_s is not None and lag_s * 1000 > config.fallback.queue_lag_ms
+        ):
+            _failing.add(level)
+            store.report_failure(level, f"queue lag {lag_s * 1000:.0f} ms")
+        elif level in _failing:
+            _failing.discard(level)
+            store.report_success(level)
+    except Exception as exc:  # Redis away: the answers matter more than the bookkeeping
+        log.warning(
+            "cannot report to the fallback ladder: %s", exc, extra={"event": "report_failed"}
+        )
+
+
 @app.task(
     name=INFER_TASK,
     bind=True,
@@ -72,44 +132,90 @@ def _logging(**_: Any) -> None:
     ignore_result=True,
     max_retries=2,
 )
-def infer_batch(self: Task, rows: list[Row]) -> int:
+def infer_batch(self: Task, rows: list[Row], level: int = Level.CPU, sent_at: float = 0.0) -> int:
     """Validate, infer and answer every row of a batch; returns how many were answered."""
+    lag_s = time.time() - sent_at if sent_at else None
     cfg = get_config()
-    answers = answer_rows(rows, get_engine(cfg))
+    outcome = answer_batch(rows, predictors(cfg, level))
     try:
         with _db_pool().connection() as conn:
-            write_answers(conn, answers)
+            write_answers(conn, outcome.answers)
     except (DatabaseError, psycopg.Error) as exc:
         log.warning(
             "writing %d answers failed: %s",
-            len(answers),
+            len(outcome.answers),
             exc,
             extra={"event": "answer_write_failed", "task_id": self.request.id},
         )
         # Unanswered rows are expired by the bridge once their lease runs out.
         raise self.retry(exc=exc, countdown=0.05) from exc
-    log.debug(
-        "answered %d rows",
-        len(answers),
-        extra={"event": "batch_answered", "task_id": self.request.id, "rows": len(answers)},
-    )
-    return len(answers)
+    if level < Level.TRADITIONAL:
+        report(cfg, level, outcome, lag_s)
+    return len(outcome.answers)
+
+
+@app.task(name=CANARY_TASK, ignore_result=True, acks_late=True)
+def canary(canary_id: str, level: int) -> bool:
+    """A recovery probe: answer synthetic states at `level` and lift the level if all is well."""
+    from mltasks.recovery import canary_passed, canary_rows, finish_canary
+
+    cfg = get_config()
+    try:
+        passed, reason = canary_passed(answer_batch(canary_rows(), predictors(cfg, level)), level)
+    except Exception as exc:
+        passed, reason = False, f"canary crashed: {exc}"
+    return finish_canary(cfg, level_store(), canary_id, level, passed, reason)
+
+
+@contextmanager
+def job_lock(job: str, ttl_s: float) -> Iterator[bool]:
+    """True when this run holds the job: two beats never run one job twice at once."""
+    r = level_store().redis
+    key = keys.job_lock(job)
+    token = str(time.time())
+    held = bool(r.set(key, token, nx=True, px=int(ttl_s * 1000)))
+    try:
+        yield held
+    finally:
+        if held and r.get(key) == token.encode():
+            r.delete(key)
+
+
+@app.task(name=RECOVER_TASK, ignore_result=True)
+def recover() -> str:
+    """Beat: try one level up when the tier above has been healthy long enough."""
+    from mltasks.recovery import attempt
+
+    cfg = get_config()
+    with job_lock("recover", 10) as held:
+        if not held:
+            return "locked"
+
+        def send(canary_id: str, level: int, queue: str) -> None:
+            canary.apply_async(
+                args=[canary_id, level], queue=queue, expires=cfg.fallback.canary_timeout_s
+            )
+
+        return attempt(cfg, level_store(), send).outcome
 
 
 @app.task(name=CLEANUP_TASK, ignore_result=True, acks_late=True)
 def cleanup() -> int:
-    """Delete finished rows past the retention, batch by batch; returns rows deleted."""
+    """Beat: delete finished rows past the retention, batch by batch; returns rows deleted."""
     cfg = get_config().cleanup
     total = 0
-    with _db_pool().connection() as conn:
-        while True:
-            cur = conn.execute(
-                query("delete_finished"),
-                {"retention_s": cfg.retention_s, "limit": cfg.batch_limit},
-            )
-            total += cur.rowcount
-            if cur.rowcount < cfg.batch_limit:
-                break
+    with job_lock("cleanup", 300) as held:
+        if not held:
+            return 0
+        with _db_pool().connection() as conn:
+            while True:
+                cur = conn.execute(
+                    query("delete_finished"),
+                    {"retention_s": cfg.retention_s, "limit": cfg.batch_limit},
+                )
+                total += cur.rowcount
+                if cur.rowcount < cfg.batch_limit:
+                    break
     if total:
         log.info("deleted %d finished requests", total, extra={"event": "cleanup", "rows": total})
     return total

@@ -111,6 +111,7 @@ def config(base_config: Config, template_db: str) -> Iterator[Config]:
     set_config(cfg)
     reset_engine()
     close_pool()
+    _flush_cache_db(cfg)
     yield cfg
     close_pool()
     reset_engine()
@@ -119,6 +120,14 @@ def config(base_config: Config, template_db: str) -> Iterator[Config]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+def _flush_cache_db(cfg: Config) -> None:
+    """Fallback level, heartbeats and cache start empty in every test."""
+    import redis
+
+    with redis.Redis.from_url(cfg.redis.db_url(cfg.redis.cache_db)) as r:
+        r.flushdb()
 
 
 def use_config(cfg: Config) -> Config:
@@ -168,7 +177,7 @@ def _purge(app: Any) -> None:
 
 @pytest.fixture(scope="session")
 def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
-    """A real Celery worker consuming `cpu` and `gpu`, in this process (solo pool)."""
+    """A real Celery worker consuming `cpu`, in this process (solo pool)."""
     from celery.contrib.testing.worker import start_worker
 
     _purge(celery_app)
@@ -177,7 +186,7 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
         pool="solo",
         concurrency=1,
         perform_ping_check=False,
-        queues=["cpu", "gpu"],
+        queues=["cpu"],
         loglevel="WARNING",
         shutdown_timeout=10,
     ) as worker:
@@ -186,7 +195,13 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def worker(session_worker: Any, config: Config, celery_app: Any) -> Iterator[Any]:
+    import redis
+
+    from mltasks.keys import heartbeat
+
     _purge(celery_app)
+    with redis.Redis.from_url(config.redis.db_url(config.redis.cache_db)) as r:
+        wait_for(lambda: r.exists(heartbeat("cpu")), 10, "the worker's heartbeat")
     yield session_worker
     _purge(celery_app)
 

@@ -50,17 +50,24 @@ def test_overdue_rows_are_answered_255_without_a_worker(
     assert game.poll(pg, old) == (255, 0.0)
 
 
-def test_unpublishable_batch_is_answered_not_stranded(
-    config: Config, pg: psycopg.Connection[Any]
+def test_unpublishable_batch_is_answered_by_the_rules_in_the_bridge(
+    config: Config, pg: psycopg.Connection[Any], worker: Any
 ) -> None:
-    rids = [game.insert(pg, STATE) for _ in range(3)]
+    rids = [game.insert(pg, STATE, archetype=a) for a in ("tank", "mage", "support")]
+    bad = game.insert(pg, STATE[:10])
     b = Bridge(config, dead_broker_app(config))
     try:
-        assert b.step() == 3
+        assert b.level == 3  # the cpu worker is alive: the bridge means to publish
+        assert b.step() == 4
     finally:
         b.close()
     for rid in rids:
-        assert response(pg, rid) == (255, 0.0, "broker_unavailable", "expired")
+        action, confidence, reason, status = response(pg, rid) or ()
+        assert 0 <= action <= 9 and 0.5 <= confidence <= 1
+        assert (reason, status) == ("broker_unavailable", "completed")
+    assert response(pg, bad) == (255, 0.0, "state_length_10", "invalid")
+    sources = {r[0] for r in pg.execute("SELECT source FROM ai_responses")}
+    assert sources == {"rules", "bridge"}
 
 
 def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[Any]) -> None:

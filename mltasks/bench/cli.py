@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from mltasks.bench.database import (
 )
 from mltasks.bench.gateway import DEFAULT_POLL_MS, GatewaySpec, run_gateway
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.bench.report import machine, markdown, ratios, summarize
+from mltasks.bench.report import CpuMeter, machine, markdown, ratios, summarize
 from mltasks.bench.service import Service, ServiceSettings
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
@@ -127,9 +128,20 @@ def _one_run(
     reset_tables(spec.conninfo)
     with start() as info:
         reset_tables(spec.conninfo)  # the warm-up request is not part of the run
+        load_before = os.getloadavg()[0]
+        cpu = CpuMeter()
         result = run_gateway(spec)
+        machine_busy = cpu.busy_share()
         stats = run_stats(spec.conninfo)
-    run = {"responder": responder, **summarize(result), "database": stats, **info}
+    run = {
+        "responder": responder,
+        **summarize(result),
+        # Everything on the machine: clients, responder, PostgreSQL, Redis, and anyone else.
+        "machine_cpu_busy_share": machine_busy,
+        "load_average_before": round(load_before, 2),
+        "database": stats,
+        **info,
+    }
     lat = run["latency_ms"]
     _say(
         f"{responder:>7} x{spec.clients:<3} {run['decisions_per_s']:>8} decisions/s, "

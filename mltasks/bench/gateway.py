@@ -406,6 +406,8 @@ def run_gateway(spec: GatewaySpec) -> GatewayResult:
         return result
     finally:
         for p in procs:
+            if p.pid is None:  # never started
+                continue
             p.join(5.0)
             if p.is_alive():
                 p.terminate()

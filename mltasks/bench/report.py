@@ -71,6 +71,22 @@ def summarize(result: GatewayResult) -> dict[str, Any]:
     }
 
 
+class CpuMeter:
+    """How busy the whole machine was since construction: on 2 cores the clients,
+    PostgreSQL and the responder compete, and other load skews every figure."""
+
+    def __init__(self) -> None:
+        self._start = psutil.cpu_times()
+
+    def busy_share(self) -> float:
+        end = psutil.cpu_times()
+        total = sum(end) - sum(self._start)
+        idle = (end.idle - self._start.idle) + (
+            getattr(end, "iowait", 0.0) - getattr(self._start, "iowait", 0.0)
+        )
+        return round(1.0 - idle / total, 3) if total > 0 else 0.0
+
+
 def machine() -> dict[str, Any]:
     """Where the figures were measured: they mean little without it."""
     model = "?"
@@ -131,6 +147,11 @@ def _fmt(v: Any, suffix: str = "") -> str:
     return "n/a" if v is None else f"{v}{suffix}"
 
 
+def _busy(run: dict[str, Any]) -> str:
+    share = run.get("machine_cpu_busy_share")
+    return "n/a" if share is None else f"{share * 100:.0f}%"
+
+
 def _actions(hist: dict[str, int]) -> str:
     return " ".join(f"{a}:{c}" for a, c in hist.items()) or "-"
 
@@ -146,18 +167,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'unprepared literal SQL' if report['literal_sql'] else 'prepared polls'}, "
         f"{report['client_processes']} client processes.",
         "Latency: INSERT start until the answer was seen, or until the timeout for a decision "
-        "that timed out. `255` and `in time` are shares of all decisions.",
+        "that timed out. `255` and `in time` are shares of all decisions. `CPU busy`: the "
+        "whole machine during the run (clients, responder, PostgreSQL and anything else).",
         "",
         "| responder | clients | decisions/s | in time | p50 ms | p95 ms | p99 ms | 255 "
-        "| parse failures | errors | actions (id:count) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| parse failures | errors | CPU busy | actions (id:count) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in report["runs"]:
         if "failed" in r:
             reason = r["failed"].strip().splitlines()[0] if r["failed"].strip() else "?"
             lines.append(
                 f"| {r['responder']} | {r['clients']} | failed: {reason} "
-                "| | | | | | | | |"
+                "| | | | | | | | | |"
             )
             continue
         lat = r["latency_ms"]
@@ -165,7 +187,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['responder']} | {r['clients']} | {r['decisions_per_s']} "
             f"| {r['in_time_share'] * 100:.1f}% | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} "
             f"| {_fmt(lat['p99'])} | {r['share_255'] * 100:.1f}% | {r['parse_failures']} "
-            f"| {r['errors']} | {_actions(r['actions'])} |"
+            f"| {r['errors']} | {_busy(r)} | {_actions(r['actions'])} |"
         )
     if report["ratios"]:
         lines += [

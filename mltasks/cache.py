@@ -1,0 +1,517 @@
+"""Three Redis cache layers for the worker, switched off by a breaker while Redis is away.
+
+- L1, working memory: the last states of each monster, for models that want history.
+- L2, actions: the game's own ``ml:action:`` cache (CONTRACT.md section 4), same key and
+  value, so an answer the service caches is a hit for the map server too and never
+  reaches PostgreSQL.
+- L3, model outputs: logits per (archetype, model type, quantized state), shared by all
+  workers, so the same situation is not run through a model twice within seconds.
+
+Redis speeds the service up but is never required: every Redis error is caught here,
+and while it is unreachable every call answers a miss at once (see `CircuitBreaker`).
+Reads are one MGET per batch; writes, hit counters included, are one pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mltasks import keys
+from mltasks.config import Config
+from mltasks.contract import N_ACTIONS, STATE_DIM
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Layer = Literal["l1", "l2", "l3"]
+LAYERS: Final[tuple[Layer, ...]] = ("l1", "l2", "l3")
+BreakerState = Literal["closed", "open", "half_open"]
+_REDIS_ERRORS: Final = (redis.RedisError, OSError)
+
+# --- L2: the game's key and value ----------------------------------------------------------
+
+
+def _as_state(state: Any) -> np.ndarray:
+    vec = np.asarray(state, dtype=np.float32)
+    if vec.shape != (STATE_DIM,):
+        raise ValueError(f"a state has {STATE_DIM} values, got shape {vec.shape}")
+    return vec
+
+
+def _c_fixed2(v: float) -> str:
+    """glibc's ``%.2f``, including what Python spells differently: ``-nan``."""
+    if math.isnan(v):
+        return "-nan" if math.copysign(1.0, v) < 0 else "nan"
+    return f"{v:.2f}"
+
+
+def state_text(state: Any, mob_id: int) -> str:
+    """The text the gateway hashes: each float32 value as C ``%.2f``, then ``:mob_id``.
+
+    Python's ``.2f`` rounds the exact binary value half-to-even like glibc, once the
+    float32 is widened exactly to a Python float (``tolist`` does that): 0.125 -> 0.12,
+    float32(0.005) -> 0.00, -0.001 -> -0.00, -0.0 -> -0.00.
+    """
+    values = _as_state(state).tolist()
+    if all(math.isfinite(v) for v in values):
+        text = ",".join([f"{v:.2f}" for v in values])
+    else:
+        text = ",".join([_c_fixed2(v) for v in values])
+    return f"{text}:{int(mob_id)}"
+
+
+def action_key(state: Any, mob_id: int) -> str:
+    """The game's L2 key: ``ml:action:`` + md5 hex of `state_text`."""
+    digest = hashlib.md5(state_text(state, mob_id).encode("ascii"), usedforsecurity=False)
+    return keys.GAME_ACTION_PREFIX + digest.hexdigest()
+
+
+def format_value(action: int, confidence: float) -> str | None:
+    """``"<action>:<confidence %.3f>"``, or None for anything the game must not read.
+
+    The map server parses the value with std::stoi/std::stof and crashes on a throw, so
+    only a real action (never 255, the traditional-AI fallback) and a finite confidence
+    in [0, 1] are ever formatted.
+    """
+    if isinstance(action, bool) or not isinstance(action, (int, np.integer)):
+        return None
+    if not 0 <= int(action) < N_ACTIONS:
+        return None
+    try:
+        conf = float(confidence)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(conf) and 0.0 <= conf <= 1.0):
+        return None
+    return f"{int(action)}:{conf + 0.0:.3f}"  # + 0.0: no "-0.000"
+
+
+_VALUE = re.compile(rb"\s*(\d{1,3}):(\d+(?:\.\d*)?|\.\d+)\s*")
+
+
+def parse_value(raw: bytes | str | None) -> tuple[int, float] | None:
+    """(action, confidence) from an L2 value, or None for anything else (never raises)."""
+    if raw is None:
+        return None
+    data = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
+    if not isinstance(data, bytes):
+        return None
+    m = _VALUE.fullmatch(data)
+    if m is None:
+        return None
+    action, conf = int(m.group(1)), float(m.group(2))
+    if not (0 <= action < N_ACTIONS and 0.0 <= conf <= 1.0):
+        return None
+    return action, conf
+
+
+# --- L3: our key for model outputs ----------------------------------------------------------
+
+
+def logits_key(archetype: str, model_type: str, state: Any) -> str | None:
+    """L3 key: the state rounded to 2 decimals (as int32 hundredths), hashed; None if not finite.
+
+    Rounding lets states the game would call the same (its own key uses 2 decimals) share
+    one model run.
+    """
+    vec = _as_state(state)
+    if not np.isfinite(vec).all():
+        return None
+    hundredths = np.clip(np.rint(vec.astype(np.float64) * 100.0), -(2**31), 2**31 - 1)
+    digest = hashlib.blake2b(hundredths.astype("<i4").tobytes(), digest_size=16).hexdigest()
+    return f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}"
+
+
+# --- hit counters -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HitCounter:
+    hits: int = 0
+    misses: int = 0
+
+    def add(self, hits: int, misses: int) -> None:
+        self.hits += hits
+        self.misses += misses
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def rate(self) -> float:
+        """Hits per lookup; 0.0 before the first lookup."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+def stats_key(layer: Layer, bucket: int) -> str:
+    return f"{keys.STATS_PREFIX}{layer}:{bucket}"
+
+
+def read_stats(
+    client: redis.Redis, window_s: int = 300, now: float | None = None
+) -> dict[Layer, HitCounter]:
+    """Hits and misses of all workers over the last ``window_s`` (one round trip).
+
+    Raises redis.RedisError or OSError: the callers (metrics, ``mltasks status``) report it.
+    """
+    last = int((time.time() if now is None else now) // keys.STATS_BUCKET_S)
+    n = max(
+        1, min(math.ceil(window_s / keys.STATS_BUCKET_S), keys.STATS_TTL_S // keys.STATS_BUCKET_S)
+    )
+    pipe = client.pipeline(transaction=False)
+    for layer in LAYERS:
+        for bucket in range(last - n + 1, last + 1):
+            pipe.hgetall(stats_key(layer, bucket))
+    replies: list[Any] = pipe.execute()
+    out: dict[Layer, HitCounter] = {}
+    for i, layer in enumerate(LAYERS):
+        counter = HitCounter()
+        for h in replies[i * n : (i + 1) * n]:
+            counter.add(_int(h.get(b"hits")), _int(h.get(b"misses")))
+        out[layer] = counter
+    return out
+
+
+def hit_rates(
+    client: redis.Redis, window_s: int = 300, now: float | None = None
+) -> dict[Layer, float]:
+    """Hit rate per layer over the last ``window_s``, for layers that had lookups."""
+    return {k: v.rate for k, v in read_stats(client, window_s, now).items() if v.lookups}
+
+
+def _int(raw: Any) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0
+
+
+# --- the breaker --------------------------------------------------------------------------
+
+
+class CircuitBreaker:
+    """Stops calling Redis after a connection error; probes again at a bounded rate.
+
+    closed: calls go through. open: calls are refused (the cache answers misses) until
+    ``retry_interval_s`` has passed; then one call goes through (half-open): success closes
+    the breaker, failure opens it for another interval. So a dead Redis costs at most one
+    connection attempt per interval, not one per request, and one log line per change.
+    """
+
+    def __init__(
+        self,
+        name: str = "cache",
+        retry_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.retry_interval_s = retry_interval_s
+        self.clock = clock
+        self.state: BreakerState = "closed"
+        self.probes = 0  # calls let through while not closed
+        self._next_probe = 0.0
+        self._down_since = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.state == "closed":
+                return True
+            now = self.clock()
+            if now < self._next_probe:
+                return False
+            self.state = "half_open"
+            self._next_probe = now + self.retry_interval_s
+            self.probes += 1
+            return True
+
+    def success(self) -> None:
+        with self._lock:
+            if self.state == "closed":
+                return
+            self.state = "closed"
+            down_s = round(self.clock() - self._down_since, 3)
+        log.info(
+            "%s: redis is back after %.1f s, caching resumes",
+            self.name,
+            down_s,
+            extra={"event": f"{self.name}_up", "down_s": down_s},
+        )
+
+    def failure(self, exc: BaseException) -> None:
+        with self._lock:
+            now = self.clock()
+            was = self.state
+            self.state = "open"
+            self._next_probe = now + self.retry_interval_s
+            if was != "closed":
+                return
+            self._down_since = now
+        log.warning(
+            "%s: redis unavailable (%s: %s), caching off; retrying every %.1f s",
+            self.name,
+            type(exc).__name__,
+            exc,
+            self.retry_interval_s,
+            extra={"event": f"{self.name}_down", "error": type(exc).__name__},
+        )
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+class Cache:
+    """L1, L2 and L3 on the cache db, for one worker process (thread-safe, synchronous).
+
+    Every method returns misses / does nothing when caching is disabled or Redis is down.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        retry_interval_s: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.enabled = config.caching.enabled
+        self.action_ttl_s = config.caching.action_ttl_s
+        self.breaker = CircuitBreaker("cache", retry_interval_s, clock)
+        self.stats: dict[Layer, HitCounter] = {layer: HitCounter() for layer in LAYERS}
+        self._pending: dict[Layer, HitCounter] = {layer: HitCounter() for layer in LAYERS}
+        self._wall = wall
+        self._client: redis.Redis | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def client(self) -> redis.Redis:
+        """The client, made on first use (after the worker's fork), failing fast."""
+        with self._lock:
+            if self._client is None:
+                r = self.config.redis
+                self._client = redis.Redis.from_url(
+                    r.db_url(r.cache_db),
+                    socket_timeout=r.socket_timeout_s,
+                    socket_connect_timeout=r.socket_timeout_s,
+                    # No retries inside redis-py: the breaker decides when to try again.
+                    retry=Retry(NoBackoff(), 0),
+                    health_check_interval=0,
+                )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _call(self, op: Callable[[redis.Redis], T]) -> T | None:
+        """``op(client)``, or None when disabled, refused by the breaker, or failed."""
+        if not self.enabled or not self.breaker.allow():
+            return None
+        try:
+            result = op(self.client())
+        except _REDIS_ERRORS as exc:
+            self.breaker.failure(exc)
+            return None
+        self.breaker.success()
+        return result
+
+    def _count(self, layer: Layer, hits: int, misses: int) -> None:
+        with self._lock:
+            self.stats[layer].add(hits, misses)
+            self._pending[layer].add(hits, misses)
+
+    def _write(self, queue: Callable[[Any], int], n: int) -> int:
+        """One pipeline: the ``n`` writes ``queue`` adds, and the pending hit counters."""
+        if not self.enabled:
+            return 0
+        with self._lock:
+            pending = {k: v for k, v in self._pending.items() if v.lookups}
+            if not (n or pending):
+                return 0
+            self._pending = {layer: HitCounter() for layer in LAYERS}
+
+        def op(client: redis.Redis) -> int:
+            pipe = client.pipeline(transaction=False)
+            written = queue(pipe)
+            bucket = int(self._wall() // keys.STATS_BUCKET_S)
+            for layer, c in pending.items():
+                key = stats_key(layer, bucket)
+                pipe.hincrby(key, "hits", c.hits)
+                pipe.hincrby(key, "misses", c.misses)
+                pipe.expire(key, keys.STATS_TTL_S)
+            pipe.execute()
+            return written
+
+        written = self._call(op)
+        if written is None:
+            with self._lock:  # kept for the next write that gets through
+                for layer, c in pending.items():
+                    self._pending[layer].add(c.hits, c.misses)
+            return 0
+        return written
+
+    def _mget(self, names: Sequence[str | None]) -> list[Any]:
+        """Values for ``names`` (None names are misses) in one MGET."""
+        present = [n for n in names if n is not None]
+        got: list[Any] = []
+        if present:
+            got = self._call(lambda c: list(c.mget(present))) or []
+        values = iter(got)
+        return [next(values, None) if n is not None else None for n in names]
+
+    def flush_stats(self) -> None:
+        """Send the pending hit counters now (they otherwise ride on the next write)."""
+        self._write(lambda _pipe: 0, 0)
+
+    # -- L2: actions ---------------------------------------------------------------------
+
+    def lookup_actions(self, names: Sequence[str]) -> list[tuple[int, float] | None]:
+        """(action, confidence) per `action_key`, None on a miss; one MGET."""
+        found = [parse_value(v) for v in self._mget(list(names))]
+        hits = sum(f is not None for f in found)
+        self._count("l2", hits, len(found) - hits)
+        return found
+
+    def store_actions(
+        self, items: Iterable[tuple[str, int, float]], ttl_s: int | None = None
+    ) -> int:
+        """Write each (key, action, confidence) that `format_value` accepts; returns how many.
+
+        255 and malformed answers are skipped: the game would read them.
+        """
+        ttl = self.action_ttl_s if ttl_s is None else ttl_s
+        values = [(k, v) for k, a, c in items if (v := format_value(a, c)) is not None]
+
+        def queue(pipe: Any) -> int:
+            for name, value in values:
+                pipe.set(name, value, ex=ttl)
+            return len(values)
+
+        return self._write(queue, len(values))
+
+    # -- L1: working memory --------------------------------------------------------------
+
+    def remember_states(self, items: Iterable[tuple[int, Any]]) -> int:
+        """Push each (monster_id, state) onto that monster's last-10 list; one pipeline."""
+        rows: list[tuple[str, bytes]] = []
+        for monster_id, state in items:
+            vec = _as_state(state)
+            if np.isfinite(vec).all():
+                rows.append(
+                    (f"{keys.WORKING_MEMORY_PREFIX}{int(monster_id)}", vec.astype("<f4").tobytes())
+                )
+
+        def queue(pipe: Any) -> int:
+            for name, blob in rows:
+                pipe.lpush(name, blob)
+            for name in dict.fromkeys(name for name, _ in rows):
+                pipe.ltrim(name, 0, keys.WORKING_MEMORY_LEN - 1)
+                pipe.expire(name, keys.WORKING_MEMORY_TTL_S)
+            return len(rows)
+
+        return self._write(queue, len(rows))
+
+    def recent_states_many(self, monster_ids: Sequence[int]) -> list[np.ndarray]:
+        """Per monster, its last states as float32 [k, 64], oldest first; one round trip."""
+        names = [f"{keys.WORKING_MEMORY_PREFIX}{int(m)}" for m in monster_ids]
+
+        def op(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.lrange(name, 0, keys.WORKING_MEMORY_LEN - 1)
+            return list(pipe.execute())
+
+        lists = (self._call(op) if names else None) or [[] for _ in names]
+        out = []
+        for blobs in lists:
+            good = [b for b in reversed(blobs) if isinstance(b, bytes) and len(b) == 4 * STATE_DIM]
+            arr = np.frombuffer(b"".join(good), dtype="<f4").reshape(len(good), STATE_DIM)
+            out.append(arr.astype(np.float32))
+        hits = sum(len(a) > 0 for a in out)
+        self._count("l1", hits, len(out) - hits)
+        return out
+
+    def recent_states(self, monster_id: int) -> np.ndarray:
+        """The monster's last states (at most 10), float32 [k, 64], oldest first."""
+        return self.recent_states_many([monster_id])[0]
+
+    # -- L3: model outputs ---------------------------------------------------------------
+
+    def lookup_logits(
+        self, archetype: str, model_type: str, states: Sequence[Any] | np.ndarray
+    ) -> list[np.ndarray | None]:
+        """Cached float32 logits per state, None on a miss; one MGET."""
+        names = [logits_key(archetype, model_type, s) for s in states]
+        found: list[np.ndarray | None] = []
+        for raw in self._mget(names):
+            ok = isinstance(raw, bytes) and raw and len(raw) % 4 == 0
+            arr = np.frombuffer(raw, dtype="<f4").astype(np.float32) if ok else None
+            found.append(arr if arr is not None and np.isfinite(arr).all() else None)
+        hits = sum(f is not None for f in found)
+        self._count("l3", hits, len(found) - hits)
+        return found
+
+    def store_logits(
+        self,
+        archetype: str,
+        model_type: str,
+        states: Sequence[Any] | np.ndarray,
+        logits: Sequence[Any] | np.ndarray,
+        ttl_s: int = keys.LOGITS_TTL_S,
+    ) -> int:
+        """Write the finite logits row of each finite state, with a TTL; returns how many."""
+        rows: list[tuple[str, bytes]] = []
+        for state, out in zip(states, logits, strict=True):
+            name = logits_key(archetype, model_type, state)
+            vec = np.asarray(out, dtype="<f4").ravel()
+            if name is not None and vec.size and np.isfinite(vec).all():
+                rows.append((name, vec.tobytes()))
+
+        def queue(pipe: Any) -> int:
+            for name, blob in rows:
+                pipe.set(name, blob, ex=ttl_s)
+            return len(rows)
+
+        return self._write(queue, len(rows))
+
+    # -- reading the counters ------------------------------------------------------------
+
+    def hit_rates(self, window_s: int = 300) -> dict[Layer, float]:
+        """All workers' hit rates from Redis (after sending ours); {} when Redis is down."""
+        self.flush_stats()
+        return self._call(lambda c: hit_rates(c, window_s, self._wall())) or {}
+
+
+_cache: Cache | None = None
+
+
+def get_cache(config: Config) -> Cache:
+    """This process's cache (one client per process, made after the fork)."""
+    global _cache
+    if _cache is None:
+        _cache = Cache(config)
+    return _cache
+
+
+def reset_cache() -> None:
+    global _cache
+    if _cache is not None:
+        _cache.close()
+        _cache = None

@@ -1,0 +1,242 @@
+"""The five fallback levels, their shared state in Redis, and routing on it.
+
+| level | mode                | served by        |
+| ----- | ------------------- | ---------------- |
+| 1     | GPU FP16            | queue ``gpu``    |
+| 2     | GPU INT8            | queue ``gpu``    |
+| 3     | CPU (INT8 or fp32)  | queue ``cpu``    |
+| 4     | rule-based policy   | queue ``rules``  |
+| 5     | traditional AI: 255 | the bridge       |
+
+The level is one hash in Redis, shared by every bridge and worker. Workers push it down
+(failures, probes); beat's recovery job lifts it one step at a time after a canary.
+Routing additionally skips a tier that has no live consumer (heartbeat keys), so a
+missing worker never leaves requests waiting for a timeout. When Redis cannot be read,
+a reader keeps its last known level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import redis
+
+from mltasks import keys
+from mltasks.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class Level(IntEnum):
+    GPU_FP16 = 1
+    GPU_INT8 = 2
+    CPU = 3
+    RULES = 4
+    TRADITIONAL = 5
+
+
+BEST = Level.GPU_FP16
+LEVEL_QUEUE: dict[int, str] = {1: "gpu", 2: "gpu", 3: "cpu", 4: "rules"}
+QUEUE_LEVELS: dict[str, tuple[int, ...]] = {"gpu": (1, 2), "cpu": (3,), "rules": (4,)}
+
+
+@dataclass(frozen=True, slots=True)
+class LevelState:
+    level: int
+    reason: str
+    since: float
+
+
+def route(level: int, live: Mapping[str, bool]) -> int:
+    """The level a batch is served at: ``level`` or the next lower one with a live consumer."""
+    for candidate in range(max(int(level), BEST), Level.TRADITIONAL):
+        if live.get(LEVEL_QUEUE[candidate], False):
+            return candidate
+    return Level.TRADITIONAL
+
+
+# Lower the level (a larger number) only if it is not already as low: two workers
+# reporting the same failure move it one step, not two.
+_DEGRADE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'level') or ARGV[4])
+local from = tonumber(ARGV[5])
+if cur < tonumber(ARGV[1]) and (from == 0 or cur == from) then
+  redis.call('HSET', KEYS[1], 'level', ARGV[1], 'reason', ARGV[2], 'since', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  return 1
+end
+return 0
+"""
+
+# Lift the level only from the one the recovery job saw (compare and set).
+_RAISE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'level') or ARGV[4])
+if cur == tonumber(ARGV[5]) and tonumber(ARGV[1]) < cur then
+  redis.call('HSET', KEYS[1], 'level', ARGV[1], 'reason', ARGV[2], 'since', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  return 1
+end
+return 0
+"""
+
+
+def cache_client(config: Config) -> redis.Redis:
+    """A client on the cache db with short timeouts: Redis must never stall a hot path."""
+    r = config.redis
+    return redis.Redis.from_url(
+        r.db_url(r.cache_db),
+        socket_timeout=r.socket_timeout_s,
+        socket_connect_timeout=r.socket_timeout_s,
+        health_check_interval=0,
+    )
+
+
+class LevelStore:
+    """Reads and moves the shared level; remembers the last value it read."""
+
+    def __init__(self, config: Config, client: redis.Redis | None = None) -> None:
+        self.config = config
+        self.redis = client or cache_client(config)
+        self.default = int(config.fallback.start_level)
+        self.last = LevelState(self.default, "start", time.time())
+        self._degrade = self.redis.register_script(_DEGRADE)
+        self._raise = self.redis.register_script(_RAISE)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self) -> LevelState:
+        """The shared level; on a Redis error, the last one known."""
+        try:
+            raw: Any = self.redis.hgetall(keys.LEVEL)
+        except (redis.RedisError, OSError):
+            return self.last
+        self.last = self._parse(raw)
+        return self.last
+
+    def _parse(self, raw: Mapping[bytes, bytes]) -> LevelState:
+        if not raw:
+            return LevelState(self.default, "start", self.last.since)
+        try:
+            return LevelState(
+                int(raw[b"level"]), raw.get(b"reason", b"").decode(), float(raw[b"since"])
+            )
+        except (KeyError, ValueError):
+            return LevelState(self.default, "unreadable", time.time())
+
+    def snapshot(self, queues: Iterable[str]) -> tuple[LevelState, dict[str, bool]]:
+        """Level and live queues in one round trip (the bridge's housekeeping)."""
+        qs = list(queues)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(keys.LEVEL)
+            pipe.mget([keys.heartbeat(q) for q in qs])
+            raw, beats = pipe.execute()
+        except (redis.RedisError, OSError):
+            raise
+        self.last = self._parse(raw)
+        return self.last, {q: b is not None for q, b in zip(qs, beats, strict=True)}
+
+    # -- moving ----------------------------------------------------------------------
+
+    def degrade(self, to_level: int, reason: str, from_level: int = 0) -> bool:
+        """Move down to ``to_level`` (if not lower already; if ``from_level``, only from it)."""
+        changed = bool(
+            self._degrade(
+                keys=[keys.LEVEL],
+                args=[
+                    int(to_level),
+                    reason,
+                    time.time(),
+                    self.default,
+                    int(from_level),
+                    keys.LEVEL_TTL_S,
+                ],
+            )
+        )
+        if changed:
+            # The levels left behind must prove themselves healthy again before a climb.
+            self.redis.delete(*(keys.healthy_since(lv) for lv in range(BEST, to_level)))
+            log.warning(
+                "fallback level -> %d (%s)",
+                to_level,
+                reason,
+                extra={"event": "fallback_level_changed", "level": to_level, "reason": reason},
+            )
+        return changed
+
+    def lift(self, to_level: int, expected: int, reason: str) -> bool:
+        """Move up to ``to_level`` if the level is still ``expected``."""
+        changed = bool(
+            self._raise(
+                keys=[keys.LEVEL],
+                args=[
+                    int(to_level),
+                    reason,
+                    time.time(),
+                    self.default,
+                    int(expected),
+                    keys.LEVEL_TTL_S,
+                ],
+            )
+        )
+        if changed:
+            log.warning(
+                "fallback level -> %d (%s)",
+                to_level,
+                reason,
+                extra={"event": "fallback_level_changed", "level": to_level, "reason": reason},
+            )
+        return changed
+
+    def set(self, level: int, reason: str) -> None:
+        """Force a level (operators, tests)."""
+        self.redis.hset(
+            keys.LEVEL, mapping={"level": int(level), "reason": reason, "since": time.time()}
+        )
+        self.redis.expire(keys.LEVEL, keys.LEVEL_TTL_S)
+
+    def report_failure(self, level: int, reason: str) -> bool:
+        """Count a failed batch at ``level``; N in a row move the service one level down."""
+        level = int(level)
+        key = keys.failures(level)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, keys.FAILURES_TTL_S)
+        count = int(pipe.execute()[0])
+        if count >= self.config.fallback.failure_threshold:
+            self.redis.delete(key)
+            return self.degrade(level + 1, f"{reason} ({count} failed batches)", from_level=level)
+        return False
+
+    def report_success(self, level: int) -> None:
+        self.redis.delete(keys.failures(level))
+
+    def publish_health(
+        self, queue: str, tiers: Mapping[int, tuple[bool, str]], readings: Mapping[str, Any]
+    ) -> None:
+        """Record a probe: per level healthy-since (for recovery), and the readings (status)."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for level, (healthy, _) in tiers.items():
+            key = keys.healthy_since(level)
+            if healthy:
+                pipe.set(key, now, nx=True, ex=keys.PROBES_TTL_S)
+                pipe.expire(key, keys.PROBES_TTL_S)
+            else:
+                pipe.delete(key)
+        doc = {"at": now, "tiers": {str(k): list(v) for k, v in tiers.items()}, **readings}
+        pipe.set(keys.probes(queue), json.dumps(doc, default=str), ex=keys.PROBES_TTL_S)
+        pipe.execute()
+
+    def beat(self, queues: Iterable[str], ttl_ms: int) -> None:
+        """This worker consumes ``queues`` and is alive."""
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.set(keys.heartbeat(q), str(time.time()), px=ttl_ms)
+        pipe.execute()
