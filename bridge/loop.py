@@ -99,8 +99,9 @@ class Bridge:
         if not rows:
             return 0
         self.claimed += len(rows)
-        overdue = [r[0] for r in rows if r[4]]
-        fresh = [[r[0], r[1], r[2], r[3]] for r in rows if not r[4]]
+        # A row travels as [request_id, archetype, mob_id, state_vector, monster_id].
+        overdue = [r[0] for r in rows if r[5]]
+        fresh = [list(r[:5]) for r in rows if not r[5]]
         if overdue:
             self._expire(overdue, "deadline")
         if fresh:

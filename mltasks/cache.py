@@ -396,6 +396,11 @@ class Cache:
 
         255 and malformed answers are skipped: the game would read them.
         """
+        return self._write(*self._action_writes(items, ttl_s))
+
+    def _action_writes(
+        self, items: Iterable[tuple[str, int, float]], ttl_s: int | None = None
+    ) -> tuple[Callable[[Any], int], int]:
         ttl = self.action_ttl_s if ttl_s is None else ttl_s
         values = [(k, v) for k, a, c in items if (v := format_value(a, c)) is not None]
 
@@ -404,12 +409,15 @@ class Cache:
                 pipe.set(name, value, ex=ttl)
             return len(values)
 
-        return self._write(queue, len(values))
+        return queue, len(values)
 
     # -- L1: working memory --------------------------------------------------------------
 
     def remember_states(self, items: Iterable[tuple[int, Any]]) -> int:
         """Push each (monster_id, state) onto that monster's last-10 list; one pipeline."""
+        return self._write(*self._state_writes(items))
+
+    def _state_writes(self, items: Iterable[tuple[int, Any]]) -> tuple[Callable[[Any], int], int]:
         rows: list[tuple[str, bytes]] = []
         for monster_id, state in items:
             vec = _as_state(state)
@@ -426,7 +434,7 @@ class Cache:
                 pipe.expire(name, keys.WORKING_MEMORY_TTL_S)
             return len(rows)
 
-        return self._write(queue, len(rows))
+        return queue, len(rows)
 
     def recent_states_many(self, monster_ids: Sequence[int]) -> list[np.ndarray]:
         """Per monster, its last states as float32 [k, 64], oldest first; one round trip."""
@@ -459,11 +467,7 @@ class Cache:
     ) -> list[np.ndarray | None]:
         """Cached float32 logits per state, None on a miss; one MGET."""
         names = [logits_key(archetype, model_type, s) for s in states]
-        found: list[np.ndarray | None] = []
-        for raw in self._mget(names):
-            ok = isinstance(raw, bytes) and raw and len(raw) % 4 == 0
-            arr = np.frombuffer(raw, dtype="<f4").astype(np.float32) if ok else None
-            found.append(arr if arr is not None and np.isfinite(arr).all() else None)
+        found = [_logits_value(raw) for raw in self._mget(names)]
         hits = sum(f is not None for f in found)
         self._count("l3", hits, len(found) - hits)
         return found
@@ -477,8 +481,18 @@ class Cache:
         ttl_s: int = keys.LOGITS_TTL_S,
     ) -> int:
         """Write the finite logits row of each finite state, with a TTL; returns how many."""
+        return self._write(
+            *self._logit_writes([(archetype, model_type, s) for s in states], logits, ttl_s)
+        )
+
+    def _logit_writes(
+        self,
+        where: Sequence[tuple[str, str, Any]],
+        logits: Sequence[Any] | np.ndarray,
+        ttl_s: int = keys.LOGITS_TTL_S,
+    ) -> tuple[Callable[[Any], int], int]:
         rows: list[tuple[str, bytes]] = []
-        for state, out in zip(states, logits, strict=True):
+        for (archetype, model_type, state), out in zip(where, logits, strict=True):
             name = logits_key(archetype, model_type, state)
             vec = np.asarray(out, dtype="<f4").ravel()
             if name is not None and vec.size and np.isfinite(vec).all():
@@ -489,7 +503,47 @@ class Cache:
                 pipe.set(name, blob, ex=ttl_s)
             return len(rows)
 
-        return self._write(queue, len(rows))
+        return queue, len(rows)
+
+    # -- a whole batch -------------------------------------------------------------------
+
+    def lookup_batch(
+        self, action_names: Sequence[str | None], logit_where: Sequence[tuple[str, str, Any]]
+    ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]:
+        """L2 answers and L3 logits for one batch in ONE round trip.
+
+        ``action_names[i]`` and ``logit_where[i]`` describe the same row; L3 counts only
+        rows L2 missed, since only those would run a model.
+        """
+        l3_names = [logits_key(a, m, s) for a, m, s in logit_where]
+        raw = self._mget([*action_names, *l3_names])
+        n = len(action_names)
+        actions = [parse_value(v) for v in raw[:n]]
+        logits = [_logits_value(v) for v in raw[n:]]
+        l2_hits = sum(a is not None for a in actions)
+        self._count("l2", l2_hits, sum(1 for k in action_names if k is not None) - l2_hits)
+        missed = [i for i, a in enumerate(actions) if a is None]
+        l3_hits = sum(logits[i] is not None for i in missed)
+        self._count("l3", l3_hits, len(missed) - l3_hits)
+        return actions, logits
+
+    def store_batch(
+        self,
+        actions: Iterable[tuple[str, int, float]],
+        logits: tuple[Sequence[tuple[str, str, Any]], Sequence[Any]],
+        states: Iterable[tuple[int, Any]],
+    ) -> int:
+        """L2 answers, L3 logits and L1 states of one batch in ONE pipeline."""
+        parts = [
+            self._action_writes(actions),
+            self._logit_writes(*logits),
+            self._state_writes(states),
+        ]
+
+        def queue(pipe: Any) -> int:
+            return sum(q(pipe) for q, _ in parts)
+
+        return self._write(queue, sum(n for _, n in parts))
 
     # -- reading the counters ------------------------------------------------------------
 
@@ -502,10 +556,20 @@ class Cache:
 _cache: Cache | None = None
 
 
+def _logits_value(raw: Any) -> np.ndarray | None:
+    """A stored logits row, or None for a miss or anything malformed."""
+    if not isinstance(raw, bytes) or not raw or len(raw) != 4 * N_ACTIONS:
+        return None
+    arr = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return arr if np.isfinite(arr).all() else None
+
+
 def get_cache(config: Config) -> Cache:
     """This process's cache (one client per process, made after the fork)."""
     global _cache
-    if _cache is None:
+    if _cache is None or _cache.config is not config:
+        if _cache is not None:
+            _cache.close()
         _cache = Cache(config)
     return _cache
 

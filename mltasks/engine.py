@@ -10,6 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +18,7 @@ import onnxruntime as ort
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM
 from mltasks.errors import ModelError
-from mltasks.hardware import providers
+from mltasks.variants import CPU, CUDA, TENSORRT, Precision, ProviderSpec, providers_for, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,31 @@ def model_path(models_dir: Path, archetype: str, model_type: str) -> Path:
     return models_dir / archetype / f"{model_type}.onnx"
 
 
-def load_model(path: Path, archetype: str, model_type: str, config: Config) -> LoadedModel:
+_PROVIDERS = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+
+
+def level_plan(config: Config, level: int) -> tuple[list[ProviderSpec], Precision]:
+    """(providers, precision) of a model level as this host can run it.
+
+    A GPU level that finds no GPU runs like the CPU level, precision included: FP16 on
+    the CPU would be the slowest choice of all.
+    """
+    provider, precision = config.fallback.level_profile(level)
+    if config.hardware.device == "cpu":
+        provider = "cpu"
+    chain = providers_for(_PROVIDERS[provider], config.hardware.gpu_device_id)
+    if chain[0] == CPU and provider != "cpu":
+        precision = config.fallback.level_profile(3)[1]
+    return chain, cast(Precision, precision)
+
+
+def load_model(
+    path: Path,
+    archetype: str,
+    model_type: str,
+    config: Config,
+    providers: list[ProviderSpec] | None = None,
+) -> LoadedModel:
     """Load and check one model: input [N, 64] float32, output [N, 10]."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.inference.intra_op_threads
@@ -66,7 +91,7 @@ def load_model(path: Path, archetype: str, model_type: str, config: Config) -> L
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=opts, providers=providers(config.hardware)
+            str(path), sess_options=opts, providers=providers or level_plan(config, 3)[0]
         )
     except Exception as exc:
         raise ModelError(f"{path}: cannot load: {exc}") from exc
@@ -94,6 +119,7 @@ class Engine:
     def load(self) -> Engine:
         cfg = self.config.models
         types = MODEL_TYPES if cfg.preload == "all" else (cfg.serve_model_type,)
+        chain, precision = level_plan(self.config, self.level)
         for archetype in ARCHETYPES:
             for model_type in types:
                 path = model_path(cfg.dir, archetype, model_type)
@@ -102,7 +128,11 @@ class Engine:
                     continue
                 try:
                     self.models[(archetype, model_type)] = load_model(
-                        path, archetype, model_type, self.config
+                        self._variant(path, precision, chain),
+                        archetype,
+                        model_type,
+                        self.config,
+                        chain,
                     )
                 except ModelError as exc:
                     self.skipped[f"{archetype}/{model_type}"] = str(exc)
@@ -112,13 +142,34 @@ class Engine:
                         extra={"event": "model_skipped", "model": f"{archetype}/{model_type}"},
                     )
         log.info(
-            "%d models loaded from %s (%d missing or skipped)",
+            "level %d: %d models loaded from %s as %s on %s (%d missing or skipped)",
+            self.level,
             len(self.models),
             cfg.dir,
+            precision,
+            chain[0] if isinstance(chain[0], str) else chain[0][0],
             len(self.skipped),
-            extra={"event": "models_loaded", "count": len(self.models)},
+            extra={"event": "models_loaded", "count": len(self.models), "level": self.level},
         )
         return self
+
+    @staticmethod
+    def _variant(master: Path, precision: Precision, chain: list[ProviderSpec]) -> Path:
+        """The accepted precision variant of a master, or the master itself."""
+        if precision == "fp32":
+            return master
+        first = chain[0] if isinstance(chain[0], str) else chain[0][0]
+        try:
+            return resolve(master, precision, first)[0]
+        except Exception as exc:  # unwritable folder, converter failure: the master serves
+            log.warning(
+                "no %s variant of %s, serving fp32: %s",
+                precision,
+                master,
+                exc,
+                extra={"event": "variant_unavailable", "model": str(master)},
+            )
+            return master
 
     def serving(self, archetype: str) -> LoadedModel | None:
         """The model that answers this archetype, or None (its requests then get 255)."""

@@ -40,10 +40,3 @@ def cuda_usable(hw: HardwareConfig) -> bool:
             extra={"event": "gpu_unavailable"},
         )
     return usable
-
-
-def providers(hw: HardwareConfig) -> list[str | tuple[str, dict[str, object]]]:
-    """ONNX Runtime providers in order of preference for this process."""
-    if cuda_usable(hw):
-        return [("CUDAExecutionProvider", {"device_id": hw.gpu_device_id}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]

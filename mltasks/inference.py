@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +20,8 @@ from mltasks.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# A claimed row as the bridge sends it: [request_id, archetype, mob_id, state_vector].
+# A claimed row as the bridge sends it: [request_id, archetype, mob_id, state_vector,
+# monster_id] (the last may be absent).
 Row = Sequence[Any]
 
 
@@ -109,62 +110,137 @@ class Outcome:
     failures: list[ModelError]
 
 
+class BatchCache(Protocol):
+    """The part of mltasks.cache.Cache a batch uses: one read and one write per batch."""
+
+    def lookup_batch(
+        self, action_names: Sequence[str | None], logit_where: Sequence[tuple[str, str, Any]]
+    ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]: ...
+
+    def store_batch(
+        self,
+        actions: Iterable[tuple[str, int, float]],
+        logits: tuple[Sequence[tuple[str, str, Any]], Sequence[Any]],
+        states: Iterable[tuple[int, Any]],
+    ) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Valid:
+    request_id: int
+    archetype: str
+    vec: np.ndarray
+    mob_id: int | None
+    monster_id: int | None
+
+
 def answer_rows(rows: Sequence[Row], engine: Predictors) -> list[Answer]:
     """One answer per row, in any order; a bad row never fails the others."""
     return answer_batch(rows, engine).answers
 
 
-def answer_batch(rows: Sequence[Row], engine: Predictors) -> Outcome:
-    """Like answer_rows, also returning the model failures met on the way."""
+def _optional_int(row: Row, i: int) -> int | None:
+    v = row[i] if len(row) > i else None
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def answer_batch(
+    rows: Sequence[Row],
+    engine: Predictors,
+    cache: BatchCache | None = None,
+    model_type: str = "",
+) -> Outcome:
+    """Like answer_rows, also returning the model failures met on the way.
+
+    With a cache: one lookup for the whole batch (L2 answers, L3 logits), the model only
+    for what both missed, and one write of the fresh answers, logits and states.
+    """
+    from mltasks.cache import action_key
+
     failures: list[ModelError] = []
     answers: list[Answer] = []
-    groups: dict[str, tuple[list[int], list[np.ndarray]]] = defaultdict(lambda: ([], []))
+    valid: list[_Valid] = []
     for row in rows:
         request_id = int(row[0])
         checked = validate(row)
         if isinstance(checked, str):
             answers.append(traditional(request_id, checked, status="invalid"))
             continue
-        archetype, vec = checked
-        ids, vecs = groups[archetype]
-        ids.append(request_id)
-        vecs.append(vec)
+        valid.append(
+            _Valid(request_id, checked[0], checked[1], _optional_int(row, 2), _optional_int(row, 4))
+        )
+    if not valid:
+        return Outcome(answers, failures)
 
-    for archetype, (ids, vecs) in groups.items():
+    names: list[str | None] = [None] * len(valid)
+    where = [(v.archetype, model_type, v.vec) for v in valid]
+    hit_actions: list[tuple[int, float] | None] = [None] * len(valid)
+    hit_logits: list[np.ndarray | None] = [None] * len(valid)
+    if cache is not None:
+        names = [action_key(v.vec, v.mob_id) if v.mob_id is not None else None for v in valid]
+        hit_actions, hit_logits = cache.lookup_batch(names, where)
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, v in enumerate(valid):
+        hit = hit_actions[i]
+        if hit is not None:
+            answers.append(Answer(v.request_id, hit[0], hit[1], "cache", "completed", "cache"))
+        else:
+            groups[v.archetype].append(i)
+
+    fresh: list[tuple[str, int, float]] = []
+    computed: tuple[list[tuple[str, str, Any]], list[np.ndarray]] = ([], [])
+    for archetype, idxs in groups.items():
         model = engine.serving(archetype)
         if model is None:
-            answers.extend(traditional(i, "no_model") for i in ids)
+            answers.extend(traditional(valid[i].request_id, "no_model") for i in idxs)
             continue
-        try:
-            logits = model.logits(np.stack(vecs))
-        except Exception as exc:  # a model or the rule policy broke: this group gets 255
-            err = exc if isinstance(exc, ModelError) else ModelError(f"{model.name}: {exc!r}")
-            log.error("%s", err, extra={"event": "inference_failed", "model": model.name})
-            failures.append(err)
-            answers.extend(traditional(i, "model_error") for i in ids)
+        logits: dict[int, np.ndarray] = {i: lg for i in idxs if (lg := hit_logits[i]) is not None}
+        need = [i for i in idxs if i not in logits]
+        if need:
+            try:
+                out = model.logits(np.stack([valid[i].vec for i in need]))
+            except Exception as exc:  # a model or the rule policy broke: these rows get 255
+                err = exc if isinstance(exc, ModelError) else ModelError(f"{model.name}: {exc!r}")
+                log.error("%s", err, extra={"event": "inference_failed", "model": model.name})
+                failures.append(err)
+                answers.extend(traditional(valid[i].request_id, "model_error") for i in need)
+                need = []
+            else:
+                for i, row_logits in zip(need, out, strict=True):
+                    logits[i] = row_logits
+                    computed[0].append(where[i])
+                    computed[1].append(row_logits)
+        ordered = [i for i in idxs if i in logits]
+        if not ordered:
             continue
-        if not np.isfinite(logits).all():
-            bad = ~np.isfinite(logits).all(axis=1)
+        block = np.stack([logits[i] for i in ordered])
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
             log.error(
                 "%s returned non-finite logits for %d rows",
                 model.name,
-                int(bad.sum()),
+                int((~finite).sum()),
                 extra={"event": "inference_non_finite", "model": model.name},
             )
-        actions, probs = softmax_choice(np.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0))
-        finite = np.isfinite(logits).all(axis=1)
-        for i, request_id in enumerate(ids):
-            if not finite[i]:
-                answers.append(traditional(request_id, "model_output_not_finite"))
+        actions, probs = softmax_choice(np.where(np.isfinite(block), block, 0.0))
+        ran = set(need)
+        for k, i in enumerate(ordered):
+            rid = valid[i].request_id
+            if not finite[k]:
+                answers.append(traditional(rid, "model_output_not_finite"))
                 continue
-            answers.append(
-                Answer(
-                    request_id,
-                    int(actions[i]),
-                    as_confidence(float(probs[i])),
-                    model.source,
-                    "completed",
-                    model.name,
-                )
-            )
+            action, conf = int(actions[k]), as_confidence(float(probs[k]))
+            source = model.source if i in ran else "cache"
+            answers.append(Answer(rid, action, conf, source, "completed", model.name))
+            name = names[i]
+            if name is not None:
+                fresh.append((name, action, conf))
+
+    if cache is not None:
+        cache.store_batch(
+            fresh,
+            computed,
+            [(v.monster_id, v.vec) for v in valid if v.monster_id is not None],
+        )
     return Outcome(answers, failures)

@@ -116,33 +116,65 @@ class ArchetypeParams:
 PARAMS: Final[dict[str, ArchetypeParams]] = {
     # Fights to the end, always closes in, bashes when SP is plentiful.
     "aggressive": ArchetypeParams(
-        flee_hp=0.15, attack_range=0.12, keep_away=0.0, chase_limit=1.0,
-        switch_margin=0.25, wander_after=0.3, nuke_range=0.12, nuke_sp=0.5,
+        flee_hp=0.15,
+        attack_range=0.12,
+        keep_away=0.0,
+        chase_limit=1.0,
+        switch_margin=0.25,
+        wander_after=0.3,
+        nuke_range=0.12,
+        nuke_sp=0.5,
     ),
     # Flees early, does not chase far: holds beyond half the sight range.
     "defensive": ArchetypeParams(
-        flee_hp=0.35, attack_range=0.12, keep_away=0.0, chase_limit=0.5,
-        switch_margin=0.45, wander_after=0.7,
+        flee_hp=0.35,
+        attack_range=0.12,
+        keep_away=0.0,
+        chase_limit=0.5,
+        switch_margin=0.45,
+        wander_after=0.7,
     ),
     # Heals the weakest ally first; fights with a short-range spell, out of melee.
     "support": ArchetypeParams(
-        flee_hp=0.30, attack_range=0.35, keep_away=0.15, chase_limit=0.6,
-        switch_margin=0.5, wander_after=0.5, heal_below=0.5, heal_sp=0.2,
+        flee_hp=0.30,
+        attack_range=0.35,
+        keep_away=0.15,
+        chase_limit=0.6,
+        switch_margin=0.5,
+        wander_after=0.5,
+        heal_below=0.5,
+        heal_sp=0.2,
     ),
     # Casts from range, backs off when an enemy is too close.
     "mage": ArchetypeParams(
-        flee_hp=0.25, attack_range=0.5, keep_away=0.25, chase_limit=1.0,
-        switch_margin=0.35, wander_after=0.5, nuke_range=0.7, nuke_sp=0.3,
+        flee_hp=0.25,
+        attack_range=0.5,
+        keep_away=0.25,
+        chase_limit=1.0,
+        switch_margin=0.35,
+        wander_after=0.5,
+        nuke_range=0.7,
+        nuke_sp=0.3,
     ),
     # Almost never flees, taunts whatever hits its allies.
     "tank": ArchetypeParams(
-        flee_hp=0.10, attack_range=0.12, keep_away=0.0, chase_limit=0.8,
-        switch_margin=0.3, wander_after=0.6, taunts=True, taunt_sp=0.15,
+        flee_hp=0.10,
+        attack_range=0.12,
+        keep_away=0.0,
+        chase_limit=0.8,
+        switch_margin=0.3,
+        wander_after=0.6,
+        taunts=True,
+        taunt_sp=0.15,
     ),
     # Kites: keeps the enemy between keep_away and attack_range.
     "ranged": ArchetypeParams(
-        flee_hp=0.25, attack_range=0.65, keep_away=0.3, chase_limit=1.0,
-        switch_margin=0.35, wander_after=0.4,
+        flee_hp=0.25,
+        attack_range=0.65,
+        keep_away=0.3,
+        chase_limit=1.0,
+        switch_margin=0.35,
+        wander_after=0.4,
     ),
 }
 assert tuple(PARAMS) == ARCHETYPES, "every archetype of the contract needs parameters"
@@ -201,15 +233,11 @@ def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
     sight_margin = _below(dist, SIGHT)
 
     heal = (
-        (ally_hp < p.heal_below) & (s1 >= FLAG) & (sp >= p.heal_sp)
-        if p.heal_below > 0
-        else never
+        (ally_hp < p.heal_below) & (s1 >= FLAG) & (sp >= p.heal_sp) if p.heal_below > 0 else never
     )
     heal_m = np.minimum(_below(ally_hp, p.heal_below), _above(sp, p.heal_sp))
 
-    taunt = (
-        in_sight & (ally_hit >= FLAG) & (s3 >= FLAG) & (sp >= p.taunt_sp) if p.taunts else never
-    )
+    taunt = in_sight & (ally_hit >= FLAG) & (s3 >= FLAG) & (sp >= p.taunt_sp) if p.taunts else never
     taunt_m = np.minimum(_above(ally_hit, FLAG), _above(sp, p.taunt_sp))
 
     wander = idle >= p.wander_after
@@ -224,9 +252,7 @@ def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
     away = dist < p.keep_away if p.keep_away > 0 else never
     away_m = _below(dist, p.keep_away) if p.keep_away > 0 else zero
 
-    nuke = (
-        (dist <= p.nuke_range) & (s2 >= FLAG) & (sp >= p.nuke_sp) if p.nuke_range > 0 else never
-    )
+    nuke = (dist <= p.nuke_range) & (s2 >= FLAG) & (sp >= p.nuke_sp) if p.nuke_range > 0 else never
     nuke_m = np.minimum(_below(dist, p.nuke_range), _above(sp, p.nuke_sp))
 
     attack = dist <= p.attack_range
@@ -237,10 +263,13 @@ def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
 
     # MOVE_CLOSER: between attack range and chase limit; margin to the nearer edge.
     upper = min(p.chase_limit, SIGHT)
-    closer_m = np.minimum(
-        (dist - p.attack_range) / max(upper - p.attack_range, _EPS),
-        (upper - dist) / max(upper - p.attack_range, _EPS),
-    ) * 2.0
+    closer_m = (
+        np.minimum(
+            (dist - p.attack_range) / max(upper - p.attack_range, _EPS),
+            (upper - dist) / max(upper - p.attack_range, _EPS),
+        )
+        * 2.0
+    )
 
     conditions = [
         stunned >= FLAG,

@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 
 from beat.schedule import CANARY_TASK, CLEANUP_TASK, RECOVER_TASK
 from mltasks import keys
+from mltasks.cache import get_cache, reset_cache
 from mltasks.celery_app import INFER_TASK, app
 from mltasks.config import Config, get_config
 from mltasks.engine import get_engine, reset_engine
@@ -58,6 +59,7 @@ def close_pool() -> None:
         _pool = None
     _store = None
     _failing.clear()
+    reset_cache()
 
 
 def level_store() -> LevelStore:
@@ -136,7 +138,8 @@ def infer_batch(self: Task, rows: list[Row], level: int = Level.CPU, sent_at: fl
     """Validate, infer and answer every row of a batch; returns how many were answered."""
     lag_s = time.time() - sent_at if sent_at else None
     cfg = get_config()
-    outcome = answer_batch(rows, predictors(cfg, level))
+    cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
+    outcome = answer_batch(rows, predictors(cfg, level), cache, cfg.models.serve_model_type)
     try:
         with _db_pool().connection() as conn:
             write_answers(conn, outcome.answers)

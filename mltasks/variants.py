@@ -61,6 +61,7 @@ import onnxruntime as ort
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
 from mltasks.demo_models import sample_states
 from mltasks.hardware import gpu_count
+from mltasks.health import Tier
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Level:
     """One rung of the degradation ladder: where a model runs and at which precision."""
 
     level: int
-    tier: str
+    tier: Tier
     provider: str
     precision: Precision
 
@@ -106,11 +107,15 @@ class Level:
 LEVELS: Final[tuple[Level, ...]] = (
     Level(1, "gpu_fp16", CUDA, "fp16"),
     # TensorRT first where the build has it, CUDA otherwise (see providers_for).
+    # Unverified here (no GPU): the int8 file is *dynamic* quantisation (uint8
+    # activations, MatMulInteger); TensorRT wants QDQ models and CUDA's integer
+    # matmul may not take uint8 inputs, so on a GPU host check where those nodes
+    # land (session profiling) before counting on this level being a GPU one.
     Level(2, "gpu_int8", TENSORRT, "int8"),
     # The fastest CPU precision measured on the demo models (time_precisions, ORT 1.32,
     # one thread): fp32.  Dynamic int8 re-quantises the activations on every call,
     # which costs more than it saves on 64x48x10 MLPs (+27% at batch 1, +12% at 128,
-    # even at 1024); fp16 has no CPU Gemm kernel, so ORT casts it back to fp32 and
+    # break-even at 1024); fp16 has no CPU Gemm kernel, so ORT casts it back to fp32 and
     # only adds a Cast.  Re-measure with `fastest_precision` when larger models land.
     Level(3, "cpu", CPU, "fp32"),
 )

@@ -18,9 +18,10 @@ WITH picked AS (
     SET status = 'processing', claimed_at = clock_timestamp(), attempts = r.attempts + 1
     FROM picked
     WHERE r.request_id = picked.request_id
-    RETURNING r.request_id, r.archetype, r.mob_id, r.state_vector, r.priority, r.created_at
+    RETURNING r.request_id, r.archetype, r.mob_id, r.state_vector, r.monster_id,
+              r.priority, r.created_at
 )
-SELECT request_id, archetype, mob_id, state_vector,
+SELECT request_id, archetype, mob_id, state_vector, monster_id,
        created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue
 FROM claimed
 ORDER BY priority DESC, created_at;

@@ -26,7 +26,7 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
     cfg = tmp_path / "acceptance.yaml"
     cfg.write_text(
         "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
-        "redis:\n  broker_db: 13\n  cache_db: 12\n  visibility_timeout_s: 10\n"
+        "redis:\n  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
         "worker:\n  concurrency: 2\n"
     )
     return dict(
@@ -76,6 +76,13 @@ def service(service_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes
 def test_operator_commands_answer_the_game(
     pg: psycopg.Connection[Any], service: list[subprocess.Popen[bytes]]
 ) -> None:
+    # Until the worker beats, the bridge rightly answers 255 (no consumer: level 5).
+    def model_answers() -> bool:
+        _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
+        return answer is not None and answer[0] != 255
+
+    wait_for(model_answers, 60, "the worker to come up")
+    pg.execute("TRUNCATE ai_requests CASCADE")
     good = {a: game.insert(pg, [0.8, 0.5] + [0.0] * 62, archetype=a) for a in ARCHETYPES}
     bad = game.insert(pg, [0.1] * 63, archetype="tank")
 

@@ -17,7 +17,7 @@ import redis
 from beat.schedule import CANARY_TASK
 from mltasks import keys, recovery
 from mltasks.config import Config
-from mltasks.fallback import Level, LevelStore, route
+from mltasks.fallback import LevelStore, route
 from mltasks.health import Readings
 from mltasks.worker import Monitor
 from tests import game
@@ -25,6 +25,16 @@ from tests.conftest import wait_for
 from tests.world import World
 
 STATE = [0.8, 0.5] + [0.0] * 62
+
+
+_rng = np.random.default_rng(2024)
+
+
+def fresh_states(n: int) -> np.ndarray:
+    """States no earlier request used, so no cache layer can answer them."""
+    from mltasks.demo_models import sample_states
+
+    return sample_states(_rng, n)
 
 
 def readings(**kw: Any) -> Readings:
@@ -166,7 +176,7 @@ def test_rule_failures_take_the_service_to_level_5(
 
     monkeypatch.setattr(policy, "logits", broken)
     store.set(4, "test")
-    for i in range(config.fallback.failure_threshold):
+    for _i in range(config.fallback.failure_threshold):
         rid = game.insert(pg, STATE)
         pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
         infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 4]).get()
@@ -246,7 +256,7 @@ def test_level_3_serves_without_a_gpu_worker(world: World, pg: psycopg.Connectio
     world.start_worker("cpu")
     assert world.store.read().level == 1  # the shared level says GPU ...
     with world.bridge() as b:
-        rids = [game.insert(pg, STATE, archetype="ranged") for _ in range(5)]
+        rids = [game.insert(pg, s.tolist(), archetype="ranged") for s in fresh_states(5)]
         wait_for(lambda: answered(pg, rids), 20, "answers from the cpu worker")
         assert b.bridge.level == 3  # ... but nobody consumes `gpu`
     assert {s for s, _ in sources(pg, rids).values()} == {"model"}
@@ -273,7 +283,8 @@ def test_killing_the_only_cpu_worker_moves_traffic_down_and_back(
             rids: list[int] = []
             deadline = time.monotonic() + limit
             while time.monotonic() < deadline:
-                rid, _ = game.decide(pg, STATE, timeout_ms=3000, archetype="tank")
+                state = fresh_states(1)[0].tolist()  # never a cache hit: the tier answers
+                rid, _ = game.decide(pg, state, timeout_ms=3000, archetype="tank")
                 rids.append(rid)
                 if cond():
                     return rids

@@ -66,7 +66,7 @@ class FakeModel:
     """Stands in for an ONNX session: returns what the test tells it to."""
 
     def __init__(self, out: np.ndarray | None = None, fail: bool = False) -> None:
-        self.out, self.fail, self.name = out, fail, "fake"
+        self.out, self.fail, self.name, self.source = out, fail, "fake", "model"
 
     def logits(self, states: np.ndarray) -> np.ndarray:
         if self.fail:

@@ -77,7 +77,8 @@ def test_answer_arrives_before_the_deadline(
     config: Config, pg: psycopg.Connection[Any], bridge: BridgeThread
 ) -> None:
     game.decide(pg, STATE, timeout_ms=10_000)  # warm the worker's models
-    rid, answer = game.decide(pg, STATE, timeout_ms=config.inference.max_latency_ms)
+    fresh = states(1, seed=99)[0].tolist()  # not in any cache: the model must run
+    rid, answer = game.decide(pg, fresh, timeout_ms=config.inference.max_latency_ms)
     assert answer is not None
     row = pg.execute(
         "SELECT s.source, extract(epoch FROM s.created_at - r.created_at) * 1000 "

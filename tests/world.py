@@ -4,6 +4,7 @@ real worker processes that a test can start, kill and restart."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -135,10 +136,8 @@ class World:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def live(self, queue: str) -> bool:
         return bool(self.redis.exists(heartbeat(queue)))

@@ -13,11 +13,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import psycopg
+import redis
 
 from mltasks.bench import BenchError
 from mltasks.bench.database import (
@@ -64,13 +68,22 @@ def add_parser(subparsers: Any) -> None:
     gw.add_argument("--no-service", action="store_true", help="skip the service runs")
     gw.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     gw.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
-    gw.add_argument("--database-url", default=DEFAULT_BENCH_URL,
-                    help="benchmark database (dropped and recreated; its name must say bench)")
-    gw.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
-                    help="Redis server; the run uses its db 9 (broker) and 10 (cache)")
+    gw.add_argument(
+        "--database-url",
+        default=DEFAULT_BENCH_URL,
+        help="benchmark database (dropped and recreated; its name must say bench)",
+    )
+    gw.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="Redis server; the run uses its db 9 (broker) and 10 (cache)",
+    )
     gw.add_argument("--processes", type=int, default=2, help="client processes")
-    gw.add_argument("--literal-sql", action="store_true",
-                    help="poll with unprepared text like the C++ (costs the client more)")
+    gw.add_argument(
+        "--literal-sql",
+        action="store_true",
+        help="poll with unprepared text like the C++ (costs the client more)",
+    )
     gw.add_argument("--seed", type=int, default=0)
     gw.set_defaults(func=gateway_command)
 
@@ -92,8 +105,19 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+@dataclass(slots=True)
+class _Running:
+    """A responder that answers: its processes (for their CPU time) and what it reported."""
+
+    procs: list[ManagedProcess]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.procs)
+
+
 @contextmanager
-def _floor(url: str, log_dir: Path) -> Iterator[dict[str, Any]]:
+def _floor(url: str, log_dir: Path) -> Iterator[_Running]:
     """The floor responder as a subprocess, answering before the run starts."""
     proc = ManagedProcess(
         "floor",
@@ -103,44 +127,50 @@ def _floor(url: str, log_dir: Path) -> Iterator[dict[str, Any]]:
     try:
         proc.start()
         wait_until_answering(url, [proc], timeout_s=60)
-        yield {}
+        yield _Running([proc])
     finally:
         stop_all([proc])
 
 
 @contextmanager
-def _service(settings: ServiceSettings, label: str) -> Iterator[dict[str, Any]]:
+def _service(settings: ServiceSettings, label: str) -> Iterator[_Running]:
     """The service as subprocesses; the worker's memory is read once it is ready."""
     with Service(settings, label=label) as svc:
         ready_s = svc.wait_ready()
-        info: dict[str, Any] = {"ready_s": round(ready_s, 1)}
-        info["worker_memory"] = {"after warm-up": svc.worker_memory()}
-        yield info
-        info["worker_memory"]["after the run"] = svc.worker_memory()
+        running = _Running(list(svc.procs), {"ready_s": round(ready_s, 1)})
+        memory = {"after warm-up": svc.worker_memory()}
+        running.info["worker_memory"] = memory
+        yield running
+        memory["after the run"] = svc.worker_memory()
 
 
 def _one_run(
     responder: str,
-    start: Callable[[], Any],
+    start: Callable[[], AbstractContextManager[_Running]],
     spec: GatewaySpec,
 ) -> dict[str, Any]:
     """Start a responder, run the clients on an empty table, read what the table saw."""
     reset_tables(spec.conninfo)
-    with start() as info:
+    with start() as running:
         reset_tables(spec.conninfo)  # the warm-up request is not part of the run
         load_before = os.getloadavg()[0]
-        cpu = CpuMeter()
+        machine_cpu = CpuMeter()
+        responder_cpu = running.cpu_seconds()
         result = run_gateway(spec)
-        machine_busy = cpu.busy_share()
+        responder_cpu = running.cpu_seconds() - responder_cpu
+        machine_busy = machine_cpu.busy_share()
         stats = run_stats(spec.conninfo)
+    cores = os.cpu_count() or 1
     run = {
         "responder": responder,
         **summarize(result),
+        "responder_cpu_s": round(responder_cpu, 2),
+        "responder_cpu_share_of_machine": round(responder_cpu / (result.elapsed_s * cores), 3),
         # Everything on the machine: clients, responder, PostgreSQL, Redis, and anyone else.
         "machine_cpu_busy_share": machine_busy,
         "load_average_before": round(load_before, 2),
         "database": stats,
-        **info,
+        **running.info,
     }
     lat = run["latency_ms"]
     _say(
@@ -152,11 +182,13 @@ def _one_run(
     return run
 
 
-def _guarded_run(responder: str, start: Callable[[], Any], spec: GatewaySpec) -> dict[str, Any]:
+def _guarded_run(
+    responder: str, start: Callable[[], AbstractContextManager[_Running]], spec: GatewaySpec
+) -> dict[str, Any]:
     """A run that fails is reported as failed; the other runs still count."""
     try:
         return _one_run(responder, start, spec)
-    except MLTasksError as exc:
+    except (MLTasksError, psycopg.Error, redis.RedisError, OSError) as exc:
         _say(f"{responder:>7} x{spec.clients:<3} FAILED: {exc}")
         return {"responder": responder, "clients": spec.clients, "failed": str(exc)}
 
@@ -194,7 +226,7 @@ def gateway_command(args: argparse.Namespace) -> int:
                 literal_sql=args.literal_sql,
             )
             label = f"service-{clients}"
-            responders: list[tuple[str, Callable[[], Any]]] = []
+            responders: list[tuple[str, Callable[[], AbstractContextManager[_Running]]]] = []
             if args.floor:
                 responders.append(("floor", partial(_floor, url, logs)))
             if not args.no_service:

@@ -45,6 +45,10 @@ MAX_ERROR_MESSAGES = 20
 SETUP_TIMEOUT_S = 120.0
 
 
+class GatewayError(BenchError):
+    """A client process failed to set up or to report."""
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySpec:
     """One load run: how many clients, how long, and how they behave."""
@@ -303,9 +307,12 @@ def _run_clients(
     client_ids: Sequence[int],
     proc_idx: int,
     on_ready: Callable[[], None],
-    wait_start: Callable[[], None],
+    wait_start: Callable[[], bool],
 ) -> GatewayResult:
-    """Run ``client_ids`` as threads of this process, after everyone is set up."""
+    """Run ``client_ids`` as threads of this process, after everyone is set up.
+
+    ``wait_start`` returns False when the start never came (the parent gave up).
+    """
     from mltasks.demo_models import sample_states
 
     pool = _StatePool(sample_states(np.random.default_rng([spec.seed, proc_idx]), spec.pool_size))
@@ -318,7 +325,10 @@ def _run_clients(
             c.close()
         raise
     on_ready()
-    wait_start()
+    if not wait_start():
+        for c in conns:
+            c.close()
+        raise GatewayError("no start signal from the parent")
     cpu0, t0 = time.process_time(), time.monotonic()
     end_at = t0 + spec.duration_s
     parts = [GatewayResult(clients=1) for _ in client_ids]
@@ -372,14 +382,10 @@ def _process_entry(
     messages.put(("result", proc_idx, result))
 
 
-class GatewayError(BenchError):
-    """A client process failed to set up or to report."""
-
-
 def run_gateway(spec: GatewaySpec) -> GatewayResult:
     """Run the emulated map servers for ``spec.duration_s``; returns every decision."""
     if spec.processes <= 0:
-        return _run_clients(spec, range(spec.clients), 0, lambda: None, lambda: None)
+        return _run_clients(spec, range(spec.clients), 0, lambda: None, lambda: True)
     n_proc = min(spec.processes, spec.clients)
     groups = [list(range(i, spec.clients, n_proc)) for i in range(n_proc)]
     ctx = mp.get_context("spawn")

@@ -74,6 +74,22 @@ class ManagedProcess:
             f"end of {self.log_path}:\n{tail(self.log_path)}"
         )
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the process and its live descendants."""
+        if self.proc is None:
+            return 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0.0
+        total = 0.0
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
         if self.proc is None:

@@ -148,8 +148,12 @@ def _fmt(v: Any, suffix: str = "") -> str:
 
 
 def _busy(run: dict[str, Any]) -> str:
-    share = run.get("machine_cpu_busy_share")
-    return "n/a" if share is None else f"{share * 100:.0f}%"
+    shares = (
+        run.get("client_cpu_share_of_machine"),
+        run.get("responder_cpu_share_of_machine"),
+        run.get("machine_cpu_busy_share"),
+    )
+    return "/".join("n/a" if v is None else f"{v * 100:.0f}" for v in shares) + "%"
 
 
 def _actions(hist: dict[str, int]) -> str:
@@ -167,19 +171,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'unprepared literal SQL' if report['literal_sql'] else 'prepared polls'}, "
         f"{report['client_processes']} client processes.",
         "Latency: INSERT start until the answer was seen, or until the timeout for a decision "
-        "that timed out. `255` and `in time` are shares of all decisions. `CPU busy`: the "
-        "whole machine during the run (clients, responder, PostgreSQL and anything else).",
+        "that timed out. `255` and `in time` are shares of all decisions. CPU: shares of the "
+        "whole machine used by the client processes, by the responder's processes, and by "
+        "everything (the rest is PostgreSQL, Redis and anything else running).",
         "",
         "| responder | clients | decisions/s | in time | p50 ms | p95 ms | p99 ms | 255 "
-        "| parse failures | errors | CPU busy | actions (id:count) |",
+        "| parse failures | errors | CPU clients/responder/all | actions (id:count) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in report["runs"]:
         if "failed" in r:
             reason = r["failed"].strip().splitlines()[0] if r["failed"].strip() else "?"
             lines.append(
-                f"| {r['responder']} | {r['clients']} | failed: {reason} "
-                "| | | | | | | | | |"
+                f"| {r['responder']} | {r['clients']} | failed: {reason} | | | | | | | | | |"
             )
             continue
         lat = r["latency_ms"]
