@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from celery import Celery
 
+from mltasks import metrics
 from mltasks.celery_app import INFER_TASK, QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
@@ -70,6 +71,7 @@ class Bridge:
             conn = connect(self.config.database)
             conn.execute("LISTEN ai_requests")
             self._conn = conn
+            metrics.set_service_up(True)
             log.info(
                 "listening on %s",
                 self.config.database.safe_dsn,
@@ -100,29 +102,32 @@ class Bridge:
             return 0
         self.claimed += len(rows)
         # A row travels as [request_id, archetype, mob_id, state_vector, monster_id].
-        overdue = [r[0] for r in rows if r[5]]
-        fresh = [list(r[:5]) for r in rows if not r[5]]
+        overdue = [r for r in rows if r[5]]
+        fresh = [r for r in rows if not r[5]]
         if overdue:
-            self._expire(overdue, "deadline")
+            self._expire([r[0] for r in overdue], "deadline", [r[6] for r in overdue])
         if fresh:
-            self.dispatch(fresh)
+            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh])
         return len(rows)
 
-    def dispatch(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Send a batch to the queue of the current level; level 5 is answered here."""
+    def dispatch(self, rows: Sequence[Sequence[Any]], created: Sequence[float] = ()) -> None:
+        """Send a batch to the queue of the current level; level 5 is answered here.
+
+        ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics.
+        """
         level = self.level
         if level >= Level.TRADITIONAL:
-            self.answer_here(rows, rules=False, reason="fallback_level_5")
+            self.answer_here(rows, rules=False, reason="fallback_level_5", created=created)
             return
         queue = LEVEL_QUEUE[level]
         if time.monotonic() < self._publish_blocked_until:
             # The broker failed a moment ago: do not stall every batch on it.
-            self.answer_here(rows, rules=True, reason="broker_unavailable")
+            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         try:
             self.app.send_task(
                 INFER_TASK,
-                args=[rows, level, time.time()],
+                args=[rows, level, time.time(), list(created)],
                 queue=queue,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
@@ -136,11 +141,18 @@ class Bridge:
                 extra={"event": "publish_failed", "queue": queue},
             )
             self._publish_blocked_until = time.monotonic() + PUBLISH_PAUSE_S
-            self.answer_here(rows, rules=True, reason="broker_unavailable")
+            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         self.sent += len(rows)
 
-    def answer_here(self, rows: Sequence[Sequence[Any]], *, rules: bool, reason: str) -> None:
+    def answer_here(
+        self,
+        rows: Sequence[Sequence[Any]],
+        *,
+        rules: bool,
+        reason: str,
+        created: Sequence[float] = (),
+    ) -> None:
         """Answer in this process: the rule policy where allowed, else 255."""
         if rules:
             answers = answer_rows(rows, RULES)
@@ -150,11 +162,13 @@ class Bridge:
         with self._errors("answering"):
             write_answers(self._connection(), answers)
         self.answered_here += len(answers)
+        metrics.observe_answers(metrics.count_outcomes(answers), metrics.seconds_since(created))
 
-    def _expire(self, request_ids: list[int], reason: str) -> None:
+    def _expire(self, request_ids: list[int], reason: str, created: Sequence[float] = ()) -> None:
         with self._errors("expiring"):
             expire(self._connection(), request_ids, reason)
         self.expired += len(request_ids)
+        metrics.observe_answers({"expired": len(request_ids)}, metrics.seconds_since(created))
         log.info(
             "answered %d requests 255 (%s)",
             len(request_ids),
@@ -178,6 +192,7 @@ class Bridge:
             return
         self.live = live
         self._set_route(state, route(state.level, live))
+        metrics.set_fallback_level(state.level)
 
     def _set_route(self, state: LevelState, level: int) -> None:
         if (state.level, state.reason, level) != (self.state.level, self.state.reason, self.level):
@@ -203,7 +218,9 @@ class Bridge:
         with self._errors("housekeeping"):
             conn = self._connection()
             conn.execute(query("release_stale"), {"lease_s": self.config.inference.lease_ms / 1000})
-            conn.execute(query("answer_game_timeouts"))
+            cur = conn.execute(query("answer_game_timeouts"))
+            if cur.rowcount > 0:
+                metrics.observe_answers({"expired": cur.rowcount}, [])
 
     def drain(self) -> int:
         """Claim until the table has no pending row left; returns rows claimed."""
@@ -244,6 +261,7 @@ class Bridge:
                     exc,
                     extra={"event": "bridge_db_error"},
                 )
+                metrics.set_service_up(False)
                 self.close()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -275,4 +293,10 @@ def main() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Bridge(config).run(stop)
+    m = config.monitoring
+    server = metrics.start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
+    try:
+        Bridge(config).run(stop)
+    finally:
+        if server is not None:
+            server.close()

@@ -46,6 +46,9 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "task_soft_time_limit": 10,
         "task_time_limit": 20,
         "worker_disable_rate_limits": True,
+        # Flower's task list; no "sent" event, which would cost the bridge a second publish.
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "beat_schedule": SCHEDULE,

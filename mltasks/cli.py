@@ -59,6 +59,12 @@ def _worker(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _flower(args: argparse.Namespace) -> int:
+    conf = Path(__file__).with_name("flowerconfig.py")
+    cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "flower", f"--conf={conf}"]
+    return subprocess.call([*cmd, *args.flower_args])
+
+
 def _dev(args: argparse.Namespace) -> int:
     from mltasks.dev import run_dev
 
@@ -98,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--loglevel", default="INFO")
     wk.add_argument("celery_args", nargs=argparse.REMAINDER)
     wk.set_defaults(func=_worker)
+
+    fl = sub.add_parser("flower", help="run Flower behind basic auth (MLTASKS_FLOWER_PASSWORD)")
+    fl.add_argument("flower_args", nargs=argparse.REMAINDER)
+    fl.set_defaults(func=_flower)
 
     dev = sub.add_parser("dev", help="run database schema, demo models, bridge and worker here")
     dev.add_argument("--models-dir", default=None)

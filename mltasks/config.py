@@ -211,10 +211,18 @@ class WorkerConfig:
 @dataclass(frozen=True, slots=True)
 class MonitoringConfig:
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9090
+    # The worker's /metrics (its prefork children aggregated); 0 switches it off.
+    metrics_port: int = 9192
+    # The bridge's own /metrics; 9090 is left to Prometheus itself.
+    bridge_metrics_port: int = 9191
 
     def __post_init__(self) -> None:
         _range("monitoring.metrics_port", self.metrics_port, 0, 65535)
+        _range("monitoring.bridge_metrics_port", self.bridge_metrics_port, 0, 65535)
+        if self.metrics_port and self.metrics_port == self.bridge_metrics_port:
+            raise ConfigError(
+                "monitoring.bridge_metrics_port: must differ from monitoring.metrics_port"
+            )
 
 
 @dataclass(frozen=True, slots=True)

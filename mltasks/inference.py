@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mltasks import metrics
 from mltasks.contract import ARCHETYPES, STATE_DIM, TRADITIONAL_AI
 from mltasks.errors import ModelError
 
@@ -199,7 +200,8 @@ def answer_batch(
         need = [i for i in idxs if i not in logits]
         if need:
             try:
-                out = model.logits(np.stack([valid[i].vec for i in need]))
+                with metrics.time_inference():
+                    out = model.logits(np.stack([valid[i].vec for i in need]))
             except Exception as exc:  # a model or the rule policy broke: these rows get 255
                 err = exc if isinstance(exc, ModelError) else ModelError(f"{model.name}: {exc!r}")
                 log.error("%s", err, extra={"event": "inference_failed", "model": model.name})

@@ -422,10 +422,11 @@ def setup_multiprocess(
         owner = os.getpid()
         atexit.register(_remove_own_dir, path, owner)
 
-    values = sys.modules.get("prometheus_client.values")
-    if values is not None:
+    values: Any = sys.modules.get("prometheus_client.values")
+    if values is not None and values.ValueClass is values.MutexValue:
         # Imported before the variable was set: make it choose its value class again.
-        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+        # (Never twice: two value classes would map the same files independently.)
+        values.ValueClass = values.get_value_class()
         if _metrics is not None:
             log.warning(
                 "metrics were created before multi-process mode: they are not shared",
@@ -453,13 +454,19 @@ def mark_process_dead(pid: int, directory: str | Path | None = None) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is no zombie (a killed child its parent has not reaped yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, belongs to someone else
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux), or gone meanwhile: os.kill said it exists
+        return True
+    # "pid (comm) state ...": comm may hold spaces or parentheses, the state follows the last ")".
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def reap_dead_processes(directory: str | Path) -> list[int]:
@@ -507,23 +514,40 @@ Refresh = Callable[[], None]
 
 
 class _Refreshing:
-    """Runs the refresh callables, then yields what the source registry holds."""
+    """Runs the refresh callables, then yields what the source registry holds.
+
+    A failing refresh is logged as a warning when it starts failing and at debug level
+    while it goes on (scrapes come every few seconds), then once when it recovers.
+    """
 
     def __init__(self, source: CollectorRegistry, refresh: Sequence[Refresh]) -> None:
         self.source = source
         self.refresh = refresh
+        self._failing: set[int] = set()
 
     def collect(self) -> Iterable[Metric]:
-        for fn in self.refresh:
+        for i, fn in enumerate(self.refresh):
+            name = getattr(fn, "__name__", type(fn).__name__)
             try:
                 fn()
             except Exception as exc:  # a scrape must still answer with what it has
-                log.warning(
+                level = logging.DEBUG if i in self._failing else logging.WARNING
+                self._failing.add(i)
+                log.log(
+                    level,
                     "metrics refresh %s failed: %s",
-                    getattr(fn, "__name__", type(fn).__name__),
+                    name,
                     exc,
-                    extra={"event": "metrics_refresh_failed"},
+                    extra={"event": "metrics_refresh_failed", "refresh": name},
                 )
+            else:
+                if i in self._failing:
+                    self._failing.discard(i)
+                    log.info(
+                        "metrics refresh %s works again",
+                        name,
+                        extra={"event": "metrics_refresh_recovered", "refresh": name},
+                    )
         return self.source.collect()
 
 

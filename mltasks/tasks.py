@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,11 +11,16 @@ from typing import Any
 
 import psycopg
 from celery import Task
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from psycopg_pool import ConnectionPool
 
 from beat.schedule import CANARY_TASK, CLEANUP_TASK, RECOVER_TASK
-from mltasks import keys
+from mltasks import keys, metrics
 from mltasks.cache import get_cache, reset_cache
 from mltasks.celery_app import INFER_TASK, app
 from mltasks.config import Config, get_config
@@ -76,6 +82,13 @@ def predictors(config: Config, level: int) -> Predictors:
     return get_engine(config, level)
 
 
+@celeryd_init.connect
+def _metrics_endpoint(**_: Any) -> None:
+    # The CLI worker's main process, before the fork: one /metrics for all its children.
+    m = get_config().monitoring
+    metrics.start_worker_metrics(m.metrics_host, m.metrics_port)
+
+
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # Sessions and connections are per process: make them now, not on the first batch.
@@ -84,12 +97,14 @@ def _after_fork(**_: Any) -> None:
     for queue in worker_queues():
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
-            get_engine(cfg, levels[0])
+            metrics.set_models_loaded(len(get_engine(cfg, levels[0]).models))
+    metrics.set_service_up(True)
 
 
 @worker_process_shutdown.connect
 def _before_exit(**_: Any) -> None:
     close_pool()
+    metrics.mark_process_dead(os.getpid())
 
 
 @setup_logging.connect
@@ -134,8 +149,18 @@ def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) ->
     ignore_result=True,
     max_retries=2,
 )
-def infer_batch(self: Task, rows: list[Row], level: int = Level.CPU, sent_at: float = 0.0) -> int:
-    """Validate, infer and answer every row of a batch; returns how many were answered."""
+def infer_batch(
+    self: Task,
+    rows: list[Row],
+    level: int = Level.CPU,
+    sent_at: float = 0.0,
+    created: list[float] | None = None,
+) -> int:
+    """Validate, infer and answer every row of a batch; returns how many were answered.
+
+    ``sent_at`` (the bridge's clock) gives the queue lag, ``created`` each row's
+    created_at for end-to-end latency.
+    """
     lag_s = time.time() - sent_at if sent_at else None
     cfg = get_config()
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
@@ -152,6 +177,10 @@ def infer_batch(self: Task, rows: list[Row], level: int = Level.CPU, sent_at: fl
         )
         # Unanswered rows are expired by the bridge once their lease runs out.
         raise self.retry(exc=exc, countdown=0.05) from exc
+    metrics.observe_batch(len(rows))
+    metrics.observe_answers(
+        metrics.count_outcomes(outcome.answers), metrics.seconds_since(created or ())
+    )
     if level < Level.TRADITIONAL:
         report(cfg, level, outcome, lag_s)
     return len(outcome.answers)

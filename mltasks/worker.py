@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from mltasks import metrics
 from mltasks.config import Config, get_config
 from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
 from mltasks.health import Readings, Thresholds, Verdict, assess, read_probes
@@ -96,7 +97,10 @@ class Monitor:
         now = time.monotonic()
         if self.probe is not None and now >= self._next_probe:
             self._next_probe = now + fb.probe_interval_s
-            self.evaluate(self.probe())
+            readings = self.probe()
+            if readings.vram_used_bytes is not None:
+                metrics.set_vram_usage(self.config.hardware.gpu_device_id, readings.vram_used_bytes)
+            self.evaluate(readings)
 
     def evaluate(self, readings: Readings) -> int | None:
         """Record the probe; move the level down if this worker's tier is unhealthy.
@@ -118,6 +122,7 @@ class Monitor:
                 dataclasses.asdict(readings),
             )
         current = self.store.read().level
+        metrics.set_fallback_level(current)
         healthy, reason = tiers.get(current, (True, ""))
         if healthy:
             return None

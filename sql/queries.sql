@@ -22,7 +22,8 @@ WITH picked AS (
               r.priority, r.created_at
 )
 SELECT request_id, archetype, mob_id, state_vector, monster_id,
-       created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue
+       created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue,
+       extract(epoch FROM created_at)::float8 AS created_epoch
 FROM claimed
 ORDER BY priority DESC, created_at;
 
@@ -96,9 +97,10 @@ WHERE request_id IN (
     FOR UPDATE SKIP LOCKED
 );
 
--- queue_depth --
--- Pending and processing rows, for status and tests.
-SELECT status, count(*) AS n
+-- queue_stats --
+-- Pending rows and the age of the oldest one, for the bridge's metrics
+-- (uses the partial index ai_requests_pending_idx).
+SELECT count(*) AS depth,
+       coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_age_s
 FROM ai_requests
-WHERE status IN ('pending', 'processing')
-GROUP BY status;
+WHERE status = 'pending';

@@ -28,6 +28,7 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
         "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
         "redis:\n  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
         "worker:\n  concurrency: 2\n"
+        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
     )
     return dict(
         os.environ,

@@ -96,12 +96,8 @@ def check_command(argv: Sequence[str], where: str) -> None:
     assert argv[1:3] in (["-A", "mltasks"], ["--app", "mltasks"]), f"{where}: {argv}"
     assert importlib.import_module("mltasks").app.main == "mltasks"
     sub, args = argv[3], list(argv[4:])
-    command = celery_cli.commands.get(sub)
     if sub == "flower":
-        from flower.command import flower as command
-    assert command is not None, f"{where}: no celery subcommand {sub}"
-    if sub == "flower":
-        from flower.options import default_options
+        from flower.options import default_options  # type: ignore[import-untyped]
 
         known = {f"--{n}" for n in default_options._options} | {"--help"}
         known |= {k.replace("_", "-") for k in known}
@@ -112,6 +108,8 @@ def check_command(argv: Sequence[str], where: str) -> None:
         local = REPO / conf.split("/app/", 1)[1]
         assert local == REPO / "mltasks" / "flowerconfig.py"
         return
+    command = celery_cli.commands.get(sub)
+    assert command is not None, f"{where}: no celery subcommand {sub}"
     _check_options(args, _options(command), where)
     if sub == "worker":
         from mltasks.celery_app import QUEUES

@@ -7,6 +7,7 @@ the ordinary one.
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import subprocess
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mltasks import metrics
 from mltasks.inference import Answer
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,26 +105,35 @@ def test_metric_names_are_what_is_exposed(isolated: metrics.Metrics) -> None:
 
 
 def test_refresh_runs_at_each_scrape_and_a_failing_one_is_skipped(
-    isolated: metrics.Metrics,
+    isolated: metrics.Metrics, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert isolated.registry is not None
     calls: list[int] = []
+    redis_away = [True]
 
     def depth() -> None:
         calls.append(1)
         metrics.set_queue_stats(len(calls), 0.5)
 
-    def broken() -> None:
-        raise RuntimeError("redis is away")
+    def cache_rates() -> None:
+        if redis_away[0]:
+            raise RuntimeError("redis is away")
 
     server = metrics.start_metrics_server(
-        "127.0.0.1", 0, isolated.registry, refresh=[broken, depth]
+        "127.0.0.1", 0, isolated.registry, refresh=[cache_rates, depth]
     )
+    caplog.set_level(logging.INFO, logger="mltasks.metrics")
     try:
         assert value(scrape(server.url), "ml_queue_depth") == 1
         assert value(scrape(server.url), "ml_queue_depth") == 2
+        redis_away[0] = False
+        assert value(scrape(server.url), "ml_queue_depth") == 3
     finally:
         server.close()
+    events = [(r.levelname, getattr(r, "event", "")) for r in caplog.records]
+    # One warning when it starts failing, not one per scrape; one line when it recovers.
+    assert events.count(("WARNING", "metrics_refresh_failed")) == 1
+    assert ("INFO", "metrics_refresh_recovered") in events
 
 
 def test_outcomes_of_answers() -> None:
@@ -316,3 +327,18 @@ def test_setup_multiprocess_cleans_a_given_directory(tmp_path: Path) -> None:
     assert value_class == "MmapedValue"  # the multi-process value class
     assert not (given / "counter_999999.db").exists()
     assert (given / "keep.txt").exists()
+
+
+def test_a_zombie_counts_as_dead() -> None:
+    """A killed pool child stays a zombie until Celery reaps it: its gauges must go anyway."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat")
+        if not stat.exists():
+            pytest.skip("no procfs")
+        wait_for(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", 10, "a zombie")
+        assert not metrics._alive(proc.pid)
+        assert metrics._alive(os.getpid())
+    finally:
+        proc.wait()
+    assert not metrics._alive(proc.pid)

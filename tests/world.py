@@ -67,6 +67,7 @@ class World:
             f"  probe_interval_s: 0.2\n  recovery_hysteresis_s: 0\n  recovery_backoff_s: 0.3\n"
             f"  recovery_backoff_max_s: 2\n  canary_timeout_s: 3\n  cpu_load_per_core: 1000\n"
             f"  queue_lag_ms: 60000\n"
+            f"monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
             f"logging:\n  level: WARNING\n"
         )
         self.app = Celery("world")

@@ -112,7 +112,7 @@ class Service:
                 "--concurrency",
                 str(s.concurrency),
                 "--pool",
-                "prefork",
+                os.environ.get("MLTASKS_BENCH_POOL", "prefork"),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
