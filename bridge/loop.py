@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
+import redis
 from celery import Celery
 
 from mltasks import metrics
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY_S = 0.25
 # A publish either goes through at once or the batch is answered 255: the game cannot wait.
+# The queue is only looked at when batches follow each other this closely.
+CONGESTION_WINDOW_S = 0.005
+# While the tier's queue is congested, how soon to look again.
+CONGESTION_RECHECK_S = 0.001
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
@@ -62,6 +67,13 @@ class Bridge:
         self.sent = 0
         self.expired = 0
         self.answered_here = 0
+        self._congested = False
+        self._last_publish = 0.0
+        self._broker = redis.Redis.from_url(
+            self.config.redis.db_url(self.config.redis.broker_db),
+            socket_timeout=self.config.redis.socket_timeout_s,
+            socket_connect_timeout=self.config.redis.socket_timeout_s,
+        )
         self.refresh_level()
 
     # -- connection ---------------------------------------------------------------------
@@ -80,6 +92,7 @@ class Bridge:
         return self._conn
 
     def close(self) -> None:
+        """Drop the database connection (it is made again on the next use)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -144,6 +157,7 @@ class Bridge:
             self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         self.sent += len(rows)
+        self._last_publish = time.monotonic()
 
     def answer_here(
         self,
@@ -218,14 +232,39 @@ class Bridge:
         with self._errors("housekeeping"):
             conn = self._connection()
             conn.execute(query("release_stale"), {"lease_s": self.config.inference.lease_ms / 1000})
-            cur = conn.execute(query("answer_game_timeouts"))
+            cur = conn.execute(
+                query("answer_game_timeouts"), {"lease_s": self.config.inference.lease_ms / 1000}
+            )
             if cur.rowcount > 0:
                 metrics.observe_answers({"expired": cur.rowcount}, [])
 
+    def congested(self) -> bool:
+        """True when the tier's queue already holds enough waiting batches.
+
+        Then the bridge stops claiming and lets rows gather in PostgreSQL: when a worker
+        frees up, they leave as one larger batch instead of many one-row batches, so the
+        per-batch cost (broker, acks, one database write) is shared by more decisions.
+        """
+        limit = self.config.inference.max_waiting_batches
+        if not limit or self.level >= Level.TRADITIONAL:
+            return False
+        if time.monotonic() - self._last_publish > CONGESTION_WINDOW_S:
+            return False  # a lone request: no queue to look at, no round trip to spend
+        if time.monotonic() < self._publish_blocked_until:
+            return False
+        try:
+            waiting = int(self._broker.llen(LEVEL_QUEUE[self.level]))
+        except (redis.RedisError, OSError):
+            return False  # the publish will find out, and answer with the rules
+        return waiting >= limit
+
     def drain(self) -> int:
-        """Claim until the table has no pending row left; returns rows claimed."""
+        """Claim until the table has no pending row left, or the tier is congested."""
         total = 0
         while True:
+            self._congested = self.congested()
+            if self._congested:
+                return total
             n = self.step()
             total += n
             if n < self.config.inference.batch_size:
@@ -252,7 +291,8 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
-                self.wait(min(poll_s, max(0.0, self._next_housekeeping - time.monotonic())))
+                timeout = CONGESTION_RECHECK_S if self._congested else poll_s
+                self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:
                 log.warning(

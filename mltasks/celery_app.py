@@ -40,6 +40,7 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Batches are short: one in flight per process keeps a slow one from holding others.
         "worker_prefetch_multiplier": cfg.worker.prefetch_multiplier,
+        "worker_pool": cfg.worker.pool,
         "worker_concurrency": cfg.worker.concurrency,
         "task_default_queue": "cpu",
         "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),

@@ -55,6 +55,9 @@ class InferenceConfig:
     max_latency_ms: int = 100
     lease_ms: int = 2000
     intra_op_threads: int = 1
+    # Batches allowed to wait in a tier's queue before the bridge holds back and lets rows
+    # gather into a larger batch (0: never hold back).
+    max_waiting_batches: int = 1
 
     def __post_init__(self) -> None:
         _range("inference.batch_size", self.batch_size, 32, 128)
@@ -62,6 +65,7 @@ class InferenceConfig:
         _range("inference.max_latency_ms", self.max_latency_ms, 5, 60_000)
         _range("inference.lease_ms", self.lease_ms, 100, 600_000)
         _range("inference.intra_op_threads", self.intra_op_threads, 0, 64)
+        _range("inference.max_waiting_batches", self.max_waiting_batches, 0, 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,10 @@ class CleanupConfig:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
+    # solo: the task runs in the process that took it from Redis, no pipe to a child; the
+    # fastest per batch (docs/PERFORMANCE.md). Run one worker per core. prefork also works
+    # (``celery -A mltasks worker --pool prefork``), its children's metrics aggregated.
+    pool: Literal["solo", "prefork", "threads"] = "solo"
     prefetch_multiplier: int = 1
     concurrency: int = 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,10 +105,15 @@ def as_confidence(p: float) -> float:
 
 @dataclass(slots=True)
 class Outcome:
-    """A batch's answers, and the model failures the fallback ladder must hear about."""
+    """A batch's answers, and the model failures the fallback ladder must hear about.
+
+    ``remember`` writes the fresh answers, logits and states to the cache: the caller runs
+    it after the answers are in PostgreSQL, so the game never waits on a cache write.
+    """
 
     answers: list[Answer]
     failures: list[ModelError]
+    remember: Callable[[], object] = lambda: None
 
 
 class BatchCache(Protocol):
@@ -239,10 +244,8 @@ def answer_batch(
             if name is not None:
                 fresh.append((name, action, conf))
 
+    outcome = Outcome(answers, failures)
     if cache is not None:
-        cache.store_batch(
-            fresh,
-            computed,
-            [(v.monster_id, v.vec) for v in valid if v.monster_id is not None],
-        )
-    return Outcome(answers, failures)
+        states = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
+        outcome.remember = lambda: cache.store_batch(fresh, computed, states)
+    return outcome

@@ -16,6 +16,7 @@ from celery.signals import (
     setup_logging,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
 )
 from psycopg_pool import ConnectionPool
 
@@ -89,16 +90,29 @@ def _metrics_endpoint(**_: Any) -> None:
     metrics.start_worker_metrics(m.metrics_host, m.metrics_port)
 
 
-@worker_process_init.connect
-def _after_fork(**_: Any) -> None:
-    # Sessions and connections are per process: make them now, not on the first batch.
-    reset_engine()
+def preload() -> None:
+    """Load the models of this worker's queues now, not on the first batch."""
     cfg = get_config()
     for queue in worker_queues():
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
             metrics.set_models_loaded(len(get_engine(cfg, levels[0]).models))
     metrics.set_service_up(True)
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Sessions and connections are per process: a prefork child makes its own.
+    reset_engine()
+    preload()
+
+
+@worker_ready.connect
+def _ready(sender: Any = None, **_: Any) -> None:
+    # solo and threads pools run tasks in this very process: load here.
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        preload()
 
 
 @worker_process_shutdown.connect
@@ -177,6 +191,7 @@ def infer_batch(
         )
         # Unanswered rows are expired by the bridge once their lease runs out.
         raise self.retry(exc=exc, countdown=0.05) from exc
+    outcome.remember()
     metrics.observe_batch(len(rows))
     metrics.observe_answers(
         metrics.count_outcomes(outcome.answers), metrics.seconds_since(created or ())

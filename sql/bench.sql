@@ -47,5 +47,29 @@ SELECT source, count(*), count(*) FILTER (WHERE action_id = 255)
 FROM ai_responses GROUP BY source ORDER BY source;
 
 -- warm_up_answer --
--- The warm-up request's answer and who gave it: a 'bridge' 255 means the worker was not up.
-SELECT action_id, confidence, source FROM ai_responses WHERE request_id = %(request_id)s;
+-- The warm-up request's answer, who gave it and why: a 'bridge' 255 means the worker was
+-- not up, unless the reason is the fallback level 5 the run asked for.
+SELECT action_id, confidence, source, reason FROM ai_responses WHERE request_id = %(request_id)s;
+
+-- bulk_copy --
+-- The bulk load: many map servers' INSERTs at once, as one COPY per scheduled batch. The
+-- row and statement triggers fire as for the game's INSERT (id reuse, one NOTIFY per
+-- batch); created_at is each row's own clock_timestamp(), taken as it is written.
+COPY ai_requests (monster_id, mob_id, archetype, state_vector,
+                  map_id, position_x, position_y, hp_ratio, sp_ratio, status, priority)
+FROM STDIN;
+
+-- bulk_unanswered --
+-- Requests of the run still without a response (the run drains until none is left).
+SELECT count(*) FROM ai_requests AS r
+WHERE NOT EXISTS (SELECT 1 FROM ai_responses AS s WHERE s.request_id = r.request_id);
+
+-- bulk_results --
+-- Every request of a bulk run, timed by the database's own clock: when it was written,
+-- how long until its response was written (NULL: none), and what the response was.
+SELECT extract(epoch FROM r.created_at)::float8 AS created_s,
+       (extract(epoch FROM s.created_at - r.created_at) * 1000.0)::float8 AS latency_ms,
+       s.action_id, s.source, s.reason
+FROM ai_requests AS r
+LEFT JOIN ai_responses AS s USING (request_id)
+ORDER BY r.created_at;

@@ -36,13 +36,15 @@ WHERE status = 'processing'
   AND claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s);
 
 -- answer_game_timeouts --
--- Rows the game marked 'timeout' before any bridge claimed them get their 255 answer,
--- so every request ends with exactly one response row.
+-- Rows the game marked 'timeout' that have no response: never claimed, or claimed in a
+-- batch that was lost (past the lease). Each gets its one 255 answer.
 WITH gave_up AS (
     UPDATE ai_requests
-    SET claimed_at = clock_timestamp()
-    WHERE status = 'timeout' AND claimed_at IS NULL
-    RETURNING request_id
+    SET answered_at = clock_timestamp(), claimed_at = coalesce(claimed_at, clock_timestamp())
+    WHERE status = 'timeout' AND answered_at IS NULL
+      AND (claimed_at IS NULL
+           OR claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s))
+    RETURNING request_id, claimed_at
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
 SELECT request_id, 255, 0, 'bridge', 'game_timeout' FROM gave_up
@@ -53,7 +55,7 @@ ON CONFLICT (request_id) DO NOTHING;
 -- Only rows still 'processing' are touched, so a redelivery writes nothing twice.
 WITH expired AS (
     UPDATE ai_requests AS r
-    SET status = 'expired'
+    SET status = 'expired', answered_at = clock_timestamp()
     WHERE r.request_id = ANY(%(request_ids)s::integer[]) AND r.status = 'processing'
     RETURNING r.request_id
 )
@@ -63,8 +65,9 @@ ON CONFLICT (request_id) DO NOTHING;
 
 -- answer_batch --
 -- Write every answer of a batch and close its rows in one statement. Idempotent: the
--- primary key of ai_responses drops a second answer, and only 'processing' rows change
--- status (a row the game marked 'timeout' meanwhile keeps it, but still gets its one answer).
+-- primary key of ai_responses drops a second answer, and a row answered once is never
+-- touched again. A row the game marked 'timeout' meanwhile keeps that status but still
+-- gets its one answer (answered_at says so); a row whose lease ran out is closed.
 WITH answer AS (
     SELECT *
     FROM unnest(%(request_ids)s::integer[], %(action_ids)s::integer[],
@@ -73,9 +76,11 @@ WITH answer AS (
          AS a(request_id, action_id, confidence, source, model, reason, status)
 ), closed AS (
     UPDATE ai_requests AS r
-    SET status = a.status
+    SET status = CASE WHEN r.status IN ('processing', 'pending') THEN a.status
+                      ELSE r.status END,
+        answered_at = clock_timestamp()
     FROM answer AS a
-    WHERE r.request_id = a.request_id AND r.status = 'processing'
+    WHERE r.request_id = a.request_id AND r.answered_at IS NULL
     RETURNING r.request_id
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, model, reason)

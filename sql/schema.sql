@@ -30,15 +30,20 @@ CREATE TABLE IF NOT EXISTS ai_requests (
 
 ALTER SEQUENCE ai_requests_request_id_seq OWNED BY ai_requests.request_id;
 
+-- When the service wrote this request's one response (NULL: not yet). It is what finds
+-- rows the game marked 'timeout' while a batch holding them was lost.
+ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS answered_at timestamptz;
+
 -- What the bridge claims: most urgent first, oldest first within a priority.
 CREATE INDEX IF NOT EXISTS ai_requests_pending_idx
     ON ai_requests (priority DESC, created_at) WHERE status = 'pending';
 -- Rows whose lease may have run out.
 CREATE INDEX IF NOT EXISTS ai_requests_processing_idx
     ON ai_requests (claimed_at) WHERE status = 'processing';
--- Rows the game gave up on before any bridge claimed them.
-CREATE INDEX IF NOT EXISTS ai_requests_unclaimed_timeout_idx
-    ON ai_requests (request_id) WHERE status = 'timeout' AND claimed_at IS NULL;
+-- Rows the game gave up on that have no response yet (unclaimed, or their batch was lost).
+DROP INDEX IF EXISTS ai_requests_unclaimed_timeout_idx;
+CREATE INDEX IF NOT EXISTS ai_requests_unanswered_timeout_idx
+    ON ai_requests (claimed_at) WHERE status = 'timeout' AND answered_at IS NULL;
 -- Cleanup by age; BRIN because rows arrive in time order and it costs inserts nothing.
 CREATE INDEX IF NOT EXISTS ai_requests_created_brin
     ON ai_requests USING brin (created_at);

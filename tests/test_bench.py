@@ -1,24 +1,44 @@
-"""Smoke test of the gateway benchmark: the floor answers two emulated map servers.
+"""Smoke tests of the benchmarks: the floor answers emulated map servers and a bulk load;
+the bulk report (JSON, Markdown, plots) is written; the sustained-rate search steps right.
 
 The service path (bridge + Celery worker) is exercised by its own tests; here only the
-benchmark's own parts run, against a database of their own.
+benchmark's own parts run, against a database of their own, without a Celery worker.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 
+from mltasks.bench import bulkreport
+from mltasks.bench.bulk import (
+    BulkSpec,
+    Rows,
+    drain,
+    offer_load,
+    read_rows,
+    summarize_rows,
+)
+from mltasks.bench.bulkrun import find_sustained
 from mltasks.bench.database import drop_database, recreate_database, run_stats
 from mltasks.bench.floor import FLOOR_ACTION, Floor
 from mltasks.bench.gateway import GatewaySpec, run_gateway, stof, stoi
 from mltasks.bench.procs import wait_until_answering
-from mltasks.bench.report import summarize
+from mltasks.bench.report import machine, summarize
+from mltasks.bench.responders import Responder
+from mltasks.bench.service import ServiceSettings, bench_config
+from mltasks.config import load_config
 
-TEST_URL = "postgresql://postgres@127.0.0.1:5432/mltasks_bench_test"
+# One database per test process: several sessions may run on this machine at once.
+TEST_URL = f"postgresql://postgres@127.0.0.1:5432/mltasks_bench_test_{os.getpid()}"
 
 
 @pytest.fixture
@@ -87,3 +107,268 @@ def test_stof_like_the_cpp() -> None:
     for bad in (None, "", "x1", "1e39"):
         with pytest.raises(ValueError):
             stof(bad)
+
+
+# -- bulk ----------------------------------------------------------------------------------
+
+
+def test_bulk_floor_smoke(bench_db: str, floor: Floor) -> None:
+    spec = BulkSpec(conninfo=bench_db, rate=300, duration_s=1.5, tick_ms=5)
+    # The warm-up request is not part of the run.
+    with psycopg.connect(bench_db, autocommit=True) as conn:
+        conn.execute("TRUNCATE ai_responses, ai_requests RESTART IDENTITY")
+    load = offer_load(spec)
+    _, left = drain(bench_db, timeout_s=10)
+    figures = summarize_rows(read_rows(bench_db))
+
+    assert load.rows == 450  # rate x duration, every one written
+    assert left == 0
+    assert figures["requests"] == 450
+    assert figures["answered_share"] == 1.0
+    assert figures["sources"] == {"floor": 450}
+    assert figures["share_255"] == 0.0
+    lat = figures["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    assert figures["held"] == (lat["p99"] <= 50.0)
+    assert len(figures["cdf_ms"]) == 201
+    assert figures["cdf_ms"] == sorted(figures["cdf_ms"])
+    # Open loop: the offered rate is the asked one, whatever the responder does.
+    assert 250 < figures["offered_per_s"] < 360
+    with psycopg.connect(bench_db) as conn:
+        distinct = conn.execute(
+            "SELECT count(DISTINCT (SELECT array_agg(round(v::numeric, 2)) "
+            "FROM unnest(state_vector) AS v)) FROM ai_requests"
+        ).fetchone()
+    assert distinct == (450,)  # distinct even at the caches' two decimals
+
+
+def test_bulk_pool_repeats_states(bench_db: str) -> None:
+    spec = BulkSpec(conninfo=bench_db, rate=400, duration_s=0.3, states=5, mobs=2)
+    with psycopg.connect(bench_db, autocommit=True) as conn:
+        conn.execute("TRUNCATE ai_responses, ai_requests RESTART IDENTITY")
+    assert offer_load(spec).rows == 120
+    with psycopg.connect(bench_db) as conn:
+        states, pairs, archetypes = conn.execute(
+            "SELECT count(DISTINCT state_vector), count(DISTINCT (state_vector, mob_id)), "
+            "count(DISTINCT (state_vector, archetype)) FROM ai_requests"
+        ).fetchone()
+    assert states <= 5
+    assert states < pairs <= 10  # each state comes with up to two mob ids ...
+    assert archetypes == states  # ... and always with its own archetype
+
+
+def _rows(latencies: list[float | None], actions: list[int], reasons: list[str | None]) -> Rows:
+    n = len(latencies)
+    return Rows(
+        created_s=np.linspace(1000.0, 1001.0, n),
+        latency_ms=np.asarray([np.nan if v is None else v for v in latencies]),
+        action=np.asarray(actions),
+        source=["bridge" if a == 255 else ("model" if a >= 0 else None) for a in actions],
+        reason=reasons,
+    )
+
+
+def test_summarize_counts_only_real_answers() -> None:
+    lat: list[float | None] = [1.0] * 97 + [80.0, 90.0, None]
+    actions = [1] * 97 + [255, 255, -1]
+    reasons: list[str | None] = [None] * 97 + ["deadline", "fallback_level_5", None]
+    figures = summarize_rows(_rows(lat, actions, reasons))
+    assert figures["answered"] == 97
+    assert figures["responded"] == 99
+    assert figures["reasons_255"] == {"deadline": 1, "fallback_level_5": 1}
+    assert not figures["held"]  # 97% answered
+    # Level 5's own 255 is its answer.
+    level5 = summarize_rows(
+        _rows([2.0] * 100, [255] * 100, ["fallback_level_5"] * 100),
+        accept_255_reasons=("fallback_level_5",),
+    )
+    assert level5["answered_share"] == 1.0 and level5["held"]
+    assert level5["reasons_255"] == {}
+    slow = summarize_rows(_rows([60.0] * 100, [1] * 100, [None] * 100))
+    assert slow["answered_share"] == 1.0 and not slow["held"]  # p99 over 50 ms
+
+
+def test_find_sustained_steps_then_refines() -> None:
+    capacity = {"floor": 5000.0, "service": 900.0}
+    steps: list[tuple[str, float]] = []
+
+    def step(r: Responder, rate: float) -> dict[str, Any]:
+        steps.append((r.name, rate))
+        return {"responder": r.name, "rate": rate, "held": rate <= capacity[r.name]}
+
+    def responder(name: str) -> Responder:
+        return Responder(name, lambda: None, {})  # type: ignore[arg-type, return-value]
+
+    runs, verdict = find_sustained(
+        [responder("floor"), responder("service")],
+        start=200,
+        factor=2,
+        max_rate=6000,
+        refine=2,
+        step=step,
+    )
+    # Alternating while both climb; the floor alone after the service failed.
+    assert steps[:6] == [
+        ("floor", 200),
+        ("service", 200),
+        ("floor", 400),
+        ("service", 400),
+        ("floor", 800),
+        ("service", 800),
+    ]
+    assert ("service", 1600) in steps and ("service", 3200) not in steps
+    assert verdict["service"]["rate"] is not None and 800 <= verdict["service"]["rate"] <= 900
+    assert verdict["service"]["first_failed"] is not None
+    assert verdict["service"]["first_failed"] > 900
+    assert verdict["floor"]["rate"] is not None and 3200 <= verdict["floor"]["rate"] <= 5000
+    assert len(runs) == len(steps)
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def _fake_run(responder: str, rate: float, p50: float, share: float = 1.0) -> dict[str, Any]:
+    cdf = [round(p50 * (0.5 + i / 100), 3) for i in range(201)]
+    lat = {"p50": p50, "p90": p50 * 1.5, "p99": p50 * 2, "max": p50 * 3, "mean": p50}
+    return {
+        "responder": responder,
+        "config": {"responder": "floor" if responder == "floor" else "service", "caching": True},
+        "rate": rate,
+        "requests": int(rate * 2),
+        "offered_per_s": rate,
+        "window_s": 2.0,
+        "responded": int(rate * 2),
+        "answered": int(rate * 2 * share),
+        "answered_share": share,
+        "answered_per_s": rate * share,
+        "latency_ms": lat,
+        "response_latency_ms": lat,
+        "share_255": 0.0,
+        "reasons_255": {},
+        "sources": {"floor" if responder == "floor" else "model": int(rate * 2)},
+        "held": p50 * 2 <= 50 and share >= 0.99,
+        "cdf_ms": cdf,
+        "loader": {"behind": False, "late_batches": 0, "batches": 400, "max_late_ms": 1.0},
+        "load_average_before": [0.5, 0.4, 0.3],
+        "cache": {"layers": {"l2": {"lookups": 10, "hits": 5, "hit_rate": 0.5}}},
+    }
+
+
+def test_report_writer(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = [
+        _fake_run("floor", 500, 0.5),
+        _fake_run("service L3", 500, 4.0),
+        _fake_run("floor", 1000, 0.7),
+        _fake_run("service L3", 1000, 40.0, share=0.9),
+        {
+            "responder": "service L3",
+            "config": {},
+            "rate": 2000,
+            "failed": "the worker died",
+            "held": False,
+        },
+    ]
+    report: dict[str, Any] = {
+        "schema_version": bulkreport.SCHEMA_VERSION,
+        "kind": "bulk",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "command": "mltasks bench bulk --floor --rate 500,1000",
+        "settings": {
+            "duration_s": 2.0,
+            "tick_ms": 5.0,
+            "timeout_ms": 100,
+            "states": 0,
+            "p99_limit_ms": 50.0,
+            "min_answered_share": 0.99,
+        },
+        "machine": machine(),
+        "postgres": "15",
+        "load_average_start": [0.5, 0.4, 0.3],
+        "load_average_end": [0.6, 0.4, 0.3],
+        "responders": [{"name": "floor"}, {"name": "service L3"}],
+        "runs": runs,
+        "ratios": bulkreport.ratios(runs),
+        "sustained": {
+            "floor": {"rate": 1000.0, "first_failed": None, "steps": 2, "max_rate_reached": True},
+            "service L3": {"rate": 500.0, "first_failed": 1000.0, "steps": 3},
+        },
+        "plots": [],
+    }
+    md = bulkreport.write(report, tmp_path)
+
+    for name in ("latency_cdf.png", "load.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    saved = json.loads((tmp_path / "report.json").read_text())
+    bulkreport.check_report(saved)
+    assert saved["plots"] == ["latency_cdf.png", "load.png"]
+    assert saved["ratios"][0] == {
+        "responder": "service L3",
+        "rate": 500,
+        "answered_per_s_ratio": 1.0,
+        "answered_share_ratio": 1.0,
+        "p50_ratio": 8.0,
+        "p99_ratio": 8.0,
+        "p50_diff_ms": 3.5,
+        "floor_load_average": 0.5,
+        "load_average": 0.5,
+    }
+    assert (tmp_path / "report.md").read_text() == md
+    assert "| service L3 | 500 | 500 | 500.0 | 100.00% | 4.0 |" in md
+    assert "| floor | >= 1000 (max) | n/a | 2 | 1 |" in md
+    assert "failed: the worker died" in md
+    assert "| service L3 | 500 | 1000 | 3 | 0.5 |" in md  # sustained, half the floor's
+    assert "50.0% of 10" in md  # the L2 hit rate
+
+
+def test_check_report_names_what_is_wrong() -> None:
+    run = _fake_run("floor", 500, 0.5)
+    del run["latency_ms"]["p99"]
+    run["cdf_ms"] = [3.0, 1.0]
+    with pytest.raises(ValueError) as err:
+        bulkreport.check_report({"schema_version": 1, "kind": "bulk", "runs": [run]})
+    text = str(err.value)
+    assert "missing key 'machine'" in text
+    assert "runs[0].latency_ms: missing 'p99'" in text
+    assert "cdf_ms is not sorted" in text
+
+
+# -- service configurations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "pool", "queue", "concurrency"),
+    [(3, "prefork", "cpu", 2), (3, "solo", "cpu", 1), (4, "threads", "rules", 2), (5, "", None, 0)],
+)
+def test_service_configurations(
+    tmp_path: Path, level: int, pool: str, queue: str | None, concurrency: int
+) -> None:
+    settings = ServiceSettings(
+        database_url="postgresql://postgres@127.0.0.1/mltasks_bench",
+        redis_url="redis://127.0.0.1:6379",
+        models_dir=tmp_path,
+        work_dir=tmp_path,
+        log_dir=tmp_path,
+        pool=pool or "prefork",  # type: ignore[arg-type]
+        level=level,
+        caching=level != 4,
+    )
+    assert settings.queue == queue
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(bench_config(settings)))
+    cfg = load_config(path, environ={})  # every key the service knows
+    assert cfg.fallback.start_level == level
+    assert cfg.caching.enabled == (level != 4)
+    assert cfg.redis.broker_db == 9 and cfg.redis.cache_db == 10
+    # The forced level is held: no probe or failure count can move it.
+    assert cfg.fallback.failure_threshold == 1000
+    assert cfg.fallback.cpu_load_per_core > 1000
+    if queue is not None:
+        assert cfg.worker.concurrency == concurrency
+        assert settings.describe()["pool"] == pool
+    else:
+        assert "pool" not in settings.describe()
+    assert settings.label().startswith(f"service L{level}")

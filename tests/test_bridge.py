@@ -132,3 +132,31 @@ def test_highest_priority_is_claimed_first(config: Config, pg: psycopg.Connectio
         b.close()
     assert rows[0][0] == high
     assert [r[0] for r in rows[1:]] == low[:31]
+
+
+def test_a_lost_batch_the_game_gave_up_on_still_gets_its_one_answer(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    # Claimed, its worker died, then the game marked it 'timeout': no lease release
+    # would see it ('processing' no more), yet it must end with one answer.
+    rid = game.insert(pg, STATE)
+    pg.execute(
+        "UPDATE ai_requests SET status = 'processing', attempts = 1, "
+        "claimed_at = clock_timestamp() - interval '1 hour' WHERE request_id = %s",
+        (rid,),
+    )
+    game.mark_timeout(pg, rid)
+    fresh = game.insert(pg, STATE)
+    pg.execute(
+        "UPDATE ai_requests SET status = 'processing', claimed_at = clock_timestamp() "
+        "WHERE request_id = %s",
+        (fresh,),
+    )
+    game.mark_timeout(pg, fresh)  # still within its lease: its worker may yet answer
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        b.housekeeping()
+    finally:
+        b.close()
+    assert response(pg, rid) == (255, 0.0, "game_timeout", "timeout")
+    assert response(pg, fresh) == (None, None, None, "timeout")

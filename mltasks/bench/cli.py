@@ -1,7 +1,15 @@
-"""``mltasks bench gateway``: emulated map servers against the service and the floor.
+"""``mltasks bench``: gateway, bulk, cache and precisions benchmarks.
 
-For each client count the floor (with ``--floor``) and then the service answer the same
-load, each on a freshly emptied table, so the pair differs only in the responder.
+- ``gateway``: emulated map servers (the game's exact statements, closed loop) against
+  the service and, with ``--floor``, against the floor, alternating at each client count.
+- ``bulk``: open-loop fixed-rate load written with COPY, latency from the database's
+  clocks; ``--find-sustained`` steps the rate up until a step fails.
+- ``cache``: bulk load drawn from a small pool of states (repeats), cache on then off,
+  with the hit rate of each cache layer.
+- ``precisions``: fp32 / int8 / fp16 inference time on the CPU.
+
+Every run starts its responder fresh, on emptied tables and flushed Redis databases
+(9 broker, 10 cache), so the runs of one report differ only in what they compare.
 """
 
 from __future__ import annotations
@@ -9,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -23,7 +31,9 @@ from typing import Any
 import psycopg
 import redis
 
-from mltasks.bench import BenchError
+from mltasks.bench import BenchError, bulkreport
+from mltasks.bench import precisions as precisions_mod
+from mltasks.bench.bulkrun import StepOptions, find_sustained, fixed_rates, guarded_step
 from mltasks.bench.database import (
     DEFAULT_BENCH_URL,
     recreate_database,
@@ -32,9 +42,21 @@ from mltasks.bench.database import (
     server_version,
 )
 from mltasks.bench.gateway import DEFAULT_POLL_MS, GatewaySpec, run_gateway
-from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.bench.report import CpuMeter, machine, markdown, ratios, summarize
-from mltasks.bench.service import Service, ServiceSettings
+from mltasks.bench.report import (
+    CpuMeter,
+    gateway_plots,
+    machine,
+    markdown,
+    ratios,
+    summarize,
+)
+from mltasks.bench.responders import (
+    Responder,
+    Running,
+    floor_responder,
+    service_responder,
+)
+from mltasks.bench.service import LEVELS, POOLS, ServiceSettings
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
 
@@ -47,45 +69,182 @@ def _counts(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,8,32, got {text!r}") from None
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError("client counts must be positive")
+        raise argparse.ArgumentTypeError("the numbers must be positive")
     return counts
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 500,1000, got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def _levels(text: str) -> list[int]:
+    levels = _counts(text)
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"levels must be among {LEVELS}, got {bad}")
+    return levels
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    p.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
+    p.add_argument(
+        "--database-url",
+        default=DEFAULT_BENCH_URL,
+        help="benchmark database (dropped and recreated; its name must say bench)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="Redis server; the run uses its db 9 (broker) and 10 (cache)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
+    g = p.add_argument_group("service configuration")
+    g.add_argument("--pool", choices=POOLS, default="prefork", help="Celery worker pool")
+    g.add_argument("--concurrency", type=int, default=2, help="worker pool size")
+    g.add_argument(
+        "--cache",
+        choices=("on", "off"),
+        default="on",
+        help="caching.enabled of the service",
+    )
+    g.add_argument(
+        "--level",
+        type=_levels if level_list else int,
+        default=[3] if level_list else 3,
+        help="fallback level forced: 3 cpu worker, 4 '-Q rules' worker, 5 bridge only "
+        "(answers 255)" + (", several as 3,4,5" if level_list else ""),
+    )
+    g.add_argument(
+        "--degrade",
+        action="store_true",
+        help="let the probes and failure counters move the level during a run, as "
+        "deployed (by default the forced level is held)",
+    )
+
+
+def _bulk_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mobs",
+        type=int,
+        default=1,
+        help="with --states: mob ids per state, one drawn per request (L2 keys on the mob, "
+        "L3 on the archetype)",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per step")
+    p.add_argument("--tick-ms", type=float, default=5.0, help="one COPY batch per tick")
+    p.add_argument(
+        "--timeout-ms", type=int, default=100, help="the bridge's deadline (the game's timeout)"
+    )
+    p.add_argument("--p99-ms", type=float, default=50.0, help="a step holds with p99 within")
+    p.add_argument("--min-answered", type=float, default=0.99, help="... and this share answered")
+    p.add_argument(
+        "--drain-s", type=float, default=20.0, help="wait at most this for the last answers"
+    )
+
+
 def add_parser(subparsers: Any) -> None:
-    """Add ``bench gateway`` to the ``mltasks`` command."""
-    bench = subparsers.add_parser("bench", help="benchmarks")
+    """Add ``bench gateway|bulk|cache|precisions`` to the ``mltasks`` command."""
+    bench = subparsers.add_parser("bench", help="benchmarks", description=__doc__)
     sub = bench.add_subparsers(dest="bench_cmd", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
     gw = sub.add_parser(
         "gateway",
         help="emulated map servers against the service (and the floor)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Emulated map servers (closed loop, the game's statements) against "
+        "the service and, with --floor, the floor, alternating at each client count.",
+        formatter_class=raw,
     )
     gw.add_argument("--clients", type=_counts, default=[1, 8, 32], help="e.g. 1,8,32")
     gw.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     gw.add_argument("--timeout-ms", type=int, default=100, help="the game's ml_max_latency_ms")
     gw.add_argument("--floor", action="store_true", help="also run the floor responder")
     gw.add_argument("--no-service", action="store_true", help="skip the service runs")
-    gw.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
-    gw.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
-    gw.add_argument(
-        "--database-url",
-        default=DEFAULT_BENCH_URL,
-        help="benchmark database (dropped and recreated; its name must say bench)",
-    )
-    gw.add_argument(
-        "--redis-url",
-        default=DEFAULT_REDIS_URL,
-        help="Redis server; the run uses its db 9 (broker) and 10 (cache)",
-    )
     gw.add_argument("--processes", type=int, default=2, help="client processes")
     gw.add_argument(
         "--literal-sql",
         action="store_true",
         help="poll with unprepared text like the C++ (costs the client more)",
     )
-    gw.add_argument("--seed", type=int, default=0)
+    _common(gw)
+    _service_options(gw, level_list=False)
     gw.set_defaults(func=gateway_command)
+
+    bulk = sub.add_parser(
+        "bulk",
+        help="open-loop fixed-rate load with COPY; the sustained rate",
+        description=__doc__,
+        formatter_class=raw,
+    )
+    bulk.add_argument(
+        "--rate",
+        type=_rates,
+        default=[500.0],
+        help="requests/s, several as 500,1000; with --find-sustained the first is where "
+        "the search starts (several: the rates to climb)",
+    )
+    bulk.add_argument(
+        "--find-sustained",
+        action="store_true",
+        help="step the rate up until p99 > --p99-ms or answered < --min-answered",
+    )
+    bulk.add_argument("--step-factor", type=float, default=1.5, help="rate multiplier per step")
+    bulk.add_argument("--refine", type=int, default=2, help="bisection steps after a failure")
+    bulk.add_argument("--max-rate", type=float, default=40000.0, help="stop climbing here")
+    bulk.add_argument("--floor", action="store_true", help="also run the floor, alternating")
+    bulk.add_argument("--no-service", action="store_true", help="skip the service runs")
+    bulk.add_argument(
+        "--states",
+        type=int,
+        default=0,
+        help="0: every request a distinct state; N: drawn from N states (repeats)",
+    )
+    _bulk_options(bulk)
+    _common(bulk)
+    _service_options(bulk, level_list=True)
+    bulk.set_defaults(func=bulk_command)
+
+    cache = sub.add_parser(
+        "cache",
+        help="load from a small pool of states: cache on, then off, hit rate per layer",
+        description="Open-loop load drawn from --states distinct states (repeats, so caches "
+        "can hit) against the service with caching on, then off (and the floor with "
+        "--floor), alternating; hit rate per cache layer from the workers' counters.",
+    )
+    cache.add_argument("--states", type=int, default=500, help="distinct states drawn from")
+    cache.add_argument("--rate", type=_rates, default=[1000.0], help="requests/s")
+    cache.add_argument("--floor", action="store_true", help="also run the floor")
+    _bulk_options(cache)
+    _common(cache)
+    g = cache.add_argument_group("service configuration")
+    g.add_argument("--pool", choices=POOLS, default="prefork")
+    g.add_argument("--concurrency", type=int, default=2)
+    g.add_argument("--level", type=int, choices=(3,), default=3, help=argparse.SUPPRESS)
+    g.add_argument("--degrade", action="store_true", help="let the level move during a run")
+    cache.set_defaults(func=cache_command)
+
+    prec = sub.add_parser(
+        "precisions",
+        help="fp32 / int8 / fp16 inference time on the CPU",
+        description=precisions_mod.__doc__,
+        formatter_class=raw,
+    )
+    prec.add_argument("--batch", type=_counts, default=[1, 32, 128], help="batch sizes")
+    prec.add_argument("--repeats", type=int, default=100, help="calls per model and batch")
+    prec.add_argument("--threads", type=int, default=1, help="intra-op threads per session")
+    prec.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    prec.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
+    prec.set_defaults(func=precisions_command)
 
 
 def ensure_models(models_dir: Path) -> Path:
@@ -105,48 +264,58 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-@dataclass(slots=True)
-class _Running:
-    """A responder that answers: its processes (for their CPU time) and what it reported."""
+def _command_line() -> str:
+    """The command as typed, for the report (when run through the ``mltasks`` script)."""
+    if Path(sys.argv[0]).name == "mltasks":
+        return shlex.join(["mltasks", *sys.argv[1:]])
+    return shlex.join(["python", "-m", "mltasks", *sys.argv[1:]])
 
-    procs: list[ManagedProcess]
-    info: dict[str, Any] = field(default_factory=dict)
 
-    def cpu_seconds(self) -> float:
-        return sum(p.cpu_seconds() for p in self.procs)
+def _out_dir(args: argparse.Namespace, started: datetime) -> Path:
+    out: Path = args.out or Path("bench-results") / started.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 @contextmanager
-def _floor(url: str, log_dir: Path) -> Iterator[_Running]:
-    """The floor responder as a subprocess, answering before the run starts."""
-    proc = ManagedProcess(
-        "floor",
-        [sys.executable, "-m", "mltasks.bench.floor", "--database-url", url],
-        log_path=log_dir / "floor.log",
+def _workspace(args: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
+    """A temporary work directory and the models directory (written there if not given)."""
+    with tempfile.TemporaryDirectory(prefix="mltasks-bench-") as tmp:
+        work = Path(tmp)
+        models = args.models_dir or work / "models"
+        yield work, ensure_models(models)
+
+
+def _settings(
+    args: argparse.Namespace,
+    work: Path,
+    models_dir: Path,
+    logs: Path,
+    *,
+    level: int,
+    caching: bool,
+) -> ServiceSettings:
+    return ServiceSettings(
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        models_dir=models_dir,
+        work_dir=work,
+        log_dir=logs,
+        timeout_ms=args.timeout_ms,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        caching=caching,
+        level=level,
+        hold_level=not args.degrade,
     )
-    try:
-        proc.start()
-        wait_until_answering(url, [proc], timeout_s=60)
-        yield _Running([proc])
-    finally:
-        stop_all([proc])
 
 
-@contextmanager
-def _service(settings: ServiceSettings, label: str) -> Iterator[_Running]:
-    """The service as subprocesses; the worker's memory is read once it is ready."""
-    with Service(settings, label=label) as svc:
-        ready_s = svc.wait_ready()
-        running = _Running(list(svc.procs), {"ready_s": round(ready_s, 1)})
-        memory = {"after warm-up": svc.worker_memory()}
-        running.info["worker_memory"] = memory
-        yield running
-        memory["after the run"] = svc.worker_memory()
+# -- gateway ------------------------------------------------------------------------------
 
 
 def _one_run(
     responder: str,
-    start: Callable[[], AbstractContextManager[_Running]],
+    start: Callable[[], AbstractContextManager[Running]],
     spec: GatewaySpec,
 ) -> dict[str, Any]:
     """Start a responder, run the clients on an empty table, read what the table saw."""
@@ -177,13 +346,13 @@ def _one_run(
         f"{responder:>7} x{spec.clients:<3} {run['decisions_per_s']:>8} decisions/s, "
         f"{run['in_time_share'] * 100:5.1f}% in time, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
         f"255 {run['share_255'] * 100:.1f}%, parse failures {run['parse_failures']}, "
-        f"errors {run['errors']}"
+        f"errors {run['errors']}, load {run['load_average_before']}"
     )
     return run
 
 
 def _guarded_run(
-    responder: str, start: Callable[[], AbstractContextManager[_Running]], spec: GatewaySpec
+    responder: str, start: Callable[[], AbstractContextManager[Running]], spec: GatewaySpec
 ) -> dict[str, Any]:
     """A run that fails is reported as failed; the other runs still count."""
     try:
@@ -194,27 +363,24 @@ def _guarded_run(
 
 
 def gateway_command(args: argparse.Namespace) -> int:
-    """Run the benchmark, write report.json and report.md, print the table."""
+    """Run the benchmark, write report.json, report.md and the plots, print the table."""
     started = datetime.now().astimezone()
-    out: Path = args.out or Path("bench-results") / started.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
     if args.no_service and not args.floor:
         raise BenchError("nothing to run: --no-service without --floor")
+    out = _out_dir(args, started)
     url = args.database_url
     logs = out / "logs"
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="mltasks-bench-") as tmp:
-        work = Path(tmp)
-        recreate_database(url)
-        models_dir = ensure_models(args.models_dir or work / "models")
-        settings = ServiceSettings(
-            database_url=url,
-            redis_url=args.redis_url,
-            models_dir=models_dir,
-            work_dir=work,
-            log_dir=logs,
-            timeout_ms=args.timeout_ms,
+    recreate_database(url)
+    with _workspace(args) as (work, models_dir):
+        settings = _settings(
+            args, work, models_dir, logs, level=args.level, caching=args.cache == "on"
         )
+        responders: list[Responder] = []
+        if args.floor:
+            responders.append(floor_responder(url, logs))
+        if not args.no_service:
+            responders.append(service_responder(settings))
         for clients in args.clients:
             spec = GatewaySpec(
                 conninfo=url,
@@ -225,29 +391,171 @@ def gateway_command(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 literal_sql=args.literal_sql,
             )
-            label = f"service-{clients}"
-            responders: list[tuple[str, Callable[[], AbstractContextManager[_Running]]]] = []
-            if args.floor:
-                responders.append(("floor", partial(_floor, url, logs)))
-            if not args.no_service:
-                responders.append(("service", partial(_service, settings, label)))
-            for name, start in responders:
-                runs.append(_guarded_run(name, start, spec))
+            for r in responders:
+                name = "floor" if r.is_floor else "service"
+                runs.append(_guarded_run(name, r.start, spec))
     report: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
+        "command": _command_line(),
         "duration_s": args.duration,
         "timeout_ms": args.timeout_ms,
         "poll_ms": DEFAULT_POLL_MS,
         "literal_sql": args.literal_sql,
         "client_processes": args.processes,
+        "service": settings.describe(),
         "machine": machine(),
         "postgres": server_version(url),
         "runs": runs,
         "ratios": ratios(runs),
     }
+    report["plots"] = gateway_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out / "report.md").write_text(md)
+    print(md)
+    _say(f"report written to {out}/report.md and report.json")
+    return 0
+
+
+# -- bulk and cache -----------------------------------------------------------------------
+
+
+def _bulk_report(
+    kind: str,
+    args: argparse.Namespace,
+    started: datetime,
+    load_start: tuple[float, float, float],
+    responders: list[Responder],
+    runs: list[dict[str, Any]],
+    sustained: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "schema_version": bulkreport.SCHEMA_VERSION,
+        "kind": kind,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "settings": {
+            "duration_s": args.duration,
+            "tick_ms": args.tick_ms,
+            "timeout_ms": args.timeout_ms,
+            "states": args.states,
+            "mobs": args.mobs,
+            "p99_limit_ms": args.p99_ms,
+            "min_answered_share": args.min_answered,
+            "drain_s": args.drain_s,
+            "find_sustained": bool(getattr(args, "find_sustained", False)),
+            "rates": args.rate,
+            "seed": args.seed,
+        },
+        "machine": machine(),
+        "postgres": server_version(args.database_url),
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "responders": [{"name": r.name, **r.config} for r in responders],
+        "runs": runs,
+        "ratios": bulkreport.ratios(runs),
+        "sustained": sustained,
+        "plots": [],
+    }
+
+
+def _step_options(args: argparse.Namespace) -> StepOptions:
+    return StepOptions(
+        conninfo=args.database_url,
+        duration_s=args.duration,
+        tick_ms=args.tick_ms,
+        states=args.states,
+        mobs=args.mobs,
+        seed=args.seed,
+        drain_s=args.drain_s,
+        p99_limit_ms=args.p99_ms,
+        min_answered_share=args.min_answered,
+        redis_url=args.redis_url,
+    )
+
+
+def _finish(report: dict[str, Any], out: Path) -> int:
+    md = bulkreport.write(report, out)
+    print(md)
+    _say(f"report written to {out}/report.md and report.json")
+    return 0
+
+
+def bulk_command(args: argparse.Namespace) -> int:
+    """Fixed rates, or the sustained rate, for the floor and each service configuration."""
+    started = datetime.now().astimezone()
+    load_start = os.getloadavg()
+    if args.no_service and not args.floor:
+        raise BenchError("nothing to run: --no-service without --floor")
+    out = _out_dir(args, started)
+    logs = out / "logs"
+    recreate_database(args.database_url)
+    with _workspace(args) as (work, models_dir):
+        responders: list[Responder] = []
+        if args.floor:
+            responders.append(floor_responder(args.database_url, logs))
+        if not args.no_service:
+            for level in args.level:
+                s = _settings(args, work, models_dir, logs, level=level, caching=args.cache == "on")
+                responders.append(service_responder(s))
+        step = partial(guarded_step, opts=_step_options(args))
+        sustained: dict[str, dict[str, Any]] = {}
+        if args.find_sustained:
+            runs, sustained = find_sustained(
+                responders,
+                start=args.rate[0],
+                factor=args.step_factor,
+                max_rate=args.max_rate,
+                refine=args.refine,
+                step=step,
+                ladder=args.rate if len(args.rate) > 1 else (),
+            )
+        else:
+            runs = fixed_rates(responders, args.rate, step)
+    report = _bulk_report("bulk", args, started, load_start, responders, runs, sustained)
+    return _finish(report, out)
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    """The same repeated load against the service with caching on, then off."""
+    started = datetime.now().astimezone()
+    load_start = os.getloadavg()
+    if args.states < 1:
+        raise BenchError("--states must be at least 1: the load repeats states from a pool")
+    out = _out_dir(args, started)
+    logs = out / "logs"
+    recreate_database(args.database_url)
+    with _workspace(args) as (work, models_dir):
+        responders: list[Responder] = []
+        if args.floor:
+            responders.append(floor_responder(args.database_url, logs))
+        for caching in (True, False):
+            s = _settings(args, work, models_dir, logs, level=args.level, caching=caching)
+            responders.append(service_responder(s))
+        runs = fixed_rates(responders, args.rate, partial(guarded_step, opts=_step_options(args)))
+    report = _bulk_report("cache", args, started, load_start, responders, runs, {})
+    return _finish(report, out)
+
+
+# -- precisions ---------------------------------------------------------------------------
+
+
+def precisions_command(args: argparse.Namespace) -> int:
+    started = datetime.now().astimezone()
+    out = _out_dir(args, started)
+    with tempfile.TemporaryDirectory(prefix="mltasks-bench-") as tmp:
+        models_dir = ensure_models(args.models_dir or Path(tmp) / "models")
+        timings = precisions_mod.measure(models_dir, args.batch, args.repeats, args.threads)
+    report = {
+        "schema_version": precisions_mod.SCHEMA_VERSION,
+        "kind": "precisions",
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "machine": machine(),
+        "timings": timings,
+    }
+    md = precisions_mod.write(report, out)
     print(md)
     _say(f"report written to {out}/report.md and report.json")
     return 0

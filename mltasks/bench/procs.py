@@ -145,12 +145,15 @@ def wait_until_answering(
     timeout_s: float = 180.0,
     attempt_s: float = 5.0,
     reject_sources: Sequence[str] = ("bridge",),
+    accept_reasons: Sequence[str] = (),
 ) -> float:
     """Send warm-up requests until one is answered by the responder itself.
 
     An answer from a source in ``reject_sources`` (the bridge's 255 when no worker took
-    the batch in time) does not count: another request is sent. Returns the seconds it
-    took; raises BenchError when a process exits or ``timeout_s`` passes.
+    the batch in time) does not count, unless its reason is in ``accept_reasons`` (the
+    bridge's 255 at fallback level 5 is that level's answer): another request is sent.
+    Returns the seconds it took; raises BenchError when a process exits or ``timeout_s``
+    passes.
     """
     from mltasks.demo_models import sample_states
 
@@ -183,9 +186,9 @@ def wait_until_answering(
                     bench_query("warm_up_answer"), {"request_id": request_id}
                 ).fetchone()
                 if answer is not None:
-                    if answer[2] not in reject_sources:
+                    if answer[2] not in reject_sources or answer[3] in accept_reasons:
                         return time.monotonic() - t0
-                    last = f"answered {answer[0]} by {answer[2]}"
+                    last = f"answered {answer[0]} by {answer[2]} ({answer[3]})"
                     break
                 time.sleep(0.01)
     raise BenchError(f"the responder did not answer a warm-up request in {timeout_s:.0f}s ({last})")

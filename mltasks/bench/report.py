@@ -11,11 +11,13 @@ import os
 import platform
 from collections import Counter
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
+from mltasks.bench.bulk import cdf_points
 from mltasks.bench.gateway import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
 from mltasks.contract import TRADITIONAL_AI
 
@@ -58,6 +60,8 @@ def summarize(result: GatewayResult) -> dict[str, Any]:
             "mean": round(float(lat.mean()), 2) if n else None,
         },
         "answered_latency_ms": {"p50": _pct(answered_lat, 50), "p99": _pct(answered_lat, 99)},
+        # Latency at evenly spaced quantiles of every decision, for the CDF plot.
+        "cdf_ms": cdf_points(lat),
         "actions": {str(a): c for a, c in sorted(actions.items())},
         "share_255": round(n255 / n, 4) if n else 0.0,
         # 255 answers, timeouts and would-be crashes: every decision the game's own AI made.
@@ -143,7 +147,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def _fmt(v: Any, suffix: str = "") -> str:
+def fmt(v: Any, suffix: str = "") -> str:
     return "n/a" if v is None else f"{v}{suffix}"
 
 
@@ -158,6 +162,34 @@ def _busy(run: dict[str, Any]) -> str:
 
 def _actions(hist: dict[str, int]) -> str:
     return " ".join(f"{a}:{c}" for a, c in hist.items()) or "-"
+
+
+def memory_lines(runs: list[dict[str, Any]], *, key: str, key_label: str) -> list[str]:
+    """The worker memory table of the runs that measured it (Markdown lines)."""
+    mems = [r for r in runs if r.get("worker_memory")]
+    if not mems:
+        return []
+    lines = [
+        "Worker memory (with `preload: all` every process that runs tasks holds the 54 "
+        "models: prefork children, or the main process for threads and solo; RSS counts "
+        "pages shared with the parent, USS does not):",
+        "",
+        f"| responder | {key_label} | when | pool | worker main RSS / USS MB "
+        "| children RSS MB | children USS MB |",
+        "| --- | ---: | --- | --- | ---: | --- | --- |",
+    ]
+    for r in mems:
+        for when, mem in r["worker_memory"].items():
+            if mem is None:
+                continue
+            kids = mem["children"]
+            lines.append(
+                f"| {r['responder']} | {r[key]} | {when} | {mem.get('pool', 'prefork')} "
+                f"| {mem['worker_main_rss_mb']} / {fmt(mem.get('worker_main_uss_mb'))} "
+                f"| {', '.join(str(c['rss_mb']) for c in kids) or '-'} "
+                f"| {', '.join(str(c.get('uss_mb', 'n/a')) for c in kids) or '-'} |"
+            )
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -189,8 +221,8 @@ def markdown(report: dict[str, Any]) -> str:
         lat = r["latency_ms"]
         lines.append(
             f"| {r['responder']} | {r['clients']} | {r['decisions_per_s']} "
-            f"| {r['in_time_share'] * 100:.1f}% | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} "
-            f"| {_fmt(lat['p99'])} | {r['share_255'] * 100:.1f}% | {r['parse_failures']} "
+            f"| {r['in_time_share'] * 100:.1f}% | {fmt(lat['p50'])} | {fmt(lat['p95'])} "
+            f"| {fmt(lat['p99'])} | {r['share_255'] * 100:.1f}% | {r['parse_failures']} "
             f"| {r['errors']} | {_busy(r)} | {_actions(r['actions'])} |"
         )
     if report["ratios"]:
@@ -202,32 +234,17 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for q in report["ratios"]:
             lines.append(
-                f"| {q['clients']} | {_fmt(q['decisions_per_s_ratio'])} "
-                f"| {_fmt(q['p50_diff_ms'])} | {_fmt(q['p99_ratio'])} |"
+                f"| {q['clients']} | {fmt(q['decisions_per_s_ratio'])} "
+                f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} |"
             )
     lines += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
         f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}.",
     ]
-    mems = [r for r in report["runs"] if r.get("worker_memory")]
-    if mems:
-        lines += [
-            "",
-            "Worker memory (54 models loaded per pool child; RSS counts pages shared "
-            "with the parent, USS does not):",
-            "",
-            "| clients | when | worker main RSS MB | children RSS MB | children USS MB |",
-            "| ---: | --- | ---: | --- | --- |",
-        ]
-        for r in mems:
-            for when, mem in r["worker_memory"].items():
-                kids = mem["children"]
-                lines.append(
-                    f"| {r['clients']} | {when} | {mem['worker_main_rss_mb']} "
-                    f"| {', '.join(str(c['rss_mb']) for c in kids)} "
-                    f"| {', '.join(str(c.get('uss_mb', 'n/a')) for c in kids)} |"
-                )
+    mem = memory_lines(report["runs"], key="clients", key_label="clients")
+    if mem:
+        lines += ["", *mem]
     problems = [r for r in report["runs"] if r.get("error_messages")]
     if problems:
         lines += ["", "Errors (first few per run):", ""]
@@ -235,4 +252,38 @@ def markdown(report: dict[str, Any]) -> str:
             for msg in r["error_messages"][:5]:
                 first = msg.strip().splitlines()[-1] if msg.strip() else msg
                 lines.append(f"- {r['responder']} x{r['clients']}: {first}")
+    if report.get("plots"):
+        lines += ["", *[f"![{p}]({p})" for p in report["plots"]]]
+    elif report.get("plots_skipped"):
+        lines += ["", f"Plots skipped: {report['plots_skipped']}"]
     return "\n".join(lines) + "\n"
+
+
+def gateway_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Latency CDF per client count; decisions/s and p99 against client count."""
+    from mltasks.bench import plots
+
+    if not plots.available():
+        report["plots_skipped"] = "matplotlib is not installed (pip install 'mltasks[bench]')"
+        return []
+    runs = report["runs"]
+    plots.latency_cdf(
+        runs,
+        out / "latency_cdf.png",
+        load_key="clients",
+        load_label=lambda v: f"{v} clients",
+        title="gateway: latency CDF per client count (INSERT to answer seen; timeouts at "
+        f"{report['timeout_ms']} ms)",
+        share_key=None,
+    )
+    plots.load_curves(
+        runs,
+        out / "load.png",
+        load_key="clients",
+        x_label="emulated map servers (clients)",
+        throughput_key="decisions_per_s",
+        throughput_label="decisions per second",
+        p99=lambda r: r["latency_ms"]["p99"],
+        title="gateway: throughput and p99 against load",
+    )
+    return ["latency_cdf.png", "load.png"]

@@ -1,20 +1,37 @@
-"""The real service for one benchmark run: one bridge and one Celery worker, as subprocesses.
+"""The real service for one benchmark run: a bridge and (below level 5) a Celery worker.
 
 They run exactly as deployed (``python -m bridge``; ``python -m celery -A mltasks worker``)
 with a configuration file of their own that points them at the benchmark's database,
-Redis databases and models, so a run never touches anyone else's queues.
+Redis databases and models, so a run never touches anyone else's queues or ports.
+
+The configurations compared (`ServiceSettings`):
+
+| level | what runs                                  | who answers          |
+| ----- | ------------------------------------------ | -------------------- |
+| 3     | bridge + ``-Q cpu`` worker (ONNX, CPU)     | the worker's models  |
+| 4     | bridge + ``-Q rules`` worker, level 4 set  | the rule policy      |
+| 5     | the bridge alone, level 5 set              | the bridge: 255      |
+
+with the worker pool (prefork, threads, solo), its concurrency and the cache
+(``caching.enabled``) as chosen. The level is written into Redis before the bridge
+starts (``LevelStore.set``) and, unless ``hold_level`` is off, the probes and failure
+counters are given thresholds they cannot reach, so the level measured is the level
+asked for (a 2-core machine shared with other work would otherwise trip the CPU-load
+probe and measure level 5 instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import redis
@@ -22,11 +39,24 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.config import RedisConfig, load_config
+from mltasks.config import Config, MonitoringConfig, RedisConfig, load_config
 
 BROKER_DB = 9
 CACHE_DB = 10
 MB = 1024 * 1024
+
+Pool = Literal["prefork", "threads", "solo"]
+POOLS: tuple[Pool, ...] = ("prefork", "threads", "solo")
+LEVELS = (3, 4, 5)
+LEVEL_QUEUE = {3: "cpu", 4: "rules"}
+LEVEL5_REASON = "fallback_level_5"
+
+# Thresholds the probes and failure counters cannot reach while the level is held.
+_HELD_FALLBACK: dict[str, Any] = {
+    "failure_threshold": 1000,
+    "cpu_load_per_core": 1.0e6,
+    "queue_lag_ms": 24 * 3600 * 1000,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +68,61 @@ class ServiceSettings:
     log_dir: Path
     timeout_ms: int = 100
     concurrency: int = 2
+    pool: Pool = "prefork"
+    caching: bool = True
+    level: int = 3
+    hold_level: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise BenchError(f"pool {self.pool!r} is not one of {POOLS}")
+        if self.level not in LEVELS:
+            raise BenchError(f"level {self.level} is not one of {LEVELS}")
+        if self.concurrency < 1:
+            raise BenchError("concurrency must be at least 1")
+
+    @property
+    def worker_concurrency(self) -> int:
+        return 1 if self.pool == "solo" else self.concurrency
+
+    @property
+    def queue(self) -> str | None:
+        """The queue the worker consumes; None at level 5 (no worker)."""
+        return LEVEL_QUEUE.get(self.level)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that tell runs apart, JSON-ready."""
+        d: dict[str, Any] = {"level": self.level, "caching": self.caching}
+        if self.queue is not None:
+            d.update(pool=self.pool, concurrency=self.worker_concurrency, queue=self.queue)
+        d["level_held"] = self.hold_level
+        return d
+
+    def label(self) -> str:
+        """A short name for tables: ``service L3 prefork x2``, ``service L5``."""
+        parts = [f"service L{self.level}"]
+        if self.queue is not None:
+            parts.append(f"{self.pool} x{self.worker_concurrency}")
+        if not self.caching:
+            parts.append("no cache")
+        return " ".join(parts)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: the run's /metrics never take another's port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _monitoring() -> dict[str, Any]:
+    """Metrics stay on (they are part of what the service costs), on free ports."""
+    known = {f.name for f in dataclasses.fields(MonitoringConfig)}
+    out: dict[str, Any] = {"metrics_host": "127.0.0.1"}
+    for key in ("metrics_port", "bridge_metrics_port"):
+        if key in known:
+            out[key] = free_port()
+    return {k: v for k, v in out.items() if k in known}
 
 
 def bench_config(s: ServiceSettings) -> dict[str, Any]:
@@ -45,24 +130,36 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
 
     The deadline is the game's timeout: a request older than that is wasted work.
     """
+    fallback: dict[str, Any] = {"start_level": s.level}
+    if s.hold_level:
+        fallback.update(_HELD_FALLBACK)
     return {
         "models": {"dir": str(s.models_dir), "preload": "all"},
         "inference": {"max_latency_ms": max(5, s.timeout_ms)},
         "database": {"url": s.database_url},
         "redis": {"url": s.redis_url, "broker_db": BROKER_DB, "cache_db": CACHE_DB},
-        "worker": {"concurrency": s.concurrency},
+        "caching": {"enabled": s.caching},
+        "fallback": fallback,
+        "worker": {"concurrency": s.worker_concurrency},
+        "monitoring": _monitoring(),
         "logging": {"level": "WARNING"},
     }
 
 
+def cache_redis(redis_url: str) -> redis.Redis:
+    """A client on the benchmark's cache db (hit counters, the fallback level)."""
+    return redis.Redis.from_url(RedisConfig(url=redis_url).db_url(CACHE_DB), socket_timeout=5)
+
+
 class Service:
-    """Bridge + worker, started together, stopped together (also on errors and Ctrl-C)."""
+    """Bridge (+ worker), started together, stopped together (also on errors and Ctrl-C)."""
 
     def __init__(self, settings: ServiceSettings, *, label: str = "service") -> None:
         self.settings = settings
         self.label = label
         self.procs: list[ManagedProcess] = []
         self.worker: ManagedProcess | None = None
+        self.config: Config | None = None
         self.exit_codes: dict[str, int | None] = {}
 
     def _env(self, config_path: Path) -> dict[str, str]:
@@ -75,10 +172,12 @@ class Service:
             MLTASKS_MODELS_DIR=str(s.models_dir),
             PYTHONUNBUFFERED="1",
         )
+        # A multi-process metrics directory left over from someone else's shell.
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return env
 
     def _flush_redis(self) -> None:
-        """A fresh broker and cache: no batch or cached action left over from another run."""
+        """A fresh broker and cache: no batch, cached action or level left from another run."""
         cfg = RedisConfig(url=self.settings.redis_url)
         for db in (BROKER_DB, CACHE_DB):
             client = redis.Redis.from_url(cfg.db_url(db), socket_timeout=5)
@@ -89,40 +188,71 @@ class Service:
             finally:
                 client.close()
 
+    def force_level(self) -> None:
+        """Write the level asked for into Redis (the bridge routes on it)."""
+        from mltasks.fallback import LevelStore
+
+        if self.config is None:
+            raise BenchError("the service was not started")
+        store = LevelStore(self.config)
+        try:
+            store.set(self.settings.level, "bench")
+        except redis.RedisError as exc:
+            raise BenchError(f"cannot set the fallback level in Redis: {exc}") from exc
+        finally:
+            store.redis.close()
+
+    def level_now(self) -> int | None:
+        """The level Redis holds now (None when unreadable)."""
+        from mltasks.fallback import LevelStore
+
+        if self.config is None:
+            return None
+        store = LevelStore(self.config)
+        try:
+            return int(store.read().level)
+        finally:
+            store.redis.close()
+
     def start(self) -> None:
         s = self.settings
         s.work_dir.mkdir(parents=True, exist_ok=True)
-        config_path = s.work_dir / "mltasks-bench.yaml"
+        config_path = s.work_dir / f"mltasks-bench-{self.label}.yaml"
         config_path.write_text(yaml.safe_dump(bench_config(s), sort_keys=False))
-        load_config(config_path, environ={})  # a bad key stops here, not in a child
+        self.config = load_config(config_path, environ={})  # a bad key stops here
         self._flush_redis()
+        self.force_level()
         env = self._env(config_path)
         logs = s.log_dir
-        self.worker = ManagedProcess(
-            f"{self.label}-worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "mltasks",
-                "worker",
-                "-Q",
-                "cpu",
-                "--concurrency",
-                str(s.concurrency),
-                "--pool",
-                os.environ.get("MLTASKS_BENCH_POOL", "prefork"),
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "WARNING",
-            ],
-            log_path=logs / f"{self.label}-worker.log",
-            env=env,
-            cwd=s.work_dir,
-        )
+        if s.queue is not None:
+            self.worker = ManagedProcess(
+                f"{self.label}-worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "mltasks",
+                    "worker",
+                    "-Q",
+                    s.queue,
+                    "--concurrency",
+                    str(s.worker_concurrency),
+                    "--pool",
+                    s.pool,
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "-l",
+                    "WARNING",
+                ],
+                log_path=logs / f"{self.label}-worker.log",
+                env=env,
+                cwd=s.work_dir,
+            )
+            # The worker first: loading 54 models per child is the slow part.
+            self.procs.append(self.worker)
+            self.worker.start()
         bridge = ManagedProcess(
             f"{self.label}-bridge",
             [sys.executable, "-m", "bridge"],
@@ -130,36 +260,69 @@ class Service:
             env=env,
             cwd=s.work_dir,
         )
-        # The worker first: loading 54 models per child is the slow part.
-        for p in (self.worker, bridge):
-            self.procs.append(p)
-            p.start()
+        self.procs.append(bridge)
+        bridge.start()
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
-        """Seconds until a warm-up request came back from a worker (not a bridge 255)."""
-        return wait_until_answering(self.settings.database_url, self.procs, timeout_s=timeout_s)
+        """Seconds until the configuration answers a warm-up request itself, workers idle.
 
-    def worker_memory(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """RSS and USS of the worker and of each pool child, once every child is idle.
+        Levels 3 and 4: answered by the worker (model, cache or rules), not by a bridge
+        255, and then every pool process idle, so all of them have their models loaded.
+        Level 5: answered 255 by the bridge for the fallback level.
+        """
+        t0 = time.monotonic()
+        url = self.settings.database_url
+        if self.settings.level == 5:
+            wait_until_answering(
+                url, self.procs, timeout_s=timeout_s, accept_reasons=(LEVEL5_REASON,)
+            )
+        else:
+            wait_until_answering(url, self.procs, timeout_s=timeout_s)
+            self.wait_idle(max(10.0, timeout_s - (time.monotonic() - t0)))
+        return time.monotonic() - t0
 
-        Idle means no CPU used for a while: with ``preload: all`` a child loads its 54
-        models after the fork, so an idle child (and no traffic) has all of them loaded.
+    def _pool_processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
+        if self.worker is None:
+            raise BenchError("no worker in this configuration")
+        main = psutil.Process(self.worker.pid)
+        kids = main.children() if self.settings.pool == "prefork" else []
+        return main, kids
+
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until every process that runs tasks used no CPU for a while.
+
+        Prefork: the pool children (each loads its models after the fork), all of them
+        forked. Threads and solo: the worker's main process, where the tasks run.
         """
         if self.worker is None:
-            raise BenchError("the service was not started")
-        main = psutil.Process(self.worker.pid)
+            return
         deadline = time.monotonic() + timeout_s
-        children: list[psutil.Process] = []
         while time.monotonic() < deadline:
             self.worker.check()
-            children = main.children()
-            if len(children) >= self.settings.concurrency and _idle(children, 0.3):
-                break
-        else:
-            raise BenchError(f"worker children were not idle within {timeout_s:.0f}s")
+            main, kids = self._pool_processes()
+            if self.settings.pool == "prefork":
+                if len(kids) >= self.settings.worker_concurrency and _idle(kids, 0.3, 0.01):
+                    return
+            # The main process beats heartbeats and probes: allow it a little.
+            elif _idle([main], 0.5, 0.05):
+                return
+        raise BenchError(f"the worker's pool was not idle within {timeout_s:.0f}s")
+
+    def worker_memory(self) -> dict[str, Any] | None:
+        """RSS and USS of the worker and of each pool child (None without a worker).
+
+        Read when the pool is idle (`wait_ready` or after a run): with ``preload: all``
+        every process that runs tasks holds the 54 models then.
+        """
+        if self.worker is None:
+            return None
+        main, kids = self._pool_processes()
+        main_info = _memory(main)
         return {
-            "worker_main_rss_mb": round(main.memory_info().rss / MB, 1),
-            "children": [_memory(c) for c in children],
+            "pool": self.settings.pool,
+            "worker_main_rss_mb": main_info["rss_mb"],
+            "worker_main_uss_mb": main_info.get("uss_mb"),
+            "children": [_memory(c) for c in kids],
         }
 
     def stop(self) -> dict[str, int | None]:
@@ -184,15 +347,15 @@ class Service:
         self.stop()
 
 
-def _idle(procs: list[psutil.Process], window_s: float) -> bool:
-    """True when none of ``procs`` used more than 1% of a core over ``window_s``."""
+def _idle(procs: list[psutil.Process], window_s: float, max_share: float) -> bool:
+    """True when none of ``procs`` used more than ``max_share`` of a core over ``window_s``."""
     try:
         before = [sum(p.cpu_times()[:2]) for p in procs]
         time.sleep(window_s)  # the measuring window itself, not a wait for a condition
         after = [sum(p.cpu_times()[:2]) for p in procs]
     except psutil.NoSuchProcess:
         return False
-    return all(a - b <= 0.01 * window_s for a, b in zip(after, before, strict=True))
+    return all(a - b <= max_share * window_s for a, b in zip(after, before, strict=True))
 
 
 def _memory(p: psutil.Process) -> dict[str, Any]:

@@ -1,0 +1,274 @@
+"""Bulk runs: one open-loop step against a fresh responder, fixed rates, the sustained rate.
+
+A step starts its responder, empties the tables, offers the load (``bulk.offer_load``),
+waits until every request has its response (or ``drain_s`` passes), stops the responder
+and reads the figures from the database. Steps against the floor and against the
+service alternate at each rate, so both see the same machine at nearly the same time.
+
+The sustained rate: the rate is stepped up (times ``factor``) until a step fails, i.e.
+fewer than ``min_answered_share`` of the requests were answered or their p99 went over
+``p99_limit_ms``; then ``refine`` steps between the last rate that held and the first that
+failed narrow it down (each at the geometric mean). The highest rate that held is
+reported. A step where the loader itself could not offer the rate ends the search for
+that responder too: the rate is then "at least" the last one held.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+
+from mltasks.bench import BenchError
+from mltasks.bench.bulk import BulkSpec, RowSource, bulk_reset, drain, offer_load, read_rows
+from mltasks.bench.bulk import summarize_rows as summarize_bulk
+from mltasks.bench.database import run_stats
+from mltasks.bench.report import CpuMeter
+from mltasks.bench.responders import Responder
+from mltasks.bench.service import cache_redis
+from mltasks.errors import MLTasksError
+
+StepFn = Callable[[Responder, float], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepOptions:
+    conninfo: str
+    duration_s: float
+    tick_ms: float
+    states: int = 0
+    mobs: int = 1
+    seed: int = 0
+    drain_s: float = 20.0
+    p99_limit_ms: float = 50.0
+    min_answered_share: float = 0.99
+    redis_url: str = "redis://127.0.0.1:6379"
+
+
+def _cache_counts(redis_url: str) -> dict[str, dict[str, int]] | None:
+    """Hits and misses per layer kept by the workers in the bench's cache db, so far."""
+    from mltasks.cache import read_stats
+
+    client = cache_redis(redis_url)
+    try:
+        stats = read_stats(client, window_s=15 * 60)
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+    return {k: {"hits": v.hits, "misses": v.misses} for k, v in stats.items()}
+
+
+def _cache_figures(
+    before: dict[str, dict[str, int]] | None, after: dict[str, dict[str, int]] | None, url: str
+) -> dict[str, Any]:
+    """Per layer: lookups, hits and hit rate of this run (after minus before)."""
+    from mltasks.cache import hit_rates
+
+    layers: dict[str, Any] = {}
+    if before is not None and after is not None:
+        for layer, now in after.items():
+            was = before.get(layer, {"hits": 0, "misses": 0})
+            hits, misses = now["hits"] - was["hits"], now["misses"] - was["misses"]
+            lookups = hits + misses
+            layers[layer] = {
+                "lookups": lookups,
+                "hits": hits,
+                "hit_rate": round(hits / lookups, 4) if lookups else None,
+            }
+    client = cache_redis(url)
+    try:
+        # What mltasks.cache.hit_rates reports (last 5 minutes, warm-up included).
+        rates = {k: round(v, 4) for k, v in hit_rates(client).items()}
+    except (redis.RedisError, OSError):
+        rates = {}
+    finally:
+        client.close()
+    return {"layers": layers, "hit_rates_5min": rates}
+
+
+def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str, Any]:
+    """One open-loop step against a freshly started responder; its figures."""
+    spec = BulkSpec(
+        conninfo=opts.conninfo,
+        rate=rate,
+        duration_s=opts.duration_s,
+        tick_ms=opts.tick_ms,
+        states=opts.states,
+        mobs=opts.mobs,
+        seed=opts.seed,
+    )
+    source = RowSource(spec)  # formatted before any clock starts
+    bulk_reset(opts.conninfo)
+    level_after: int | None = None
+    cache: dict[str, Any] | None = None
+    with responder.start() as running:
+        bulk_reset(opts.conninfo)  # the warm-up request is not part of the run
+        svc = running.service
+        caching = svc is not None and svc.settings.caching and svc.settings.level <= 3
+        counts_before = _cache_counts(opts.redis_url) if caching else None
+        load_before = os.getloadavg()
+        machine_cpu = CpuMeter()
+        responder_cpu = running.cpu_seconds()
+        load = offer_load(spec, source)
+        responder_cpu = running.cpu_seconds() - responder_cpu
+        machine_busy = machine_cpu.busy_share()
+        drained_s, left = drain(opts.conninfo, opts.drain_s)
+        if svc is not None:
+            level_after = svc.level_now()
+        if caching:
+            cache = _cache_figures(counts_before, _cache_counts(opts.redis_url), opts.redis_url)
+    rows = read_rows(opts.conninfo)
+    figures = summarize_bulk(
+        rows,
+        accept_255_reasons=responder.accept_255_reasons,
+        p99_limit_ms=opts.p99_limit_ms,
+        min_answered_share=opts.min_answered_share,
+    )
+    cores = os.cpu_count() or 1
+    run: dict[str, Any] = {
+        "responder": responder.name,
+        "config": responder.config,
+        "rate": rate,
+        **figures,
+        "loader": load.as_dict(),
+        "drain_s": round(drained_s, 2),
+        "unanswered_after_drain": left,
+        "responder_cpu_s": round(responder_cpu, 2),
+        "responder_cpu_share_of_machine": round(responder_cpu / (load.elapsed_s * cores), 3),
+        "machine_cpu_busy_share": machine_busy,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "database": run_stats(opts.conninfo),
+        **running.info,
+    }
+    if level_after is not None:
+        run["level_after"] = level_after
+    if cache is not None:
+        run["cache"] = cache
+    # Held, and the loader really offered the rate.
+    run["held"] = bool(figures["held"]) and not load.behind
+    _say_run(run)
+    return run
+
+
+def guarded_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str, Any]:
+    """A step that fails to run is reported as failed; the other steps still count."""
+    try:
+        return bulk_step(responder, rate, opts)
+    except (MLTasksError, psycopg.Error, redis.RedisError, OSError) as exc:
+        say(f"{responder.name:>28} @ {rate:>8.0f}/s FAILED: {exc}")
+        return {
+            "responder": responder.name,
+            "config": responder.config,
+            "rate": rate,
+            "failed": str(exc),
+            "held": False,
+        }
+
+
+def say(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def _say_run(run: dict[str, Any]) -> None:
+    lat = run["latency_ms"]
+    loader = run["loader"]
+    note = " LOADER BEHIND" if loader["behind"] else ""
+    say(
+        f"{run['responder']:>28} @ {run['rate']:>8.0f}/s: offered {run['offered_per_s']}/s, "
+        f"answered {run['answered_share'] * 100:6.2f}% ({run['answered_per_s']}/s in the window), "
+        f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, 255 {run['share_255'] * 100:.1f}%, "
+        f"{'held' if run['held'] else 'FAILED'}, load {run['load_average_before'][0]}{note}"
+    )
+
+
+def fixed_rates(
+    responders: Sequence[Responder], rates: Sequence[float], step: StepFn
+) -> list[dict[str, Any]]:
+    """Every responder at every rate, alternating at each rate."""
+    return [step(r, rate) for rate in rates for r in responders]
+
+
+def _next_rate(rate: float, factor: float) -> float:
+    """The next rung: ``rate * factor``, rounded to two significant figures."""
+    nxt = rate * factor
+    digits = 10 ** max(0, math.floor(math.log10(nxt)) - 1)
+    return float(max(round(nxt / digits) * digits, rate + 1))
+
+
+def find_sustained(
+    responders: Sequence[Responder],
+    *,
+    start: float,
+    factor: float,
+    max_rate: float,
+    refine: int,
+    step: StepFn,
+    ladder: Sequence[float] = (),
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Step each responder up until it fails; returns every step and the verdicts.
+
+    ``ladder``: explicit rates to climb instead of ``start * factor**k``.
+    """
+    if factor <= 1.0:
+        raise BenchError("the step factor must be above 1")
+    runs: list[dict[str, Any]] = []
+    verdict: dict[str, dict[str, Any]] = {
+        r.name: {"rate": None, "first_failed": None, "loader_limited": False, "steps": 0}
+        for r in responders
+    }
+    active = list(responders)
+    rungs = list(ladder)
+    rate = rungs.pop(0) if rungs else start
+    while active and rate <= max_rate:
+        for r in list(active):
+            run = step(r, rate)
+            runs.append(run)
+            v = verdict[r.name]
+            v["steps"] += 1
+            if run["held"]:
+                v["rate"] = rate
+                continue
+            active.remove(r)
+            if run.get("loader", {}).get("behind"):
+                v["loader_limited"] = True
+            else:
+                v["first_failed"] = rate
+        if ladder:
+            if not rungs:
+                break
+            rate = rungs.pop(0)
+        else:
+            rate = _next_rate(rate, factor)
+    if active:
+        for r in active:
+            verdict[r.name]["max_rate_reached"] = True
+    for _ in range(refine):
+        pending = [
+            r
+            for r in responders
+            if verdict[r.name]["rate"] is not None and verdict[r.name]["first_failed"] is not None
+        ]
+        if not pending:
+            break
+        for r in pending:
+            v = verdict[r.name]
+            lo, hi = float(v["rate"]), float(v["first_failed"])
+            mid = round(math.sqrt(lo * hi))
+            if hi - lo < max(2.0, 0.05 * lo) or not lo < mid < hi:
+                continue
+            run = step(r, float(mid))
+            runs.append(run)
+            v["steps"] += 1
+            if run["held"]:
+                v["rate"] = float(mid)
+            elif not run.get("loader", {}).get("behind"):
+                v["first_failed"] = float(mid)
+    return runs, verdict

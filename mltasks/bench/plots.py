@@ -1,0 +1,141 @@
+"""PNG plots of a report: latency CDF per load, throughput and p99 against offered load.
+
+Drawn from the report's own JSON (each run carries its latency quantiles, ``cdf_ms``), so
+a report can be plotted again later without the run. matplotlib is optional (the
+``bench`` extra): without it the plots are skipped with a note, the figures stay.
+Only the object-oriented API is used (no pyplot): no global backend, no GUI, no state
+left in the process.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _groups(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs with figures, by responder, in the order the responders first appear."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if "failed" not in r:
+            out[r["responder"]].append(r)
+    return dict(out)
+
+
+def latency_cdf(
+    runs: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    load_key: str,
+    load_label: Callable[[Any], str],
+    title: str,
+    limit_ms: float | None = None,
+    share_key: str | None = "answered_share",
+) -> Path:
+    """One panel per responder, one curve per load: share of requests answered within x ms.
+
+    Curves end at the share answered, so a load that lost requests ends below 1.
+    """
+    groups = _groups(runs)
+    n = max(1, len(groups))
+    fig = _figure(5.0 * n, 4.0)
+    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0]
+    for ax, (name, group) in zip(axes, groups.items(), strict=False):
+        for r in sorted(group, key=lambda r: float(r[load_key])):
+            ms = r.get("cdf_ms") or []
+            if not ms:
+                continue
+            top = float(r.get(share_key, 1.0)) if share_key else 1.0
+            ys = [top * i / (len(ms) - 1) for i in range(len(ms))] if len(ms) > 1 else [top]
+            xs = [max(v, 0.01) for v in ms]
+            ax.plot(xs, ys, label=load_label(r[load_key]), linewidth=1.4)
+        if limit_ms is not None:
+            ax.axvline(limit_ms, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("latency (ms, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("share of requests answered")
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
+
+
+def load_curves(
+    runs: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    load_key: str,
+    x_label: str,
+    throughput_key: str,
+    throughput_label: str,
+    p99: Callable[[dict[str, Any]], float | None],
+    title: str,
+    limit_ms: float | None = None,
+    diagonal: bool = False,
+) -> Path:
+    """Left: throughput against offered load; right: p99 latency against offered load."""
+    fig = _figure(11.0, 4.2)
+    left, right = fig.subplots(1, 2)
+    top = 0.0
+    for name, group in _groups(runs).items():
+        group = sorted(group, key=lambda r: float(r[load_key]))
+        xs = [float(r[load_key]) for r in group]
+        top = max(top, *xs)
+        left.plot(xs, [r[throughput_key] for r in group], marker="o", label=name)
+        pts = [(x, p99(r)) for x, r in zip(xs, group, strict=True)]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            right.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    if diagonal and top:
+        left.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="offered")
+    if limit_ms is not None:
+        right.axhline(limit_ms, color="grey", linestyle="--", linewidth=1, label="limit")
+    left.set_xlabel(x_label)
+    left.set_ylabel(throughput_label)
+    right.set_xlabel(x_label)
+    right.set_ylabel("p99 latency (ms, log scale)")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
+
+
+def precision_bars(timings: dict[str, Any], path: Path, title: str) -> Path:
+    """Median time per call, by batch size, one bar per precision."""
+    median: dict[str, dict[str, float]] = timings["median_us"]
+    batches = [str(b) for b in timings["batch_sizes"]]
+    precisions = list(median)
+    fig = _figure(7.0, 4.0)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(precisions))
+    for i, p in enumerate(precisions):
+        xs = [j + (i - (len(precisions) - 1) / 2) * width for j in range(len(batches))]
+        ax.bar(xs, [float(median[p][b]) for b in batches], width=width, label=p)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("median µs per session.run")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.savefig(path)
+    return path

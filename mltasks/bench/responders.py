@@ -1,0 +1,90 @@
+"""What answers during a run: the floor or the service, started fresh for each run.
+
+A run starts its responder, waits until it answers a warm-up request itself, runs the
+load and stops it, so runs share nothing (tables, queues, caches, levels) but the models
+on disk. Starting costs a second or two; it buys runs that can be compared.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
+from mltasks.bench.service import LEVEL5_REASON, Service, ServiceSettings
+
+
+@dataclass(slots=True)
+class Running:
+    """A responder that answers: its processes (for their CPU time) and what it reported."""
+
+    procs: list[ManagedProcess]
+    info: dict[str, Any] = field(default_factory=dict)
+    service: Service | None = None
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.procs)
+
+
+@contextmanager
+def floor(url: str, log_dir: Path) -> Iterator[Running]:
+    """The floor responder as a subprocess, answering before the run starts."""
+    proc = ManagedProcess(
+        "floor",
+        [sys.executable, "-m", "mltasks.bench.floor", "--database-url", url],
+        log_path=log_dir / "floor.log",
+    )
+    try:
+        proc.start()
+        wait_until_answering(url, [proc], timeout_s=60)
+        yield Running([proc])
+    finally:
+        stop_all([proc])
+
+
+@contextmanager
+def service(settings: ServiceSettings, label: str) -> Iterator[Running]:
+    """The service as subprocesses; the worker's memory is read once it is ready."""
+    with Service(settings, label=label) as svc:
+        ready_s = svc.wait_ready()
+        running = Running(list(svc.procs), {"ready_s": round(ready_s, 1)}, svc)
+        memory = svc.worker_memory()
+        if memory is not None:
+            running.info["worker_memory"] = {"after warm-up": memory}
+        yield running
+        if memory is not None:
+            running.info["worker_memory"]["after the run"] = svc.worker_memory()
+
+
+@dataclass(frozen=True, slots=True)
+class Responder:
+    """A responder of a benchmark: its name in tables, how to start it, what it is."""
+
+    name: str
+    start: Callable[[], AbstractContextManager[Running]]
+    config: dict[str, Any]
+    # 255 answers that are this responder's own answer, not a failure (level 5).
+    accept_255_reasons: tuple[str, ...] = ()
+
+    @property
+    def is_floor(self) -> bool:
+        return self.name == "floor"
+
+
+def floor_responder(url: str, log_dir: Path) -> Responder:
+    return Responder("floor", lambda: floor(url, log_dir), {"responder": "floor"})
+
+
+def service_responder(settings: ServiceSettings) -> Responder:
+    label = settings.label()
+    slug = label.replace(" ", "-")
+    return Responder(
+        label,
+        lambda: service(settings, slug),
+        {"responder": "service", **settings.describe()},
+        (LEVEL5_REASON,) if settings.level == 5 else (),
+    )

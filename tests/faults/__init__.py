@@ -1,0 +1,1 @@
+"""Fault tests: real processes killed, real servers stopped, under the game's load."""

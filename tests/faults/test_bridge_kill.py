@@ -1,0 +1,124 @@
+"""kill -9 one of two bridges while it holds claimed rows, under the game's load.
+
+To kill the bridge at the one moment that matters (rows claimed, batch not yet in the
+broker) for certain, the broker's writes are paused for under a second (`CLIENT PAUSE
+WRITE`: a slow Redis): the bridge's publish blocks, the test sees that very LPUSH waiting
+in `CLIENT LIST`, kills the bridge, and lifts the pause. Redis drops the dead client's
+waiting command, so that batch never reaches a worker: only the lease can save its rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+from mltasks.config import Config
+from tests.conftest import wait_for
+from tests.faults.support import (
+    BROKER_DB,
+    GameLoad,
+    RedisServer,
+    Service,
+    Settings,
+    audit,
+    report,
+    settle,
+    summary,
+    warm_up,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def blocked_publishers(r: redis.Redis, pid: int, port: int) -> list[dict[str, str]]:
+    """Redis clients of process `pid` waiting in an LPUSH (a publish)."""
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port
+    }
+    return [
+        c
+        for c in r.client_list()
+        if int(c["addr"].rsplit(":", 1)[1]) in ports and c.get("cmd") == "lpush"
+    ]
+
+
+def kill_while_publishing(
+    svc: Service, name: str, server: RedisServer, tries: int = 10
+) -> dict[str, str]:
+    """Pause the broker's writes, kill bridge `name` once its publish is stuck, unpause."""
+    pid = svc.procs[name].pid
+    r = server.client(BROKER_DB)
+    try:
+        for _ in range(tries):
+            r.execute_command("CLIENT", "PAUSE", 900, "WRITE")
+            try:
+                deadline = time.monotonic() + 0.7  # under the broker's 1 s socket timeout
+                while time.monotonic() < deadline:
+                    stuck = blocked_publishers(r, pid, server.port)
+                    if stuck:
+                        svc.kill(name)
+                        return stuck[0]
+                    time.sleep(0.003)
+            finally:
+                r.execute_command("CLIENT", "UNPAUSE")
+            time.sleep(0.3)
+    finally:
+        r.close()
+    raise AssertionError(f"{name} never published while the broker was paused ({tries} tries)")
+
+
+def test_a_bridge_killed_holding_claimed_rows_leaves_none_behind(
+    config: Config, redis_server: RedisServer, make_service: Callable[..., Service]
+) -> None:
+    # Heartbeats outlive the pause, so the pause itself moves no traffic between tiers.
+    s = Settings(heartbeat_ttl_ms=3000)
+    svc = make_service(config.database.conninfo, redis_server.url, s)
+    svc.start_worker("cpu-1", "cpu")
+    svc.start_bridge("bridge-a")
+    svc.start_bridge("bridge-b")
+    svc.wait_worker("cpu-1", "cpu")
+    with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+        warm_up(pg)
+        # Map servers patient enough to see every answer the service promises: here
+        # the rows of the dead bridge must come back through the lease.
+        patience = int(s.bound_s * 1000) + 2000
+        with GameLoad(config.database.conninfo, patient=4, patient_timeout_ms=patience) as load:
+            load.wait_decisions(40)
+            stuck = kill_while_publishing(svc, "bridge-a", redis_server)
+            killed_at = time.monotonic()
+
+            def released_and_expired() -> bool:
+                row = pg.execute(
+                    "SELECT count(*) FILTER (WHERE attempts > 1),"
+                    " count(*) FILTER (WHERE status IN ('pending', 'processing')"
+                    "   AND claimed_at < clock_timestamp() - interval '100 ms')"
+                    " FROM ai_requests"
+                ).fetchone()
+                return bool(row and row[0] and not row[1])
+
+            wait_for(released_and_expired, s.bound_s + 5, "the dead bridge's rows to be released")
+            load.keep_going(max(0.0, 1.0 - (time.monotonic() - killed_at)))
+        settle(pg, s.bound_s + 2)
+        problems, rows = audit(
+            pg, bound_s=s.bound_s, decisions=load.decisions, inserted=load.inserted
+        )
+        released = pg.execute(
+            "SELECT r.request_id, r.status, s.action_id, s.reason FROM ai_requests r"
+            " JOIN ai_responses s USING (request_id) WHERE r.attempts > 1"
+        ).fetchall()
+    assert svc.crashed() == {}, svc.tails()
+    assert not load.crashes, load.crashes
+    assert not problems, f"bridge-a died in {stuck}\n" + report(problems, rows, svc)
+    # The dead bridge's rows came back through the lease, past their deadline: 255.
+    assert released, "no row was released by the lease: the kill caught nothing"
+    assert {(st, a, why) for _, st, a, why in released} == {("expired", 255, "deadline")}, released
+    codes = svc.stop()
+    assert all(c == 0 for c in codes.values()), f"unclean stop {codes}\n{svc.tails()}"
+    print(f"bridge kill: {len(released)} rows released by the lease; {summary(rows)}")

@@ -1,0 +1,219 @@
+"""kill -9 a prefork Celery worker in the middle of a batch, under the game's load.
+
+The batch is caught in the worker's hands for certain: the worker is frozen (SIGSTOP) the
+moment the broker shows a delivered, unacknowledged batch, the freeze is kept only if
+the batch is still unacknowledged, and then the worker is killed (SIGKILL). A `rules`
+worker stays up, so the service has a tier to move to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+from mltasks.config import Config
+from tests.conftest import wait_for
+from tests.faults.support import (
+    BROKER_DB,
+    GameLoad,
+    Outcome,
+    RedisServer,
+    Service,
+    Settings,
+    audit,
+    db_now,
+    in_flight,
+    report,
+    settle,
+    warm_up,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def freeze_with_a_batch_in_hand(
+    broker: redis.Redis,
+    pg: psycopg.Connection[Any],
+    victims: Callable[[], list[psutil.Process]],
+    timeout: float = 20.0,
+) -> list[int]:
+    """SIGSTOP `victims` while they hold a batch not yet answered; its request ids.
+
+    The worker consumes with prefetch 1, so an entry in kombu's `unacked` hash is the batch
+    this worker holds. Once frozen it can neither write nor acknowledge, so a second look
+    (still unacknowledged, and some of its rows still without an answer) is the proof.
+    Otherwise: thaw, and try again with a later batch.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not broker.hlen("unacked"):
+            time.sleep(0.0005)
+            continue
+        procs = victims()
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        rids = [rid for rids in in_flight(broker).values() for rid in rids]
+        if rids and unanswered(pg, rids):
+            return rids
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+    raise AssertionError(f"no unanswered batch caught in the worker's hands within {timeout}s")
+
+
+def unanswered(pg: psycopg.Connection[Any], rids: list[int]) -> int:
+    row = pg.execute(
+        "SELECT count(*) FROM unnest(%s::integer[]) AS t(request_id)"
+        " WHERE NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = t.request_id)",
+        (rids,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def answered_by(pg: psycopg.Connection[Any], source: str, since: float) -> bool:
+    row = pg.execute(
+        "SELECT count(*) FROM ai_requests r JOIN ai_responses s USING (request_id)"
+        " WHERE s.source = %s AND r.created_at > to_timestamp(%s)",
+        (source, since),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
+    """Poll until `predicate` holds or the monotonic `deadline` passes."""
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def describe(caught: list[int], rows: dict[int, Outcome]) -> str:
+    """What became of the requests of the killed batch."""
+    return ", ".join(
+        f"{rid}: {o.status}/{o.source}/{o.reason} after {o.latency_s}"
+        for rid in caught
+        if (o := rows.get(rid)) is not None
+    )
+
+
+def start(svc: Service) -> None:
+    svc.start_worker("cpu-1", "cpu")
+    svc.start_worker("rules", "rules")
+    svc.start_bridge()
+    svc.wait_worker("cpu-1", "cpu")
+    svc.wait_worker("rules", "rules")
+
+
+def test_a_worker_killed_mid_batch_leaves_every_request_one_answer_in_time(
+    config: Config, redis_server: RedisServer, make_service: Callable[..., Service]
+) -> None:
+    """The whole worker (main process and its pool process) dies with a batch in hand.
+
+    The game here is the real one: it gives up after its timeout (= max_latency_ms) and
+    marks the row `timeout`, long before the lease (lease_ms > max_latency_ms, as in the
+    shipped config) runs out.
+    """
+    s = Settings()
+    svc = make_service(config.database.conninfo, redis_server.url, s)
+    start(svc)
+    broker = redis_server.client(BROKER_DB)
+    problems: list[str] = []
+    with contextlib.closing(broker), psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+        warm_up(pg)
+        with GameLoad(config.database.conninfo, realistic=4, timeout_ms=s.max_latency_ms) as load:
+            load.wait_decisions(40)
+            caught = freeze_with_a_batch_in_hand(
+                broker,
+                pg,
+                lambda: [psutil.Process(svc.procs["cpu-1"].pid), *svc.pool_processes("cpu-1")],
+            )
+            svc.kill("cpu-1")
+            killed_at, killed_at_mono = db_now(pg), time.monotonic()
+            # The cpu heartbeat lapses, the bridges move the traffic to the rules tier.
+            wait_for(lambda: answered_by(pg, "rules", killed_at), 15, "answers from the rules tier")
+            load.keep_going(1.0)
+        settle(pg, s.bound_s + 2)
+        first, rows = audit(
+            pg, bound_s=s.bound_s, decisions=load.decisions, inserted=load.inserted
+        )
+        problems += [f"after the kill: {p}" for p in first]
+        assert set(caught) <= set(rows), "the killed batch names requests that do not exist"
+
+        # celery_app.py: "A killed worker's unacked batch comes back after this [the
+        # visibility timeout]". The rules worker is a consumer of the same broker, and
+        # sweeps the unacknowledged batches.
+        comes_back_s = s.visibility_timeout_s + 5
+        back = wait_until(lambda: not broker.hlen("unacked"), killed_at_mono + comes_back_s)
+        if not back:
+            problems.append(
+                f"the killed worker's batch is still unacknowledged {comes_back_s}s after the "
+                f"kill (visibility_timeout_s {s.visibility_timeout_s}): not redelivered"
+            )
+
+        # A new cpu worker: the killed worker's batch is (or was) redelivered and answered
+        # a second time, which must change nothing.
+        svc.start_worker("cpu-2", "cpu")
+        svc.wait_worker("cpu-2", "cpu")
+        wait_for(
+            lambda: not broker.hlen("unacked") and not broker.llen("cpu"),
+            30,
+            "the killed worker's batch to be redelivered and consumed",
+        )
+        warm_up(pg)
+        settle(pg, 5)
+        second, after = audit(pg, bound_s=s.bound_s)
+        problems += [f"after the redelivery: {p}" for p in second if p not in first]
+        changed = [
+            f"request {rid}: {o.status} {o.parsed} became {after[rid].status} {after[rid].parsed}"
+            for rid, o in rows.items()
+            if o.action is not None and (after[rid].parsed, after[rid].status) != (o.parsed, o.status)
+        ]
+        problems += [f"after the redelivery: {c}" for c in changed]
+    assert svc.crashed() == {}, svc.tails()
+    assert not load.crashes, load.crashes
+    assert not problems, f"killed batch {describe(caught, rows)}\n" + report(problems, after, svc)
+    codes = svc.stop()
+    assert all(c == 0 for c in codes.values()), f"unclean stop {codes}\n{svc.tails()}"
+
+
+def test_a_pool_process_killed_mid_batch_gives_its_batch_back(
+    config: Config, redis_server: RedisServer, make_service: Callable[..., Service]
+) -> None:
+    """Only the pool process dies (the OOM killer's choice): the worker's main process
+    sees it (reject_on_worker_lost), the batch is requeued, a new pool process answers."""
+    s = Settings()
+    svc = make_service(config.database.conninfo, redis_server.url, s)
+    start(svc)
+    broker = redis_server.client(BROKER_DB)
+    with contextlib.closing(broker), psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+        warm_up(pg)
+        with GameLoad(config.database.conninfo, realistic=4, timeout_ms=s.max_latency_ms) as load:
+            load.wait_decisions(40)
+            caught = freeze_with_a_batch_in_hand(broker, pg, lambda: svc.pool_processes("cpu-1"))
+            (child,) = svc.pool_processes("cpu-1")
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+            killed_at = db_now(pg)
+            wait_for(
+                lambda: len(svc.pool_processes("cpu-1")) == 1, 20, "a new pool process"
+            )
+            wait_for(lambda: answered_by(pg, "model", killed_at), 20, "model answers again")
+            load.keep_going(1.0)
+        settle(pg, s.bound_s + 2)
+        problems, rows = audit(
+            pg, bound_s=s.bound_s, decisions=load.decisions, inserted=load.inserted
+        )
+    assert svc.crashed() == {}, svc.tails()
+    assert not load.crashes, load.crashes
+    assert "WorkerLostError" in svc.log_text("cpu-1"), svc.tail("cpu-1")
+    assert not problems, f"killed batch {describe(caught, rows)}\n" + report(problems, rows, svc)
+    codes = svc.stop()
+    assert all(c == 0 for c in codes.values()), f"unclean stop {codes}\n{svc.tails()}"

@@ -1,0 +1,161 @@
+"""``mltasks dev`` and its embedded servers: they start, answer and stop; dev with closed
+configured ports goes embedded, answers the game's statements, runs the emulated load,
+and leaves no process behind after a Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import redis
+
+from mltasks.dev import STATE_FILE, read_state
+from mltasks.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    postgres_answers,
+    redis_answers,
+    start_test_services,
+)
+from tests import game
+from tests.conftest import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+CLOSED_PG = "postgresql://ml_user@127.0.0.1:1/ragnarok_ml"
+CLOSED_REDIS = "redis://127.0.0.1:1"
+# 10% HP with an enemy adjacent: the demo models and the rules answer FLEE.
+STATE = [0.1, 0.5] + [0.0] * 9 + [0.05, 0.5, 0.5] + [0.0] * 50
+
+
+def gone(pids: list[int]) -> bool:
+    """No process left among ``pids`` (a zombie awaiting its reaper counts as gone)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def test_embedded_servers_start_answer_and_stop(tmp_path: Path) -> None:
+    with EmbeddedPostgres(tmp_path / "pg") as pg, EmbeddedRedis(tmp_path / "redis") as rs:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        client = redis.Redis.from_url(rs.url + "/3")
+        assert client.ping() and client.set("k", "v") and client.get("k") == b"v"
+        client.close()
+        assert postgres_answers(pg.admin_url) and redis_answers(rs.url)
+        pids = [pg.pid, rs.pid]
+    assert None not in pids
+    assert wait_for(lambda: gone([p for p in pids if p is not None]), 10, "servers gone")
+    assert not postgres_answers(pg.admin_url, 0.5) and not redis_answers(rs.url, 0.5)
+
+
+def test_closed_ports_do_not_answer() -> None:
+    assert not postgres_answers(CLOSED_PG, 0.5)
+    assert not redis_answers(CLOSED_REDIS, 0.5)
+
+
+def test_test_services_start_only_what_does_not_answer(tmp_path: Path) -> None:
+    env = {"MLTASKS_TEST_PG": CLOSED_PG, "MLTASKS_TEST_REDIS_URL": CLOSED_REDIS}
+    services = start_test_services(tmp_path, env, timeout_s=0.5)
+    try:
+        assert services.postgres is not None and services.redis is not None
+        assert env["MLTASKS_TEST_PG"] == services.postgres.admin_url
+        assert env["MLTASKS_TEST_REDIS_URL"] == services.redis.url
+        with psycopg.connect(env["MLTASKS_TEST_PG"]) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+        again = start_test_services(tmp_path / "again", dict(env))
+        assert again.postgres is None and again.redis is None and again.env == {}
+    finally:
+        services.stop()
+
+
+def _dev(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``mltasks dev`` as the operator runs it, configured servers on closed ports."""
+    env = dict(os.environ, MLTASKS_DATABASE_URL=CLOSED_PG, MLTASKS_REDIS_URL=CLOSED_REDIS)
+    out = tmp_path / "dev.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mltasks.dev", "--data-dir", str(tmp_path / "dev"), *args],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, out
+
+
+def _ready(proc: subprocess.Popen[bytes], data_dir: Path, log: Path) -> dict[str, Any]:
+    def state() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"dev exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        doc = read_state(data_dir)
+        return doc if doc is not None and doc.get("ready_s") is not None else None
+
+    return wait_for(state, 60, "dev to be ready")
+
+
+def test_dev_goes_embedded_answers_the_game_and_stops_on_sigint(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    proc, log = _dev(
+        tmp_path,
+        "--models-dir", str(models_dir),
+        "--connect-timeout", "0.5",
+        "--load", "--clients", "2", "--timeout-ms", "2000",
+        "--no-live",
+    )  # fmt: skip
+    data_dir = tmp_path / "dev"
+    try:
+        state = _ready(proc, data_dir, log)
+        assert {"postgres", "redis", "bridge", "worker", "beat"} <= set(state["processes"])
+        assert state["database_url"] and state["redis_url"]
+        ours = [proc.pid, *state["processes"].values()]
+        ours += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+
+        with psycopg.connect(state["database_url"], autocommit=True) as conn:
+            request_id, answer = game.decide(conn, STATE, timeout_ms=10_000)
+            assert answer is not None, log.read_text()[-3000:]
+            action, confidence = answer
+            source = conn.execute(
+                "SELECT source, reason FROM ai_responses WHERE request_id = %s", (request_id,)
+            ).fetchone()
+            assert 0 <= action <= 9 and 0.0 <= confidence <= 1.0, source
+            assert source is not None and source[0] in ("model", "rules", "cache")
+
+            def load_answered() -> bool:
+                row = conn.execute("SELECT count(*) FROM ai_responses").fetchone()
+                return row is not None and row[0] > 20
+
+            wait_for(load_answered, 30, "the emulated load's answers")
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(45) == 0, log.read_text()[-3000:]
+        assert wait_for(lambda: gone(ours), 15, "every process dev started to end")
+        assert not (data_dir / STATE_FILE).exists()
+        assert "ready in" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dev_embedded_never_fails_fast_on_closed_ports(tmp_path: Path) -> None:
+    proc, log = _dev(tmp_path, "--embedded", "never", "--models-dir", str(tmp_path / "m"))
+    try:
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "cannot connect to PostgreSQL" in text, text
+    assert read_state(tmp_path / "dev") is None

@@ -1,0 +1,341 @@
+"""``mltasks status``: every indicator read from real PostgreSQL and Redis, the verdict and
+its exit code (0 healthy, 1 degraded, 2 unreachable), as a table and as JSON.
+
+The tests use Redis db 15 for both cache and broker: the session's in-process worker
+beats and probes into db 12, and its heartbeats must not make a queue look live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from mltasks import keys, status
+from mltasks.cache import stats_key
+from mltasks.config import Config
+from mltasks.fallback import LevelStore
+from mltasks.sql import parse_queries
+
+STATUS_DB = 15
+ALL_QUEUES = ["gpu", "cpu", "rules"]
+CPU_HOST: dict[str, Any] = {
+    "gpu_present": False,
+    "vram_used_bytes": None,
+    "vram_total_bytes": None,
+    "cpu_load_per_core": 0.4,
+    "ram_used_fraction": 0.3,
+    "queue_lag_s": None,
+    "taken_at": 0.0,
+    "gpu_status": "no GPU",
+    "models_loaded": 54,
+}
+GPU_HOST = dict(
+    CPU_HOST, gpu_present=True, vram_used_bytes=2 << 30, vram_total_bytes=8 << 30, gpu_status="ok"
+)
+
+
+@pytest.fixture
+def cfg(config: Config) -> Config:
+    """The test database, Redis db 15 for the cache and the broker, a 2 s deadline."""
+    return dataclasses.replace(
+        config,
+        redis=dataclasses.replace(config.redis, cache_db=STATUS_DB, broker_db=STATUS_DB),
+    )
+
+
+@pytest.fixture
+def r(cfg: Config) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(cfg.redis.db_url(STATUS_DB))
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def store(cfg: Config, r: redis.Redis) -> LevelStore:
+    return LevelStore(cfg, r)
+
+
+def answered(pg: psycopg.Connection[Any], n: int, latency_s: float, action: int = 3) -> None:
+    """``n`` requests made 5 s ago, answered ``latency_s`` later."""
+    pg.execute(
+        """
+        WITH r AS (
+            INSERT INTO ai_requests (monster_id, mob_id, archetype, status, created_at)
+            SELECT g, 1002, 'aggressive', 'completed', clock_timestamp() - interval '5 s'
+            FROM generate_series(1, %(n)s) AS g
+            RETURNING request_id, created_at
+        )
+        INSERT INTO ai_responses (request_id, action_id, confidence, source, created_at)
+        SELECT request_id, %(action)s, 0.9, 'model',
+               created_at + make_interval(secs => %(latency_s)s)
+        FROM r
+        """,
+        {"n": n, "latency_s": latency_s, "action": action},
+    )
+
+
+def pending(pg: psycopg.Connection[Any], age_s: float) -> None:
+    pg.execute(
+        "INSERT INTO ai_requests (monster_id, mob_id, archetype, created_at) "
+        "VALUES (1, 1002, 'aggressive', clock_timestamp() - make_interval(secs => %s))",
+        (age_s,),
+    )
+
+
+def healthy_cpu_host(store: LevelStore, r: redis.Redis, pg: psycopg.Connection[Any]) -> None:
+    """A CPU-only host serving at level 3 with all models, fast answers, some cache hits."""
+    store.set(3, "GPU missing (no GPU)")
+    store.beat(ALL_QUEUES, 60_000)
+    store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
+    store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
+    bucket = int(time.time() // keys.STATS_BUCKET_S)
+    r.hset(stats_key("l2", bucket), mapping={"hits": 1, "misses": 3})
+    r.hset(stats_key("l3", bucket), mapping={"hits": 1, "misses": 1})
+    answered(pg, 40, 0.004)
+    answered(pg, 1, 0.050, action=255)
+
+
+def never_load(config: Config) -> int:
+    raise AssertionError("the workers' reports must be used, not the files")
+
+
+def run_command(cfg: Config, monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, str]:
+    """`mltasks status ...` through the parser `add_parser` builds, as cli.py will call it."""
+    monkeypatch.setattr(status, "get_config", lambda: cfg)
+    parser = argparse.ArgumentParser(prog="mltasks")
+    status.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["status", *argv])
+    out = io.StringIO()
+    code = args.func(args, out)
+    return code, out.getvalue()
+
+
+# --- healthy ------------------------------------------------------------------------------
+
+
+def test_healthy_cpu_host_table_json_and_exit_0(
+    cfg: Config,
+    store: LevelStore,
+    r: redis.Redis,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    healthy_cpu_host(store, r, pg)
+    monkeypatch.setattr(status, "count_loadable_models", never_load)
+
+    code, text = run_command(cfg, monkeypatch)
+    assert code == status.HEALTHY, text
+    assert "mltasks status: healthy" in text
+    assert "54/54 (workers)" in text
+    assert "3 CPU" in text and "best reachable 3" in text
+    assert "l2 25%, l3 50%" in text
+    assert "41 answers, 1 of them 255" in text
+    assert "no GPU" in text
+    assert "FAIL" not in text
+
+    code, text = run_command(cfg, monkeypatch, "--json")
+    doc = json.loads(text)
+    assert code == status.HEALTHY and doc["exit_code"] == 0 and doc["verdict"] == "healthy"
+    assert doc["problems"] == []
+    assert doc["postgres"]["reachable"] and doc["redis"]["reachable"]
+    assert doc["models"] == {"loaded": 54, "expected": 54, "source": "workers"}
+    assert doc["level"]["level"] == 3 and doc["level"]["serving"] == 3
+    assert doc["level"]["ceiling"] == 3 and doc["level"]["since"] is not None
+    assert doc["cache"] == {"l2": 0.25, "l3": 0.5}
+    lat = doc["latency"]
+    assert lat["answered"] == 41 and lat["answered_255"] == 1
+    assert 3.5 <= lat["avg_ms"] <= 6.0, lat
+    assert 4.0 <= lat["p99_ms"] <= 50.5 and 49.5 <= lat["max_ms"] <= 50.5, lat
+    assert doc["queue"]["pending"] == 0 and doc["queue"]["lag_ms"] == 0.0
+    assert doc["queue"]["broker"] == {"gpu": 0, "cpu": 0, "rules": 0}
+    assert all(doc["workers"][q]["live"] for q in ALL_QUEUES)
+    assert doc["gpu"]["present"] is False
+
+
+def test_gpu_host_at_level_1_shows_vram(
+    cfg: Config, store: LevelStore, pg: psycopg.Connection[Any]
+) -> None:
+    store.set(1, "recovered")
+    store.beat(["gpu", "cpu"], 60_000)
+    store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
+    s = status.collect(cfg, count_files=never_load)
+    assert s.exit_code == status.HEALTHY, s.problems
+    assert s.level is not None and s.level.ceiling == 1
+    assert ("VRAM", "2.0 GiB / 8.0 GiB (25%)", "-") in status.rows(s)
+
+
+# --- degraded -----------------------------------------------------------------------------
+
+
+def _level5(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    store.set(5, "no usable model")
+
+
+def _no_worker_for_level(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    r = store.redis
+    r.delete(keys.heartbeat("cpu"))
+
+
+def _worse_than_reachable(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    store.set(4, "load 2.5/core above 2")
+
+
+def _slow_answers(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    answered(pg, 30, 2.5)  # the test config's deadline is 2000 ms
+
+
+def _queue_lag(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    pending(pg, 3.0)
+
+
+def _missing_models(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
+    store.publish_health("cpu", {3: (True, "")}, dict(CPU_HOST, models_loaded=48))
+
+
+@pytest.mark.parametrize(
+    ("break_it", "why", "row"),
+    [
+        (_level5, "level 5: every request gets 255", "fallback level"),
+        (_no_worker_for_level, "no live worker on queue 'cpu' for level 3", "fallback level"),
+        (_worse_than_reachable, "level 4 is worse than the reachable level 3", "fallback level"),
+        (_slow_answers, "above the 2000 ms deadline", "latency (5 min)"),
+        (_queue_lag, "queue lag", "queue"),
+        (_missing_models, "48/54 models load (workers)", "models loaded"),
+    ],
+)
+def test_each_degraded_rule_exits_1_and_marks_its_row(
+    cfg: Config,
+    store: LevelStore,
+    r: redis.Redis,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    break_it: Any,
+    why: str,
+    row: str,
+) -> None:
+    healthy_cpu_host(store, r, pg)
+    break_it(store, pg)
+    s = status.collect(cfg, count_files=never_load)
+    assert s.exit_code == status.DEGRADED
+    assert any(why in p for p in s.problems), s.problems
+    marks = {name: state for name, _, state in status.rows(s)}
+    assert marks[row] == "fail", marks
+
+    code, text = run_command(cfg, monkeypatch, "--json")
+    doc = json.loads(text)
+    assert code == status.DEGRADED and doc["verdict"] == "degraded"
+    assert any(why in p for p in doc["problems"])
+    code, text = run_command(cfg, monkeypatch)
+    assert code == status.DEGRADED
+    assert "mltasks status: degraded" in text and "FAIL" in text
+
+
+def test_no_worker_at_all_is_degraded_not_a_crash(
+    cfg: Config, r: redis.Redis, pg: psycopg.Connection[Any], models_dir: Path
+) -> None:
+    """Nothing published yet: the start level, no workers; models counted from the files."""
+    s = status.collect(cfg)
+    assert s.exit_code == status.DEGRADED
+    assert s.level is not None and s.level.since is None and s.level.serving == 5
+    assert s.models is not None and (s.models.loaded, s.models.source) == (54, "files")
+    assert s.gpu is not None and s.gpu.present is None
+    assert "no answers in the window" in json.dumps(status.rows(s))
+
+
+def test_missing_model_files_count_as_degraded(
+    cfg: Config, store: LevelStore, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    store.set(3, "test")
+    store.beat(ALL_QUEUES, 60_000)
+    empty = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=tmp_path))
+    s = status.collect(empty)
+    assert s.models is not None and (s.models.loaded, s.models.source) == (0, "files")
+    assert "0/54 models load (files)" in s.problems
+
+
+def test_garbage_in_redis_is_shown_as_unknown(
+    cfg: Config, store: LevelStore, r: redis.Redis, pg: psycopg.Connection[Any]
+) -> None:
+    store.set(3, "test")
+    r.set(keys.heartbeat("cpu"), "not a time", px=60_000)
+    r.set(keys.probes("cpu"), "{not json", ex=60)
+    r.set(keys.probes("gpu"), json.dumps([1, 2]), ex=60)
+    r.hset(stats_key("l1", int(time.time() // keys.STATS_BUCKET_S)), "hits", "many")
+    s = status.collect(cfg, count_files=lambda c: 54)
+    assert s.workers["cpu"].live
+    assert s.gpu is not None and s.gpu.present is None
+    status.render(s)  # renders
+
+
+# --- unreachable --------------------------------------------------------------------------
+
+
+def test_unreachable_servers_exit_2_with_what_could_be_read(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = dataclasses.replace(
+        cfg,
+        database=dataclasses.replace(cfg.database, url="postgresql://x@127.0.0.1:1/x"),
+        redis=dataclasses.replace(cfg.redis, url="redis://127.0.0.1:1"),
+    )
+    t0 = time.monotonic()
+    code, text = run_command(closed, monkeypatch, "--json", "--timeout", "0.5")
+    assert time.monotonic() - t0 < 10
+    doc = json.loads(text)
+    assert code == status.UNREACHABLE and doc["verdict"] == "unreachable"
+    assert not doc["postgres"]["reachable"] and "refused" in doc["postgres"]["error"].lower()
+    assert not doc["redis"]["reachable"] and doc["redis"]["error"]
+    code, text = run_command(closed, monkeypatch)
+    assert code == status.UNREACHABLE and "mltasks status: unreachable" in text
+
+
+def test_redis_away_postgres_still_read(
+    cfg: Config, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered(pg, 5, 0.01)
+    no_redis = dataclasses.replace(
+        cfg, redis=dataclasses.replace(cfg.redis, url="redis://127.0.0.1:1")
+    )
+    s = status.collect(no_redis, timeout_s=0.5, count_files=lambda c: 54)
+    assert s.exit_code == status.UNREACHABLE
+    assert s.postgres.reachable and s.latency is not None and s.latency.answered == 5
+    assert s.level is None
+    names = [name for name, _, _ in status.rows(s)]
+    assert "fallback level" in names and "latency (5 min)" in names
+
+
+# --- pure parts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("live", "gpu", "best"),
+    [
+        ({"gpu": True, "cpu": True}, True, 1),
+        ({"gpu": True, "cpu": True}, False, 3),
+        ({"gpu": True}, None, 3),
+        ({"cpu": True}, True, 3),
+        ({"rules": True}, None, 4),
+        ({}, None, 5),
+    ],
+)
+def test_best_reachable_level(live: dict[str, bool], gpu: bool | None, best: int) -> None:
+    assert status.best_reachable(live, gpu) == best
+
+
+def test_status_sql_blocks_parse_and_serve_until_queries_sql_has_them() -> None:
+    blocks = parse_queries(status.STATUS_SQL)
+    assert set(blocks) == {"status_queue", "status_latency"}
+    for name in blocks:
+        assert "FROM ai_requests" in status.status_query(name)
