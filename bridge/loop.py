@@ -26,7 +26,15 @@ from mltasks.celery_app import INFER_TASK, QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
-from mltasks.fallback import LEVEL_QUEUE, Level, LevelState, LevelStore, route
+from mltasks.fallback import (
+    LEVEL_QUEUE,
+    LEVEL_READ_TIMEOUT_S,
+    Level,
+    LevelState,
+    LevelStore,
+    cache_client,
+    route,
+)
 from mltasks.inference import answer_rows, traditional
 from mltasks.responses import expire, write_answers
 from mltasks.rules import RULES
@@ -53,7 +61,9 @@ class Bridge:
 
             app = default_app
         self.app = app
-        self.store = LevelStore(self.config)
+        self.store = LevelStore(
+            self.config, cache_client(self.config, timeout_s=LEVEL_READ_TIMEOUT_S)
+        )
         self.state = self.store.last
         self.live: dict[str, bool] = {}
         # The level batches are served at: the shared one, or lower when its tier is empty.

@@ -220,9 +220,9 @@ class WorkerConfig:
 class MonitoringConfig:
     metrics_host: str = "127.0.0.1"
     # The worker's /metrics (its prefork children aggregated); 0 switches it off.
-    metrics_port: int = 9192
-    # The bridge's own /metrics; 9090 is left to Prometheus itself.
-    bridge_metrics_port: int = 9191
+    metrics_port: int = 9090
+    # The bridge's own /metrics: a bridge and a worker often share a host.
+    bridge_metrics_port: int = 9091
 
     def __post_init__(self) -> None:
         _range("monitoring.metrics_port", self.metrics_port, 0, 65535)

@@ -86,13 +86,18 @@ return 0
 """
 
 
-def cache_client(config: Config) -> redis.Redis:
+# The level is read in the bridge's loop: a hung Redis may cost it this much, no more.
+LEVEL_READ_TIMEOUT_S = 0.1
+
+
+def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
     """A client on the cache db with short timeouts: Redis must never stall a hot path."""
     r = config.redis
+    t = r.socket_timeout_s if timeout_s is None else timeout_s
     return redis.Redis.from_url(
         r.db_url(r.cache_db),
-        socket_timeout=r.socket_timeout_s,
-        socket_connect_timeout=r.socket_timeout_s,
+        socket_timeout=t,
+        socket_connect_timeout=t,
         health_check_interval=0,
     )
 

@@ -368,6 +368,8 @@ def test_service_configurations(
     assert cfg.fallback.cpu_load_per_core > 1000
     if queue is not None:
         assert cfg.worker.concurrency == concurrency
+        # Celery takes the configured pool over a "--pool prefork" on the command line.
+        assert getattr(cfg.worker, "pool", settings.pool) == settings.pool
         assert settings.describe()["pool"] == pool
     else:
         assert "pool" not in settings.describe()

@@ -30,7 +30,7 @@ def test_shipped_file_matches_the_game_defaults() -> None:
 def test_embedded_defaults_without_any_file(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), environ={})
     assert cfg.database.name == "ragnarok_ml"
-    assert (cfg.monitoring.metrics_port, cfg.monitoring.bridge_metrics_port) == (9192, 9191)
+    assert (cfg.monitoring.metrics_port, cfg.monitoring.bridge_metrics_port) == (9090, 9091)
 
 
 def test_substitution_with_defaults() -> None:

@@ -197,10 +197,10 @@ def test_deploy_config_loads() -> None:
 
     cfg = load_config(
         DEPLOY / "config" / "mltasks.yaml",
-        environ={"MLTASKS_METRICS_HOST": "0.0.0.0", "MLTASKS_METRICS_PORT": "9193"},
+        environ={"MLTASKS_METRICS_HOST": "0.0.0.0", "MLTASKS_METRICS_PORT": "9092"},
     )
     assert cfg.monitoring.metrics_host == "0.0.0.0"
-    assert cfg.monitoring.metrics_port == 9193
+    assert cfg.monitoring.metrics_port == 9092
     assert cfg.logging.format == "json"
 
 

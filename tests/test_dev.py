@@ -4,6 +4,7 @@ and leaves no process behind after a Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -123,14 +124,21 @@ def test_dev_goes_embedded_answers_the_game_and_stops_on_sigint(
         ours += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
 
         with psycopg.connect(state["database_url"], autocommit=True) as conn:
-            request_id, answer = game.decide(conn, STATE, timeout_ms=10_000)
-            assert answer is not None, log.read_text()[-3000:]
-            action, confidence = answer
-            source = conn.execute(
-                "SELECT source, reason FROM ai_responses WHERE request_id = %s", (request_id,)
-            ).fetchone()
-            assert 0 <= action <= 9 and 0.0 <= confidence <= 1.0, source
-            assert source is not None and source[0] in ("model", "rules", "cache")
+
+            def served() -> tuple[int, float, str] | None:
+                """One decision; its answer when a model, the cache or the rules gave it."""
+                request_id, answer = game.decide(conn, STATE, timeout_ms=5_000)
+                assert answer is not None, log.read_text()[-3000:]
+                row = conn.execute(
+                    "SELECT source FROM ai_responses WHERE request_id = %s", (request_id,)
+                ).fetchone()
+                assert row is not None
+                # A 255 from the bridge is a valid answer too, while the worker warms up.
+                return (*answer, row[0]) if answer[0] != 255 else None
+
+            action, confidence, source = wait_for(served, 30, "an answer from the service")
+            assert 0 <= action <= 9 and 0.0 <= confidence <= 1.0
+            assert source in ("model", "rules", "cache")
 
             def load_answered() -> bool:
                 row = conn.execute("SELECT count(*) FROM ai_responses").fetchone()
@@ -144,9 +152,22 @@ def test_dev_goes_embedded_answers_the_game_and_stops_on_sigint(
         assert not (data_dir / STATE_FILE).exists()
         assert "ready in" in log.read_text()
     finally:
-        if proc.poll() is None:
+        _stop(proc, data_dir)
+
+
+def _stop(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
+    """After a failure: Ctrl-C first (dev stops what it started), then kill what is left."""
+    if proc.poll() is None:
+        state = read_state(data_dir) or {}
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            for pid in state.get("processes", {}).values():
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(pid).kill()
 
 
 def test_dev_embedded_never_fails_fast_on_closed_ports(tmp_path: Path) -> None:
@@ -154,8 +175,7 @@ def test_dev_embedded_never_fails_fast_on_closed_ports(tmp_path: Path) -> None:
     try:
         assert proc.wait(30) == 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc, tmp_path / "dev")
     text = log.read_text()
     assert "cannot connect to PostgreSQL" in text, text
     assert read_state(tmp_path / "dev") is None

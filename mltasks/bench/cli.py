@@ -56,7 +56,7 @@ from mltasks.bench.responders import (
     floor_responder,
     service_responder,
 )
-from mltasks.bench.service import LEVELS, POOLS, ServiceSettings
+from mltasks.bench.service import LEVELS, POOLS, ServiceSettings, default_pool
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
 
@@ -109,7 +109,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
     g = p.add_argument_group("service configuration")
-    g.add_argument("--pool", choices=POOLS, default="prefork", help="Celery worker pool")
+    g.add_argument(
+        "--pool",
+        choices=POOLS,
+        default=default_pool(),
+        help="Celery worker pool (default: the service's, worker.pool)",
+    )
     g.add_argument("--concurrency", type=int, default=2, help="worker pool size")
     g.add_argument(
         "--cache",
@@ -227,7 +232,7 @@ def add_parser(subparsers: Any) -> None:
     _bulk_options(cache)
     _common(cache)
     g = cache.add_argument_group("service configuration")
-    g.add_argument("--pool", choices=POOLS, default="prefork")
+    g.add_argument("--pool", choices=POOLS, default=default_pool())
     g.add_argument("--concurrency", type=int, default=2)
     g.add_argument("--level", type=int, choices=(3,), default=3, help=argparse.SUPPRESS)
     g.add_argument("--degrade", action="store_true", help="let the level move during a run")

@@ -39,7 +39,7 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.config import Config, MonitoringConfig, RedisConfig, load_config
+from mltasks.config import Config, MonitoringConfig, RedisConfig, WorkerConfig, load_config
 
 BROKER_DB = 9
 CACHE_DB = 10
@@ -115,6 +115,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def default_pool() -> Pool:
+    """The pool the service runs with when nothing is said (``worker.pool``'s default)."""
+    pool = getattr(WorkerConfig(), "pool", "prefork")
+    return pool if pool in POOLS else "prefork"
+
+
+def _worker(s: ServiceSettings) -> dict[str, Any]:
+    """The worker section. The pool goes into the config too when the config has it:
+    Celery takes ``worker_pool`` from the config over a ``--pool prefork`` on the command
+    line (it cannot tell that value from its own default)."""
+    out: dict[str, Any] = {"concurrency": s.worker_concurrency}
+    if "pool" in {f.name for f in dataclasses.fields(WorkerConfig)}:
+        out["pool"] = s.pool
+    return out
+
+
 def _monitoring() -> dict[str, Any]:
     """Metrics stay on (they are part of what the service costs), on free ports."""
     known = {f.name for f in dataclasses.fields(MonitoringConfig)}
@@ -140,7 +156,7 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
         "redis": {"url": s.redis_url, "broker_db": BROKER_DB, "cache_db": CACHE_DB},
         "caching": {"enabled": s.caching},
         "fallback": fallback,
-        "worker": {"concurrency": s.worker_concurrency},
+        "worker": _worker(s),
         "monitoring": _monitoring(),
         "logging": {"level": "WARNING"},
     }

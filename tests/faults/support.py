@@ -382,7 +382,7 @@ class Service:
         """The last log lines of a process, without Celery's start banner."""
         path = self.dir / f"{name}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
-        kept = [ln for ln in text.splitlines() if ln.strip() and not _BANNER.match(ln)]
+        kept = [ln for ln in text.splitlines() if ln.strip() and not _BANNER.search(ln)]
         return "\n".join(kept[-lines:])
 
     def tails(self, lines: int = 25) -> str:

@@ -44,7 +44,7 @@ def freeze_with_a_batch_in_hand(
     pg: psycopg.Connection[Any],
     victims: Callable[[], list[psutil.Process]],
     timeout: float = 20.0,
-) -> list[int]:
+) -> tuple[list[int], list[psutil.Process]]:
     """SIGSTOP `victims` while they hold a batch not yet answered; its request ids.
 
     The worker consumes with prefetch 1, so an entry in kombu's `unacked` hash is the batch
@@ -61,8 +61,9 @@ def freeze_with_a_batch_in_hand(
         for p in procs:
             p.send_signal(signal.SIGSTOP)
         rids = [rid for rids in in_flight(broker).values() for rid in rids]
-        if rids and unanswered(pg, rids):
-            return rids
+        # twice: an answer already on its way to PostgreSQL lands within milliseconds
+        if rids and unanswered(pg, rids) and (time.sleep(0.05) or unanswered(pg, rids)):
+            return rids, procs
         for p in procs:
             p.send_signal(signal.SIGCONT)
     raise AssertionError(f"no unanswered batch caught in the worker's hands within {timeout}s")
@@ -130,7 +131,7 @@ def test_a_worker_killed_mid_batch_leaves_every_request_one_answer_in_time(
         warm_up(pg)
         with GameLoad(config.database.conninfo, realistic=4, timeout_ms=s.max_latency_ms) as load:
             load.wait_decisions(40)
-            caught = freeze_with_a_batch_in_hand(
+            caught, _ = freeze_with_a_batch_in_hand(
                 broker,
                 pg,
                 lambda: [psutil.Process(svc.procs["cpu-1"].pid), *svc.pool_processes("cpu-1")],
@@ -197,8 +198,11 @@ def test_a_pool_process_killed_mid_batch_gives_its_batch_back(
         warm_up(pg)
         with GameLoad(config.database.conninfo, realistic=4, timeout_ms=s.max_latency_ms) as load:
             load.wait_decisions(40)
-            caught = freeze_with_a_batch_in_hand(broker, pg, lambda: svc.pool_processes("cpu-1"))
-            (child,) = svc.pool_processes("cpu-1")
+            caught, frozen = freeze_with_a_batch_in_hand(
+                broker, pg, lambda: svc.pool_processes("cpu-1")
+            )
+            assert len(frozen) == 1, frozen
+            (child,) = frozen
             child.send_signal(signal.SIGKILL)
             child.wait(10)
             killed_at = db_now(pg)

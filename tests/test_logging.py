@@ -1,0 +1,122 @@
+"""Logs: JSON or text, a stable `event` on every record, and never a secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from mltasks.config import Config, LoggingConfig
+from mltasks.logs import JsonFormatter, TextFormatter, configure_logging
+from tests import game
+from tests.conftest import wait_for
+
+SECRET = "Sup3r-S3cret-pw-4711"
+
+
+def record(**extra: Any) -> logging.LogRecord:
+    rec = logging.LogRecord("mltasks.x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def test_json_lines_carry_event_and_extras() -> None:
+    doc = json.loads(JsonFormatter().format(record(event="batch_answered", rows=3)))
+    assert (doc["event"], doc["msg"], doc["rows"], doc["level"]) == (
+        "batch_answered",
+        "hello you",
+        3,
+        "INFO",
+    )
+    # A record without an event still has one: the logger's name.
+    assert json.loads(JsonFormatter().format(record()))["event"] == "mltasks.x"
+    assert "event=batch_answered" in TextFormatter().format(record(event="batch_answered"))
+
+
+def test_configure_logging_picks_the_format(capsys: Any) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(LoggingConfig(level="INFO", format="json"))
+        logging.getLogger("mltasks.t").info("x", extra={"event": "probe"})
+        assert json.loads(capsys.readouterr().err.strip())["event"] == "probe"
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: Path) -> None:
+    params = conninfo_to_dict(config.database.conninfo)
+    url = make_conninfo(config.database.conninfo, password=SECRET)  # trust auth ignores it
+    bad_url = make_conninfo(url, dbname=f"{params['dbname']}_missing")
+    cfg = tmp_path / "json.yaml"
+    cfg.write_text(
+        "logging:\n  level: DEBUG\n  format: json\n"
+        "redis:\n  broker_db: 13\n  cache_db: 14\n"
+        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
+    )
+    env = dict(
+        os.environ,
+        MLTASKS_CONFIG=str(cfg),
+        MLTASKS_DATABASE_URL=url,
+        MLTASKS_MODELS_DIR=str(models_dir),
+        ML_DB_PASSWORD=SECRET,
+    )
+    py = sys.executable
+    log_path = tmp_path / "all.log"
+    with log_path.open("wb") as out:
+        procs = [
+            subprocess.Popen([py, "-m", "bridge"], env=env, stdout=out, stderr=out),
+            subprocess.Popen(
+                [
+                    py,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "mltasks",
+                    "worker",
+                    "-Q",
+                    "cpu",
+                    "-l",
+                    "DEBUG",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                env=env,
+                stdout=out,
+                stderr=out,
+            ),
+            # A bridge that cannot reach its database logs the error, and retries.
+            subprocess.Popen(
+                [py, "-m", "bridge"],
+                env=dict(env, MLTASKS_DATABASE_URL=bad_url),
+                stdout=out,
+                stderr=out,
+            ),
+        ]
+        try:
+            with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+
+                def answered_by_model() -> bool:
+                    _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="mage")
+                    return answer is not None and answer[0] != 255
+
+                wait_for(answered_by_model, 60, "the worker's answers")
+                game.decide(pg, [0.5] * 10, timeout_ms=3000)  # a bad row: a logged reason
+            wait_for(lambda: b"bridge_db_error" in log_path.read_bytes(), 20, "the error log")
+        finally:
+            from mltasks.dev import stop_all
+
+            stop_all(procs)
+    text = log_path.read_text()
+    assert SECRET not in text
+    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+    assert {"bridge_connected", "bridge_db_error", "models_loaded"} <= set(events)
