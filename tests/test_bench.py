@@ -132,8 +132,9 @@ def test_bulk_floor_smoke(bench_db: str, floor: Floor) -> None:
     assert figures["held"] == (lat["p99"] <= 50.0)
     assert len(figures["cdf_ms"]) == 201
     assert figures["cdf_ms"] == sorted(figures["cdf_ms"])
-    # Open loop: the offered rate is the asked one, whatever the responder does.
-    assert 250 < figures["offered_per_s"] < 360
+    # Open loop: the offered rate is the asked one, whatever the responder does (unless
+    # the machine starved the loader itself, which it then reports).
+    assert load.behind or 250 < figures["offered_per_s"] < 360
     with psycopg.connect(bench_db) as conn:
         distinct = conn.execute(
             "SELECT count(DISTINCT (SELECT array_agg(round(v::numeric, 2)) "

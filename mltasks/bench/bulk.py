@@ -40,7 +40,7 @@ _TEMPORAL = (61, 62, 63)
 _DIGIT_BASE = 50
 # A batch that goes out this late is counted (a sign of a disturbed machine) ...
 LOADER_LATE_MS = 50.0
-# ... and the loader is behind when it wrote less than this share of the rows in time.
+# ... and the loader is behind when it took longer than the duration over this share.
 LOADER_MIN_SHARE = 0.97
 CDF_POINTS = 201
 
@@ -79,6 +79,7 @@ class LoadResult:
     elapsed_s: float = 0.0
     max_late_ms: float = 0.0
     late_batches: int = 0  # batches sent more than LOADER_LATE_MS after their time
+    cpu_s: float = 0.0  # the loader's own CPU time (this process)
     copy_ms: list[float] = field(default_factory=list)
 
     @property
@@ -87,13 +88,12 @@ class LoadResult:
 
     @property
     def behind(self) -> bool:
-        """True when the loader, not the responder, limited what was offered: it wrote
-        too few rows, or finished late. Late batches alone are a burst, not less load."""
-        expected = self.target_rate * self.duration_s
-        return (
-            self.rows < LOADER_MIN_SHARE * expected
-            or self.elapsed_s > self.duration_s / LOADER_MIN_SHARE
-        )
+        """True when the loader did not offer the rate: its last batch went out later than
+        3% of the duration (at least 100 ms). Late batches alone are a burst, not less
+        load. On a small machine this is also what a responder that takes every core
+        does to the loader."""
+        slack = max(0.1, (1.0 / LOADER_MIN_SHARE - 1.0) * self.duration_s)
+        return self.elapsed_s > self.duration_s + slack
 
     def as_dict(self) -> dict[str, Any]:
         copy = np.asarray(self.copy_ms) if self.copy_ms else np.zeros(1)
@@ -105,6 +105,7 @@ class LoadResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "max_late_ms": round(self.max_late_ms, 2),
             "late_batches": self.late_batches,
+            "cpu_s": round(self.cpu_s, 2),
             "copy_ms_p50": round(float(np.percentile(copy, 50)), 3),
             "copy_ms_p99": round(float(np.percentile(copy, 99)), 3),
             "behind": self.behind,
@@ -169,6 +170,7 @@ def offer_load(spec: BulkSpec, source: RowSource | None = None) -> LoadResult:
     monotonic = time.monotonic
     with psycopg.connect(spec.conninfo, autocommit=True) as conn:
         cur = conn.cursor()
+        cpu0 = time.process_time()
         t0 = monotonic()
         for i in range(1, ticks + 1):
             due = t0 + min(i * tick_s, spec.duration_s)
@@ -190,6 +192,7 @@ def offer_load(spec: BulkSpec, source: RowSource | None = None) -> LoadResult:
             result.rows += n
             result.batches += 1
         result.elapsed_s = monotonic() - t0
+        result.cpu_s = time.process_time() - cpu0
     return result
 
 

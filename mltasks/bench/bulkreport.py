@@ -143,9 +143,34 @@ def _run_line(r: dict[str, Any]) -> str:
         f"| {r['responder']} | {r['rate']:.0f} | {r['offered_per_s']} | {r['answered_per_s']} "
         f"| {_pct(r['answered_share'])} | {fmt(lat['p50'])} | {fmt(lat['p90'])} "
         f"| {fmt(lat['p99'])} | {fmt(lat['max'])} | {_pct(r['share_255'])} "
-        f"| {'yes' if r['held'] else '**no**'} | {loader_note} | {cpu} "
+        f"| {_held(r)} | {loader_note} | {cpu} "
         f"| {r['load_average_before'][0]} |"
     )
+
+
+def _notes(runs: list[dict[str, Any]]) -> list[str]:
+    """What a reader must know about single runs: a level that moved, answers still
+    missing after the drain."""
+    out = []
+    for r in runs:
+        if "failed" in r:
+            continue
+        where = f"{r['responder']} @ {r['rate']:.0f}/s"
+        level = r["config"].get("level")
+        if level is not None and r.get("level_after") not in (None, level):
+            out.append(f"- {where}: the fallback level moved from {level} to {r['level_after']}")
+        if r.get("unanswered_after_drain"):
+            out.append(
+                f"- {where}: {r['unanswered_after_drain']} requests still unanswered "
+                f"{r.get('drain_s')} s after the load stopped"
+            )
+    return out
+
+
+def _held(r: dict[str, Any]) -> str:
+    if r["held"]:
+        return "yes"
+    return "loader limit" if r.get("loader_limited") else "**no**"
 
 
 def _sources(r: dict[str, Any]) -> str:
@@ -185,7 +210,8 @@ def markdown(report: dict[str, Any]) -> str:
         "`ai_responses.created_at - ai_requests.created_at`, the database's clock. "
         "answered/s: answers written while requests were still arriving, per second. "
         "loader: share of COPY batches sent over 50 ms late (a disturbed machine), or "
-        "**behind** when it could not offer the rate (the step then does not count). "
+        "**behind** when it could not offer the rate in time (a step that held otherwise "
+        "then only shows a loader limit). "
         "CPU: the responder's share of the machine / the whole machine busy. "
         f"Load average (1/5/15 min): {' '.join(map(str, la0))} at the start, "
         f"{' '.join(map(str, la1))} at the end.",
@@ -247,6 +273,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['responder']} | {r['rate']:.0f} | {' | '.join(cells)} | {_sources(r)} |"
             )
+    notes = _notes(report["runs"])
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     mem = memory_lines(report["runs"], key="rate", key_label="rate/s")
     if mem:
         lines += ["", *mem]

@@ -9,8 +9,8 @@ The sustained rate: the rate is stepped up (times ``factor``) until a step fails
 fewer than ``min_answered_share`` of the requests were answered or their p99 went over
 ``p99_limit_ms``; then ``refine`` steps between the last rate that held and the first that
 failed narrow it down (each at the geometric mean). The highest rate that held is
-reported. A step where the loader itself could not offer the rate ends the search for
-that responder too: the rate is then "at least" the last one held.
+reported. A step whose figures held but where the loader could not offer the rate ends
+the search for that responder too: the rate is then "at least" the last one held.
 """
 
 from __future__ import annotations
@@ -150,8 +150,10 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         run["level_after"] = level_after
     if cache is not None:
         run["cache"] = cache
-    # Held, and the loader really offered the rate.
+    # Held, and the loader really offered the rate. A step that failed while the loader
+    # was behind failed all the same: the responder took the machine from the loader.
     run["held"] = bool(figures["held"]) and not load.behind
+    run["loader_limited"] = bool(figures["held"]) and load.behind
     _say_run(run)
     return run
 
@@ -237,7 +239,7 @@ def find_sustained(
                 v["rate"] = rate
                 continue
             active.remove(r)
-            if run.get("loader", {}).get("behind"):
+            if run.get("loader_limited"):
                 v["loader_limited"] = True
             else:
                 v["first_failed"] = rate
@@ -269,6 +271,6 @@ def find_sustained(
             v["steps"] += 1
             if run["held"]:
                 v["rate"] = float(mid)
-            elif not run.get("loader", {}).get("behind"):
+            elif not run.get("loader_limited"):
                 v["first_failed"] = float(mid)
     return runs, verdict

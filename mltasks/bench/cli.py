@@ -56,7 +56,7 @@ from mltasks.bench.responders import (
     floor_responder,
     service_responder,
 )
-from mltasks.bench.service import LEVELS, POOLS, ServiceSettings, default_pool
+from mltasks.bench.service import LEVELS, POOLS, Pool, ServiceSettings, default_pool
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
 
@@ -91,6 +91,17 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _pool(text: str) -> Pool:
+    for pool in POOLS:
+        if text == pool:
+            return pool
+    raise argparse.ArgumentTypeError(f"a pool is one of {POOLS}, got {text!r}")
+
+
+def _pools(text: str) -> list[Pool]:
+    return [_pool(x.strip()) for x in text.split(",") if x.strip()]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     p.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
@@ -111,9 +122,10 @@ def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
     g = p.add_argument_group("service configuration")
     g.add_argument(
         "--pool",
-        choices=POOLS,
-        default=default_pool(),
-        help="Celery worker pool (default: the service's, worker.pool)",
+        type=_pools if level_list else _pool,
+        default=[default_pool()] if level_list else default_pool(),
+        help=f"Celery worker pool, one of {', '.join(POOLS)} (default: the service's "
+        "worker.pool)" + (", several as solo,prefork" if level_list else ""),
     )
     g.add_argument("--concurrency", type=int, default=2, help="worker pool size")
     g.add_argument(
@@ -299,6 +311,7 @@ def _settings(
     *,
     level: int,
     caching: bool,
+    pool: Pool | None = None,
 ) -> ServiceSettings:
     return ServiceSettings(
         database_url=args.database_url,
@@ -308,7 +321,7 @@ def _settings(
         log_dir=logs,
         timeout_ms=args.timeout_ms,
         concurrency=args.concurrency,
-        pool=args.pool,
+        pool=pool or args.pool,
         caching=caching,
         level=level,
         hold_level=not args.degrade,
@@ -501,9 +514,21 @@ def bulk_command(args: argparse.Namespace) -> int:
         if args.floor:
             responders.append(floor_responder(args.database_url, logs))
         if not args.no_service:
+            seen: set[str] = set()
             for level in args.level:
-                s = _settings(args, work, models_dir, logs, level=level, caching=args.cache == "on")
-                responders.append(service_responder(s))
+                for pool in args.pool:
+                    s = _settings(
+                        args,
+                        work,
+                        models_dir,
+                        logs,
+                        level=level,
+                        caching=args.cache == "on",
+                        pool=pool,
+                    )
+                    if s.label() not in seen:  # level 5 has no pool: once
+                        seen.add(s.label())
+                        responders.append(service_responder(s))
         step = partial(guarded_step, opts=_step_options(args))
         sustained: dict[str, dict[str, Any]] = {}
         if args.find_sustained:

@@ -147,6 +147,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _describe(service: dict[str, Any]) -> str:
+    """``level 3, solo x1, cache on``: the configuration a service run used."""
+    parts = [f"level {service.get('level')}"]
+    if service.get("pool"):
+        parts.append(f"{service['pool']} x{service.get('concurrency')}")
+    parts.append("cache on" if service.get("caching", True) else "cache off")
+    return ", ".join(parts)
+
+
 def fmt(v: Any, suffix: str = "") -> str:
     return "n/a" if v is None else f"{v}{suffix}"
 
@@ -201,7 +210,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['duration_s']} s per run, timeout {report['timeout_ms']} ms, "
         f"poll every {report['poll_ms']} ms, "
         f"{'unprepared literal SQL' if report['literal_sql'] else 'prepared polls'}, "
-        f"{report['client_processes']} client processes.",
+        f"{report['client_processes']} client processes."
+        + (f" Service: {_describe(report['service'])}." if report.get("service") else ""),
         "Latency: INSERT start until the answer was seen, or until the timeout for a decision "
         "that timed out. `255` and `in time` are shares of all decisions. CPU: shares of the "
         "whole machine used by the client processes, by the responder's processes, and by "

@@ -247,7 +247,9 @@ class Settings:
             f"  heartbeat_ttl_ms: {self.heartbeat_ttl_ms}\n  probe_interval_s: 0.5\n"
             # real probes of a busy two-core host must not move the level in these tests
             "  cpu_load_per_core: 1000\n  queue_lag_ms: 60000\n"
-            "worker:\n  concurrency: 1\n"
+            # `--pool prefork` on the command line loses to a configured worker_pool (Celery
+            # cannot tell it from its default), so the pool is chosen here too.
+            "worker:\n  pool: prefork\n  concurrency: 1\n"
             "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
             "logging:\n  level: WARNING\n"
         )
@@ -328,6 +330,7 @@ class Service:
             return False
 
     def wait_worker(self, name: str, queues: str = "cpu", timeout: float = 60.0) -> None:
+        """Until the worker beats for each queue, with its one prefork pool process."""
         proc = self.procs[name]
         for q in queues.split(","):
             wait_for(
@@ -336,6 +339,7 @@ class Service:
                 f"{name}'s {q} heartbeat",
             )
             assert proc.poll() is None, f"{name} died at start:\n{self.tail(name)}"
+        wait_for(lambda: self.pool_processes(name), 20, f"{name}'s prefork pool process")
 
     def pool_processes(self, name: str) -> list[psutil.Process]:
         return psutil.Process(self.procs[name].pid).children(recursive=True)

