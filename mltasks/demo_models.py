@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Idx
+from mltasks.files import write_atomic
 from mltasks.policy import READ_SLOTS, decide
 
 FloatArray = npt.NDArray[np.float32]
@@ -276,22 +275,6 @@ def _graph_model(name: str, layers: list[tuple[FloatArray, FloatArray]]) -> onnx
     return model
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the model from other service users
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_demo_models(
     models_dir: Path, *, seed: int = 0, archetypes: Sequence[str] = ARCHETYPES
 ) -> list[Path]:
@@ -317,14 +300,14 @@ def write_demo_models(
                 layers = [(mlp.w1, mlp.b1), (mlp.w2, mlp.b2)]
                 model = _graph_model(f"{archetype}_{model_type}", layers)
                 path = models_dir / archetype / f"{model_type}.onnx"
-                _write_atomic(path, model.SerializeToString(deterministic=True))
+                write_atomic(path, model.SerializeToString(deterministic=True))
                 written.append(path)
     return written
 
 
 def write_corrupt_model(path: Path) -> None:
     """Write bytes that are not an ONNX model (for tests of the loader's skipping)."""
-    _write_atomic(Path(path), b"\x00not-an-onnx-model\xff" * 8)
+    write_atomic(Path(path), b"\x00not-an-onnx-model\xff" * 8)
 
 
 def write_misshaped_model(path: Path) -> None:
@@ -333,7 +316,7 @@ def write_misshaped_model(path: Path) -> None:
     w = (rng.standard_normal((STATE_DIM, 7)) * 0.1).astype(np.float32)
     b = np.zeros(7, dtype=np.float32)
     model = _graph_model("misshaped", [(w, b)])
-    _write_atomic(Path(path), model.SerializeToString(deterministic=True))
+    write_atomic(Path(path), model.SerializeToString(deterministic=True))
 
 
 def teacher_agreement(model_path: Path, archetype: str, n: int = 2000, seed: int = 1) -> float:

@@ -51,7 +51,7 @@ from mltasks.embedded import (
 )
 from mltasks.errors import MLTasksError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mltasks.dev")  # the same name when run as __main__
 
 Embedded = Literal["auto", "always", "never"]
 STATE_FILE: Final = "dev.json"

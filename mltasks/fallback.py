@@ -137,13 +137,10 @@ class LevelStore:
     def snapshot(self, queues: Iterable[str]) -> tuple[LevelState, dict[str, bool]]:
         """Level and live queues in one round trip (the bridge's housekeeping)."""
         qs = list(queues)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(keys.LEVEL)
-            pipe.mget([keys.heartbeat(q) for q in qs])
-            raw, beats = pipe.execute()
-        except (redis.RedisError, OSError):
-            raise
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.LEVEL)
+        pipe.mget([keys.heartbeat(q) for q in qs])
+        raw, beats = pipe.execute()  # a Redis error goes to the caller, who keeps its level
         self.last = self._parse(raw)
         return self.last, {q: b is not None for q, b in zip(qs, beats, strict=True)}
 
@@ -151,45 +148,20 @@ class LevelStore:
 
     def degrade(self, to_level: int, reason: str, from_level: int = 0) -> bool:
         """Move down to ``to_level`` (if not lower already; if ``from_level``, only from it)."""
-        changed = bool(
-            self._degrade(
-                keys=[keys.LEVEL],
-                args=[
-                    int(to_level),
-                    reason,
-                    time.time(),
-                    self.default,
-                    int(from_level),
-                    keys.LEVEL_TTL_S,
-                ],
-            )
-        )
+        changed = self._move(self._degrade, to_level, reason, from_level)
         if changed:
             # The levels left behind must prove themselves healthy again before a climb.
             self.redis.delete(*(keys.healthy_since(lv) for lv in range(BEST, to_level)))
-            log.warning(
-                "fallback level -> %d (%s)",
-                to_level,
-                reason,
-                extra={"event": "fallback_level_changed", "level": to_level, "reason": reason},
-            )
         return changed
 
     def lift(self, to_level: int, expected: int, reason: str) -> bool:
         """Move up to ``to_level`` if the level is still ``expected``."""
-        changed = bool(
-            self._raise(
-                keys=[keys.LEVEL],
-                args=[
-                    int(to_level),
-                    reason,
-                    time.time(),
-                    self.default,
-                    int(expected),
-                    keys.LEVEL_TTL_S,
-                ],
-            )
-        )
+        return self._move(self._raise, to_level, reason, expected)
+
+    def _move(self, script: Any, to_level: int, reason: str, guard: int) -> bool:
+        """Run a compare-and-set script; log the change it made, if any."""
+        args = [int(to_level), reason, time.time(), self.default, int(guard), keys.LEVEL_TTL_S]
+        changed = bool(script(keys=[keys.LEVEL], args=args))
         if changed:
             log.warning(
                 "fallback level -> %d (%s)",

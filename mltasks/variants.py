@@ -42,7 +42,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -60,6 +59,7 @@ import onnxruntime as ort
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
 from mltasks.demo_models import sample_states
+from mltasks.files import write_atomic
 from mltasks.hardware import gpu_count
 from mltasks.health import Tier
 
@@ -208,21 +208,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other service users
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(master: Path) -> Iterator[None]:
     """Serialise builders of one master across processes (flock on the master itself).
@@ -317,7 +302,7 @@ def build_variant(master: Path, precision: Precision) -> Path:
     onnx.helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     target = variant_path(master, precision)
-    _write_atomic(target, model.SerializeToString(deterministic=True))
+    write_atomic(target, model.SerializeToString(deterministic=True))
     log.info(
         "built %s variant of %s",
         precision,
@@ -479,7 +464,7 @@ def resolve(
             providers = doc.get("providers", {}) if doc else {}
             providers[ep] = verdict
             body = {"version": _VERDICT_VERSION, "precision": precision, "providers": providers}
-            _write_atomic(sidecar, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+            write_atomic(sidecar, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
 
     assert isinstance(verdict, dict)
     if verdict.get("accepted") is True:
