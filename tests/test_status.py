@@ -243,26 +243,32 @@ def test_each_degraded_rule_exits_1_and_marks_its_row(
 
 
 def test_no_worker_at_all_is_degraded_not_a_crash(
-    cfg: Config, r: redis.Redis, pg: psycopg.Connection[Any], models_dir: Path
+    cfg: Config, r: redis.Redis, pg: psycopg.Connection[Any]
 ) -> None:
-    """Nothing published yet: the start level, no workers; models counted from the files."""
-    s = status.collect(cfg)
+    """Nothing published yet: the start level, no workers, so no models loaded."""
+    s = status.collect(cfg, count_files=never_load)
     assert s.exit_code == status.DEGRADED
     assert s.level is not None and s.level.since is None and s.level.serving == 5
-    assert s.models is not None and (s.models.loaded, s.models.source) == (54, "files")
+    assert s.problems == ["no live worker on queue 'gpu' for level 1: served at level 5"]
+    assert s.models is not None and s.models.loaded is None
     assert s.gpu is not None and s.gpu.present is None
-    assert "no answers in the window" in json.dumps(status.rows(s))
+    shown = {name: value for name, value, _ in status.rows(s)}
+    assert shown["models loaded"] == "-/54 (no live model worker)"
+    assert shown["latency (5 min)"] == "no answers in the window"
 
 
-def test_missing_model_files_count_as_degraded(
-    cfg: Config, store: LevelStore, pg: psycopg.Connection[Any], tmp_path: Path
+def test_workers_that_do_not_report_models_are_checked_against_the_files(
+    cfg: Config, store: LevelStore, pg: psycopg.Connection[Any], models_dir: Path, tmp_path: Path
 ) -> None:
     store.set(3, "test")
     store.beat(ALL_QUEUES, 60_000)
+    s = status.collect(cfg)
+    assert s.models is not None and (s.models.loaded, s.models.source) == (54, "files")
+    assert s.exit_code == status.HEALTHY, s.problems
     empty = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=tmp_path))
     s = status.collect(empty)
     assert s.models is not None and (s.models.loaded, s.models.source) == (0, "files")
-    assert "0/54 models load (files)" in s.problems
+    assert s.problems == ["0/54 models load (files)"]
 
 
 def test_garbage_in_redis_is_shown_as_unknown(
