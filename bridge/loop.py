@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
@@ -42,18 +41,21 @@ from mltasks.sql import query
 
 log = logging.getLogger(__name__)
 
+# Lease release, game timeouts and the fallback level are looked at this often.
 HOUSEKEEPING_EVERY_S = 0.25
-# A publish either goes through at once or the batch is answered 255: the game cannot wait.
 # The queue is only looked at when batches follow each other this closely.
 CONGESTION_WINDOW_S = 0.005
 # While the tier's queue is congested, how soon to look again.
 CONGESTION_RECHECK_S = 0.001
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
+# A publish goes through at once or the batch is answered here: the game cannot wait.
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
 
 
 class Bridge:
+    """One bridge process: its database connection, its view of the level, its counters."""
+
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or get_config()
         if app is None:
@@ -70,7 +72,6 @@ class Bridge:
         # Until Redis has been read, the configured start level.
         self.level = int(self.config.fallback.start_level)
         self._publish_blocked_until = 0.0
-        self.name = f"bridge-{os.getpid()}"
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._next_housekeeping = 0.0
         self.claimed = 0
@@ -316,6 +317,8 @@ class Bridge:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
         self.close()
+        self._broker.close()
+        self.store.redis.close()
         log.info(
             "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge",
             self.claimed,

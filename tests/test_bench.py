@@ -340,11 +340,21 @@ def test_check_report_names_what_is_wrong() -> None:
 
 @pytest.mark.parametrize(
     ("level", "pool", "queue", "concurrency"),
-    [(3, "prefork", "cpu", 2), (3, "solo", "cpu", 1), (4, "threads", "rules", 2), (5, "", None, 0)],
+    [
+        (None, "prefork", "cpu", 2),
+        (3, "prefork", "cpu", 2),
+        (3, "solo", "cpu", 1),
+        (4, "threads", "rules", 2),
+        (5, "", None, 0),
+    ],
 )
 def test_service_configurations(
-    tmp_path: Path, level: int, pool: str, queue: str | None, concurrency: int
+    tmp_path: Path, level: int | None, pool: str, queue: str | None, concurrency: int
 ) -> None:
+    import yaml
+
+    from mltasks.config import FallbackConfig
+
     settings = ServiceSettings(
         database_url="postgresql://postgres@127.0.0.1/mltasks_bench",
         redis_url="redis://127.0.0.1:6379",
@@ -357,21 +367,23 @@ def test_service_configurations(
     )
     assert settings.queue == queue
     path = tmp_path / "c.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(bench_config(settings)))
-    cfg = load_config(path, environ={})  # every key the service knows
-    assert cfg.fallback.start_level == level
+    cfg = load_config(path, environ={})  # every key is one the service knows
     assert cfg.caching.enabled == (level != 4)
     assert cfg.redis.broker_db == 9 and cfg.redis.cache_db == 10
-    # The forced level is held: no probe or failure count can move it.
-    assert cfg.fallback.failure_threshold == 1000
-    assert cfg.fallback.cpu_load_per_core > 1000
+    if level is None:  # as deployed: the service's own fallback settings
+        assert cfg.fallback == FallbackConfig()
+        assert "level_held" not in settings.describe()
+    else:
+        assert cfg.fallback.start_level == level
+        # The forced level is held: no probe or failure count can move it.
+        assert cfg.fallback.failure_threshold == 1000
+        assert cfg.fallback.cpu_load_per_core > 1000
     if queue is not None:
         assert cfg.worker.concurrency == concurrency
         # Celery takes the configured pool over a "--pool prefork" on the command line.
         assert getattr(cfg.worker, "pool", settings.pool) == settings.pool
-        assert settings.describe()["pool"] == pool
+        assert settings.describe()["pool"] == settings.pool
     else:
         assert "pool" not in settings.describe()
-    assert settings.label().startswith(f"service L{level}")
+    assert settings.label().startswith("service" if level is None else f"service L{level}")

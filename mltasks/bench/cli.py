@@ -83,6 +83,13 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _level(text: str) -> int:
+    levels = _levels(text)
+    if len(levels) != 1:
+        raise argparse.ArgumentTypeError(f"one level, got {text!r}")
+    return levels[0]
+
+
 def _levels(text: str) -> list[int]:
     levels = _counts(text)
     bad = [lv for lv in levels if lv not in LEVELS]
@@ -136,16 +143,16 @@ def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
     )
     g.add_argument(
         "--level",
-        type=_levels if level_list else int,
-        default=[3] if level_list else 3,
-        help="fallback level forced: 3 cpu worker, 4 '-Q rules' worker, 5 bridge only "
-        "(answers 255)" + (", several as 3,4,5" if level_list else ""),
+        type=_levels if level_list else _level,
+        default=[None] if level_list else None,
+        help="fallback level forced and held: 3 cpu worker, 4 '-Q rules' worker, 5 bridge "
+        "only (answers 255)" + (", several as 3,4,5" if level_list else "") + "; default: "
+        "none forced, the service as deployed (its probes may move the level)",
     )
     g.add_argument(
         "--degrade",
         action="store_true",
-        help="let the probes and failure counters move the level during a run, as "
-        "deployed (by default the forced level is held)",
+        help="with --level: still let the probes and failure counters move the level",
     )
 
 
@@ -246,8 +253,14 @@ def add_parser(subparsers: Any) -> None:
     g = cache.add_argument_group("service configuration")
     g.add_argument("--pool", choices=POOLS, default=default_pool())
     g.add_argument("--concurrency", type=int, default=2)
-    g.add_argument("--level", type=int, choices=(3,), default=3, help=argparse.SUPPRESS)
-    g.add_argument("--degrade", action="store_true", help="let the level move during a run")
+    g.add_argument(
+        "--level",
+        type=int,
+        choices=(3,),
+        default=None,
+        help="force and hold level 3 (default: the service as deployed)",
+    )
+    g.add_argument("--degrade", action="store_true", help="with --level: let it move")
     cache.set_defaults(func=cache_command)
 
     prec = sub.add_parser(
@@ -309,7 +322,7 @@ def _settings(
     models_dir: Path,
     logs: Path,
     *,
-    level: int,
+    level: int | None,
     caching: bool,
     pool: Pool | None = None,
 ) -> ServiceSettings:
@@ -347,8 +360,9 @@ def _one_run(
         responder_cpu = running.cpu_seconds() - responder_cpu
         machine_busy = machine_cpu.busy_share()
         stats = run_stats(spec.conninfo)
+        level_after = running.service.level_now() if running.service is not None else None
     cores = os.cpu_count() or 1
-    run = {
+    run: dict[str, Any] = {
         "responder": responder,
         **summarize(result),
         "responder_cpu_s": round(responder_cpu, 2),
@@ -359,6 +373,8 @@ def _one_run(
         "database": stats,
         **running.info,
     }
+    if level_after is not None:
+        run["level_after"] = level_after
     lat = run["latency_ms"]
     _say(
         f"{responder:>7} x{spec.clients:<3} {run['decisions_per_s']:>8} decisions/s, "

@@ -147,9 +147,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def level_moved(level: int | None, after: int | None) -> str | None:
+    """A note when the fallback level was not where the run wanted it at the end: the
+    forced level, or (as deployed, on a CPU host) level 3 or better."""
+    if after is None:
+        return None
+    if level is not None and after != level:
+        return f"the fallback level moved from {level} to {after} during the run"
+    if level is None and after > 3:
+        return f"the service degraded to fallback level {after} during the run"
+    return None
+
+
 def _describe(service: dict[str, Any]) -> str:
     """``level 3, solo x1, cache on``: the configuration a service run used."""
-    parts = [f"level {service.get('level')}"]
+    level = service.get("level")
+    parts = ["as deployed (no level forced)" if level is None else f"level {level} forced"]
     if service.get("pool"):
         parts.append(f"{service['pool']} x{service.get('concurrency')}")
     parts.append("cache on" if service.get("caching", True) else "cache off")
@@ -255,6 +268,15 @@ def markdown(report: dict[str, Any]) -> str:
     mem = memory_lines(report["runs"], key="clients", key_label="clients")
     if mem:
         lines += ["", *mem]
+    service_level = (report.get("service") or {}).get("level")
+    moved = [
+        (r, note)
+        for r in report["runs"]
+        if (note := level_moved(service_level, r.get("level_after")))
+    ]
+    if moved:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {r['responder']} x{r['clients']}: {note}" for r, note in moved]
     problems = [r for r in report["runs"] if r.get("error_messages")]
     if problems:
         lines += ["", "Errors (first few per run):", ""]

@@ -6,18 +6,21 @@ Redis databases and models, so a run never touches anyone else's queues or ports
 
 The configurations compared (`ServiceSettings`):
 
-| level | what runs                                  | who answers          |
-| ----- | ------------------------------------------ | -------------------- |
-| 3     | bridge + ``-Q cpu`` worker (ONNX, CPU)     | the worker's models  |
-| 4     | bridge + ``-Q rules`` worker, level 4 set  | the rule policy      |
-| 5     | the bridge alone, level 5 set              | the bridge: 255      |
+| level      | what runs                                  | who answers              |
+| ---------- | ------------------------------------------ | ------------------------ |
+| (deployed) | bridge + ``-Q cpu`` worker, service config | models; the ladder moves |
+| 3          | bridge + ``-Q cpu`` worker, level 3 set    | the worker's models      |
+| 4          | bridge + ``-Q rules`` worker, level 4 set  | the rule policy          |
+| 5          | the bridge alone, level 5 set              | the bridge: 255          |
 
 with the worker pool (prefork, threads, solo), its concurrency and the cache
-(``caching.enabled``) as chosen. The level is written into Redis before the bridge
-starts (``LevelStore.set``) and, unless ``hold_level`` is off, the probes and failure
-counters are given thresholds they cannot reach, so the level measured is the level
-asked for (a 2-core machine shared with other work would otherwise trip the CPU-load
-probe and measure level 5 instead).
+(``caching.enabled``) as chosen. Without a level the service runs as deployed: its own
+fallback settings, nothing written into Redis, so its probes (CPU load, queue lag) may
+move it down during a run, which the report shows. With a level, the level is written
+into Redis before the bridge starts (``LevelStore.set``) and, unless ``hold_level`` is
+off, the probes and failure counters get thresholds they cannot reach, so the level
+measured is the level asked for (on a 2-core machine shared with other work the
+CPU-load probe would otherwise trip and measure level 5 instead).
 """
 
 from __future__ import annotations
@@ -70,13 +73,13 @@ class ServiceSettings:
     concurrency: int = 2
     pool: Pool = "prefork"
     caching: bool = True
-    level: int = 3
+    level: int | None = None  # None: as deployed, nothing forced
     hold_level: bool = True
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise BenchError(f"pool {self.pool!r} is not one of {POOLS}")
-        if self.level not in LEVELS:
+        if self.level is not None and self.level not in LEVELS:
             raise BenchError(f"level {self.level} is not one of {LEVELS}")
         if self.concurrency < 1:
             raise BenchError("concurrency must be at least 1")
@@ -88,19 +91,20 @@ class ServiceSettings:
     @property
     def queue(self) -> str | None:
         """The queue the worker consumes; None at level 5 (no worker)."""
-        return LEVEL_QUEUE.get(self.level)
+        return "cpu" if self.level is None else LEVEL_QUEUE.get(self.level)
 
     def describe(self) -> dict[str, Any]:
         """The settings that tell runs apart, JSON-ready."""
         d: dict[str, Any] = {"level": self.level, "caching": self.caching}
         if self.queue is not None:
             d.update(pool=self.pool, concurrency=self.worker_concurrency, queue=self.queue)
-        d["level_held"] = self.hold_level
+        if self.level is not None:
+            d["level_held"] = self.hold_level
         return d
 
     def label(self) -> str:
         """A short name for tables: ``service L3 prefork x2``, ``service L5``."""
-        parts = [f"service L{self.level}"]
+        parts = ["service" if self.level is None else f"service L{self.level}"]
         if self.queue is not None:
             parts.append(f"{self.pool} x{self.worker_concurrency}")
         if not self.caching:
@@ -146,16 +150,18 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
 
     The deadline is the game's timeout: a request older than that is wasted work.
     """
-    fallback: dict[str, Any] = {"start_level": s.level}
-    if s.hold_level:
-        fallback.update(_HELD_FALLBACK)
+    fallback: dict[str, Any] = {}
+    if s.level is not None:
+        fallback["start_level"] = s.level
+        if s.hold_level:
+            fallback.update(_HELD_FALLBACK)
     return {
         "models": {"dir": str(s.models_dir), "preload": "all"},
         "inference": {"max_latency_ms": max(5, s.timeout_ms)},
         "database": {"url": s.database_url},
         "redis": {"url": s.redis_url, "broker_db": BROKER_DB, "cache_db": CACHE_DB},
         "caching": {"enabled": s.caching},
-        "fallback": fallback,
+        **({"fallback": fallback} if fallback else {}),
         "worker": _worker(s),
         "monitoring": _monitoring(),
         "logging": {"level": "WARNING"},
@@ -210,6 +216,8 @@ class Service:
 
         if self.config is None:
             raise BenchError("the service was not started")
+        if self.settings.level is None:
+            return
         store = LevelStore(self.config)
         try:
             store.set(self.settings.level, "bench")

@@ -57,7 +57,7 @@ def kill_while_publishing(
     r = server.client(BROKER_DB)
     try:
         for _ in range(tries):
-            r.execute_command("CLIENT", "PAUSE", 900, "WRITE")
+            r.client_pause(900, all=False)
             try:
                 deadline = time.monotonic() + 0.7  # under the broker's 1 s socket timeout
                 while time.monotonic() < deadline:
@@ -67,7 +67,7 @@ def kill_while_publishing(
                         return stuck[0]
                     time.sleep(0.003)
             finally:
-                r.execute_command("CLIENT", "UNPAUSE")
+                r.client_unpause()
             time.sleep(0.3)
     finally:
         r.close()

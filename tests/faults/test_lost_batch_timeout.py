@@ -14,7 +14,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from celery import Celery
 
 from bridge.loop import Bridge
