@@ -26,6 +26,10 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "broker_transport_options": {
             # A killed worker's unacked batch comes back after this, not the 1 h default.
             "visibility_timeout": cfg.redis.visibility_timeout_s,
+            # ... which needs the sweep for abandoned batches to run that often too
+            # (kombu's default looks only every 10 x 10 s).
+            "unacked_restore_interval": max(1, cfg.redis.visibility_timeout_s // 3),
+            "unacked_restore_throttle": 1,
             "socket_timeout": cfg.redis.socket_timeout_s,
             "socket_connect_timeout": cfg.redis.socket_timeout_s,
         },
@@ -40,7 +44,8 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Batches are short: one in flight per process keeps a slow one from holding others.
         "worker_prefetch_multiplier": cfg.worker.prefetch_multiplier,
-        "worker_pool": cfg.worker.pool,
+        # Back on the broker within ~1 s of its return, not kombu's 2 s doubling to 30 s.
+        "worker_consumer": "mltasks.worker:QuickReconnectConsumer",
         "worker_concurrency": cfg.worker.concurrency,
         "task_default_queue": "cpu",
         "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),

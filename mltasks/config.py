@@ -208,10 +208,8 @@ class CleanupConfig:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    # solo: the task runs in the process that took it from Redis, no pipe to a child; the
-    # fastest per batch (docs/PERFORMANCE.md). Run one worker per core. prefork also works
-    # (``celery -A mltasks worker --pool prefork``), its children's metrics aggregated.
-    pool: Literal["solo", "prefork", "threads"] = "solo"
+    # The pool is chosen on the worker's command line (``--pool solo`` or Celery's default,
+    # prefork): Celery cannot tell an explicit ``--pool prefork`` from a configured one.
     prefetch_multiplier: int = 1
     concurrency: int = 2
 

@@ -207,6 +207,7 @@ def test_find_sustained_steps_then_refines() -> None:
         max_rate=6000,
         refine=2,
         step=step,
+        retries=0,
     )
     # Alternating while both climb; the floor alone after the service failed.
     assert steps[:6] == [
@@ -223,6 +224,35 @@ def test_find_sustained_steps_then_refines() -> None:
     assert verdict["service"]["first_failed"] > 900
     assert verdict["floor"]["rate"] is not None and 3200 <= verdict["floor"]["rate"] <= 5000
     assert len(runs) == len(steps)
+
+
+def test_find_sustained_retries_and_steps_down() -> None:
+    results = iter([False, True, False, False, False, False, True, True, True])
+    steps: list[float] = []
+
+    def step(r: Responder, rate: float) -> dict[str, Any]:
+        steps.append(rate)
+        return {"responder": r.name, "rate": rate, "held": next(results)}
+
+    one = Responder("service", lambda: None, {})  # type: ignore[arg-type, return-value]
+    runs, verdict = find_sustained(
+        [one], start=400, factor=2, max_rate=10_000, refine=1, step=step, retries=1
+    )
+    # 400 failed once (disturbed), held on the retry; 800 failed twice: confirmed.
+    assert steps[:4] == [400, 400, 800, 800]
+    # The bisection (geometric) at 566 failed twice too.
+    assert steps[4:] == [566, 566]
+    assert verdict["service"]["rate"] == 400 and verdict["service"]["first_failed"] == 566
+    assert [r["attempt"] for r in runs] == [1, 2, 1, 2, 1, 2]
+
+    # The first rate fails: step down until one holds.
+    results = iter([False, False, True])
+    steps.clear()
+    _, verdict = find_sustained(
+        [one], start=400, factor=2, max_rate=10_000, refine=0, step=step, retries=0
+    )
+    assert steps == [400, 200, 100]
+    assert verdict["service"]["rate"] == 100 and verdict["service"]["first_failed"] == 200
 
 
 # -- the report ----------------------------------------------------------------------------

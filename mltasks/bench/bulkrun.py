@@ -214,10 +214,16 @@ def find_sustained(
     refine: int,
     step: StepFn,
     ladder: Sequence[float] = (),
+    retries: int = 1,
+    min_rate: float = 10.0,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Step each responder up until it fails; returns every step and the verdicts.
 
-    ``ladder``: explicit rates to climb instead of ``start * factor**k``.
+    ``ladder``: explicit rates to climb instead of ``start * factor**k``. A failed step
+    is run again up to ``retries`` times and counts as held if any attempt held: other
+    work on the machine only ever makes a step worse, so the best attempt is the
+    responder's. When the first rate already fails, the rate steps down (divided by
+    ``factor``, not below ``min_rate``) until one holds, then the bisection refines.
     """
     if factor <= 1.0:
         raise BenchError("the step factor must be above 1")
@@ -226,51 +232,58 @@ def find_sustained(
         r.name: {"rate": None, "first_failed": None, "loader_limited": False, "steps": 0}
         for r in responders
     }
+
+    def attempt(r: Responder, rate: float) -> bool | None:
+        """True held, False failed, None: the loader could not offer the rate."""
+        v = verdict[r.name]
+        for i in range(1 + max(0, retries)):
+            run = step(r, rate)
+            run["attempt"] = i + 1
+            runs.append(run)
+            v["steps"] += 1
+            if run["held"]:
+                v["rate"] = max(rate, v["rate"] or 0.0)
+                return True
+            if run.get("loader_limited"):
+                v["loader_limited"] = True
+                return None
+        v["first_failed"] = min(rate, v["first_failed"] or math.inf)
+        return False
+
     active = list(responders)
     rungs = list(ladder)
     rate = rungs.pop(0) if rungs else start
     while active and rate <= max_rate:
         for r in list(active):
-            run = step(r, rate)
-            runs.append(run)
-            v = verdict[r.name]
-            v["steps"] += 1
-            if run["held"]:
-                v["rate"] = rate
-                continue
-            active.remove(r)
-            if run.get("loader_limited"):
-                v["loader_limited"] = True
-            else:
-                v["first_failed"] = rate
+            if not attempt(r, rate):
+                active.remove(r)
         if ladder:
             if not rungs:
                 break
             rate = rungs.pop(0)
         else:
             rate = _next_rate(rate, factor)
-    if active:
-        for r in active:
-            verdict[r.name]["max_rate_reached"] = True
+    for r in active:
+        verdict[r.name]["max_rate_reached"] = True
+    for r in responders:  # the first rate failed: find one that holds
+        v = verdict[r.name]
+        down = v["first_failed"]
+        while v["rate"] is None and down is not None and down / factor >= min_rate:
+            down = float(round(down / factor))
+            if attempt(r, down) is None:
+                break
     for _ in range(refine):
-        pending = [
-            r
-            for r in responders
-            if verdict[r.name]["rate"] is not None and verdict[r.name]["first_failed"] is not None
-        ]
-        if not pending:
-            break
-        for r in pending:
+        progressed = False
+        for r in responders:
             v = verdict[r.name]
+            if v["rate"] is None or v["first_failed"] is None:
+                continue
             lo, hi = float(v["rate"]), float(v["first_failed"])
-            mid = round(math.sqrt(lo * hi))
+            mid = float(round(math.sqrt(lo * hi)))
             if hi - lo < max(2.0, 0.05 * lo) or not lo < mid < hi:
                 continue
-            run = step(r, float(mid))
-            runs.append(run)
-            v["steps"] += 1
-            if run["held"]:
-                v["rate"] = float(mid)
-            elif not run.get("loader_limited"):
-                v["first_failed"] = float(mid)
+            attempt(r, mid)
+            progressed = True
+        if not progressed:
+            break
     return runs, verdict

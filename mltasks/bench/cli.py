@@ -224,6 +224,12 @@ def add_parser(subparsers: Any) -> None:
     )
     bulk.add_argument("--step-factor", type=float, default=1.5, help="rate multiplier per step")
     bulk.add_argument("--refine", type=int, default=2, help="bisection steps after a failure")
+    bulk.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="run a failed step again this often; it holds if any attempt held",
+    )
     bulk.add_argument("--max-rate", type=float, default=40000.0, help="stop climbing here")
     bulk.add_argument("--floor", action="store_true", help="also run the floor, alternating")
     bulk.add_argument("--no-service", action="store_true", help="skip the service runs")
@@ -479,6 +485,7 @@ def _bulk_report(
             "min_answered_share": args.min_answered,
             "drain_s": args.drain_s,
             "find_sustained": bool(getattr(args, "find_sustained", False)),
+            "retries": getattr(args, "retries", 0),
             "rates": args.rate,
             "seed": args.seed,
         },
@@ -556,6 +563,7 @@ def bulk_command(args: argparse.Namespace) -> int:
                 refine=args.refine,
                 step=step,
                 ladder=args.rate if len(args.rate) > 1 else (),
+                retries=args.retries,
             )
         else:
             runs = fixed_rates(responders, args.rate, step)

@@ -29,13 +29,26 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _groups(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Runs with figures, by responder, in the order the responders first appear."""
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _groups(runs: Sequence[dict[str, Any]], load_key: str) -> dict[str, list[dict[str, Any]]]:
+    """Runs with figures, by responder (in the order they first appear), one per load.
+
+    Of several attempts at one load (a failed step run again) the best is drawn: one
+    that held, else the one with the lowest p99; the report's tables list them all.
+    """
+    best: dict[str, dict[float, dict[str, Any]]] = defaultdict(dict)
+
+    def rank(r: dict[str, Any]) -> tuple[bool, float]:
+        p99 = (r.get("latency_ms") or {}).get("p99")
+        return (not r.get("held", True), float("inf") if p99 is None else float(p99))
+
     for r in runs:
-        if "failed" not in r:
-            out[r["responder"]].append(r)
-    return dict(out)
+        if "failed" in r:
+            continue
+        load = float(r[load_key])
+        seen = best[r["responder"]].get(load)
+        if seen is None or rank(r) < rank(seen):
+            best[r["responder"]][load] = r
+    return {name: [by[k] for k in sorted(by)] for name, by in best.items()}
 
 
 def latency_cdf(
@@ -52,27 +65,38 @@ def latency_cdf(
 
     Curves end at the share answered, so a load that lost requests ends below 1.
     """
-    groups = _groups(runs)
+    groups = _groups(runs, load_key)
     n = max(1, len(groups))
-    fig = _figure(5.0 * n, 4.0)
-    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0]
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig = _figure(6.0 * cols, 3.8 * rows + 0.5)
+    grid = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
     for ax, (name, group) in zip(axes, groups.items(), strict=False):
-        for r in sorted(group, key=lambda r: float(r[load_key])):
+        ordered = sorted(group, key=lambda r: float(r[load_key]))
+        for i, r in enumerate(ordered):
             ms = r.get("cdf_ms") or []
             if not ms:
                 continue
             top = float(r.get(share_key, 1.0)) if share_key else 1.0
             ys = [top * i / (len(ms) - 1) for i in range(len(ms))] if len(ms) > 1 else [top]
             xs = [max(v, 0.01) for v in ms]
-            ax.plot(xs, ys, label=load_label(r[load_key]), linewidth=1.4)
+            color = cmap(0.9 * i / max(1, len(ordered) - 1))
+            ax.plot(xs, ys, label=load_label(r[load_key]), linewidth=1.4, color=color)
         if limit_ms is not None:
             ax.axvline(limit_ms, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("latency (ms, log scale)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel("share of requests answered")
+        ax.legend(fontsize=7, loc="lower right", ncol=2 if len(ordered) > 6 else 1)
+    for row in grid:
+        row[0].set_ylabel("share of requests answered")
     fig.suptitle(title)
     fig.savefig(path)
     return path
@@ -95,7 +119,7 @@ def load_curves(
     fig = _figure(11.0, 4.2)
     left, right = fig.subplots(1, 2)
     top = 0.0
-    for name, group in _groups(runs).items():
+    for name, group in _groups(runs, load_key).items():
         group = sorted(group, key=lambda r: float(r[load_key]))
         xs = [float(r[load_key]) for r in group]
         top = max(top, *xs)
@@ -104,10 +128,18 @@ def load_curves(
         pts = [(x, y) for x, y in pts if y is not None]
         if pts:
             right.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    lows = [float(r[load_key]) for r in runs if "failed" not in r and float(r[load_key]) > 0]
+    bottom = min(lows) if lows else 0.0
     if diagonal and top:
-        left.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="offered")
+        left.plot(
+            [bottom, top], [bottom, top], color="grey", linestyle=":", linewidth=1, label="offered"
+        )
     if limit_ms is not None:
         right.axhline(limit_ms, color="grey", linestyle="--", linewidth=1, label="limit")
+    if bottom and top / bottom > 20:  # loads over decades: log scales show them all
+        for ax in (left, right):
+            ax.set_xscale("log")
+        left.set_yscale("log")
     left.set_xlabel(x_label)
     left.set_ylabel(throughput_label)
     right.set_xlabel(x_label)

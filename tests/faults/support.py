@@ -254,9 +254,7 @@ class Settings:
             f"  heartbeat_ttl_ms: {self.heartbeat_ttl_ms}\n  probe_interval_s: 0.5\n"
             # real probes of a busy two-core host must not move the level in these tests
             "  cpu_load_per_core: 1000\n  queue_lag_ms: 60000\n"
-            # `--pool prefork` on the command line loses to a configured worker_pool (Celery
-            # cannot tell it from its default), so the pool is chosen here too.
-            "worker:\n  pool: prefork\n  concurrency: 1\n"
+            "worker:\n  concurrency: 1\n"
             "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
             "logging:\n  level: WARNING\n"
         )

@@ -42,10 +42,13 @@ def blocked_publishers(r: redis.Redis, pid: int, port: int) -> list[dict[str, st
         for c in psutil.Process(pid).net_connections(kind="tcp")
         if c.raddr and c.raddr.port == port
     }
+    # flag b: blocked (postponed by the pause); cmd: the command it is blocked in
     return [
         c
         for c in r.client_list()
-        if int(c["addr"].rsplit(":", 1)[1]) in ports and c.get("cmd") == "lpush"
+        if int(c["addr"].rsplit(":", 1)[1]) in ports
+        and "b" in c.get("flags", "")
+        and c.get("cmd") == "lpush"
     ]
 
 

@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_batch_leaves_every_request_one_answer_in_time(
             )
             svc.kill("cpu-1")
             killed_at, killed_at_mono = db_now(pg), time.monotonic()
-            # The cpu heartbeat lapses, the bridges move the traffic to the rules tier.
+            # The cpu heartbeat lapses, the bridge moves the traffic to the rules tier.
             wait_for(lambda: answered_by(pg, "rules", killed_at), 15, "answers from the rules tier")
             load.keep_going(1.0)
         settle(pg, s.bound_s + 2)
@@ -192,7 +192,9 @@ def test_a_pool_process_killed_mid_batch_gives_its_batch_back(
     config: Config, redis_server: RedisServer, make_service: Callable[..., Service]
 ) -> None:
     """Only the pool process dies (the OOM killer's choice): the worker's main process
-    sees it (reject_on_worker_lost), the batch is requeued, a new pool process answers."""
+    stays, forks a new pool process, and the batch is answered all the same (requeued by
+    reject_on_worker_lost when the dead process had started it, WorkerLostError in the
+    log; handed to the new process when it had not)."""
     s = Settings()
     svc = make_service(config.database.conninfo, redis_server.url, s)
     start(svc)
