@@ -1,4 +1,4 @@
-"""The ``mltasks`` command: db init, models init, bridge, worker, dev, bench."""
+"""The ``mltasks`` command: db init, models init, bridge, worker, flower, dev, status, bench."""
 
 from __future__ import annotations
 
@@ -65,12 +65,6 @@ def _flower(args: argparse.Namespace) -> int:
     return subprocess.call([*cmd, *args.flower_args])
 
 
-def _dev(args: argparse.Namespace) -> int:
-    from mltasks.dev import run_dev
-
-    return run_dev(models_dir=args.models_dir, admin_url=args.admin_url)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mltasks", description=__doc__)
     p.add_argument("--config", help="a YAML file (default: $MLTASKS_CONFIG or config/mltasks.yaml)")
@@ -109,21 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("flower_args", nargs=argparse.REMAINDER)
     fl.set_defaults(func=_flower)
 
-    dev = sub.add_parser("dev", help="run database schema, demo models, bridge and worker here")
-    dev.add_argument("--models-dir", default=None)
-    dev.add_argument(
-        "--admin-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="superuser connection used to create the role and database when missing",
-    )
-    dev.set_defaults(func=_dev)
-
     try:
         from mltasks.bench.cli import add_parser as add_bench
     except ImportError:  # the bench package is optional at import time
         pass
     else:
         add_bench(sub)
+    from mltasks.dev import add_parser as add_dev
+    from mltasks.status import add_parser as add_status
+
+    add_dev(sub)
+    add_status(sub)
     return p
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,6 +90,11 @@ return 0
 
 # The level is read in the bridge's loop: a hung Redis may cost it this much, no more.
 LEVEL_READ_TIMEOUT_S = 0.1
+
+
+def worker_member(pid: int | None = None) -> str:
+    """How a worker process is named in the live-worker and models-loaded keys."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
@@ -211,9 +218,49 @@ class LevelStore:
         pipe.set(keys.probes(queue), json.dumps(doc, default=str), ex=keys.PROBES_TTL_S)
         pipe.execute()
 
-    def beat(self, queues: Iterable[str], ttl_ms: int) -> None:
-        """This worker consumes ``queues`` and is alive."""
+    def beat(self, queues: Iterable[str], ttl_ms: int, member: str | None = None) -> None:
+        """This worker consumes ``queues`` and is alive (``member``: counted among the live)."""
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for q in queues:
-            pipe.set(keys.heartbeat(q), str(time.time()), px=ttl_ms)
+            pipe.set(keys.heartbeat(q), str(now), px=ttl_ms)
+            if member:
+                pipe.zadd(keys.workers(q), {member: now})
+                pipe.zremrangebyscore(keys.workers(q), "-inf", now - ttl_ms / 1000)
+                pipe.pexpire(keys.workers(q), ttl_ms)
         pipe.execute()
+
+    def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
+        """This process loaded ``count`` models to serve ``queue``."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.models(queue), member or worker_member(), int(count))
+        pipe.expire(keys.models(queue), keys.PROBES_TTL_S)
+        pipe.execute()
+
+    def models_loaded(self, queue: str, alive: Iterable[int]) -> int | None:
+        """The fewest models a live process of this host loaded for ``queue`` (None: none said).
+
+        Entries of this host's processes not in ``alive`` are dropped (a child that died
+        or was recycled); the others' are left to their own hosts' monitors.
+        """
+        key = keys.models(queue)
+        host, live = socket.gethostname(), {int(p) for p in alive}
+        raw: Any = self.redis.hgetall(key)
+        counts, dead = [], []
+        for field, value in raw.items():
+            name, _, pid = field.decode().rpartition(":")
+            if name != host:
+                continue
+            if not pid.isdigit() or int(pid) not in live:
+                dead.append(field)
+                continue
+            try:
+                counts.append(int(value))
+            except ValueError:
+                dead.append(field)
+        pipe = self.redis.pipeline(transaction=False)
+        if dead:
+            pipe.hdel(key, *dead)
+        pipe.expire(key, keys.PROBES_TTL_S)
+        pipe.execute()
+        return min(counts) if counts else None

@@ -65,12 +65,28 @@ PROBES_TTL_S: Final = 60
 # no key, no consumer, and the bridge skips that tier.
 HEARTBEAT: Final = PREFIX + "heartbeat:{queue}"
 
+# Live workers per queue: a sorted set {<host>:<pid>: last heartbeat, unix time}, trimmed
+# to the heartbeat TTL at every beat, for `mltasks status` to count them.
+WORKERS: Final = PREFIX + "workers:{queue}"
+
+# Models each worker process loaded, per queue: a hash {<host>:<pid>: count}, written by the
+# process after loading (PROBES_TTL_S, refreshed by its monitor, which drops dead processes).
+MODELS: Final = PREFIX + "models:{queue}"
+
 # Held while a beat job runs, so two beats never run it twice at once.
 JOB_LOCK: Final = PREFIX + "lock:{job}"
 
 
 def heartbeat(queue: str) -> str:
     return HEARTBEAT.format(queue=queue)
+
+
+def workers(queue: str) -> str:
+    return WORKERS.format(queue=queue)
+
+
+def models(queue: str) -> str:
+    return MODELS.format(queue=queue)
 
 
 def failures(level: int) -> str:

@@ -44,6 +44,7 @@ from mltasks import keys
 from mltasks.config import Config, get_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.fallback import LEVEL_QUEUE, Level, LevelStore, route
+from mltasks.sql import query
 
 log = logging.getLogger(__name__)
 
@@ -59,50 +60,6 @@ LEVEL_NAMES: Final[dict[int, str]] = {
     4: "rules",
     5: "traditional AI (255)",
 }
-# Live workers per queue: a sorted set {<host>:<pid>: last beat}, written by the workers'
-# monitors once the proposed change to LevelStore.beat is in (then it moves to keys.py).
-# Until then only the heartbeat key tells that a queue has at least one live worker.
-WORKERS_KEY: Final = keys.PREFIX + "workers:{queue}"
-
-# Named statements, added to sql/queries.sql; this copy serves until they are there.
-STATUS_SQL: Final = """
--- status_queue --
--- `mltasks status`: rows waiting for a bridge (pending) or a worker (processing), and the
--- age in seconds of the oldest pending row (0 when none). The partial indexes on pending
--- and processing rows cover it.
-SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'processing') AS processing,
-       coalesce(extract(epoch FROM clock_timestamp()
-                - min(created_at) FILTER (WHERE status = 'pending'))::float8, 0) AS lag_s
-FROM ai_requests
-WHERE status IN ('pending', 'processing');
-
--- status_latency --
--- `mltasks status`: answers to the requests made in the last %(window_s)s seconds, and
--- their latency (answer written minus request inserted, both on the database's clock).
--- Filtering on ai_requests.created_at lets the BRIN index bound the scan to the window.
-SELECT count(*) AS answered,
-       count(*) FILTER (WHERE s.action_id = 255) AS answered_255,
-       avg(extract(epoch FROM s.created_at - r.created_at)::float8) AS avg_s,
-       percentile_cont(0.99) WITHIN GROUP (
-           ORDER BY extract(epoch FROM s.created_at - r.created_at)::float8) AS p99_s,
-       max(extract(epoch FROM s.created_at - r.created_at)::float8) AS max_s
-FROM ai_requests AS r
-JOIN ai_responses AS s ON s.request_id = r.request_id
-WHERE r.created_at >= clock_timestamp() - make_interval(secs => %(window_s)s);
-"""
-
-
-def status_query(name: str) -> str:
-    """The statement ``name`` from sql/queries.sql, or from `STATUS_SQL` until it is there."""
-    from mltasks.sql import parse_queries, query
-
-    try:
-        return query(name)
-    except KeyError:
-        return parse_queries(STATUS_SQL)[name]
-
-
 # --- what a snapshot holds ----------------------------------------------------------------
 
 
@@ -272,8 +229,8 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         pipe.mget([keys.heartbeat(q) for q in QUEUES])
         pipe.mget([keys.probes(q) for q in QUEUES])
         for q in QUEUES:
-            pipe.exists(WORKERS_KEY.format(queue=q))
-            pipe.zcount(WORKERS_KEY.format(queue=q), now - ttl_s, "+inf")
+            pipe.exists(keys.workers(q))
+            pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
         rates = {str(layer): rate for layer, rate in hit_rates(client, window_s, now).items()}
     finally:
@@ -319,8 +276,8 @@ def _read_postgres(
         connect_timeout=max(2, math.ceil(timeout_s)),
         options=f"-c statement_timeout={statement_ms}",
     ) as conn:
-        q = conn.execute(status_query("status_queue")).fetchone()
-        lat = conn.execute(status_query("status_latency"), {"window_s": window_s}).fetchone()
+        q = conn.execute(query("status_queue")).fetchone()
+        lat = conn.execute(query("status_latency"), {"window_s": window_s}).fetchone()
     queue = QueueInfo()
     if q is not None:
         queue.pending, queue.processing = int(q[0]), int(q[1])

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import redis
 from celery import Task
 from celery.signals import (
     celeryd_init,
@@ -96,7 +97,16 @@ def preload() -> None:
     for queue in worker_queues():
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
-            metrics.set_models_loaded(len(get_engine(cfg, levels[0]).models))
+            count = len(get_engine(cfg, levels[0]).models)
+            metrics.set_models_loaded(count)
+            try:
+                level_store().publish_models(queue, count)
+            except (redis.RedisError, OSError) as exc:  # status shows it as unknown
+                log.warning(
+                    "cannot publish the models loaded: %s",
+                    exc,
+                    extra={"event": "models_publish_failed"},
+                )
     metrics.set_service_up(True)
 
 

@@ -8,6 +8,7 @@ the tier this worker serves is unhealthy (VRAM, GPU gone, CPU overload).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ from celery.worker.consumer import Consumer
 
 from mltasks import metrics
 from mltasks.config import Config, get_config
-from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
+from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore, worker_member
 from mltasks.health import Readings, Thresholds, Verdict, assess, read_probes
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,16 @@ def tier_health(verdict: Verdict, level: int) -> tuple[bool, str]:
     return th.healthy, th.reason or ""
 
 
+def _own_processes() -> set[int]:
+    """This process and its children: the pool processes whose model counts are current."""
+    import psutil
+
+    pids = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        pids.update(c.pid for c in psutil.Process().children())
+    return pids
+
+
 class Monitor:
     """Heartbeats and probes of one worker; `evaluate` is pure enough to test with readings."""
 
@@ -93,13 +104,14 @@ class Monitor:
         # nobody reads.
         self.connected = connected
         self._next_probe = 0.0
+        self.member = worker_member()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
     def tick(self) -> None:
         fb = self.config.fallback
         if self.connected():
-            self.store.beat(self.queues, fb.heartbeat_ttl_ms)
+            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
         now = time.monotonic()
         if self.probe is not None and now >= self._next_probe:
             self._next_probe = now + fb.probe_interval_s
@@ -121,12 +133,14 @@ class Monitor:
         tiers = {
             level: tier_health(verdict, level) for q in self.queues for level in QUEUE_LEVELS[q]
         }
+        alive = _own_processes()
         for queue in self.queues:
-            self.store.publish_health(
-                queue,
-                {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]},
-                dataclasses.asdict(readings),
-            )
+            doc = dataclasses.asdict(readings)
+            if QUEUE_LEVELS[queue][0] != Level.RULES:
+                loaded = self.store.models_loaded(queue, alive)
+                if loaded is not None:
+                    doc["models_loaded"] = loaded
+            self.store.publish_health(queue, {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]}, doc)
         current = self.store.read().level
         metrics.set_fallback_level(current)
         healthy, reason = tiers.get(current, (True, ""))

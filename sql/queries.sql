@@ -109,3 +109,28 @@ SELECT count(*) AS depth,
        coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS oldest_age_s
 FROM ai_requests
 WHERE status = 'pending';
+
+-- status_queue --
+-- `mltasks status`: rows waiting for a bridge (pending) or a worker (processing), and the
+-- age in seconds of the oldest pending row (0 when none). The partial indexes on pending
+-- and processing rows cover it.
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       coalesce(extract(epoch FROM clock_timestamp()
+                - min(created_at) FILTER (WHERE status = 'pending'))::float8, 0) AS lag_s
+FROM ai_requests
+WHERE status IN ('pending', 'processing');
+
+-- status_latency --
+-- `mltasks status`: answers to the requests made in the last %(window_s)s seconds, and
+-- their latency (answer written minus request inserted, both on the database's clock).
+-- Filtering on ai_requests.created_at lets the BRIN index bound the scan to the window.
+SELECT count(*) AS answered,
+       count(*) FILTER (WHERE s.action_id = 255) AS answered_255,
+       avg(extract(epoch FROM s.created_at - r.created_at)::float8) AS avg_s,
+       percentile_cont(0.99) WITHIN GROUP (
+           ORDER BY extract(epoch FROM s.created_at - r.created_at)::float8) AS p99_s,
+       max(extract(epoch FROM s.created_at - r.created_at)::float8) AS max_s
+FROM ai_requests AS r
+JOIN ai_responses AS s ON s.request_id = r.request_id
+WHERE r.created_at >= clock_timestamp() - make_interval(secs => %(window_s)s);

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +28,24 @@ from mltasks.config import Config, load_config, set_config  # noqa: E402
 
 ADMIN_URL = os.environ.get("MLTASKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 T = TypeVar("T")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Embedded PostgreSQL / Redis for whichever of the tests' servers does not answer.
+
+    Runs before any fixture reads MLTASKS_TEST_PG or the test config's
+    MLTASKS_TEST_REDIS_URL; MLTASKS_TEST_EMBEDDED=never turns it off.
+    """
+    global ADMIN_URL
+    if os.environ.get("MLTASKS_TEST_EMBEDDED", "auto") == "never":
+        return
+    from mltasks.embedded import start_test_services
+
+    data = Path(tempfile.mkdtemp(prefix="mltasks-test-servers-"))
+    services = start_test_services(data)
+    config.add_cleanup(lambda: shutil.rmtree(data, ignore_errors=True))
+    config.add_cleanup(services.stop)
+    ADMIN_URL = os.environ.get("MLTASKS_TEST_PG", ADMIN_URL)
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:

@@ -34,7 +34,7 @@ from mltasks.bench.gateway import GatewaySpec, run_gateway, stof, stoi
 from mltasks.bench.procs import wait_until_answering
 from mltasks.bench.report import machine, summarize
 from mltasks.bench.responders import Responder
-from mltasks.bench.service import ServiceSettings, bench_config
+from mltasks.bench.service import ServiceSettings, bench_config, write_checked_config
 from mltasks.config import load_config
 
 # One database per test process: several sessions may run on this machine at once.
@@ -381,8 +381,6 @@ def test_check_report_names_what_is_wrong() -> None:
 def test_service_configurations(
     tmp_path: Path, level: int | None, pool: str, queue: str | None, concurrency: int
 ) -> None:
-    import yaml
-
     from mltasks.config import FallbackConfig
 
     settings = ServiceSettings(
@@ -397,8 +395,9 @@ def test_service_configurations(
     )
     assert settings.queue == queue
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(bench_config(settings)))
-    cfg = load_config(path, environ={})  # every key is one the service knows
+    # Checked as the children will read it: every key one the service knows.
+    write_checked_config(path, bench_config(settings))
+    cfg = load_config(path, environ={})
     assert cfg.caching.enabled == (level != 4)
     assert cfg.redis.broker_db == 9 and cfg.redis.cache_db == 10
     if level is None:  # as deployed: the service's own fallback settings

@@ -24,7 +24,6 @@ from mltasks import keys, status
 from mltasks.cache import stats_key
 from mltasks.config import Config
 from mltasks.fallback import LevelStore
-from mltasks.sql import parse_queries
 
 STATUS_DB = 15
 ALL_QUEUES = ["gpu", "cpu", "rules"]
@@ -338,10 +337,3 @@ def test_redis_away_postgres_still_read(
 )
 def test_best_reachable_level(live: dict[str, bool], gpu: bool | None, best: int) -> None:
     assert status.best_reachable(live, gpu) == best
-
-
-def test_status_sql_blocks_parse_and_serve_until_queries_sql_has_them() -> None:
-    blocks = parse_queries(status.STATUS_SQL)
-    assert set(blocks) == {"status_queue", "status_latency"}
-    for name in blocks:
-        assert "FROM ai_requests" in status.status_query(name)

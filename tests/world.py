@@ -96,6 +96,7 @@ class World:
             os.environ,
             MLTASKS_CONFIG=str(self.config_file),
             MLTASKS_DATABASE_URL=self.cfg.database.conninfo,
+            MLTASKS_REDIS_URL=self.cfg.redis.url,
             MLTASKS_MODELS_DIR=str(models_dir or self.models_dir),
             MLTASKS_PROBE_READINGS=str(self.probe_file),
         )

@@ -26,9 +26,10 @@ CPU-load probe would otherwise trip and measure level 5 instead).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
+import re
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.config import Config, MonitoringConfig, RedisConfig, WorkerConfig, load_config
+from mltasks.config import Config, FallbackConfig, RedisConfig, WorkerConfig
 
 BROKER_DB = 9
 CACHE_DB = 10
@@ -120,29 +121,26 @@ def free_port() -> int:
 
 
 def default_pool() -> Pool:
-    """The pool the service runs with when nothing is said (``worker.pool``'s default)."""
+    """The pool the service runs with when nothing is said: ``worker.pool``'s default
+    where the config has one, else Celery's (prefork)."""
     pool = getattr(WorkerConfig(), "pool", "prefork")
     return pool if pool in POOLS else "prefork"
 
 
 def _worker(s: ServiceSettings) -> dict[str, Any]:
-    """The worker section. The pool goes into the config too when the config has it:
-    Celery takes ``worker_pool`` from the config over a ``--pool prefork`` on the command
-    line (it cannot tell that value from its own default)."""
-    out: dict[str, Any] = {"concurrency": s.worker_concurrency}
-    if "pool" in {f.name for f in dataclasses.fields(WorkerConfig)}:
-        out["pool"] = s.pool
-    return out
+    """The worker section. The pool goes into the config too where the config has it:
+    Celery then takes ``worker_pool`` from the config over a ``--pool prefork`` on the
+    command line (it cannot tell that value from its own default)."""
+    return {"concurrency": s.worker_concurrency, "pool": s.pool}
 
 
 def _monitoring() -> dict[str, Any]:
     """Metrics stay on (they are part of what the service costs), on free ports."""
-    known = {f.name for f in dataclasses.fields(MonitoringConfig)}
-    out: dict[str, Any] = {"metrics_host": "127.0.0.1"}
-    for key in ("metrics_port", "bridge_metrics_port"):
-        if key in known:
-            out[key] = free_port()
-    return {k: v for k, v in out.items() if k in known}
+    return {
+        "metrics_host": "127.0.0.1",
+        "metrics_port": free_port(),
+        "bridge_metrics_port": free_port(),
+    }
 
 
 def bench_config(s: ServiceSettings) -> dict[str, Any]:
@@ -166,6 +164,43 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
         "monitoring": _monitoring(),
         "logging": {"level": "WARNING"},
     }
+
+
+# Keys the benchmark sets when the service's code has them; one it does not know (an older
+# or newer checkout, or a colleague's change landing mid-run) is left out, not fatal.
+OPTIONAL_KEYS = {
+    ("worker", "pool"),
+    ("monitoring", "metrics_port"),
+    ("monitoring", "bridge_metrics_port"),
+    ("monitoring", "metrics_host"),
+}
+_CHECK = "import sys; from mltasks.config import load_config; load_config(sys.argv[1], environ={})"
+_UNKNOWN = re.compile(r"(\w+)\.(\w+): unknown key")
+
+
+def write_checked_config(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """Write the run's YAML and load it the way the children will: in a fresh interpreter
+    with the service's code as it is on disk now (it may have changed since this process
+    started). Optional keys the code does not know are dropped; anything else it rejects
+    raises BenchError with the service's own message."""
+    for _ in range(len(OPTIONAL_KEYS) + 1):
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode == 0:
+            return doc
+        unknown = _UNKNOWN.search(done.stderr)
+        if unknown and (unknown[1], unknown[2]) in OPTIONAL_KEYS:
+            del doc[unknown[1]][unknown[2]]
+            continue
+        last = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise BenchError(f"the service rejects the benchmark's configuration: {last[0]}")
+    raise BenchError("the service rejects the benchmark's configuration")
 
 
 def cache_redis(redis_url: str) -> redis.Redis:
@@ -242,8 +277,12 @@ class Service:
         s = self.settings
         s.work_dir.mkdir(parents=True, exist_ok=True)
         config_path = s.work_dir / f"mltasks-bench-{self.label}.yaml"
-        config_path.write_text(yaml.safe_dump(bench_config(s), sort_keys=False))
-        self.config = load_config(config_path, environ={})  # a bad key stops here
+        write_checked_config(config_path, bench_config(s))  # a bad key stops here
+        # What this process needs of it: where the level lives.
+        self.config = Config(
+            redis=RedisConfig(url=s.redis_url, broker_db=BROKER_DB, cache_db=CACHE_DB),
+            fallback=FallbackConfig(start_level=s.level or 1),
+        )
         self._flush_redis()
         self.force_level()
         env = self._env(config_path)
