@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mltasks.bench import plots
-from mltasks.bench.report import fmt, level_moved, memory_lines
+from mltasks.bench.report import code_line, fmt, level_moved, memory_lines
 
 SCHEMA_VERSION = 1
 KINDS = ("bulk", "cache")
@@ -130,7 +130,7 @@ def _pct(share: float) -> str:
 def _run_line(r: dict[str, Any]) -> str:
     if "failed" in r:
         reason = r["failed"].strip().splitlines()[0] if r["failed"].strip() else "?"
-        return f"| {r['responder']} | {r['rate']:.0f} | failed: {reason} |" + " |" * 10
+        return f"| {r['responder']} | {r['rate']:.0f} | failed: {reason} |" + " |" * 11
     lat = r["latency_ms"]
     loader = r["loader"]
     late = loader["late_batches"] / loader["batches"] if loader["batches"] else 0.0
@@ -144,7 +144,7 @@ def _run_line(r: dict[str, Any]) -> str:
         f"| {_pct(r['answered_share'])} | {fmt(lat['p50'])} | {fmt(lat['p90'])} "
         f"| {fmt(lat['p99'])} | {fmt(lat['max'])} | {_pct(r['share_255'])} "
         f"| {_held(r)} | {loader_note} | {cpu} "
-        f"| {r['load_average_before'][0]} |"
+        f"| {_others(r)} | {r['load_average_before'][0]} |"
     )
 
 
@@ -165,6 +165,11 @@ def _notes(runs: list[dict[str, Any]]) -> list[str]:
                 f"{r.get('drain_s')} s after the load stopped"
             )
     return out
+
+
+def _others(r: dict[str, Any]) -> str:
+    share = r.get("others_cpu_share")
+    return "n/a" if share is None else f"{share * 100:.0f}%"
 
 
 def _held(r: dict[str, Any]) -> str:
@@ -212,14 +217,16 @@ def markdown(report: dict[str, Any]) -> str:
         "loader: share of COPY batches sent over 50 ms late (a disturbed machine), or "
         "**behind** when it could not offer the rate in time (a step that held otherwise "
         "then only shows a loader limit). "
-        "CPU: the responder's share of the machine / the whole machine busy. "
+        "CPU: the responder's share of the machine / the whole machine busy. others: the "
+        "share of the machine used by everything not working for the run (other people's "
+        "work: the disturbance). "
         f"Load average (1/5/15 min): {' '.join(map(str, la0))} at the start, "
         f"{' '.join(map(str, la1))} at the end.",
         "",
         "| responder | rate/s | offered/s | answered/s | answered | p50 ms | p90 ms | p99 ms "
-        "| max ms | 255 | held | loader | CPU | load avg |",
+        "| max ms | 255 | held | loader | CPU | others | load avg |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- "
-        "| ---: | ---: |",
+        "| ---: | ---: | ---: |",
     ]
     lines += [_run_line(r) for r in report["runs"]]
     if report["sustained"]:
@@ -282,7 +289,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
-        f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}.",
+        f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}." + code_line(m),
     ]
     if report["plots"]:
         lines += ["", *[f"![{p}]({p})" for p in report["plots"]]]

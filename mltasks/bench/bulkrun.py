@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import redis
@@ -28,7 +29,7 @@ from mltasks.bench import BenchError
 from mltasks.bench.bulk import BulkSpec, RowSource, bulk_reset, drain, offer_load, read_rows
 from mltasks.bench.bulk import summarize_rows as summarize_bulk
 from mltasks.bench.database import run_stats
-from mltasks.bench.report import CpuMeter
+from mltasks.bench.report import CpuMeter, OthersMeter
 from mltasks.bench.responders import Responder
 from mltasks.bench.service import cache_redis
 from mltasks.errors import MLTasksError
@@ -48,6 +49,29 @@ class StepOptions:
     p99_limit_ms: float = 50.0
     min_answered_share: float = 0.99
     redis_url: str = "redis://127.0.0.1:6379"
+
+
+def ours_markers(opts: StepOptions) -> tuple[str, ...]:
+    """Command-line fragments of the processes working for a run besides the responder:
+    the benchmark database's backends and the run's Redis server."""
+    return ours_markers_for(opts.conninfo, opts.redis_url)
+
+
+def ours_markers_for(conninfo: str, redis_url: str) -> tuple[str, ...]:
+    """What else counts as the run's own work when the others' CPU is measured. Kernel
+    threads (I/O for the commits) cannot be told apart: "others" is an upper bound."""
+    from mltasks.bench.database import database_name
+
+    port = urlsplit(redis_url).port or 6379
+    return (
+        f" {database_name(conninfo)} ",  # its backends (and autovacuum workers)
+        # PostgreSQL's own writers: during a run mostly writing for it.
+        ": walwriter",
+        ": checkpointer",
+        ": background writer",
+        f"redis-server 127.0.0.1:{port}",
+        f"redis-server *:{port}",
+    )
 
 
 def _cache_counts(redis_url: str) -> dict[str, dict[str, int]] | None:
@@ -114,10 +138,12 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         counts_before = _cache_counts(opts.redis_url) if caching else None
         load_before = os.getloadavg()
         machine_cpu = CpuMeter()
+        others = OthersMeter(ours_markers(opts))
         responder_cpu = running.cpu_seconds()
         load = offer_load(spec, source)
         responder_cpu = running.cpu_seconds() - responder_cpu
         machine_busy = machine_cpu.busy_share()
+        others_share = others.share()
         drained_s, left = drain(opts.conninfo, opts.drain_s)
         if svc is not None:
             level_after = svc.level_now()
@@ -142,6 +168,8 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         "responder_cpu_s": round(responder_cpu, 2),
         "responder_cpu_share_of_machine": round(responder_cpu / (load.elapsed_s * cores), 3),
         "machine_cpu_busy_share": machine_busy,
+        # CPU of everything else on the machine during the load: what disturbed the step.
+        "others_cpu_share": others_share,
         "load_average_before": [round(x, 2) for x in load_before],
         "database": run_stats(opts.conninfo),
         **running.info,
@@ -187,7 +215,8 @@ def _say_run(run: dict[str, Any]) -> None:
         f"{run['responder']:>28} @ {run['rate']:>8.0f}/s: offered {run['offered_per_s']}/s, "
         f"answered {run['answered_share'] * 100:6.2f}% ({run['answered_per_s']}/s in the window), "
         f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, 255 {run['share_255'] * 100:.1f}%, "
-        f"{'held' if run['held'] else 'FAILED'}, load {run['load_average_before'][0]}{note}"
+        f"{'held' if run['held'] else 'FAILED'}, load {run['load_average_before'][0]}, "
+        f"others {run['others_cpu_share'] * 100:.0f}%{note}"
     )
 
 

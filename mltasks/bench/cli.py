@@ -33,7 +33,13 @@ import redis
 
 from mltasks.bench import BenchError, bulkreport
 from mltasks.bench import precisions as precisions_mod
-from mltasks.bench.bulkrun import StepOptions, find_sustained, fixed_rates, guarded_step
+from mltasks.bench.bulkrun import (
+    StepOptions,
+    find_sustained,
+    fixed_rates,
+    guarded_step,
+    ours_markers_for,
+)
 from mltasks.bench.database import (
     DEFAULT_BENCH_URL,
     recreate_database,
@@ -44,6 +50,7 @@ from mltasks.bench.database import (
 from mltasks.bench.gateway import DEFAULT_POLL_MS, GatewaySpec, run_gateway
 from mltasks.bench.report import (
     CpuMeter,
+    OthersMeter,
     gateway_plots,
     machine,
     markdown,
@@ -354,6 +361,7 @@ def _one_run(
     responder: str,
     start: Callable[[], AbstractContextManager[Running]],
     spec: GatewaySpec,
+    markers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Start a responder, run the clients on an empty table, read what the table saw."""
     reset_tables(spec.conninfo)
@@ -361,10 +369,12 @@ def _one_run(
         reset_tables(spec.conninfo)  # the warm-up request is not part of the run
         load_before = os.getloadavg()[0]
         machine_cpu = CpuMeter()
+        others = OthersMeter(markers)
         responder_cpu = running.cpu_seconds()
         result = run_gateway(spec)
         responder_cpu = running.cpu_seconds() - responder_cpu
         machine_busy = machine_cpu.busy_share()
+        others_share = others.share()
         stats = run_stats(spec.conninfo)
         level_after = running.service.level_now() if running.service is not None else None
     cores = os.cpu_count() or 1
@@ -375,6 +385,7 @@ def _one_run(
         "responder_cpu_share_of_machine": round(responder_cpu / (result.elapsed_s * cores), 3),
         # Everything on the machine: clients, responder, PostgreSQL, Redis, and anyone else.
         "machine_cpu_busy_share": machine_busy,
+        "others_cpu_share": others_share,
         "load_average_before": round(load_before, 2),
         "database": stats,
         **running.info,
@@ -386,17 +397,21 @@ def _one_run(
         f"{responder:>7} x{spec.clients:<3} {run['decisions_per_s']:>8} decisions/s, "
         f"{run['in_time_share'] * 100:5.1f}% in time, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
         f"255 {run['share_255'] * 100:.1f}%, parse failures {run['parse_failures']}, "
-        f"errors {run['errors']}, load {run['load_average_before']}"
+        f"errors {run['errors']}, load {run['load_average_before']}, "
+        f"others {run['others_cpu_share'] * 100:.0f}%"
     )
     return run
 
 
 def _guarded_run(
-    responder: str, start: Callable[[], AbstractContextManager[Running]], spec: GatewaySpec
+    responder: str,
+    start: Callable[[], AbstractContextManager[Running]],
+    spec: GatewaySpec,
+    markers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A run that fails is reported as failed; the other runs still count."""
     try:
-        return _one_run(responder, start, spec)
+        return _one_run(responder, start, spec, markers)
     except (MLTasksError, psycopg.Error, redis.RedisError, OSError) as exc:
         _say(f"{responder:>7} x{spec.clients:<3} FAILED: {exc}")
         return {"responder": responder, "clients": spec.clients, "failed": str(exc)}
@@ -433,7 +448,9 @@ def gateway_command(args: argparse.Namespace) -> int:
             )
             for r in responders:
                 name = "floor" if r.is_floor else "service"
-                runs.append(_guarded_run(name, r.start, spec))
+                runs.append(
+                    _guarded_run(name, r.start, spec, ours_markers_for(url, args.redis_url))
+                )
     report: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
         "command": _command_line(),

@@ -7,8 +7,11 @@ over all decisions, so a p99 at the timeout means more than 1% timed out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import threading
+import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -91,6 +94,104 @@ class CpuMeter:
         return round(1.0 - idle / total, 3) if total > 0 else 0.0
 
 
+def _own_cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    # Children it already reaped count too: a test runner's finished workers, say.
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+class OthersMeter:
+    """CPU the rest of the machine used during a run: everything but this process and its
+    descendants (responders, client processes), the benchmark database's PostgreSQL
+    backends, PostgreSQL's writers and the run's Redis server. On a shared 2-core machine
+    this is what disturbed a run. Kernel threads cannot be told apart (the I/O of the
+    run's own commits among them): the figure is an upper bound.
+
+    Our processes are sampled every ``interval_s`` in a thread, so a connection's backend
+    that ends before the run does (the clients') still counts as ours, but for at most
+    the last interval.
+    """
+
+    def __init__(self, markers: tuple[str, ...], interval_s: float = 1.0) -> None:
+        self.markers = markers  # command-line fragments of ours: the db name, redis port
+        self._busy = CpuMeter()
+        self._t0 = time.monotonic()
+        self._start = self._ours()
+        self._last = dict(self._start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._sample, args=(interval_s,), name="others-meter", daemon=True
+        )
+        self._thread.start()
+
+    def _ours(self) -> dict[int, float]:
+        me = psutil.Process()
+        pids = {me.pid}
+        with contextlib.suppress(psutil.Error):
+            pids.update(c.pid for c in me.children(recursive=True))
+        out: dict[int, float] = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(proc.info["cmdline"] or ())
+                if proc.pid in pids or any(m in cmd for m in self.markers):
+                    out[proc.pid] = _own_cpu(proc)
+        return out
+
+    def _sample(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._last.update(self._ours())
+
+    def share(self) -> float:
+        """The share of the machine (all cores) the others used since construction."""
+        self._stop.set()
+        self._thread.join(5)
+        self._last.update(self._ours())
+        elapsed = time.monotonic() - self._t0
+        cores = os.cpu_count() or 1
+        busy_s = self._busy.busy_share() * elapsed * cores
+        ours_s = sum(t - self._start.get(pid, 0.0) for pid, t in self._last.items())
+        others = max(0.0, busy_s - ours_s)
+        return round(others / (elapsed * cores), 3) if elapsed > 0 else 0.0
+
+
+def code_fingerprint() -> dict[str, Any]:
+    """Which service code was measured: a hash over its sources (the package but the
+    benchmark, the bridge, beat, sql/) and when the newest of them changed. Figures move
+    with the code; this tells two reports' code apart without a VCS."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from mltasks.config import REPO_ROOT
+
+    bench = Path(__file__).resolve().parent
+    files = sorted(
+        p
+        for d in ("mltasks", "bridge", "beat", "sql")
+        for p in (REPO_ROOT / d).rglob("*")
+        if p.suffix in (".py", ".sql") and p.is_file() and bench not in p.parents
+    )
+    digest = hashlib.sha256()
+    newest = 0.0
+    for p in files:
+        with contextlib.suppress(OSError):
+            digest.update(str(p.relative_to(REPO_ROOT)).encode() + b"\0" + p.read_bytes())
+            newest = max(newest, p.stat().st_mtime)
+    return {
+        "sha256": digest.hexdigest()[:16],
+        "files": len(files),
+        "newest_change": datetime.fromtimestamp(newest, UTC).isoformat(timespec="seconds"),
+    }
+
+
+def code_line(m: dict[str, Any]) -> str:
+    code = m.get("code")
+    if not code:
+        return ""
+    return (
+        f" Service code {code['sha256']} ({code['files']} files, newest {code['newest_change']})."
+    )
+
+
 def machine() -> dict[str, Any]:
     """Where the figures were measured: they mean little without it."""
     model = "?"
@@ -116,6 +217,7 @@ def machine() -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "packages": versions,
+        "code": code_fingerprint(),
     }
 
 
@@ -178,6 +280,7 @@ def _busy(run: dict[str, Any]) -> str:
         run.get("client_cpu_share_of_machine"),
         run.get("responder_cpu_share_of_machine"),
         run.get("machine_cpu_busy_share"),
+        run.get("others_cpu_share"),
     )
     return "/".join("n/a" if v is None else f"{v * 100:.0f}" for v in shares) + "%"
 
@@ -227,11 +330,11 @@ def markdown(report: dict[str, Any]) -> str:
         + (f" Service: {_describe(report['service'])}." if report.get("service") else ""),
         "Latency: INSERT start until the answer was seen, or until the timeout for a decision "
         "that timed out. `255` and `in time` are shares of all decisions. CPU: shares of the "
-        "whole machine used by the client processes, by the responder's processes, and by "
-        "everything (the rest is PostgreSQL, Redis and anything else running).",
+        "whole machine used by the client processes, by the responder's processes, by "
+        "everything, and by everything not working for the run (others: the disturbance).",
         "",
         "| responder | clients | decisions/s | in time | p50 ms | p95 ms | p99 ms | 255 "
-        "| parse failures | errors | CPU clients/responder/all | actions (id:count) |",
+        "| parse failures | errors | CPU clients/responder/all/others | actions (id:count) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in report["runs"]:
@@ -263,7 +366,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "
-        f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}.",
+        f"Python {m['python']}, PostgreSQL {report.get('postgres', '?')}." + code_line(m),
     ]
     mem = memory_lines(report["runs"], key="clients", key_label="clients")
     if mem:
