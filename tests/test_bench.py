@@ -149,10 +149,12 @@ def test_bulk_pool_repeats_states(bench_db: str) -> None:
         conn.execute("TRUNCATE ai_responses, ai_requests RESTART IDENTITY")
     assert offer_load(spec).rows == 120
     with psycopg.connect(bench_db) as conn:
-        states, pairs, archetypes = conn.execute(
+        row = conn.execute(
             "SELECT count(DISTINCT state_vector), count(DISTINCT (state_vector, mob_id)), "
             "count(DISTINCT (state_vector, archetype)) FROM ai_requests"
         ).fetchone()
+    assert row is not None
+    states, pairs, archetypes = row
     assert states <= 5
     assert states < pairs <= 10  # each state comes with up to two mob ids ...
     assert archetypes == states  # ... and always with its own archetype
@@ -170,9 +172,9 @@ def _rows(latencies: list[float | None], actions: list[int], reasons: list[str |
 
 
 def test_summarize_counts_only_real_answers() -> None:
-    lat: list[float | None] = [1.0] * 97 + [80.0, 90.0, None]
-    actions = [1] * 97 + [255, 255, -1]
-    reasons: list[str | None] = [None] * 97 + ["deadline", "fallback_level_5", None]
+    lat: list[float | None] = [*([1.0] * 97), 80.0, 90.0, None]
+    actions = [*([1] * 97), 255, 255, -1]
+    reasons: list[str | None] = [*([None] * 97), "deadline", "fallback_level_5", None]
     figures = summarize_rows(_rows(lat, actions, reasons))
     assert figures["answered"] == 97
     assert figures["responded"] == 99

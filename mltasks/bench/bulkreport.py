@@ -283,7 +283,7 @@ def markdown(report: dict[str, Any]) -> str:
     notes = _notes(report["runs"])
     if notes:
         lines += ["", "Notes:", "", *notes]
-    mem = memory_lines(report["runs"], key="rate", key_label="rate/s")
+    mem = memory_lines(report["runs"], key="rate", key_label="rate/s", first_only=True)
     if mem:
         lines += ["", *mem]
     lines += [

@@ -60,6 +60,7 @@ def latency_cdf(
     title: str,
     limit_ms: float | None = None,
     share_key: str | None = "answered_share",
+    y_label: str = "share of requests answered",
 ) -> Path:
     """One panel per responder, one curve per load: share of requests answered within x ms.
 
@@ -96,7 +97,7 @@ def latency_cdf(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right", ncol=2 if len(ordered) > 6 else 1)
     for row in grid:
-        row[0].set_ylabel("share of requests answered")
+        row[0].set_ylabel(y_label)
     fig.suptitle(title)
     fig.savefig(path)
     return path

@@ -271,6 +271,10 @@ def _describe(service: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _num(v: Any) -> str:
+    return f"{v:.0f}" if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def fmt(v: Any, suffix: str = "") -> str:
     return "n/a" if v is None else f"{v}{suffix}"
 
@@ -289,9 +293,17 @@ def _actions(hist: dict[str, int]) -> str:
     return " ".join(f"{a}:{c}" for a, c in hist.items()) or "-"
 
 
-def memory_lines(runs: list[dict[str, Any]], *, key: str, key_label: str) -> list[str]:
-    """The worker memory table of the runs that measured it (Markdown lines)."""
+def memory_lines(
+    runs: list[dict[str, Any]], *, key: str, key_label: str, first_only: bool = False
+) -> list[str]:
+    """The worker memory table of the runs that measured it (Markdown lines); with
+    ``first_only`` one run per responder (a rate search starts a service per step)."""
     mems = [r for r in runs if r.get("worker_memory")]
+    if first_only:
+        firsts: dict[str, dict[str, Any]] = {}
+        for r in mems:
+            firsts.setdefault(r["responder"], r)
+        mems = list(firsts.values())
     if not mems:
         return []
     lines = [
@@ -309,7 +321,7 @@ def memory_lines(runs: list[dict[str, Any]], *, key: str, key_label: str) -> lis
                 continue
             kids = mem["children"]
             lines.append(
-                f"| {r['responder']} | {r[key]} | {when} | {mem.get('pool', 'prefork')} "
+                f"| {r['responder']} | {_num(r[key])} | {when} | {mem.get('pool', 'prefork')} "
                 f"| {mem['worker_main_rss_mb']} / {fmt(mem.get('worker_main_uss_mb'))} "
                 f"| {', '.join(str(c['rss_mb']) for c in kids) or '-'} "
                 f"| {', '.join(str(c.get('uss_mb', 'n/a')) for c in kids) or '-'} |"
@@ -410,6 +422,7 @@ def gateway_plots(report: dict[str, Any], out: Path) -> list[str]:
         title="gateway: latency CDF per client count (INSERT to answer seen; timeouts at "
         f"{report['timeout_ms']} ms)",
         share_key=None,
+        y_label="share of decisions done (timeouts at the timeout)",
     )
     plots.load_curves(
         runs,
