@@ -29,7 +29,7 @@ from mltasks.config import Config, get_config
 from mltasks.engine import get_engine, reset_engine
 from mltasks.errors import DatabaseError
 from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
-from mltasks.inference import Outcome, Predictors, Row, answer_batch
+from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
 from mltasks.logs import configure_logging
 from mltasks.responses import write_answers
 from mltasks.rules import RULES
@@ -185,13 +185,28 @@ def infer_batch(
     ``sent_at`` (the bridge's clock) gives the queue lag, ``created`` each row's
     created_at for end-to-end latency.
     """
-    lag_s = time.time() - sent_at if sent_at else None
+    now = time.time()
+    lag_s = now - sent_at if sent_at else None
     cfg = get_config()
+    stale: list[Answer] = []
+    if created and len(created) == len(rows):
+        # The game has given up on these: answering them would only delay the live ones.
+        limit = cfg.inference.max_latency_ms / 1000
+        keep = [i for i, c in enumerate(created) if now - c <= limit]
+        if len(keep) < len(rows):
+            kept = set(keep)
+            stale = [
+                traditional(int(r[0]), "deadline", status="expired")
+                for i, r in enumerate(rows)
+                if i not in kept
+            ]
+            rows = [rows[i] for i in keep]
+            created = [created[i] for i in keep]
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
     outcome = answer_batch(rows, predictors(cfg, level), cache, cfg.models.serve_model_type)
     try:
         with _db_pool().connection() as conn:
-            write_answers(conn, outcome.answers)
+            write_answers(conn, [*outcome.answers, *stale])
     except (DatabaseError, psycopg.Error) as exc:
         log.warning(
             "writing %d answers failed: %s",
@@ -206,9 +221,11 @@ def infer_batch(
     metrics.observe_answers(
         metrics.count_outcomes(outcome.answers), metrics.seconds_since(created or ())
     )
+    if stale:
+        metrics.observe_answers({"expired": len(stale)}, [])
     if level < Level.TRADITIONAL:
         report(cfg, level, outcome, lag_s)
-    return len(outcome.answers)
+    return len(outcome.answers) + len(stale)
 
 
 @app.task(name=CANARY_TASK, ignore_result=True, acks_late=True)

@@ -240,3 +240,23 @@ def test_redelivered_batch_writes_nothing_twice(
     assert answers(pg) == first
     assert len(first) == 1
     assert pg.execute("SELECT status FROM ai_requests").fetchone() == ("completed",)
+
+
+def test_a_batch_that_waited_past_the_deadline_is_not_inferred(
+    config: Config, pg: psycopg.Connection[Any], worker: Any
+) -> None:
+    import time
+
+    from mltasks.tasks import infer_batch
+
+    old, fresh = game.insert(pg, STATE), game.insert(pg, STATE, archetype="mage")
+    pg.execute("UPDATE ai_requests SET status = 'processing'")
+    now = time.time()
+    rows = [[old, "aggressive", 1002, STATE, 1002], [fresh, "mage", 1002, STATE, 1002]]
+    created = [now - 2 * config.inference.max_latency_ms / 1000, now]
+    assert infer_batch.apply(args=[rows, 3, now, created]).get() == 2
+    got = answers(pg)
+    assert got[old] == (255, 0.0, "bridge", "deadline")
+    assert got[fresh][2] == "model"
+    statuses = dict(pg.execute("SELECT request_id, status FROM ai_requests").fetchall())
+    assert statuses == {old: "expired", fresh: "completed"}
