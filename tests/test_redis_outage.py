@@ -33,25 +33,18 @@ from tests.faults.support import (
     Settings,
     audit,
     db_now,
+    redis_server,
     report,
     settle,
     summary,
     warm_up,
 )
 
+__all__ = ["redis_server"]  # the private Redis fixture, from tests/faults/support.py
+
 # Redis back, the worker must answer again within this (its reconnect back-off included).
 RECOVERY_LIMIT_S = 30.0
 OUTAGE_S = 3.0
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.support import RedisServer, Service, Settings
+from tests.faults.support import Service, Settings, redis_server
 
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+__all__ = ["redis_server"]  # a fixture shared with tests/test_redis_outage.py
 
 
 @pytest.fixture
