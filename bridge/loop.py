@@ -20,8 +20,9 @@ import psycopg
 import redis
 from celery import Celery
 
+from bridge.publish import Publisher
 from mltasks import metrics
-from mltasks.celery_app import INFER_TASK, QUEUES
+from mltasks.celery_app import QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
@@ -43,14 +44,14 @@ log = logging.getLogger(__name__)
 
 # Lease release, game timeouts and the fallback level are looked at this often.
 HOUSEKEEPING_EVERY_S = 0.25
-# The queue is only looked at when batches follow each other this closely.
-CONGESTION_WINDOW_S = 0.005
-# While the tier's queue is congested, how soon to look again.
-CONGESTION_RECHECK_S = 0.001
+# A congested tier is tried again after this long even if no answer was heard (a worker
+# that died with its batch, a NOTIFY lost with a reconnect).
+CONGESTION_MAX_S = 0.02
+# The schema's NOTIFY channels: a request was inserted; a response was written.
+REQUESTS_CHANNEL = "ai_requests"
+ANSWERED_CHANNEL = "ai_answered"
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
-# A publish goes through at once or the batch is answered here: the game cannot wait.
-PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
 
 
 class Bridge:
@@ -79,12 +80,15 @@ class Bridge:
         self.expired = 0
         self.answered_here = 0
         self._congested = False
-        self._last_publish = 0.0
+        self._congested_at = 0.0
+        # The broker the app's workers consume from (its URL, not ours: a test or a
+        # deployment may point the app elsewhere).
         self._broker = redis.Redis.from_url(
-            self.config.redis.db_url(self.config.redis.broker_db),
+            str(self.app.conf.broker_url),
             socket_timeout=self.config.redis.socket_timeout_s,
             socket_connect_timeout=self.config.redis.socket_timeout_s,
         )
+        self.publisher = Publisher(self.app, self._broker)
         self.refresh_level()
 
     # -- connection ---------------------------------------------------------------------
@@ -92,7 +96,7 @@ class Bridge:
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._conn is None or self._conn.closed:
             conn = connect(self.config.database)
-            conn.execute("LISTEN ai_requests")
+            conn.execute(f"LISTEN {REQUESTS_CHANNEL}; LISTEN {ANSWERED_CHANNEL}")
             self._conn = conn
             metrics.set_service_up(True)
             log.info(
@@ -149,12 +153,8 @@ class Bridge:
             self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         try:
-            self.app.send_task(
-                INFER_TASK,
-                args=[rows, level, time.time(), list(created)],
-                queue=queue,
-                retry=True,
-                retry_policy=PUBLISH_RETRY,
+            length = self.publisher.publish(
+                queue, [rows, level, time.time(), list(created)], len(rows)
             )
         except Exception as exc:  # any broker failure: answer now, never strand the rows
             log.error(
@@ -168,7 +168,10 @@ class Bridge:
             self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         self.sent += len(rows)
-        self._last_publish = time.monotonic()
+        if length > self.config.inference.max_waiting_batches:
+            # The tier is busy: let rows gather until a worker answers a batch.
+            self._congested = True
+            self._congested_at = time.monotonic()
 
     def answer_here(
         self,
@@ -250,31 +253,23 @@ class Bridge:
                 metrics.observe_answers({"expired": cur.rowcount}, [])
 
     def congested(self) -> bool:
-        """True when the tier's queue already holds enough waiting batches.
+        """True while the tier's queue holds more than ``max_waiting_batches`` batches.
 
         Then the bridge stops claiming and lets rows gather in PostgreSQL: when a worker
-        frees up, they leave as one larger batch instead of many one-row batches, so the
-        per-batch cost (broker, acks, one database write) is shared by more decisions.
+        answers a batch (the ``ai_answered`` NOTIFY) they leave as one larger batch instead
+        of many one-row batches, so the per-batch cost (broker, acks, one database write)
+        is shared by more decisions. The queue's length comes with each publish (LPUSH's
+        reply), so this costs no round trip.
         """
-        limit = self.config.inference.max_waiting_batches
-        if not limit or self.level >= Level.TRADITIONAL:
-            return False
-        if time.monotonic() - self._last_publish > CONGESTION_WINDOW_S:
-            return False  # a lone request: no queue to look at, no round trip to spend
-        if time.monotonic() < self._publish_blocked_until:
-            return False
-        try:
-            waiting = int(self._broker.llen(LEVEL_QUEUE[self.level]))
-        except (redis.RedisError, OSError):
-            return False  # the publish will find out, and answer with the rules
-        return waiting >= limit
+        if self._congested and time.monotonic() - self._congested_at > CONGESTION_MAX_S:
+            self._congested = False
+        return self._congested
 
     def drain(self) -> int:
         """Claim until the table has no pending row left, or the tier is congested."""
         total = 0
         while True:
-            self._congested = self.congested()
-            if self._congested:
+            if self.congested():
                 return total
             n = self.step()
             total += n
@@ -282,13 +277,18 @@ class Bridge:
                 return total
 
     def wait(self, timeout_s: float) -> None:
-        """Sleep until a NOTIFY arrives or the poll interval passes; swallow the backlog."""
+        """Sleep until a NOTIFY arrives or the poll interval passes; swallow the backlog.
+
+        An answer written anywhere ends a congestion: a worker has room again.
+        """
         with self._errors("waiting"):
             conn = self._connection()
-            for _ in conn.notifies(timeout=timeout_s, stop_after=1):
-                pass
-            for _ in conn.notifies(timeout=0):
-                pass
+            for note in conn.notifies(timeout=timeout_s, stop_after=1):
+                if note.channel == ANSWERED_CHANNEL:
+                    self._congested = False
+            for note in conn.notifies(timeout=0):
+                if note.channel == ANSWERED_CHANNEL:
+                    self._congested = False
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
-                timeout = CONGESTION_RECHECK_S if self._congested else poll_s
+                timeout = CONGESTION_MAX_S if self._congested else poll_s
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 import numpy as np
@@ -127,12 +127,86 @@ def logits_key(archetype: str, model_type: str, state: Any) -> str | None:
     Rounding lets states the game would call the same (its own key uses 2 decimals) share
     one model run.
     """
-    vec = _as_state(state)
-    if not np.isfinite(vec).all():
-        return None
-    hundredths = np.clip(np.rint(vec.astype(np.float64) * 100.0), -(2**31), 2**31 - 1)
-    digest = hashlib.blake2b(hundredths.astype("<i4").tobytes(), digest_size=16).hexdigest()
-    return f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}"
+    return logits_keys([(archetype, model_type, _as_state(state))])[0]
+
+
+def logits_keys(where: Sequence[tuple[str, str, Any]]) -> list[str | None]:
+    """`logits_key` for a whole batch: the rounding done once, as one array."""
+    if not where:
+        return []
+    states = np.stack([_as_state(s) for _, _, s in where])
+    finite = np.isfinite(states).all(axis=1)
+    wide = np.where(finite[:, None], states, 0).astype(np.float64) * 100.0
+    hundredths = np.clip(np.rint(wide), -(2**31), 2**31 - 1).astype("<i4")
+    out: list[str | None] = []
+    for (archetype, model_type, _), ok, row in zip(where, finite, hundredths, strict=True):
+        if not ok:
+            out.append(None)
+            continue
+        digest = hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest()
+        out.append(f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}")
+    return out
+
+
+# One command writes a batch: L2 and L3 values with their TTLs, L1 pushes trimmed and
+# expired. Per-key SET/LPUSH/LTRIM/EXPIRE cost the worker more CPU (redis-py packs each
+# command in Python) than the model does.
+# ARGV: n_l2, n_l3, n_l1, ttl_l2, ttl_l3, ttl_l1, l1_len, then one value per key.
+_STORE_SCRIPT = """
+local n2, n3, n1 = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl2, ttl3, ttl1, keep = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+for i = 1, n2 do
+  redis.call('SET', KEYS[i], ARGV[7 + i], 'EX', ttl2)
+end
+for i = n2 + 1, n2 + n3 do
+  redis.call('SET', KEYS[i], ARGV[7 + i], 'EX', ttl3)
+end
+for i = n2 + n3 + 1, n2 + n3 + n1 do
+  redis.call('LPUSH', KEYS[i], ARGV[7 + i])
+end
+for i = n2 + n3 + 1, n2 + n3 + n1 do
+  redis.call('LTRIM', KEYS[i], 0, keep - 1)
+  redis.call('EXPIRE', KEYS[i], ttl1)
+end
+return n2 + n3 + n1
+"""
+
+
+@dataclass(slots=True)
+class Writes:
+    """What one cache write sends: (key, value) per layer, with the TTLs to use."""
+
+    actions: list[tuple[str, str]] = field(default_factory=list)
+    logits: list[tuple[str, bytes]] = field(default_factory=list)
+    states: list[tuple[str, bytes]] = field(default_factory=list)
+    action_ttl_s: int = 10
+    logits_ttl_s: int = keys.LOGITS_TTL_S
+
+    def __len__(self) -> int:
+        return len(self.actions) + len(self.logits) + len(self.states)
+
+    def queue(self, pipe: Any, sha: str) -> int:
+        """Add the one script call (EVALSHA ``sha``) to ``pipe``; returns how many values."""
+        n = len(self)
+        if not n:
+            return 0
+        pairs = [*self.actions, *self.logits, *self.states]
+        pipe.evalsha(
+            sha,
+            n,
+            *(k for k, _ in pairs),
+            *(
+                len(self.actions),
+                len(self.logits),
+                len(self.states),
+                self.action_ttl_s,
+                self.logits_ttl_s,
+                keys.WORKING_MEMORY_TTL_S,
+                keys.WORKING_MEMORY_LEN,
+            ),
+            *(v for _, v in pairs),
+        )
+        return n
 
 
 # --- hit counters -------------------------------------------------------------------------
@@ -295,6 +369,9 @@ class Cache:
         self.stats: dict[Layer, HitCounter] = {layer: HitCounter() for layer in LAYERS}
         self._pending: dict[Layer, HitCounter] = {layer: HitCounter() for layer in LAYERS}
         self._wall = wall
+        self._clock = clock
+        self._script_sha: str | None = None
+        self._stats_sent_at = -math.inf
         self._client: redis.Redis | None = None
         self._lock = threading.Lock()
 
@@ -337,26 +414,42 @@ class Cache:
             self.stats[layer].add(hits, misses)
             self._pending[layer].add(hits, misses)
 
-    def _write(self, queue: Callable[[Any], int], n: int) -> int:
-        """One pipeline: the ``n`` writes ``queue`` adds, and the pending hit counters."""
+    def _write(self, writes: Writes, *, stats: bool = False) -> int:
+        """One pipeline: one script call for ``writes``, and the pending hit counters.
+
+        The counters ride along at most once per STATS_FLUSH_S (or when ``stats``): six
+        commands per batch otherwise, for figures read per minute.
+        """
         if not self.enabled:
             return 0
+        n = len(writes)
         with self._lock:
-            pending = {k: v for k, v in self._pending.items() if v.lookups}
+            pending: dict[Layer, HitCounter] = {}
+            if stats or self._clock() - self._stats_sent_at >= keys.STATS_FLUSH_S:
+                pending = {k: v for k, v in self._pending.items() if v.lookups}
             if not (n or pending):
                 return 0
-            self._pending = {layer: HitCounter() for layer in LAYERS}
+            if pending:
+                self._pending = {layer: HitCounter() for layer in LAYERS}
+                self._stats_sent_at = self._clock()
 
         def op(client: redis.Redis) -> int:
             pipe = client.pipeline(transaction=False)
-            written = queue(pipe)
+            written = writes.queue(pipe, self._store_sha(client) if writes else "")
             bucket = int(self._wall() // keys.STATS_BUCKET_S)
             for layer, c in pending.items():
                 key = stats_key(layer, bucket)
                 pipe.hincrby(key, "hits", c.hits)
                 pipe.hincrby(key, "misses", c.misses)
                 pipe.expire(key, keys.STATS_TTL_S)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.exceptions.NoScriptError:
+                # Redis restarted and lost its scripts; the counters went through.
+                self._script_sha = None
+                again = client.pipeline(transaction=False)
+                writes.queue(again, self._store_sha(client))
+                again.execute()
             return written
 
         written = self._call(op)
@@ -366,6 +459,12 @@ class Cache:
                     self._pending[layer].add(c.hits, c.misses)
             return 0
         return written
+
+    def _store_sha(self, client: redis.Redis) -> str:
+        """The write script's SHA, loaded once (a pipelined Script would ask every time)."""
+        if self._script_sha is None:
+            self._script_sha = str(client.script_load(_STORE_SCRIPT))
+        return self._script_sha
 
     def _mget(self, names: Sequence[str | None]) -> list[Any]:
         """Values for ``names`` (None names are misses) in one MGET."""
@@ -377,8 +476,8 @@ class Cache:
         return [next(values, None) if n is not None else None for n in names]
 
     def flush_stats(self) -> None:
-        """Send the pending hit counters now (they otherwise ride on the next write)."""
-        self._write(lambda _pipe: 0, 0)
+        """Send the pending hit counters now (they otherwise ride on a later write)."""
+        self._write(Writes(), stats=True)
 
     # -- L2: actions ---------------------------------------------------------------------
 
@@ -396,45 +495,40 @@ class Cache:
 
         255 and malformed answers are skipped: the game would read them.
         """
-        return self._write(*self._action_writes(items, ttl_s))
+        return self._write(self._writes(actions=items, action_ttl_s=ttl_s))
 
-    def _action_writes(
-        self, items: Iterable[tuple[str, int, float]], ttl_s: int | None = None
-    ) -> tuple[Callable[[Any], int], int]:
-        ttl = self.action_ttl_s if ttl_s is None else ttl_s
-        values = [(k, v) for k, a, c in items if (v := format_value(a, c)) is not None]
-
-        def queue(pipe: Any) -> int:
-            for name, value in values:
-                pipe.set(name, value, ex=ttl)
-            return len(values)
-
-        return queue, len(values)
+    def _writes(
+        self,
+        *,
+        actions: Iterable[tuple[str, int, float]] = (),
+        logits: Iterable[tuple[str | None, Any]] = (),
+        states: Iterable[tuple[int, Any]] = (),
+        action_ttl_s: int | None = None,
+        logits_ttl_s: int = keys.LOGITS_TTL_S,
+    ) -> Writes:
+        """The values worth writing: parseable answers, finite logits, finite states."""
+        w = Writes(
+            action_ttl_s=self.action_ttl_s if action_ttl_s is None else action_ttl_s,
+            logits_ttl_s=logits_ttl_s,
+        )
+        w.actions = [(k, v) for k, a, c in actions if (v := format_value(a, c)) is not None]
+        for name, out in logits:
+            vec = np.asarray(out, dtype="<f4").ravel()
+            if name is not None and vec.size and np.isfinite(vec).all():
+                w.logits.append((name, vec.tobytes()))
+        for monster_id, state in states:
+            vec = _as_state(state)
+            if np.isfinite(vec).all():
+                w.states.append(
+                    (f"{keys.WORKING_MEMORY_PREFIX}{int(monster_id)}", vec.astype("<f4").tobytes())
+                )
+        return w
 
     # -- L1: working memory --------------------------------------------------------------
 
     def remember_states(self, items: Iterable[tuple[int, Any]]) -> int:
-        """Push each (monster_id, state) onto that monster's last-10 list; one pipeline."""
-        return self._write(*self._state_writes(items))
-
-    def _state_writes(self, items: Iterable[tuple[int, Any]]) -> tuple[Callable[[Any], int], int]:
-        rows: list[tuple[str, bytes]] = []
-        for monster_id, state in items:
-            vec = _as_state(state)
-            if np.isfinite(vec).all():
-                rows.append(
-                    (f"{keys.WORKING_MEMORY_PREFIX}{int(monster_id)}", vec.astype("<f4").tobytes())
-                )
-
-        def queue(pipe: Any) -> int:
-            for name, blob in rows:
-                pipe.lpush(name, blob)
-            for name in dict.fromkeys(name for name, _ in rows):
-                pipe.ltrim(name, 0, keys.WORKING_MEMORY_LEN - 1)
-                pipe.expire(name, keys.WORKING_MEMORY_TTL_S)
-            return len(rows)
-
-        return queue, len(rows)
+        """Push each (monster_id, state) onto that monster's last-10 list; one round trip."""
+        return self._write(self._writes(states=items))
 
     def recent_states_many(self, monster_ids: Sequence[int]) -> list[np.ndarray]:
         """Per monster, its last states as float32 [k, 64], oldest first; one round trip."""
@@ -466,7 +560,7 @@ class Cache:
         self, archetype: str, model_type: str, states: Sequence[Any] | np.ndarray
     ) -> list[np.ndarray | None]:
         """Cached float32 logits per state, None on a miss; one MGET."""
-        names = [logits_key(archetype, model_type, s) for s in states]
+        names = logits_keys([(archetype, model_type, s) for s in states])
         found = [_logits_value(raw) for raw in self._mget(names)]
         hits = sum(f is not None for f in found)
         self._count("l3", hits, len(found) - hits)
@@ -481,42 +575,20 @@ class Cache:
         ttl_s: int = keys.LOGITS_TTL_S,
     ) -> int:
         """Write the finite logits row of each finite state, with a TTL; returns how many."""
-        return self._write(
-            *self._logit_writes([(archetype, model_type, s) for s in states], logits, ttl_s)
-        )
-
-    def _logit_writes(
-        self,
-        where: Sequence[tuple[str, str, Any]],
-        logits: Sequence[Any] | np.ndarray,
-        ttl_s: int = keys.LOGITS_TTL_S,
-    ) -> tuple[Callable[[Any], int], int]:
-        rows: list[tuple[str, bytes]] = []
-        for (archetype, model_type, state), out in zip(where, logits, strict=True):
-            name = logits_key(archetype, model_type, state)
-            vec = np.asarray(out, dtype="<f4").ravel()
-            if name is not None and vec.size and np.isfinite(vec).all():
-                rows.append((name, vec.tobytes()))
-
-        def queue(pipe: Any) -> int:
-            for name, blob in rows:
-                pipe.set(name, blob, ex=ttl_s)
-            return len(rows)
-
-        return queue, len(rows)
+        names = logits_keys([(archetype, model_type, s) for s in states])
+        return self._write(self._writes(logits=zip(names, logits, strict=True), logits_ttl_s=ttl_s))
 
     # -- a whole batch -------------------------------------------------------------------
 
     def lookup_batch(
-        self, action_names: Sequence[str | None], logit_where: Sequence[tuple[str, str, Any]]
+        self, action_names: Sequence[str | None], logit_names: Sequence[str | None]
     ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]:
         """L2 answers and L3 logits for one batch in ONE round trip.
 
-        ``action_names[i]`` and ``logit_where[i]`` describe the same row; L3 counts only
-        rows L2 missed, since only those would run a model.
+        ``action_names[i]`` and ``logit_names[i]`` (from `logits_keys`) describe the same
+        row; L3 counts only rows L2 missed, since only those would run a model.
         """
-        l3_names = [logits_key(a, m, s) for a, m, s in logit_where]
-        raw = self._mget([*action_names, *l3_names])
+        raw = self._mget([*action_names, *logit_names])
         n = len(action_names)
         actions = [parse_value(v) for v in raw[:n]]
         logits = [_logits_value(v) for v in raw[n:]]
@@ -530,20 +602,11 @@ class Cache:
     def store_batch(
         self,
         actions: Iterable[tuple[str, int, float]],
-        logits: tuple[Sequence[tuple[str, str, Any]], Sequence[Any]],
+        logits: Iterable[tuple[str | None, Any]],
         states: Iterable[tuple[int, Any]],
     ) -> int:
-        """L2 answers, L3 logits and L1 states of one batch in ONE pipeline."""
-        parts = [
-            self._action_writes(actions),
-            self._logit_writes(*logits),
-            self._state_writes(states),
-        ]
-
-        def queue(pipe: Any) -> int:
-            return sum(q(pipe) for q, _ in parts)
-
-        return self._write(queue, sum(n for _, n in parts))
+        """L2 answers, L3 (key, logits) rows and L1 states of one batch in ONE command."""
+        return self._write(self._writes(actions=actions, logits=logits, states=states))
 
     # -- reading the counters ------------------------------------------------------------
 
@@ -575,7 +638,9 @@ def get_cache(config: Config) -> Cache:
 
 
 def reset_cache() -> None:
+    """Close this process's cache (its pending hit counters are sent first)."""
     global _cache
     if _cache is not None:
+        _cache.flush_stats()
         _cache.close()
         _cache = None

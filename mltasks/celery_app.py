@@ -23,6 +23,8 @@ def settings_for(cfg: Config) -> dict[str, Any]:
     """Celery settings derived from the service's config."""
     return {
         "broker_url": cfg.redis.db_url(cfg.redis.broker_db),
+        # kombu's Redis transport, minus a client object built per command (mltasks.broker).
+        "broker_transport": "mltasks.broker:Transport",
         "broker_transport_options": {
             # A killed worker's unacked batch comes back after this, not the 1 h default.
             "visibility_timeout": cfg.redis.visibility_timeout_s,
@@ -52,8 +54,10 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "task_soft_time_limit": 10,
         "task_time_limit": 20,
         "worker_disable_rate_limits": True,
-        # Flower's task list; no "sent" event, which would cost the bridge a second publish.
-        "worker_send_task_events": True,
+        # Flower's task list is made of task events. They cost a publish per task and
+        # state, so workers start without them and Flower switches them on while it
+        # watches (its enable_events); no "sent" event, which would cost the bridge too.
+        "worker_send_task_events": cfg.monitoring.task_events,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,

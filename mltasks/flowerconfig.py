@@ -116,3 +116,8 @@ if __name__ == "__main__":
 elif "__name__" not in globals():
     # Run by Flower (tornado executes the file in a bare namespace): set its options.
     globals().update(_options_or_exit(os.environ, sys.argv[1:]))
+    # Flower's broker page picks its client by the URL's scheme, which names the transport
+    # class when one is configured (mltasks.broker): Flower itself takes kombu's own.
+    from mltasks.celery_app import app as _app
+
+    _app.conf.broker_transport = None

@@ -60,6 +60,35 @@ def traditional(request_id: int, reason: str, status: str = "completed") -> Answ
 
 def validate(row: Row) -> tuple[str, np.ndarray] | str:
     """(archetype, state float32[64]) for a usable row, else the reason it is not."""
+    return validate_rows([row])[0]
+
+
+def _plain_numbers(state: Sequence[Any]) -> bool:
+    return all(type(v) is float or type(v) is int for v in state)
+
+
+def validate_rows(rows: Sequence[Row]) -> list[tuple[str, np.ndarray] | str]:
+    """`validate` for a batch: rows of plain numbers are converted as one array."""
+    out: list[tuple[str, np.ndarray] | str] = []
+    plain: list[int] = []
+    for i, row in enumerate(rows):
+        reason = _shape_reason(row)
+        if reason is None and _plain_numbers(row[3]):
+            plain.append(i)
+            out.append("")  # filled below
+        else:
+            out.append(reason if reason is not None else _slow_validate(row))
+    if plain:
+        wide = np.array([rows[i][3] for i in plain], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            vecs = wide.astype(np.float32)
+        finite = np.asarray(np.isfinite(vecs).all(axis=1))  # NaN, inf, beyond float32's range
+        for k, i in enumerate(plain):
+            out[i] = (rows[i][1], vecs[k]) if finite[k] else "state_not_finite"
+    return out
+
+
+def _shape_reason(row: Row) -> str | None:
     archetype, state = row[1], row[3]
     if archetype is None:
         return "archetype_null"
@@ -71,6 +100,12 @@ def validate(row: Row) -> tuple[str, np.ndarray] | str:
         return "state_not_array"
     if len(state) != STATE_DIM:
         return f"state_length_{len(state)}"
+    return None
+
+
+def _slow_validate(row: Row) -> tuple[str, np.ndarray] | str:
+    """A state that is not all plain numbers: the exact reason, or its vector."""
+    archetype, state = row[1], row[3]
     if any(v is None for v in state):  # numpy would silently turn None into NaN
         return "state_element_null"
     try:
@@ -81,7 +116,7 @@ def validate(row: Row) -> tuple[str, np.ndarray] | str:
         return "state_not_numeric"
     with np.errstate(over="ignore"):
         vec = wide.astype(np.float32)
-    if not np.isfinite(vec).all():  # NaN, infinities, and values beyond float32's range
+    if not np.isfinite(vec).all():
         return "state_not_finite"
     return archetype, vec
 
@@ -120,13 +155,13 @@ class BatchCache(Protocol):
     """The part of mltasks.cache.Cache a batch uses: one read and one write per batch."""
 
     def lookup_batch(
-        self, action_names: Sequence[str | None], logit_where: Sequence[tuple[str, str, Any]]
+        self, action_names: Sequence[str | None], logit_names: Sequence[str | None]
     ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]: ...
 
     def store_batch(
         self,
         actions: Iterable[tuple[str, int, float]],
-        logits: tuple[Sequence[tuple[str, str, Any]], Sequence[Any]],
+        logits: Iterable[tuple[str | None, Any]],
         states: Iterable[tuple[int, Any]],
     ) -> int: ...
 
@@ -161,14 +196,13 @@ def answer_batch(
     With a cache: one lookup for the whole batch (L2 answers, L3 logits), the model only
     for what both missed, and one write of the fresh answers, logits and states.
     """
-    from mltasks.cache import action_key
+    from mltasks.cache import action_key, logits_keys
 
     failures: list[ModelError] = []
     answers: list[Answer] = []
     valid: list[_Valid] = []
-    for row in rows:
+    for row, checked in zip(rows, validate_rows(rows), strict=True):
         request_id = int(row[0])
-        checked = validate(row)
         if isinstance(checked, str):
             answers.append(traditional(request_id, checked, status="invalid"))
             continue
@@ -179,12 +213,13 @@ def answer_batch(
         return Outcome(answers, failures)
 
     names: list[str | None] = [None] * len(valid)
-    where = [(v.archetype, model_type, v.vec) for v in valid]
+    l3_names: list[str | None] = [None] * len(valid)
     hit_actions: list[tuple[int, float] | None] = [None] * len(valid)
     hit_logits: list[np.ndarray | None] = [None] * len(valid)
     if cache is not None:
         names = [action_key(v.vec, v.mob_id) if v.mob_id is not None else None for v in valid]
-        hit_actions, hit_logits = cache.lookup_batch(names, where)
+        l3_names = logits_keys([(v.archetype, model_type, v.vec) for v in valid])
+        hit_actions, hit_logits = cache.lookup_batch(names, l3_names)
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, v in enumerate(valid):
@@ -195,7 +230,7 @@ def answer_batch(
             groups[v.archetype].append(i)
 
     fresh: list[tuple[str, int, float]] = []
-    computed: tuple[list[tuple[str, str, Any]], list[np.ndarray]] = ([], [])
+    computed: list[tuple[str | None, np.ndarray]] = []
     for archetype, idxs in groups.items():
         model = engine.serving(archetype)
         if model is None:
@@ -216,8 +251,7 @@ def answer_batch(
             else:
                 for i, row_logits in zip(need, out, strict=True):
                     logits[i] = row_logits
-                    computed[0].append(where[i])
-                    computed[1].append(row_logits)
+                    computed.append((l3_names[i], row_logits))
         ordered = [i for i in idxs if i in logits]
         if not ordered:
             continue

@@ -35,6 +35,8 @@ LOGITS_TTL_S: Final = 10
 STATS_PREFIX: Final = PREFIX + "cache:stats:"
 STATS_BUCKET_S: Final = 60
 STATS_TTL_S: Final = 15 * 60
+# A worker sends its pending counters with a cache write at most this often.
+STATS_FLUSH_S: Final = 1.0
 
 # --- Fallback ladder (mltasks/fallback.py, mltasks/recovery.py), cache db -----------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from mltasks.config import DEFAULT_CONFIG_PATH, load_config, substitute_env
 from mltasks.errors import ConfigError
@@ -49,7 +50,14 @@ def test_env_overrides_win(tmp_path: Path) -> None:
         "MLTASKS_MODELS_DIR": "/srv/models",
     }
     cfg = load_config(write(tmp_path, "database:\n  name: x\n"), environ=env)
-    assert cfg.database.conninfo == "postgresql://u@h:1/d"
+    assert cfg.database.url == "postgresql://u@h:1/d"
+    assert conninfo_to_dict(cfg.database.conninfo) == {
+        "user": "u",
+        "host": "h",
+        "port": "1",
+        "dbname": "d",
+        "options": "-c synchronous_commit=off",
+    }
     assert cfg.redis.db_url(3) == "redis://other:6380/3"
     assert cfg.models.dir == Path("/srv/models")
 

@@ -133,9 +133,15 @@ def test_options_from_the_environment() -> None:
     assert "basic_auth" not in flower_options({}, ["celery", "flower", "--auth=.*@example.org"])
 
 
-def test_workers_send_task_events(base_config: Config) -> None:
-    """Flower's task list is made of task events: the workers must send them."""
+def test_task_events_are_off_until_flower_asks(base_config: Config) -> None:
+    """Events cost a publish per task and state: workers start without them, and Flower
+    (enable_events, above) switches them on while it runs; monitoring.task_events forces them."""
+    import dataclasses
+
     from mltasks.celery_app import settings_for
 
-    settings = settings_for(base_config)
-    assert settings.get("worker_send_task_events") is True
+    assert settings_for(base_config).get("worker_send_task_events") is False
+    on = dataclasses.replace(
+        base_config, monitoring=dataclasses.replace(base_config.monitoring, task_events=True)
+    )
+    assert settings_for(on).get("worker_send_task_events") is True

@@ -138,10 +138,15 @@ def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
         "--pool",
         type=_pools if level_list else _pool,
         default=[default_pool()] if level_list else default_pool(),
-        help=f"Celery worker pool, one of {', '.join(POOLS)} (default: the service's "
-        "worker.pool)" + (", several as solo,prefork" if level_list else ""),
+        help=f"Celery worker pool, one of {', '.join(POOLS)} (default: solo, "
+        "one solo worker per --concurrency)" + (", several as solo,prefork" if level_list else ""),
     )
-    g.add_argument("--concurrency", type=int, default=2, help="worker pool size")
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="worker pool size; with --pool solo, the number of solo worker processes",
+    )
     g.add_argument(
         "--cache",
         choices=("on", "off"),

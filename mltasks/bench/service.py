@@ -71,8 +71,8 @@ class ServiceSettings:
     work_dir: Path  # the run's config file; the children's working directory
     log_dir: Path
     timeout_ms: int = 100
-    concurrency: int = 2
-    pool: Pool = "prefork"
+    concurrency: int = 2  # solo: this many worker processes; prefork/threads: pool size
+    pool: Pool = "solo"
     caching: bool = True
     level: int | None = None  # None: as deployed, nothing forced
     hold_level: bool = True
@@ -121,10 +121,13 @@ def free_port() -> int:
 
 
 def default_pool() -> Pool:
-    """The pool the service runs with when nothing is said: ``worker.pool``'s default
-    where the config has one, else Celery's (prefork)."""
-    pool = getattr(WorkerConfig(), "pool", "prefork")
-    return pool if pool in POOLS else "prefork"
+    """The deployed shape of the CPU tier: one solo worker per core (README, deploy.md).
+
+    Measured on this 2-core machine (docs/PERFORMANCE.md): two solo workers answered
+    1.2-1.5x the decisions/s of one prefork worker with two children, which pays a pipe
+    round trip to its child for every batch.
+    """
+    return "solo"
 
 
 def _worker(s: ServiceSettings) -> dict[str, Any]:
@@ -215,7 +218,8 @@ class Service:
         self.settings = settings
         self.label = label
         self.procs: list[ManagedProcess] = []
-        self.worker: ManagedProcess | None = None
+        self.worker: ManagedProcess | None = None  # the first of ``workers``
+        self.workers: list[ManagedProcess] = []
         self.config: Config | None = None
         self.exit_codes: dict[str, int | None] = {}
 
@@ -288,34 +292,42 @@ class Service:
         env = self._env(config_path)
         logs = s.log_dir
         if s.queue is not None:
-            self.worker = ManagedProcess(
-                f"{self.label}-worker",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "mltasks",
-                    "worker",
-                    "-Q",
-                    s.queue,
-                    "--concurrency",
-                    str(s.worker_concurrency),
-                    "--pool",
-                    s.pool,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-l",
-                    "WARNING",
-                ],
-                log_path=logs / f"{self.label}-worker.log",
-                env=env,
-                cwd=s.work_dir,
-            )
-            # The worker first: loading 54 models per child is the slow part.
-            self.procs.append(self.worker)
-            self.worker.start()
+            # solo runs one process per worker: `concurrency` solo workers, one per core.
+            count = s.concurrency if s.pool == "solo" else 1
+            for i in range(count):
+                name = f"{self.label}-worker" + (f"{i + 1}" if count > 1 else "")
+                worker = ManagedProcess(
+                    name,
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "mltasks",
+                        "worker",
+                        "-Q",
+                        s.queue,
+                        "-n",
+                        f"{name}-{i + 1}@%h",
+                        "--concurrency",
+                        str(s.worker_concurrency),
+                        "--pool",
+                        s.pool,
+                        "--without-gossip",
+                        "--without-mingle",
+                        "--without-heartbeat",
+                        "-l",
+                        "WARNING",
+                    ],
+                    log_path=logs / f"{name}.log",
+                    env=env,
+                    cwd=s.work_dir,
+                )
+                # The workers first: loading 54 models per process is the slow part.
+                self.workers.append(worker)
+                self.procs.append(worker)
+                worker.start()
+            self.worker = self.workers[0]
         bridge = ManagedProcess(
             f"{self.label}-bridge",
             [sys.executable, "-m", "bridge"],
@@ -344,30 +356,39 @@ class Service:
             self.wait_idle(max(10.0, timeout_s - (time.monotonic() - t0)))
         return time.monotonic() - t0
 
-    def _pool_processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
-        if self.worker is None:
+    def _pool_processes(self) -> list[tuple[psutil.Process, list[psutil.Process]]]:
+        """Each worker's main process with its prefork children (none for solo, threads)."""
+        if not self.workers:
             raise BenchError("no worker in this configuration")
-        main = psutil.Process(self.worker.pid)
-        kids = main.children() if self.settings.pool == "prefork" else []
-        return main, kids
+        out = []
+        for w in self.workers:
+            main = psutil.Process(w.pid)
+            out.append((main, main.children() if self.settings.pool == "prefork" else []))
+        return out
+
+    def task_processes(self) -> list[psutil.Process]:
+        """The processes that run tasks: prefork children, else the workers themselves."""
+        return [p for main, kids in self._pool_processes() for p in (kids or [main])]
 
     def wait_idle(self, timeout_s: float = 60.0) -> None:
         """Until every process that runs tasks used no CPU for a while.
 
         Prefork: the pool children (each loads its models after the fork), all of them
-        forked. Threads and solo: the worker's main process, where the tasks run.
+        forked. Threads and solo: the workers' main processes, where the tasks run.
         """
-        if self.worker is None:
+        if not self.workers:
             return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.worker.check()
-            main, kids = self._pool_processes()
+            for w in self.workers:
+                w.check()
+            pools = self._pool_processes()
             if self.settings.pool == "prefork":
+                kids = [k for _, ks in pools for k in ks]
                 if len(kids) >= self.settings.worker_concurrency and _idle(kids, 0.3, 0.01):
                     return
             # The main process beats heartbeats and probes: allow it a little.
-            elif _idle([main], 0.5, 0.05):
+            elif _idle([main for main, _ in pools], 0.5, 0.05):
                 return
         raise BenchError(f"the worker's pool was not idle within {timeout_s:.0f}s")
 
@@ -375,14 +396,18 @@ class Service:
         """RSS and USS of the worker and of each pool child (None without a worker).
 
         Read when the pool is idle (`wait_ready` or after a run): with ``preload: all``
-        every process that runs tasks holds the 54 models then.
+        every process that runs tasks holds the 54 models then. With several solo
+        workers, the first is the "main" and the others are listed as children.
         """
-        if self.worker is None:
+        if not self.workers:
             return None
-        main, kids = self._pool_processes()
+        pools = self._pool_processes()
+        main, kids = pools[0]
+        kids = kids + [m for m, _ in pools[1:]]
         main_info = _memory(main)
         return {
             "pool": self.settings.pool,
+            "workers": len(pools),
             "worker_main_rss_mb": main_info["rss_mb"],
             "worker_main_uss_mb": main_info.get("uss_mb"),
             "children": [_memory(c) for c in kids],
