@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Lease release, game timeouts and the fallback level are looked at this often.
 HOUSEKEEPING_EVERY_S = 0.25
-# A congested tier is tried again after this long even if no answer was heard (a worker
+# A congested queue is looked at again after this long even if no answer was heard (a worker
 # that died with its batch, a NOTIFY lost with a reconnect).
 CONGESTION_MAX_S = 0.02
 # The schema's NOTIFY channels: a request was inserted; a response was written.
@@ -81,6 +81,7 @@ class Bridge:
         self.answered_here = 0
         self._congested = False
         self._congested_at = 0.0
+        self._recheck = False  # a worker answered: look at the queue again
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = redis.Redis.from_url(
@@ -153,7 +154,7 @@ class Bridge:
             self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         try:
-            length = self.publisher.publish(
+            waiting = self.publisher.publish(
                 queue, [rows, level, time.time(), list(created)], len(rows)
             )
         except Exception as exc:  # any broker failure: answer now, never strand the rows
@@ -168,9 +169,10 @@ class Bridge:
             self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
             return
         self.sent += len(rows)
-        if length > self.config.inference.max_waiting_batches:
-            # The tier is busy: let rows gather until a worker answers a batch.
+        if waiting >= self.config.inference.max_waiting_batches:
+            # The tier is busy: let rows gather until the queue has room again.
             self._congested = True
+            self._recheck = False
             self._congested_at = time.monotonic()
 
     def answer_here(
@@ -253,16 +255,27 @@ class Bridge:
                 metrics.observe_answers({"expired": cur.rowcount}, [])
 
     def congested(self) -> bool:
-        """True while the tier's queue holds more than ``max_waiting_batches`` batches.
+        """True while the tier's queue holds ``max_waiting_batches`` batches or more.
 
-        Then the bridge stops claiming and lets rows gather in PostgreSQL: when a worker
-        answers a batch (the ``ai_answered`` NOTIFY) they leave as one larger batch instead
-        of many one-row batches, so the per-batch cost (broker, acks, one database write)
-        is shared by more decisions. The queue's length comes with each publish (LPUSH's
-        reply), so this costs no round trip.
+        Then the bridge stops claiming and lets rows gather in PostgreSQL: when the queue
+        has room again they leave as one larger batch instead of many one-row batches, so
+        the per-batch cost (broker, acks, one database write) is shared by more decisions.
+        Each publish tells how many batches wait (bridge.publish); the queue is looked at again
+        (LLEN) only when a worker answered a batch (NOTIFY ai_answered) or, failing that,
+        every CONGESTION_MAX_S.
         """
-        if self._congested and time.monotonic() - self._congested_at > CONGESTION_MAX_S:
-            self._congested = False
+        if not self._congested:
+            return False
+        now = time.monotonic()
+        if not self._recheck and now - self._congested_at <= CONGESTION_MAX_S:
+            return True
+        self._recheck = False
+        self._congested_at = now
+        try:
+            waiting = int(self._broker.llen(LEVEL_QUEUE.get(self.level, "")))
+        except (redis.RedisError, OSError):
+            waiting = 0  # the publish will find out, and answer with the rules
+        self._congested = waiting >= self.config.inference.max_waiting_batches
         return self._congested
 
     def drain(self) -> int:
@@ -279,16 +292,16 @@ class Bridge:
     def wait(self, timeout_s: float) -> None:
         """Sleep until a NOTIFY arrives or the poll interval passes; swallow the backlog.
 
-        An answer written anywhere ends a congestion: a worker has room again.
+        An answer written anywhere has the queue looked at again: a worker may have room.
         """
         with self._errors("waiting"):
             conn = self._connection()
             for note in conn.notifies(timeout=timeout_s, stop_after=1):
                 if note.channel == ANSWERED_CHANNEL:
-                    self._congested = False
+                    self._recheck = True
             for note in conn.notifies(timeout=0):
                 if note.channel == ANSWERED_CHANNEL:
-                    self._congested = False
+                    self._recheck = True
 
     # -- the loop -----------------------------------------------------------------------
 

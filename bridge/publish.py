@@ -8,8 +8,10 @@ is the one kombu's Redis transport writes for Celery's direct queues (anonymous 
 routing key = queue, priority 0, body in base64), so any Celery worker consumes it
 unchanged; ``tests/test_publish.py`` compares it with what ``send_task`` writes.
 
-LPUSH answers with the queue's length after the push: the bridge's congestion signal,
-without a round trip of its own.
+The push and an LLEN go in one pipeline: Redis hands a pushed message to a worker blocked
+in BRPOP before it runs the next command, so the LLEN counts the batches still waiting for
+a worker (0: one was idle and took it). That is the bridge's congestion signal, without a
+round trip of its own.
 """
 
 from __future__ import annotations
@@ -69,13 +71,20 @@ class Publisher:
         self.broker = broker
 
     def publish(self, queue: str, args: Sequence[Any], rows: int) -> int:
-        """Push one batch; returns the queue's length right after (ours included).
+        """Push one batch; returns how many batches wait in the queue right after.
 
         A connection error is retried once at once (a fresh socket after a Redis
         restart); anything else reaches the caller, which answers the rows itself.
         """
         data = task_message(self.app, queue, args, f"(batch of {rows})")
         try:
-            return int(self.broker.lpush(queue, data))
+            return self._push(queue, data)
         except (redis.ConnectionError, redis.TimeoutError):
-            return int(self.broker.lpush(queue, data))
+            return self._push(queue, data)
+
+    def _push(self, queue: str, data: bytes) -> int:
+        pipe = self.broker.pipeline(transaction=False)
+        pipe.lpush(queue, data)
+        pipe.llen(queue)
+        _, waiting = pipe.execute()
+        return int(waiting)

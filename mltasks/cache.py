@@ -75,8 +75,44 @@ def state_text(state: Any, mob_id: int) -> str:
 
 def action_key(state: Any, mob_id: int) -> str:
     """The game's L2 key: ``ml:action:`` + md5 hex of `state_text`."""
-    digest = hashlib.md5(state_text(state, mob_id).encode("ascii"), usedforsecurity=False)
-    return keys.GAME_ACTION_PREFIX + digest.hexdigest()
+    return action_keys(_as_state(state)[None, :], [mob_id])[0]
+
+
+# `%.2f` of every value in hundredths within +-_TEXT_LIMIT, by table: index a + (N+1) * sign.
+_TEXT_LIMIT = 10_000
+_TEXT_TABLE = np.array(
+    [f"{a // 100}.{a % 100:02d}" for a in range(_TEXT_LIMIT + 1)]
+    + [f"-{a // 100}.{a % 100:02d}" for a in range(_TEXT_LIMIT + 1)],
+    dtype=object,
+)
+
+
+def action_keys(states: np.ndarray, mob_ids: Sequence[int]) -> list[str]:
+    """`action_key` for a batch (float32 [n, 64]): the text of typical states by table.
+
+    float32 x 100 is exact in float64 (24 + 7 bits), so ``rint`` of it is C's round-half-
+    even of the exact value, which `state_text` gets from Python's formatting. Rows with a
+    value beyond +-100.00 or not finite take `state_text` itself.
+    """
+    states = np.asarray(states, dtype=np.float32)
+    if states.ndim != 2 or states.shape[1] != STATE_DIM:
+        raise ValueError(f"states must be [n, {STATE_DIM}], got shape {states.shape}")
+    with np.errstate(invalid="ignore", over="ignore"):
+        hundredths = np.rint(states.astype(np.float64) * 100.0)
+        finite_rows = np.all(np.isfinite(hundredths), axis=1)
+        within = np.all(np.abs(hundredths) <= _TEXT_LIMIT, axis=1)
+    small: list[bool] = np.logical_and(finite_rows, within).tolist()
+    index = np.where(np.isfinite(hundredths), np.abs(hundredths), 0).astype(np.int64)
+    index += np.signbit(states) * (_TEXT_LIMIT + 1)
+    out = []
+    for i, mob_id in enumerate(mob_ids):
+        if small[i]:
+            text = f"{','.join(_TEXT_TABLE[index[i]])}:{int(mob_id)}"
+        else:
+            text = state_text(states[i], mob_id)
+        digest = hashlib.md5(text.encode("ascii"), usedforsecurity=False)
+        out.append(keys.GAME_ACTION_PREFIX + digest.hexdigest())
+    return out
 
 
 def format_value(action: int, confidence: float) -> str | None:
@@ -170,6 +206,9 @@ for i = n2 + n3 + 1, n2 + n3 + n1 do
 end
 return n2 + n3 + n1
 """
+
+
+_STORE_SHA = hashlib.sha1(_STORE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(slots=True)
@@ -370,7 +409,7 @@ class Cache:
         self._pending: dict[Layer, HitCounter] = {layer: HitCounter() for layer in LAYERS}
         self._wall = wall
         self._clock = clock
-        self._script_sha: str | None = None
+        self._script_loaded = False
         self._stats_sent_at = -math.inf
         self._client: redis.Redis | None = None
         self._lock = threading.Lock()
@@ -435,7 +474,7 @@ class Cache:
 
         def op(client: redis.Redis) -> int:
             pipe = client.pipeline(transaction=False)
-            written = writes.queue(pipe, self._store_sha(client) if writes else "")
+            written = self._queue_writes(pipe, writes)
             bucket = int(self._wall() // keys.STATS_BUCKET_S)
             for layer, c in pending.items():
                 key = stats_key(layer, bucket)
@@ -446,10 +485,11 @@ class Cache:
                 pipe.execute()
             except redis.exceptions.NoScriptError:
                 # Redis restarted and lost its scripts; the counters went through.
-                self._script_sha = None
+                self._script_loaded = False
                 again = client.pipeline(transaction=False)
-                writes.queue(again, self._store_sha(client))
+                self._queue_writes(again, writes)
                 again.execute()
+            self._script_loaded = self._script_loaded or bool(writes)
             return written
 
         written = self._call(op)
@@ -460,11 +500,12 @@ class Cache:
             return 0
         return written
 
-    def _store_sha(self, client: redis.Redis) -> str:
-        """The write script's SHA, loaded once (a pipelined Script would ask every time)."""
-        if self._script_sha is None:
-            self._script_sha = str(client.script_load(_STORE_SCRIPT))
-        return self._script_sha
+    def _queue_writes(self, pipe: Any, writes: Writes) -> int:
+        """The write script's call, after its SCRIPT LOAD in the same pipeline the first
+        time (a pipelined redis-py Script would ask Redis for it on every write)."""
+        if writes and not self._script_loaded:
+            pipe.script_load(_STORE_SCRIPT)
+        return writes.queue(pipe, _STORE_SHA)
 
     def _mget(self, names: Sequence[str | None]) -> list[Any]:
         """Values for ``names`` (None names are misses) in one MGET."""

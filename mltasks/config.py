@@ -65,7 +65,7 @@ class InferenceConfig:
         _range("inference.max_latency_ms", self.max_latency_ms, 5, 60_000)
         _range("inference.lease_ms", self.lease_ms, 100, 600_000)
         _range("inference.intra_op_threads", self.intra_op_threads, 0, 64)
-        _range("inference.max_waiting_batches", self.max_waiting_batches, 0, 1000)
+        _range("inference.max_waiting_batches", self.max_waiting_batches, 1, 1000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,7 +196,7 @@ def answer_batch(
     With a cache: one lookup for the whole batch (L2 answers, L3 logits), the model only
     for what both missed, and one write of the fresh answers, logits and states.
     """
-    from mltasks.cache import action_key, logits_keys
+    from mltasks.cache import action_keys, logits_keys
 
     failures: list[ModelError] = []
     answers: list[Answer] = []
@@ -217,7 +217,14 @@ def answer_batch(
     hit_actions: list[tuple[int, float] | None] = [None] * len(valid)
     hit_logits: list[np.ndarray | None] = [None] * len(valid)
     if cache is not None:
-        names = [action_key(v.vec, v.mob_id) if v.mob_id is not None else None for v in valid]
+        with_mob = [i for i, v in enumerate(valid) if v.mob_id is not None]
+        if with_mob:
+            found = action_keys(
+                np.stack([valid[i].vec for i in with_mob]),
+                [int(valid[i].mob_id or 0) for i in with_mob],
+            )
+            for i, key in zip(with_mob, found, strict=True):
+                names[i] = key
         l3_names = logits_keys([(v.archetype, model_type, v.vec) for v in valid])
         hit_actions, hit_logits = cache.lookup_batch(names, l3_names)
 

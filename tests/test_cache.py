@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import shutil
@@ -23,6 +24,7 @@ from mltasks.cache import (
     Cache,
     CircuitBreaker,
     action_key,
+    action_keys,
     format_value,
     hit_rates,
     logits_key,
@@ -552,3 +554,26 @@ def test_outage_turns_the_cache_off_and_it_resumes_by_itself(
         assert read_stats(c.client())["l2"].lookups == c.stats["l2"].lookups
     finally:
         c.close()
+
+
+def test_batch_keys_by_table_equal_the_formatted_text() -> None:
+    """action_keys prints typical values from a table; it must equal C-style %.2f text."""
+    rng = np.random.default_rng(1)
+    ties = (np.round(rng.uniform(-2, 2, (100, 64)) * 100) + 0.5) / 100  # x.xx5 everywhere
+    cases = [
+        rng.uniform(-1, 1, (100, 64)),
+        rng.uniform(-150, 150, (100, 64)),  # beyond the table: the formatted path
+        ties,
+        rng.normal(0, 1e-3, (100, 64)),  # -0.00 and 0.00
+        np.full((1, 64), -0.0),
+        np.full((1, 64), 99.995),
+        np.full((1, 64), 100.005),
+    ]
+    for case in cases:
+        states = case.astype(np.float32)
+        mobs = list(range(len(states)))
+        expected = [
+            "ml:action:" + hashlib.md5(state_text(s, m).encode()).hexdigest()
+            for s, m in zip(states, mobs, strict=True)
+        ]
+        assert action_keys(states, mobs) == expected

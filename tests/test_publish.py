@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -76,7 +75,7 @@ def test_message_is_the_one_send_task_writes(
     assert body["headers"]["argsrepr"] == "(batch of 1)"  # not the rows: Flower shows this
 
 
-def test_publish_answers_with_the_queue_length(
+def test_publish_answers_with_the_batches_waiting(
     quiet_broker: tuple[Celery, redis.Redis],
 ) -> None:
     app, client = quiet_broker
@@ -84,59 +83,97 @@ def test_publish_answers_with_the_queue_length(
     assert [p.publish(QUEUE, [[], 3, 0.0, []], 0) for _ in range(3)] == [1, 2, 3]
 
 
-def test_congested_tier_gathers_rows_until_an_answer_is_heard(
+def test_a_batch_taken_by_an_idle_worker_is_not_counted_as_waiting(
+    config: Config, quiet_broker: tuple[Celery, redis.Redis]
+) -> None:
+    """Redis hands a push to a blocked BRPOP before the LLEN of the same pipeline runs."""
+    import threading
+
+    app, client = quiet_broker
+    taken: list[Any] = []
+    consumer = redis.Redis.from_url(config.redis.db_url(12), client_name="mltasks-test-brpop")
+    t = threading.Thread(target=lambda: taken.append(consumer.brpop([QUEUE], timeout=5)))
+    t.start()
+
+    def blocked() -> bool:
+        return any(
+            c.get("name") == "mltasks-test-brpop" and c.get("cmd") == "brpop"
+            for c in client.client_list()
+        )
+
+    try:
+        deadline = time.monotonic() + 5
+        while not blocked():  # the "worker" waits in BRPOP
+            assert time.monotonic() < deadline, "the consumer never blocked"
+            time.sleep(0.01)
+        assert Publisher(app, client).publish(QUEUE, [[], 3, 0.0, []], 0) == 0
+    finally:
+        t.join(5)
+        consumer.close()
+    assert taken and taken[0] is not None
+
+
+def _congestion_bridge(config: Config, app: Celery) -> Bridge:
+    b = Bridge(config, app)
+    b.level = 3  # the cpu tier, whatever the heartbeats say: nothing consumes here
+    b.refresh_level = lambda: None  # type: ignore[method-assign]
+    return b
+
+
+def test_congested_tier_gathers_rows_until_the_queue_has_room(
     config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
 ) -> None:
-    """max_waiting_batches 1: a second waiting batch stops the claims; an answer resumes."""
+    """max_waiting_batches 1: a batch waiting for a worker holds the next rows back."""
     app, client = quiet_broker
-    cfg = dataclasses.replace(
-        config, inference=dataclasses.replace(config.inference, max_waiting_batches=1)
-    )
-    b = Bridge(cfg, app)
+    b = _congestion_bridge(config, app)
+    status = "SELECT status FROM ai_requests WHERE request_id = %s"
     try:
-        b.level = 3  # the cpu tier, whatever the heartbeats say: nothing consumes here
-        b.refresh_level = lambda: None  # type: ignore[method-assign]
         first = game.insert(pg, STATE)
-        assert b.drain() == 1 and not b.congested()  # one batch waiting: within the limit
-        game.insert(pg, STATE)
-        assert b.drain() == 1 and b.congested()  # two waiting: stop claiming
+        assert b.drain() == 1 and b.congested()  # nobody took it: one batch waiting
+        second = game.insert(pg, STATE)
         third = game.insert(pg, STATE)
         b.wait(0.0)
-        assert b.drain() == 0  # congested: the row stays pending, gathering
-        status = "SELECT status FROM ai_requests WHERE request_id = %s"
-        assert pg.execute(status, (third,)).fetchone() == ("pending",)
+        assert b.drain() == 0  # the rows stay pending, gathering
+        assert pg.execute(status, (second,)).fetchone() == ("pending",)
 
-        # A worker answers the first batch: the schema's NOTIFY ai_answered reaches the bridge.
-        pg.execute(
+        # An answer arrives (NOTIFY ai_answered) while the batch still waits: no room yet.
+        answer = (
             "INSERT INTO ai_responses (request_id, action_id, confidence, source) "
-            "VALUES (%s, 1, 0.5, 'model')",
-            (first,),
+            "VALUES (%s, 1, 0.5, 'model')"
         )
+        pg.execute(answer, (first,))
         b.wait(1.0)
-        assert not b.congested()
-        assert b.drain() == 1
+        assert b.drain() == 0
+
+        # A worker takes the waiting batch and answers another one: both rows leave together.
+        assert client.rpop(QUEUE) is not None
+        pg.execute("NOTIFY ai_answered")
+        b.wait(1.0)
+        assert b.drain() == 2
+        assert pg.execute(status, (second,)).fetchone() == ("processing",)
         assert pg.execute(status, (third,)).fetchone() == ("processing",)
-        assert client.llen(QUEUE) == 3
+        assert client.llen(QUEUE) == 1
     finally:
         b.close()
 
 
-def test_congestion_ends_by_itself_when_no_answer_comes(
+def test_without_answers_the_queue_is_looked_at_every_few_ms(
     config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
 ) -> None:
-    """A worker that died with its batch sends no NOTIFY: the bridge tries again soon."""
+    """A worker that died with its batch sends no NOTIFY: the bridge looks again by itself,
+    and still holds back while the batch waits (it is not flooded into a dead queue)."""
     from bridge.loop import CONGESTION_MAX_S
 
-    app, _ = quiet_broker
-    cfg = dataclasses.replace(
-        config, inference=dataclasses.replace(config.inference, max_waiting_batches=0)
-    )
-    b = Bridge(cfg, app)
+    app, client = quiet_broker
+    b = _congestion_bridge(config, app)
     try:
-        b.level = 3
         game.insert(pg, STATE)
         assert b.drain() == 1 and b.congested()
-        time.sleep(CONGESTION_MAX_S * 1.5)  # the safety interval itself is under test
+        time.sleep(CONGESTION_MAX_S * 1.5)  # the interval itself is under test
+        assert b.congested()  # looked again: still waiting
+        assert client.rpop(QUEUE) is not None
+        assert b.congested()  # within the interval: not looked at
+        time.sleep(CONGESTION_MAX_S * 1.5)
         assert not b.congested()
     finally:
         b.close()

@@ -43,7 +43,7 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.config import Config, FallbackConfig, RedisConfig, WorkerConfig
+from mltasks.config import Config, FallbackConfig, RedisConfig
 
 BROKER_DB = 9
 CACHE_DB = 10
@@ -98,7 +98,9 @@ class ServiceSettings:
         """The settings that tell runs apart, JSON-ready."""
         d: dict[str, Any] = {"level": self.level, "caching": self.caching}
         if self.queue is not None:
-            d.update(pool=self.pool, concurrency=self.worker_concurrency, queue=self.queue)
+            d.update(pool=self.pool, concurrency=self.concurrency, queue=self.queue)
+            if self.pool == "solo":
+                d["workers"] = self.concurrency
         if self.level is not None:
             d["level_held"] = self.hold_level
         return d
@@ -107,7 +109,7 @@ class ServiceSettings:
         """A short name for tables: ``service L3 prefork x2``, ``service L5``."""
         parts = ["service" if self.level is None else f"service L{self.level}"]
         if self.queue is not None:
-            parts.append(f"{self.pool} x{self.worker_concurrency}")
+            parts.append(f"{self.pool} x{self.concurrency}")  # solo: worker processes
         if not self.caching:
             parts.append("no cache")
         return " ".join(parts)
