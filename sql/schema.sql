@@ -82,15 +82,6 @@ BEGIN
 END;
 $$;
 
--- Tell the bridges a batch was answered: a worker has room, rows may leave again.
-CREATE OR REPLACE FUNCTION ai_responses_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('ai_answered', '');
-    RETURN NULL;
-END;
-$$;
-
 CREATE OR REPLACE TRIGGER ai_requests_reuse_id
     BEFORE INSERT ON ai_requests
     FOR EACH ROW EXECUTE FUNCTION ai_requests_reuse_id();
@@ -98,7 +89,3 @@ CREATE OR REPLACE TRIGGER ai_requests_reuse_id
 CREATE OR REPLACE TRIGGER ai_requests_notify
     AFTER INSERT ON ai_requests
     FOR EACH STATEMENT EXECUTE FUNCTION ai_requests_notify();
-
-CREATE OR REPLACE TRIGGER ai_responses_notify
-    AFTER INSERT ON ai_responses
-    FOR EACH STATEMENT EXECUTE FUNCTION ai_responses_notify();
