@@ -6,6 +6,7 @@ not at import.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery
@@ -17,6 +18,12 @@ from mltasks.config import Config
 # One queue per tier of the fallback ladder.
 QUEUES = ("gpu", "cpu", "rules")
 INFER_TASK = "mltasks.infer_batch"
+
+
+def worker_command(queues: str, *options: str) -> list[str]:
+    """``celery -A mltasks worker -Q <queues> <options>`` with this interpreter: the one
+    command line the CLI, the benchmark and the tests start workers with."""
+    return [sys.executable, "-m", "celery", "-A", "mltasks", "worker", "-Q", queues, *options]
 
 
 def settings_for(cfg: Config) -> dict[str, Any]:

@@ -43,19 +43,9 @@ def _bridge(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "mltasks",
-        "worker",
-        "-Q",
-        args.queues,
-        "--loglevel",
-        args.loglevel,
-        *args.celery_args,
-    ]
+    from mltasks.celery_app import worker_command
+
+    cmd = worker_command(args.queues, "--loglevel", args.loglevel, *args.celery_args)
     return subprocess.call(cmd)
 
 

@@ -237,20 +237,15 @@ class ModelWriter:
 
 
 def child_commands(queues: str, beat_dir: Path) -> dict[str, list[str]]:
+    from mltasks.celery_app import worker_command
+
     py = sys.executable
     celery = [py, "-m", "celery", "-A", "mltasks"]
     return {
         "bridge": [py, "-m", "bridge"],
-        "worker": [
-            *celery,
-            "worker",
-            "-Q",
-            queues,
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        "worker": worker_command(
+            queues, "--loglevel", "INFO", "--without-gossip", "--without-mingle"
+        ),
         "beat": [*celery, "beat", "--loglevel", "WARNING", "-s", str(beat_dir / "schedule")],
     }
 

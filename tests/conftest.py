@@ -13,11 +13,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import pytest
 from psycopg import sql
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 TESTS = Path(__file__).resolve().parent
 os.environ["MLTASKS_CONFIG"] = str(TESTS / "config" / "test.yaml")
@@ -58,6 +61,19 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def app_with_broker(config: Config, broker_url: str, name: str = "test") -> Celery:
+    """A Celery app with the service's settings on another broker (nothing consumes there,
+    or nothing answers at all)."""
+    from celery import Celery
+
+    from mltasks.celery_app import settings_for
+
+    app = Celery(name)
+    app.conf.update(settings_for(config))
+    app.conf.broker_url = broker_url
+    return app
 
 
 def _url_for(dbname: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from mltasks.celery_app import worker_command
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
 from mltasks.dev import stop_all
@@ -64,14 +65,7 @@ def service(
     procs = [
         subprocess.Popen([py, "-m", "bridge"], env=service_env),
         subprocess.Popen(
-            [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "mltasks",
-                "worker",
-                "-Q",
+            worker_command(
                 "cpu",
                 "--pool",
                 "prefork",
@@ -81,7 +75,7 @@ def service(
                 "--without-mingle",
                 "-l",
                 "WARNING",
-            ],
+            ),
             env=service_env,
         ),
     ]

@@ -9,9 +9,9 @@ import psycopg
 from celery import Celery
 
 from bridge.loop import Bridge
-from mltasks.celery_app import settings_for
 from mltasks.config import Config
 from tests import game
+from tests.conftest import app_with_broker
 
 STATE = [0.8, 0.5] + [0.0] * 62
 
@@ -26,10 +26,7 @@ def response(pg: psycopg.Connection[Any], rid: int) -> tuple[Any, ...] | None:
 
 def dead_broker_app(config: Config) -> Celery:
     """A Celery app whose broker is a closed port: every publish fails at once."""
-    app = Celery("dead")
-    app.conf.update(settings_for(config))
-    app.conf.broker_url = "redis://127.0.0.1:1/0"
-    return app
+    return app_with_broker(config, "redis://127.0.0.1:1/0", "dead")
 
 
 def test_overdue_rows_are_answered_255_without_a_worker(

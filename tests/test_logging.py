@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from mltasks.celery_app import worker_command
 from mltasks.config import Config, LoggingConfig
 from mltasks.logs import JsonFormatter, TextFormatter, configure_logging
 from tests import game
@@ -76,20 +77,7 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
         procs = [
             subprocess.Popen([py, "-m", "bridge"], env=env, stdout=out, stderr=out),
             subprocess.Popen(
-                [
-                    py,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "mltasks",
-                    "worker",
-                    "-Q",
-                    "cpu",
-                    "-l",
-                    "DEBUG",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
+                worker_command("cpu", "-l", "DEBUG", "--without-gossip", "--without-mingle"),
                 env=env,
                 stdout=out,
                 stderr=out,

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -33,6 +32,7 @@ from tests.faults.support import (
     Settings,
     audit,
     db_now,
+    first_worker_answer,
     redis_server,
     report,
     settle,
@@ -61,17 +61,6 @@ def service(
         yield svc
     finally:
         svc.close()
-
-
-def first_worker_answer(pg: psycopg.Connection[Any], since: float) -> float | None:
-    """When (database clock) the first worker answer to a request made after `since` came."""
-    row = pg.execute(
-        "SELECT min(extract(epoch FROM s.created_at))::float8"
-        " FROM ai_requests r JOIN ai_responses s USING (request_id)"
-        " WHERE s.source IN ('model', 'cache') AND r.created_at > to_timestamp(%s)",
-        (since,),
-    ).fetchone()
-    return None if row is None or row[0] is None else float(row[0])
 
 
 def test_redis_restart_under_load_loses_nothing_and_the_worker_comes_back_by_itself(

@@ -10,14 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 
-from mltasks.celery_app import settings_for
+from mltasks.celery_app import settings_for, worker_command
 from mltasks.config import Config
 from mltasks.dev import stop_all
 from mltasks.fallback import LevelStore
@@ -101,14 +100,7 @@ class World:
             MLTASKS_PROBE_READINGS=str(self.probe_file),
         )
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "mltasks",
-                "worker",
-                "-Q",
+            worker_command(
                 queues,
                 "--pool",
                 "prefork",
@@ -121,7 +113,7 @@ class World:
                 f"{queues.replace(',', '-')}-{len(self.procs)}@test",
                 "-l",
                 "WARNING",
-            ],
+            ),
             env=env,
         )
         self.procs.append(proc)

@@ -43,6 +43,7 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
+from mltasks.celery_app import worker_command
 from mltasks.config import Config, FallbackConfig, RedisConfig
 
 BROKER_DB = 9
@@ -300,14 +301,7 @@ class Service:
                 name = f"{self.label}-worker" + (f"{i + 1}" if count > 1 else "")
                 worker = ManagedProcess(
                     name,
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "mltasks",
-                        "worker",
-                        "-Q",
+                    worker_command(
                         s.queue,
                         "-n",
                         f"{name}-{i + 1}@%h",
@@ -320,7 +314,7 @@ class Service:
                         "--without-heartbeat",
                         "-l",
                         "WARNING",
-                    ],
+                    ),
                     log_path=logs / f"{name}.log",
                     env=env,
                     cwd=s.work_dir,

@@ -39,6 +39,7 @@ import pytest
 import redis
 
 from mltasks import keys
+from mltasks.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, N_ACTIONS, TRADITIONAL_AI
 from mltasks.demo_models import sample_states
 from tests import game
@@ -319,9 +320,10 @@ class Service:
         """`celery -A mltasks worker -Q <queues>`, prefork, one pool process."""
         return self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "mltasks", "worker", "-Q", queues,
-             "--pool", "prefork", "--concurrency", "1", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-n", f"{name}@faults", "-l", "WARNING"],
+            worker_command(
+                queues, "--pool", "prefork", "--concurrency", "1", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "-n", f"{name}@faults", "-l", "WARNING",
+            ),
         )  # fmt: skip
 
     def start_bridge(self, name: str = "bridge") -> subprocess.Popen[bytes]:
@@ -611,6 +613,17 @@ def outcomes(conn: psycopg.Connection[Any]) -> dict[int, Outcome]:
         " ORDER BY r.request_id"
     ).fetchall()
     return {r[0]: Outcome(*r) for r in rows}
+
+
+def first_worker_answer(pg: psycopg.Connection[Any], since: float) -> float | None:
+    """When (database clock) the first worker answer to a request made after `since` came."""
+    row = pg.execute(
+        "SELECT min(extract(epoch FROM s.created_at))::float8"
+        " FROM ai_requests r JOIN ai_responses s USING (request_id)"
+        " WHERE s.source IN ('model', 'cache') AND r.created_at > to_timestamp(%s)",
+        (since,),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def db_now(conn: psycopg.Connection[Any]) -> float:

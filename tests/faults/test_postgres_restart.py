@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -25,6 +24,7 @@ from tests.faults.support import (
     Settings,
     audit,
     db_now,
+    first_worker_answer,
     report,
     settle,
     summary,
@@ -45,16 +45,6 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
-
-
-def first_worker_answer(pg: psycopg.Connection[Any], since: float) -> float | None:
-    row = pg.execute(
-        "SELECT min(extract(epoch FROM s.created_at))::float8"
-        " FROM ai_requests r JOIN ai_responses s USING (request_id)"
-        " WHERE s.source IN ('model', 'cache') AND r.created_at > to_timestamp(%s)",
-        (since,),
-    ).fetchone()
-    return None if row is None or row[0] is None else float(row[0])
 
 
 def test_postgres_restart_under_load_the_service_reconnects_by_itself(
