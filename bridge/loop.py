@@ -78,7 +78,8 @@ class Bridge:
         self.sent = 0
         self.expired = 0
         self.answered_here = 0
-        self._congested = False
+        # The queue a publish found full (None: not congested), and when it was looked at.
+        self._congested_on: str | None = None
         self._congested_at = 0.0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
@@ -172,7 +173,7 @@ class Bridge:
         self.sent += len(rows)
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again.
-            self._congested = True
+            self._congested_on = queue
             self._congested_at = time.monotonic()
 
     def answer_here(
@@ -263,18 +264,24 @@ class Bridge:
         Each publish tells how many batches wait (bridge.publish); a full queue is looked
         at again every CONGESTION_RECHECK_S.
         """
-        if not self._congested:
+        queue = self._congested_on
+        if queue is None:
+            return False
+        if queue != LEVEL_QUEUE.get(self.level):
+            # The route moved (a tier went away, or level 5): its old queue does not count.
+            self._congested_on = None
             return False
         now = time.monotonic()
         if now - self._congested_at < CONGESTION_RECHECK_S:
             return True
         self._congested_at = now
         try:
-            waiting = int(self._broker.llen(LEVEL_QUEUE.get(self.level, "")))
+            waiting = int(self._broker.llen(queue))
         except (redis.RedisError, OSError):
             waiting = 0  # the publish will find out, and answer with the rules
-        self._congested = waiting >= self.config.inference.max_waiting_batches
-        return self._congested
+        if waiting < self.config.inference.max_waiting_batches:
+            self._congested_on = None
+        return self._congested_on is not None
 
     def drain(self) -> int:
         """Claim until the table has no pending row left, or the tier is congested."""
@@ -308,7 +315,7 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
-                timeout = CONGESTION_RECHECK_S if self._congested else poll_s
+                timeout = CONGESTION_RECHECK_S if self._congested_on else poll_s
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:

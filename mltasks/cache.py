@@ -163,7 +163,7 @@ def logits_key(archetype: str, model_type: str, state: Any) -> str | None:
     Rounding lets states the game would call the same (its own key uses 2 decimals) share
     one model run.
     """
-    return logits_keys([(archetype, model_type, _as_state(state))])[0]
+    return logits_keys([(archetype, model_type, state)])[0]
 
 
 def logits_keys(where: Sequence[tuple[str, str, Any]]) -> list[str | None]:

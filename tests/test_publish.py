@@ -16,26 +16,19 @@ from kombu.serialization import loads
 
 from bridge.loop import Bridge
 from bridge.publish import Publisher
-from mltasks.celery_app import INFER_TASK, settings_for
+from mltasks.celery_app import INFER_TASK
 from mltasks.config import Config, DatabaseConfig
 from tests import game
+from tests.conftest import app_with_broker
 
 STATE = [0.8, 0.5] + [0.0] * 62
 QUEUE = "cpu"
 
 
-def _app(config: Config, db: int) -> Celery:
-    """An app of its own on a private broker db: nothing consumes its queues."""
-    app = Celery("publish-test")
-    app.conf.update(settings_for(config))
-    app.conf.broker_url = config.redis.db_url(db)
-    return app
-
-
 @pytest.fixture
 def quiet_broker(config: Config) -> Iterator[tuple[Celery, redis.Redis]]:
     db = 12
-    app = _app(config, db)
+    app = app_with_broker(config, config.redis.db_url(db), "publish-test")
     client = redis.Redis.from_url(config.redis.db_url(db))
     client.flushdb()
     yield app, client
@@ -174,3 +167,20 @@ def test_service_sessions_skip_the_wal_flush_wait() -> None:
 def test_answers_are_written_with_synchronous_commit_off(config: Config) -> None:
     with psycopg.connect(config.database.conninfo) as conn:
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+
+
+def test_a_route_change_drops_the_old_queues_congestion(
+    config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
+) -> None:
+    """The cpu tier's full queue (its worker died) must not hold back the rules tier."""
+    app, _ = quiet_broker
+    b = _congestion_bridge(config, app)
+    try:
+        game.insert(pg, STATE)
+        assert b.drain() == 1 and b.congested()
+        b.level = 4  # the heartbeats moved the route to the rule tier
+        assert not b.congested()
+        game.insert(pg, STATE)
+        assert b.drain() == 1
+    finally:
+        b.close()
