@@ -37,7 +37,7 @@ from mltasks.fallback import (
 )
 from mltasks.inference import answer_rows, traditional
 from mltasks.responses import expire, write_answers
-from mltasks.rules import RULES
+from mltasks.rules import rules_engine
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Bridge:
     ) -> None:
         """Answer in this process: the rule policy where allowed, else 255."""
         if rules:
-            answers = answer_rows(rows, RULES)
+            answers = answer_rows(rows, rules_engine(self.config.state.layout))
             answers = [a if a.reason else dataclasses.replace(a, reason=reason) for a in answers]
         else:
             answers = [traditional(int(r[0]), reason) for r in rows]

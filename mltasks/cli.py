@@ -27,11 +27,26 @@ def _db_init(args: argparse.Namespace) -> int:
 def _models_init(args: argparse.Namespace) -> int:
     import time
 
-    from mltasks.demo_models import write_demo_models
+    from mltasks.contract import ARCHETYPES, MODEL_TYPES
+    from mltasks.demo_models import teacher_agreement, write_demo_models
 
+    layout = args.layout or get_config().state.layout
     t0 = time.perf_counter()
-    paths = write_demo_models(Path(args.dir), seed=args.seed)
-    print(f"wrote {len(paths)} models into {args.dir} in {time.perf_counter() - t0:.1f}s")
+    paths = write_demo_models(Path(args.dir), seed=args.seed, layout=layout)
+    print(
+        f"wrote {len(paths)} models into {args.dir} in {time.perf_counter() - t0:.1f}s"
+        f" (state layout {layout})"
+    )
+    print("agreement with the rule teacher on held-out states:")
+    for archetype in ARCHETYPES:
+        scores = [
+            teacher_agreement(Path(args.dir) / archetype / f"{mt}.onnx", archetype, layout=layout)
+            for mt in MODEL_TYPES
+        ]
+        print(
+            f"  {archetype:<11} combat_dqn {scores[0]:.3f}  min {min(scores):.3f}"
+            f"  mean {sum(scores) / len(scores):.3f}  max {max(scores):.3f}"
+        )
     return 0
 
 
@@ -78,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     minit = models.add_parser("init", help="write the 54 demo models")
     minit.add_argument("dir")
     minit.add_argument("--seed", type=int, default=0)
+    minit.add_argument(
+        "--layout",
+        choices=("encoder", "seed"),
+        default=None,
+        help="state layout to fit the models on (default: the config's state.layout)",
+    )
     minit.set_defaults(func=_models_init)
 
     br = sub.add_parser("bridge", help="run a bridge (same as python -m bridge)")

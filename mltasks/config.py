@@ -49,6 +49,13 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    # Which 64-value layout the game sends (mltasks/state.py): "encoder" is what the fork's
+    # map server writes (CONTRACT.md 2b); "seed" the seed document's table (section 2).
+    layout: Literal["encoder", "seed"] = "encoder"
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceConfig:
     batch_size: int = 64
     poll_interval_ms: int = 50
@@ -252,6 +259,7 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)

@@ -2,12 +2,13 @@
 
 Every archetype x model type gets a small MLP (64 -> hidden -> ReLU -> 10
 logits) fitted in numpy (full-batch Adam on softmax cross-entropy) to imitate
-``mltasks.policy.decide`` on states drawn by ``sample_states``.  The models of
+``mltasks.policy.decide`` on states drawn by ``mltasks.state.sample_states`` in the
+configured layout (``state.layout``).  The models of
 one archetype share a training set and differ by initialisation seed and hidden
 width, so the service has 54 real, distinct networks to load while their
 behaviour stays predictable (they agree with the policy on most states).
 
-Only the slots the policy reads (``policy.READ_SLOTS``) get non-zero
+Only the slots the policy reads (the layout's ``read_slots``) get non-zero
 first-layer weights, so like the teacher the models ignore the rest of the
 state.  Input standardisation is folded into the first Gemm so the exported
 graph is just Gemm -> Relu -> Gemm, input ``state`` float32 [N, 64], output
@@ -32,9 +33,10 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Idx
+from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM
 from mltasks.files import write_atomic
-from mltasks.policy import READ_SLOTS, decide
+from mltasks.policy import decide
+from mltasks.state import DEFAULT_LAYOUT, get_layout, sample_states
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -59,57 +61,6 @@ class _Mlp:
     b1: FloatArray  # [H]
     w2: FloatArray  # [H, 10]
     b2: FloatArray  # [10]
-
-
-# --------------------------------------------------------------------------- states
-
-
-def sample_states(rng: np.random.Generator, n: int) -> FloatArray:
-    """Draw ``n`` plausible game states (float32 [n, 64]) that exercise every policy rule.
-
-    Slots the contract names get realistic marginals (a quarter of states have
-    no enemy in sight, encoded as ENEMY_DIST = 1.0; flags are 0/1; ALLY_MIN_HP is
-    1.0 without allies); the remaining slots are mild uniform noise so the models
-    learn to ignore them.  All values lie in [0, 1].
-    """
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    x = (rng.random((n, STATE_DIM)) * 0.5).astype(np.float32)
-
-    def uniform(lo: float = 0.0, hi: float = 1.0) -> FloatArray:
-        return rng.uniform(lo, hi, n).astype(np.float32)
-
-    def flag(p: float) -> FloatArray:
-        return (rng.random(n) < p).astype(np.float32)
-
-    x[:, Idx.HP] = uniform()
-    x[:, Idx.SP] = uniform()
-    for i in (Idx.POS_X, Idx.POS_Y, Idx.POS_Z, Idx.ATK, Idx.DEF, Idx.MATK):
-        x[:, i] = uniform()
-
-    # Enemies: a mass at "nobody in sight", else anywhere up to the edge of sight.
-    seen = rng.random(n) >= 0.25
-    count = rng.integers(1, 6, n).astype(np.float32)  # 1..5 enemies when any
-    x[:, Idx.ENEMY_DIST] = np.where(seen, uniform(0.0, 0.95), 1.0)
-    x[:, Idx.ENEMY_HP] = np.where(seen, uniform(0.05, 1.0), 0.0)
-    x[:, Idx.ENEMY_THREAT] = np.where(seen, uniform(), 0.0)
-    x[:, Idx.ENEMY_COUNT] = np.where(seen, count / 5.0, 0.0)
-    x[:, Idx.SECOND_THREAT] = np.where(seen & (count > 1), uniform(), 0.0)
-
-    # Allies: none in 30% of states (ALLY_MIN_HP 1.0 then, nobody under attack).
-    allies = rng.random(n) >= 0.3
-    x[:, Idx.ALLY_COUNT] = np.where(allies, rng.integers(1, 6, n) / 5.0, 0.0)
-    x[:, Idx.ALLY_MIN_HP] = np.where(allies, uniform(0.02, 1.0), 1.0)
-    x[:, Idx.ALLY_UNDER_ATTACK] = np.where(allies & seen, flag(0.4), 0.0)
-
-    for i in (Idx.SKILL_1_READY, Idx.SKILL_2_READY, Idx.SKILL_3_READY):
-        x[:, i] = flag(0.6)
-    x[:, Idx.STUNNED + 1 : Idx.STUNNED + 10] = flag(0.05)[:, None] * (
-        rng.random((n, 9)) < 0.5
-    )  # other status effects, sparse 0/1
-    x[:, Idx.STUNNED] = flag(0.08)
-    x[:, Idx.IDLE_TIME] = uniform()
-    return x
 
 
 # --------------------------------------------------------------------------- training
@@ -168,10 +119,16 @@ def _single_threaded_blas() -> Iterator[None]:
     yield
 
 
-def _fit(x: FloatArray, y: npt.NDArray[np.int64], hidden: int, rng: np.random.Generator) -> _Mlp:
+def _fit(
+    x: FloatArray,
+    y: npt.NDArray[np.int64],
+    hidden: int,
+    rng: np.random.Generator,
+    read_slots: Sequence[int],
+) -> _Mlp:
     """Full-batch Adam on softmax cross-entropy; returns weights for raw [N, 64] inputs.
 
-    Only the slots the policy reads (``READ_SLOTS``) feed the network: the other
+    Only the slots the policy reads (``read_slots``) feed the network: the other
     first-layer weights are exactly zero, so the models ignore those slots just
     as the teacher does instead of fitting noise in them.  Training runs on
     standardised inputs (much better conditioned), with the scaling folded back
@@ -181,7 +138,7 @@ def _fit(x: FloatArray, y: npt.NDArray[np.int64], hidden: int, rng: np.random.Ge
     constant row of ones, and every N-sized array is preallocated: allocating
     fresh buffers each step costs more than the arithmetic.
     """
-    slots = np.asarray(READ_SLOTS)
+    slots = np.asarray(read_slots)
     xr = x[:, slots]
     mu = xr.mean(axis=0)
     sd = xr.std(axis=0)
@@ -276,14 +233,19 @@ def _graph_model(name: str, layers: list[tuple[FloatArray, FloatArray]]) -> onnx
 
 
 def write_demo_models(
-    models_dir: Path, *, seed: int = 0, archetypes: Sequence[str] = ARCHETYPES
+    models_dir: Path,
+    *,
+    seed: int = 0,
+    archetypes: Sequence[str] = ARCHETYPES,
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[Path]:
     """Fit and write ``<models_dir>/<archetype>/<model_type>.onnx`` for every pair (54).
 
     ``archetypes`` narrows the set (tests); each archetype's models depend only
-    on ``seed`` and the archetype, so a subset has the same bytes as in a full
-    write.  Returns the written paths in archetype-major order.
+    on ``seed``, the layout and the archetype, so a subset has the same bytes as in a
+    full write.  Returns the written paths in archetype-major order.
     """
+    state_layout = get_layout(layout)
     unknown = [a for a in archetypes if a not in ARCHETYPES]
     if unknown:
         raise ValueError(f"unknown archetypes {unknown}; expected some of {ARCHETYPES}")
@@ -292,11 +254,11 @@ def write_demo_models(
     with _single_threaded_blas():
         for archetype in archetypes:
             a_idx = ARCHETYPES.index(archetype)
-            x = sample_states(np.random.default_rng([seed, a_idx]), _TRAIN_SAMPLES)
-            y, _ = decide(x, archetype)
+            x = state_layout.sample(np.random.default_rng([seed, a_idx]), _TRAIN_SAMPLES, archetype)
+            y, _ = decide(x, archetype, state_layout.name)
             for m_idx, model_type in enumerate(MODEL_TYPES):
                 init_rng = np.random.default_rng([seed, a_idx, m_idx + 1])
-                mlp = _fit(x, y, _WIDTHS[m_idx % len(_WIDTHS)], init_rng)
+                mlp = _fit(x, y, _WIDTHS[m_idx % len(_WIDTHS)], init_rng, state_layout.read_slots)
                 layers = [(mlp.w1, mlp.b1), (mlp.w2, mlp.b2)]
                 model = _graph_model(f"{archetype}_{model_type}", layers)
                 path = models_dir / archetype / f"{model_type}.onnx"
@@ -319,7 +281,13 @@ def write_misshaped_model(path: Path) -> None:
     write_atomic(Path(path), model.SerializeToString(deterministic=True))
 
 
-def teacher_agreement(model_path: Path, archetype: str, n: int = 2000, seed: int = 1) -> float:
+def teacher_agreement(
+    model_path: Path,
+    archetype: str,
+    n: int = 2000,
+    seed: int = 1,
+    layout: str = DEFAULT_LAYOUT,
+) -> float:
     """Fraction of ``n`` sampled states on which the model's argmax equals the policy's action."""
     import onnxruntime as ort  # only here: writing models must not need the runtime
 
@@ -328,9 +296,9 @@ def teacher_agreement(model_path: Path, archetype: str, n: int = 2000, seed: int
     session = ort.InferenceSession(
         str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
     )
-    x = sample_states(np.random.default_rng(seed), n)
+    x = sample_states(np.random.default_rng(seed), n, layout, archetype)
     (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
-    expected, _ = decide(x, archetype)
+    expected, _ = decide(x, archetype, layout)
     return float(np.mean(np.argmax(np.asarray(out), axis=1) == expected))
 
 

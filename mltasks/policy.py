@@ -1,49 +1,51 @@
-"""Deterministic rule-based monster policy: the teacher of the demo models.
+"""The rule-based monster policy: fallback level 4, and the demo models' teacher.
 
-The demo ONNX models (``mltasks.demo_models``) are small MLPs fitted to imitate
-this policy, so the whole pipeline produces behaviour that can be checked by
-hand without any trained network.  It reads only the slots named in
-``mltasks.contract.Idx`` and is vectorised over a batch: every rule is a boolean
-mask over the rows and ``np.select`` picks the first rule that fires.
+It reads named features (``mltasks.state.Features``), never a bare index, so it is correct
+on whichever layout the config names (``state.layout``: ``encoder``, what the game sends,
+or ``seed``). It is vectorised over a batch: every rule is a boolean mask over the rows and
+``np.select`` picks the first rule that fires.
 
 Rules, in priority order (the first one whose condition holds decides)::
 
-    #   condition                                             action
-    --  ----------------------------------------------------  -------------
-    1   STUNNED >= 0.5                                        IDLE
-    2   enemy in sight and HP < flee_hp                       FLEE
-    3   heal_below > 0 and ALLY_MIN_HP < heal_below
-        and SKILL_1_READY and SP >= heal_sp                   SKILL_1 (heal)
-    4   taunts and enemy in sight and ALLY_UNDER_ATTACK
-        and SKILL_3_READY and SP >= taunt_sp                  SKILL_3 (taunt)
-    5   no enemy in sight and IDLE_TIME >= wander_after       MOVE_RANDOM
-    6   no enemy in sight (otherwise)                         IDLE
-    7   SECOND_THREAT - ENEMY_THREAT >= switch_margin         CHANGE_TARGET
-    8   ENEMY_DIST < keep_away                                MOVE_AWAY
-    9   nuke_range > 0 and ENEMY_DIST <= nuke_range
-        and SKILL_2_READY and SP >= nuke_sp                   SKILL_2 (nuke)
-    10  ENEMY_DIST <= attack_range                            ATTACK
-    11  ENEMY_DIST > chase_limit                              IDLE (hold)
-    12  otherwise                                             MOVE_CLOSER
+    #   situation                                              action
+    --  -----------------------------------------------------  -------------------
+    1   stunned                                                IDLE
+    2   a target, and HP below the archetype's flee_hp         FLEE
+    3   heals: in a pack whose HP is below heal_below,
+        skill 1 ready, SP >= heal_sp                           SKILL_1 (heal)
+    4   taunts: a target, an ally under attack,
+        skill 3 ready, SP >= taunt_sp                          SKILL_3 (taunt)
+    5   no target, and the monster may wander                  MOVE_RANDOM
+    6   no target (otherwise)                                  IDLE
+    7   another enemy's threat exceeds the target's
+        by switch_margin                                       CHANGE_TARGET
+    8   the target is closer than keep_away                    MOVE_AWAY (keep distance)
+    9   casts: target within nuke_range, skill 2 ready,
+        SP >= nuke_sp                                          SKILL_2 (bolt)
+    10  the target within attack_range                         ATTACK
+    11  the target beyond chase_limit                          IDLE (hold position)
+    12  otherwise                                              MOVE_CLOSER
 
-"Enemy in sight" means ``ENEMY_DIST < SIGHT`` (1.0 encodes "nobody in sight");
-a flag slot (skill ready, stunned, ally under attack) counts as set at >= 0.5.
+"May wander": in the seed layout, idle time at or above wander_after; in the encoder
+layout, the monster's random-walk mode (slot 59). Where a layout lacks a feature the rule
+that needs it cannot fire (no stun flag, no second threat in the encoder layout); how each
+layout provides each feature is in ``mltasks.state``.
 
-Archetypes differ only in their ``ArchetypeParams``:
+Per archetype (distances are the state's normalised ones, 0 adjacent .. 1 no target)::
 
-    archetype   flee_hp  attack  keep_away  chase  switch  skills
-    ----------  -------  ------  ---------  -----  ------  ---------------------------
-    aggressive  0.15     0.12    -          1.00   0.25    SKILL_2 bash in melee, SP>=0.5
-    defensive   0.35     0.12    -          0.50   0.45    none; holds beyond 0.5
-    support     0.30     0.35    0.15       0.60   0.50    SKILL_1 heal ally HP<0.5, SP>=0.2
-    mage        0.25     0.50    0.25       1.00   0.35    SKILL_2 bolt within 0.7, SP>=0.3
-    tank        0.10     0.12    -          0.80   0.30    SKILL_3 taunt, SP>=0.15
-    ranged      0.25     0.65    0.30       1.00   0.35    none; kites between 0.3 and 0.65
+    archetype   flees below  attacks within  keeps away  holds beyond  skills
+    ----------  -----------  --------------  ----------  ------------  --------------------------
+    aggressive  HP 0.20      0.12            -           -             none: always closes in
+    defensive   HP 0.35      0.12            -           0.50          none; changes target late
+    support     HP 0.30      0.35            0.15        0.60          SKILL_1 heal, pack HP<0.5
+    mage        HP 0.25      0.50            0.25        -             SKILL_2 bolt within 0.7
+    tank        HP 0.10      0.12            -           0.80          SKILL_3 taunt, SP>=0.15
+    ranged      HP 0.25      0.65            0.30        -             none; kites 0.3-0.65
 
-Confidence is the margin of the deciding rule: how far its deciding feature(s)
-lie past their threshold, normalised to [0, 1] (for a conjunction, the smallest
-of its terms' margins), squashed by ``0.5 + 0.5 * tanh(3 * margin)`` into
-[0.5, 1].  A decision right at a threshold gets 0.5, a clear-cut one nears 1.
+Confidence is the margin of the deciding rule: how far its deciding feature(s) lie past
+their threshold, normalised to [0, 1] (for a conjunction, the smallest of its terms'
+margins), squashed by ``0.5 + 0.5 * tanh(3 * margin)`` into [0.5, 1]. A decision right at a
+threshold gets 0.5, a clear-cut one nears 1.
 """
 
 from __future__ import annotations
@@ -54,33 +56,12 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from mltasks.contract import ARCHETYPES, N_ACTIONS, STATE_DIM, Action, Idx
+from mltasks.contract import ARCHETYPES, N_ACTIONS, Action
+from mltasks.state import DEFAULT_LAYOUT, NO_TARGET, Features, get_layout
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
-
-SIGHT: Final = 0.99
-"""ENEMY_DIST at or above this means no enemy in sight (the contract encodes it as 1.0)."""
-
-FLAG: Final = 0.5
-"""A 0/1 flag slot counts as set at or above this."""
-
-READ_SLOTS: Final[tuple[int, ...]] = (
-    Idx.HP,
-    Idx.SP,
-    Idx.ENEMY_DIST,
-    Idx.ENEMY_THREAT,
-    Idx.SECOND_THREAT,
-    Idx.ALLY_MIN_HP,
-    Idx.ALLY_UNDER_ATTACK,
-    Idx.SKILL_1_READY,
-    Idx.SKILL_2_READY,
-    Idx.SKILL_3_READY,
-    Idx.STUNNED,
-    Idx.IDLE_TIME,
-)
-"""The only state slots the rules read; every other slot leaves the decision unchanged."""
 
 _SQUASH_GAIN: Final = 3.0
 _EPS: Final = 1e-6
@@ -114,16 +95,14 @@ class ArchetypeParams:
 
 
 PARAMS: Final[dict[str, ArchetypeParams]] = {
-    # Fights to the end, always closes in, bashes when SP is plentiful.
+    # Fights almost to the end and always closes in: a plain melee attacker.
     "aggressive": ArchetypeParams(
-        flee_hp=0.15,
+        flee_hp=0.2,
         attack_range=0.12,
         keep_away=0.0,
         chase_limit=1.0,
         switch_margin=0.25,
         wander_after=0.3,
-        nuke_range=0.12,
-        nuke_sp=0.5,
     ),
     # Flees early, does not chase far: holds beyond half the sight range.
     "defensive": ArchetypeParams(
@@ -188,16 +167,6 @@ def _params(archetype: str) -> ArchetypeParams:
         raise ValueError(f"unknown archetype {archetype!r}; expected one of {ARCHETYPES}") from None
 
 
-def _check_states(states: npt.ArrayLike) -> FloatArray:
-    """Return the batch as float32 [N, 64], rejecting anything else."""
-    arr = np.asarray(states)
-    if arr.ndim != 2 or arr.shape[1] != STATE_DIM:
-        raise ValueError(f"states must have shape [N, {STATE_DIM}], got {list(arr.shape)}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"states must be numeric, got dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
-
-
 def _above(x: FloatArray, threshold: float) -> FloatArray:
     """Margin of ``x >= threshold`` scaled by the room above the threshold."""
     return (x - threshold) / max(1.0 - threshold, _EPS)
@@ -211,58 +180,55 @@ def _below(x: FloatArray, threshold: float) -> FloatArray:
 Rules = tuple[list[BoolArray], list[int], list[FloatArray]]
 
 
-def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
+def _rules(f: Features, p: ArchetypeParams) -> Rules:
     """Evaluate every rule: (conditions, actions, margins) in priority order."""
-    hp = states[:, Idx.HP]
-    sp = states[:, Idx.SP]
-    dist = states[:, Idx.ENEMY_DIST]
-    threat = states[:, Idx.ENEMY_THREAT]
-    second = states[:, Idx.SECOND_THREAT]
-    ally_hp = states[:, Idx.ALLY_MIN_HP]
-    ally_hit = states[:, Idx.ALLY_UNDER_ATTACK]
-    s1 = states[:, Idx.SKILL_1_READY]
-    s2 = states[:, Idx.SKILL_2_READY]
-    s3 = states[:, Idx.SKILL_3_READY]
-    stunned = states[:, Idx.STUNNED]
-    idle = states[:, Idx.IDLE_TIME]
-
-    n = states.shape[0]
+    hp, sp, dist = f.hp, f.sp, f.target_distance
+    ready1, ready2, ready3 = f.skill_ready
+    n = hp.shape[0]
     never = np.zeros(n, dtype=np.bool_)
     zero = np.zeros(n, dtype=np.float32)
-    in_sight = dist < SIGHT
-    sight_margin = _below(dist, SIGHT)
+    one = np.ones(n, dtype=np.float32)
+    in_sight = f.has_target
+    sight_margin = _below(dist, NO_TARGET)
 
     heal = (
-        (ally_hp < p.heal_below) & (s1 >= FLAG) & (sp >= p.heal_sp) if p.heal_below > 0 else never
+        (f.pack > 0) & (f.pack_hp < p.heal_below) & ready1 & (sp >= p.heal_sp)
+        if p.heal_below > 0
+        else never
     )
-    heal_m = np.minimum(_below(ally_hp, p.heal_below), _above(sp, p.heal_sp))
+    heal_m = np.minimum(_below(f.pack_hp, p.heal_below), _above(sp, p.heal_sp))
 
-    taunt = in_sight & (ally_hit >= FLAG) & (s3 >= FLAG) & (sp >= p.taunt_sp) if p.taunts else never
-    taunt_m = np.minimum(_above(ally_hit, FLAG), _above(sp, p.taunt_sp))
+    taunt = in_sight & f.ally_under_attack & ready3 & (sp >= p.taunt_sp) if p.taunts else never
+    taunt_m = _above(sp, p.taunt_sp)
 
-    wander = idle >= p.wander_after
-    wander_m = np.abs(idle - p.wander_after) / np.where(
-        wander, max(1.0 - p.wander_after, _EPS), max(p.wander_after, _EPS)
-    )
+    if f.idle_time is not None:
+        idle = f.idle_time
+        wander = idle >= p.wander_after
+        wander_m = np.abs(idle - p.wander_after) / np.where(
+            wander, max(1.0 - p.wander_after, _EPS), max(p.wander_after, _EPS)
+        )
+    else:  # the encoder's random-walk mode: a flag, no clock
+        wander = f.explores if f.explores is not None else never
+        wander_m = one * 0.5
 
-    gap = second - threat
+    gap = f.other_threat - f.target_threat
     switch = gap >= p.switch_margin
     switch_m = _above(gap, p.switch_margin)
 
     away = dist < p.keep_away if p.keep_away > 0 else never
     away_m = _below(dist, p.keep_away) if p.keep_away > 0 else zero
 
-    nuke = (dist <= p.nuke_range) & (s2 >= FLAG) & (sp >= p.nuke_sp) if p.nuke_range > 0 else never
+    nuke = (dist <= p.nuke_range) & ready2 & (sp >= p.nuke_sp) if p.nuke_range > 0 else never
     nuke_m = np.minimum(_below(dist, p.nuke_range), _above(sp, p.nuke_sp))
 
     attack = dist <= p.attack_range
     attack_m = _below(dist, p.attack_range)
 
     hold = dist > p.chase_limit
-    hold_m = np.minimum((dist - p.chase_limit) / max(SIGHT - p.chase_limit, _EPS), sight_margin)
+    hold_m = np.minimum((dist - p.chase_limit) / max(NO_TARGET - p.chase_limit, _EPS), sight_margin)
 
     # MOVE_CLOSER: between attack range and chase limit; margin to the nearer edge.
-    upper = min(p.chase_limit, SIGHT)
+    upper = min(p.chase_limit, NO_TARGET)
     closer_m = (
         np.minimum(
             (dist - p.attack_range) / max(upper - p.attack_range, _EPS),
@@ -272,7 +238,7 @@ def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
     )
 
     conditions = [
-        stunned >= FLAG,
+        f.stunned,
         in_sight & (hp < p.flee_hp),
         heal,
         taunt,
@@ -299,7 +265,7 @@ def _rules(states: FloatArray, p: ArchetypeParams) -> Rules:
         Action.MOVE_CLOSER,  # default
     ]
     margins = [
-        _above(stunned, FLAG),
+        one,
         np.minimum(_below(hp, p.flee_hp), sight_margin),
         heal_m,
         taunt_m,
@@ -322,20 +288,21 @@ def _squash(margin: FloatArray) -> FloatArray:
     return conf
 
 
-def decide(states: np.ndarray, archetype: str) -> tuple[np.ndarray, np.ndarray]:
+def decide(
+    states: npt.ArrayLike, archetype: str, layout: str = DEFAULT_LAYOUT
+) -> tuple[IntArray, FloatArray]:
     """Decide one action per row: (actions int64 [N] in 0..9, confidence float32 [N] in (0, 1]).
 
-    Raises ``ValueError`` for an unknown archetype or a batch that is not [N, 64].
+    Raises ``ValueError`` for an unknown archetype or layout, or a batch that is not [N, 64].
     """
     p = _params(archetype)
-    x = _check_states(states)
-    conditions, actions, margins = _rules(x, p)
+    conditions, actions, margins = _rules(get_layout(layout).read(states), p)
     action = np.select(conditions, actions[:-1], default=actions[-1]).astype(np.int64)
     margin = np.select(conditions, margins[:-1], default=margins[-1]).astype(np.float32)
     return action, _squash(margin)
 
 
-def logits(states: np.ndarray, archetype: str) -> np.ndarray:
+def logits(states: npt.ArrayLike, archetype: str, layout: str = DEFAULT_LAYOUT) -> FloatArray:
     """Soft scores float32 [N, 10] whose argmax is ``decide``'s action.
 
     The chosen action gets ``log(confidence)``; the remaining probability mass
@@ -343,13 +310,12 @@ def logits(states: np.ndarray, archetype: str) -> np.ndarray:
     spread evenly over the rest (20%), so a hesitant decision shows its runner-up.
     """
     p = _params(archetype)
-    x = _check_states(states)
-    conditions, actions, margins = _rules(x, p)
+    conditions, actions, margins = _rules(get_layout(layout).read(states), p)
     action = np.select(conditions, actions[:-1], default=actions[-1]).astype(np.int64)
     conf = _squash(np.select(conditions, margins[:-1], default=margins[-1]))
 
     # Runner-up: first rule after the deciding one whose condition also holds.
-    n = x.shape[0]
+    n = action.shape[0]
     fired = np.stack([*conditions, np.ones(n, dtype=np.bool_)], axis=1)  # [N, rules]
     first = np.argmax(fired, axis=1)
     later = fired & (np.arange(fired.shape[1])[None, :] > first[:, None])

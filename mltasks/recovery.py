@@ -38,12 +38,13 @@ class Attempt:
     canary_id: str | None = None
 
 
-def canary_rows() -> list[list[object]]:
-    """Plausible states for every archetype, fixed so that a canary is reproducible."""
+def canary_rows(layout: str = "encoder") -> list[list[object]]:
+    """Plausible states (in the configured layout) for every archetype, fixed so that a
+    canary is reproducible."""
     from mltasks.contract import ARCHETYPES
-    from mltasks.demo_models import sample_states
+    from mltasks.state import sample_states
 
-    states = sample_states(np.random.default_rng(12345), CANARY_ROWS)
+    states = sample_states(np.random.default_rng(12345), CANARY_ROWS, layout)
     return [
         [-(i + 1), ARCHETYPES[i % len(ARCHETYPES)], 0, states[i].tolist()]
         for i in range(CANARY_ROWS)

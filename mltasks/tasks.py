@@ -32,7 +32,7 @@ from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
 from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
 from mltasks.logs import configure_logging
 from mltasks.responses import write_answers
-from mltasks.rules import RULES
+from mltasks.rules import rules_engine
 from mltasks.sql import query
 from mltasks.worker import MonitorStep, worker_queues
 
@@ -80,7 +80,7 @@ def level_store() -> LevelStore:
 def predictors(config: Config, level: int) -> Predictors:
     """What serves a level: the ONNX engine (1-3) or the rule policy (4)."""
     if level == Level.RULES:
-        return RULES
+        return rules_engine(config.state.layout)
     return get_engine(config, level)
 
 
@@ -235,7 +235,9 @@ def canary(canary_id: str, level: int) -> bool:
 
     cfg = get_config()
     try:
-        passed, reason = canary_passed(answer_batch(canary_rows(), predictors(cfg, level)), level)
+        passed, reason = canary_passed(
+            answer_batch(canary_rows(cfg.state.layout), predictors(cfg, level)), level
+        )
     except Exception as exc:
         passed, reason = False, f"canary crashed: {exc}"
     return finish_canary(cfg, level_store(), canary_id, level, passed, reason)

@@ -58,10 +58,10 @@ import onnx
 import onnxruntime as ort
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
-from mltasks.demo_models import sample_states
 from mltasks.files import write_atomic
 from mltasks.hardware import gpu_count
 from mltasks.health import Tier
+from mltasks.state import sample_states
 
 log = logging.getLogger(__name__)
 

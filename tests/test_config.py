@@ -114,3 +114,15 @@ def test_cli_reports_config_errors_naming_the_key(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "inference.max_latency_ms" in out.stderr
+
+
+def test_state_layout_defaults_to_the_encoder_and_names_a_bad_value(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), environ={}).state.layout == "encoder"
+    assert load_config(DEFAULT_CONFIG_PATH, environ={}).state.layout == "encoder"
+    assert load_config(write(tmp_path, "state:\n  layout: seed\n"), environ={}).state.layout == (
+        "seed"
+    )
+    with pytest.raises(ConfigError, match=r"^state\.layout: 'csv' is not one of"):
+        load_config(write(tmp_path, "state:\n  layout: csv\n"), environ={})
+    with pytest.raises(ConfigError, match=r"^state\.order: unknown key"):
+        load_config(write(tmp_path, "state:\n  order: seed\n"), environ={})

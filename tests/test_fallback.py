@@ -32,7 +32,7 @@ _rng = np.random.default_rng(2024)
 
 def fresh_states(n: int) -> np.ndarray:
     """States no earlier request used, so no cache layer can answer them."""
-    from mltasks.demo_models import sample_states
+    from mltasks.state import sample_states
 
     return sample_states(_rng, n)
 

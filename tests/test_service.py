@@ -21,7 +21,7 @@ STATE = [0.8, 0.5] + [0.0] * 62
 
 
 def states(n: int, seed: int = 0) -> np.ndarray:
-    from mltasks.demo_models import sample_states
+    from mltasks.state import sample_states
 
     return sample_states(np.random.default_rng(seed), n)
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from mltasks import variants as v
 from mltasks.contract import N_ACTIONS, STATE_DIM
-from mltasks.demo_models import sample_states
+from mltasks.state import sample_states
 
 # Demo models whose int8 and fp16 variants agree with the master well above 99%
 # (int8 >= 0.996 on the held-out set), so these tests do not hinge on the last

@@ -36,7 +36,9 @@ HEALTHY_HOST: dict[str, Any] = {
 
 
 class World:
-    def __init__(self, config: Config, tmp_path: Path, models_dir: Path) -> None:
+    def __init__(
+        self, config: Config, tmp_path: Path, models_dir: Path, layout: str = "encoder"
+    ) -> None:
         fb = dataclasses.replace(
             config.fallback,
             heartbeat_interval_ms=200,
@@ -54,6 +56,7 @@ class World:
             redis=dataclasses.replace(config.redis, broker_db=BROKER_DB, cache_db=CACHE_DB),
             fallback=fb,
             inference=dataclasses.replace(config.inference, max_latency_ms=3000, lease_ms=1000),
+            state=dataclasses.replace(config.state, layout=layout),  # type: ignore[arg-type]
         )
         self.models_dir = models_dir
         self.tmp = tmp_path
@@ -68,6 +71,7 @@ class World:
             f"  queue_lag_ms: 60000\n"
             f"monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
             f"logging:\n  level: WARNING\n"
+            f"state:\n  layout: {layout}\n"
         )
         self.app = Celery("world")
         self.app.conf.update(settings_for(self.cfg))

@@ -58,6 +58,7 @@ class BulkSpec:
     # The action cache (L2) keys on the mob, the model-output cache (L3) on the archetype.
     mobs: int = 1
     seed: int = 0
+    layout: str = "encoder"
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0 or self.tick_ms <= 0:
@@ -116,12 +117,12 @@ class RowSource:
     """COPY text lines for the requests, formatted before the clock starts where possible."""
 
     def __init__(self, spec: BulkSpec) -> None:
-        from mltasks.demo_models import sample_states
+        from mltasks.state import sample_states
 
         self.distinct = spec.states == 0
         size = DISTINCT_POOL if self.distinct else spec.states
         rng = np.random.default_rng([spec.seed, size])
-        states = sample_states(rng, size)
+        states = sample_states(rng, size, spec.layout)
         self.size = size
         self._rng = np.random.default_rng([spec.seed, size, 1])
         self._parts: list[tuple[str, str]] = []  # distinct: around the temporal values

@@ -49,6 +49,7 @@ class StepOptions:
     p99_limit_ms: float = 50.0
     min_answered_share: float = 0.99
     redis_url: str = "redis://127.0.0.1:6379"
+    layout: str = "encoder"
 
 
 def ours_markers(opts: StepOptions) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         states=opts.states,
         mobs=opts.mobs,
         seed=opts.seed,
+        layout=opts.layout,
     )
     source = RowSource(spec)  # formatted before any clock starts
     bulk_reset(opts.conninfo)

@@ -66,6 +66,7 @@ from mltasks.bench.responders import (
 from mltasks.bench.service import LEVELS, POOLS, Pool, ServiceSettings, default_pool
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
+from mltasks.state import DEFAULT_LAYOUT, LAYOUT_NAMES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -130,6 +131,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="Redis server; the run uses its db 9 (broker) and 10 (cache)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout",
+        choices=LAYOUT_NAMES,
+        default=DEFAULT_LAYOUT,
+        help="state layout the emulated game sends and the service reads (default: %(default)s)",
+    )
 
 
 def _service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
@@ -295,7 +302,7 @@ def add_parser(subparsers: Any) -> None:
     prec.set_defaults(func=precisions_command)
 
 
-def ensure_models(models_dir: Path) -> Path:
+def ensure_models(models_dir: Path, layout: str = DEFAULT_LAYOUT) -> Path:
     """The 54 demo models in ``models_dir``, written only when some are missing."""
     expected = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in MODEL_TYPES]
     if all(p.is_file() for p in expected):
@@ -303,7 +310,7 @@ def ensure_models(models_dir: Path) -> Path:
     from mltasks.demo_models import write_demo_models
 
     t0 = time.perf_counter()
-    write_demo_models(models_dir)
+    write_demo_models(models_dir, layout=layout)
     _say(f"wrote 54 demo models into {models_dir} in {time.perf_counter() - t0:.1f}s")
     return models_dir
 
@@ -331,7 +338,7 @@ def _workspace(args: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
     with tempfile.TemporaryDirectory(prefix="mltasks-bench-") as tmp:
         work = Path(tmp)
         models = args.models_dir or work / "models"
-        yield work, ensure_models(models)
+        yield work, ensure_models(models, getattr(args, "layout", DEFAULT_LAYOUT))
 
 
 def _settings(
@@ -356,6 +363,7 @@ def _settings(
         caching=caching,
         level=level,
         hold_level=not args.degrade,
+        layout=args.layout,
     )
 
 
@@ -450,6 +458,7 @@ def gateway_command(args: argparse.Namespace) -> int:
                 processes=args.processes,
                 seed=args.seed,
                 literal_sql=args.literal_sql,
+                layout=args.layout,
             )
             for r in responders:
                 name = "floor" if r.is_floor else "service"
@@ -535,6 +544,7 @@ def _step_options(args: argparse.Namespace) -> StepOptions:
         p99_limit_ms=args.p99_ms,
         min_answered_share=args.min_answered,
         redis_url=args.redis_url,
+        layout=args.layout,
     )
 
 

@@ -65,6 +65,7 @@ class GatewaySpec:
     # True: polls and give-ups as unprepared text with the id formatted in, like libpq's
     # PQexec in the C++; False: prepared, so the Python client costs less.
     literal_sql: bool = False
+    layout: str = "encoder"
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -313,9 +314,10 @@ def _run_clients(
 
     ``wait_start`` returns False when the start never came (the parent gave up).
     """
-    from mltasks.demo_models import sample_states
+    from mltasks.state import sample_states
 
-    pool = _StatePool(sample_states(np.random.default_rng([spec.seed, proc_idx]), spec.pool_size))
+    rng = np.random.default_rng([spec.seed, proc_idx])
+    pool = _StatePool(sample_states(rng, spec.pool_size, spec.layout))
     conns: list[psycopg.Connection[tuple[Any, ...]]] = []
     try:
         for _ in client_ids:

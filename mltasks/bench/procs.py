@@ -155,7 +155,7 @@ def wait_until_answering(
     Returns the seconds it took; raises BenchError when a process exits or ``timeout_s``
     passes.
     """
-    from mltasks.demo_models import sample_states
+    from mltasks.state import sample_states
 
     state = sample_states(np.random.default_rng(12345), 1)[0].tolist()
     array, hp, sp = state_sql(state)

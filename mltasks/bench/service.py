@@ -77,6 +77,7 @@ class ServiceSettings:
     caching: bool = True
     level: int | None = None  # None: as deployed, nothing forced
     hold_level: bool = True
+    layout: str = "encoder"
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -161,6 +162,7 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
             fallback.update(_HELD_FALLBACK)
     return {
         "models": {"dir": str(s.models_dir), "preload": "all"},
+        "state": {"layout": s.layout},
         "inference": {"max_latency_ms": max(5, s.timeout_ms)},
         "database": {"url": s.database_url},
         "redis": {"url": s.redis_url, "broker_db": BROKER_DB, "cache_db": CACHE_DB},

@@ -41,7 +41,7 @@ import redis
 from mltasks import keys
 from mltasks.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, N_ACTIONS, TRADITIONAL_AI
-from mltasks.demo_models import sample_states
+from mltasks.state import sample_states
 from tests import game
 from tests.conftest import wait_for
 
