@@ -170,18 +170,32 @@ def logits_keys(where: Sequence[tuple[str, str, Any]]) -> list[str | None]:
     """`logits_key` for a whole batch: the rounding done once, as one array."""
     if not where:
         return []
-    states = np.stack([_as_state(s) for _, _, s in where])
+    digests = state_digests(np.stack([_as_state(s) for _, _, s in where]))
+    return [
+        output_key(archetype, model_type, d)
+        for (archetype, model_type, _), d in zip(where, digests, strict=True)
+    ]
+
+
+def state_digests(states: np.ndarray) -> list[str | None]:
+    """Per state of float32 [n, 64]: the hash of its values rounded to 2 decimals (as int32
+    hundredths), None when not finite. Computed once per row, shared by every model type."""
+    if not len(states):
+        return []
     finite = np.isfinite(states).all(axis=1)
     wide = np.where(finite[:, None], states, 0).astype(np.float64) * 100.0
     hundredths = np.clip(np.rint(wide), -(2**31), 2**31 - 1).astype("<i4")
-    out: list[str | None] = []
-    for (archetype, model_type, _), ok, row in zip(where, finite, hundredths, strict=True):
-        if not ok:
-            out.append(None)
-            continue
-        digest = hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest()
-        out.append(f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}")
-    return out
+    return [
+        hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() if ok else None
+        for ok, row in zip(finite.tolist(), hundredths, strict=True)
+    ]
+
+
+def output_key(archetype: str, model_type: str, digest: str | None) -> str | None:
+    """L3 key of one model type's output for a state digest (`state_digests`)."""
+    if digest is None:
+        return None
+    return f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}"
 
 
 # One command writes a batch: L2 and L3 values with their TTLs, L1 pushes trimmed and
@@ -387,6 +401,16 @@ class CircuitBreaker:
 # --- the cache ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class BatchLookup:
+    """What one batch found: L2 answers per row, L3 outputs per name asked, L1 histories
+    (float32 [k, 64], oldest first) per monster id."""
+
+    actions: list[tuple[int, float] | None]
+    outputs: list[np.ndarray | None]
+    histories: dict[int, np.ndarray]
+
+
 class Cache:
     """L1, L2 and L3 on the cache db, for one worker process (thread-safe, synchronous).
 
@@ -582,11 +606,7 @@ class Cache:
             return list(pipe.execute())
 
         lists = (self._call(op) if names else None) or [[] for _ in names]
-        out = []
-        for blobs in lists:
-            good = [b for b in reversed(blobs) if isinstance(b, bytes) and len(b) == 4 * STATE_DIM]
-            arr = np.frombuffer(b"".join(good), dtype="<f4").reshape(len(good), STATE_DIM)
-            out.append(arr.astype(np.float32))
+        out = [_states(blobs) for blobs in lists]
         hits = sum(len(a) > 0 for a in out)
         self._count("l1", hits, len(out) - hits)
         return out
@@ -621,24 +641,49 @@ class Cache:
 
     # -- a whole batch -------------------------------------------------------------------
 
-    def lookup_batch(
-        self, action_names: Sequence[str | None], logit_names: Sequence[str | None]
-    ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]:
-        """L2 answers and L3 logits for one batch in ONE round trip.
+    def lookup(
+        self,
+        action_names: Sequence[str | None],
+        output_names: Sequence[str | None],
+        monsters: Sequence[int] = (),
+    ) -> BatchLookup:
+        """L2 answers, L3 model outputs and L1 histories for one batch in ONE round trip
+        (an MGET and an LRANGE per monster, pipelined).
 
-        ``action_names[i]`` and ``logit_names[i]`` (from `logits_keys`) describe the same
-        row; L3 counts only rows L2 missed, since only those would run a model.
+        ``action_names`` are per row, ``output_names`` per (row, model type) wanted: L3 is
+        counted for those only. Redis away: all misses, empty histories.
         """
-        raw = self._mget([*action_names, *logit_names])
+        present = [n for n in (*action_names, *output_names) if n is not None]
+        wm = [f"{keys.WORKING_MEMORY_PREFIX}{int(m)}" for m in monsters]
+
+        def op(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            if present:
+                pipe.mget(present)
+            for name in wm:
+                pipe.lrange(name, 0, keys.WORKING_MEMORY_LEN - 1)
+            return list(pipe.execute())
+
+        replies = (self._call(op) if (present or wm) else None) or []
+        got = iter(replies[0] if present and replies else [])
+        raw = [next(got, None) if n is not None else None for n in (*action_names, *output_names)]
+        lists = replies[1:] if present else replies
         n = len(action_names)
         actions = [parse_value(v) for v in raw[:n]]
-        logits = [_logits_value(v) for v in raw[n:]]
+        outputs = [_vector_value(v) for v in raw[n:]]
         l2_hits = sum(a is not None for a in actions)
         self._count("l2", l2_hits, sum(1 for k in action_names if k is not None) - l2_hits)
-        missed = [i for i, a in enumerate(actions) if a is None]
-        l3_hits = sum(logits[i] is not None for i in missed)
-        self._count("l3", l3_hits, len(missed) - l3_hits)
-        return actions, logits
+        asked = [o for o, k in zip(outputs, output_names, strict=True) if k is not None]
+        l3_hits = sum(o is not None for o in asked)
+        self._count("l3", l3_hits, len(asked) - l3_hits)
+        histories = {
+            int(m): _states(blobs)
+            for m, blobs in zip(monsters, lists or [[] for _ in monsters], strict=True)
+        }
+        l1_hits = sum(len(h) > 0 for h in histories.values())
+        if monsters:
+            self._count("l1", l1_hits, len(histories) - l1_hits)
+        return BatchLookup(actions, outputs, histories)
 
     def store_batch(
         self,
@@ -646,7 +691,8 @@ class Cache:
         logits: Iterable[tuple[str | None, Any]],
         states: Iterable[tuple[int, Any]],
     ) -> int:
-        """L2 answers, L3 (key, logits) rows and L1 states of one batch in ONE command."""
+        """L2 answers, L3 (key, model output) rows and L1 states of one batch in ONE
+        command."""
         return self._write(self._writes(actions=actions, logits=logits, states=states))
 
     # -- reading the counters ------------------------------------------------------------
@@ -660,12 +706,27 @@ class Cache:
 _cache: Cache | None = None
 
 
-def _logits_value(raw: Any) -> np.ndarray | None:
-    """A stored logits row, or None for a miss or anything malformed."""
-    if not isinstance(raw, bytes) or not raw or len(raw) != 4 * N_ACTIONS:
+def _vector_value(raw: Any) -> np.ndarray | None:
+    """A stored model output (finite float32, at most 64 values), or None for a miss or
+    anything malformed. Its length is the model's to check (`LoadedModel.packed_width`)."""
+    if not isinstance(raw, bytes) or not raw or len(raw) % 4 or len(raw) > 4 * STATE_DIM:
         return None
     arr = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     return arr if np.isfinite(arr).all() else None
+
+
+def _logits_value(raw: Any) -> np.ndarray | None:
+    """A stored row of 10 action scores, or None."""
+    arr = _vector_value(raw)
+    return arr if arr is not None and arr.shape == (N_ACTIONS,) else None
+
+
+def _states(blobs: Sequence[Any]) -> np.ndarray:
+    """An L1 list (newest first) as float32 [k, 64], oldest first; malformed entries dropped."""
+    good = [b for b in reversed(blobs) if isinstance(b, bytes) and len(b) == 4 * STATE_DIM]
+    return (
+        np.frombuffer(b"".join(good), dtype="<f4").reshape(len(good), STATE_DIM).astype(np.float32)
+    )
 
 
 def get_cache(config: Config) -> Cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -27,26 +28,64 @@ def _db_init(args: argparse.Namespace) -> int:
 def _models_init(args: argparse.Namespace) -> int:
     import time
 
-    from mltasks.contract import ARCHETYPES, MODEL_TYPES
-    from mltasks.demo_models import teacher_agreement, write_demo_models
+    from mltasks.files import write_atomic
+    from mltasks.models.agreement import agreement, render
+    from mltasks.models.demo import demo_models, model_file
 
-    layout = args.layout or get_config().state.layout
+    cfg = get_config()
+    layout = args.layout or cfg.state.layout
+    target = Path(args.dir)
     t0 = time.perf_counter()
-    paths = write_demo_models(Path(args.dir), seed=args.seed, layout=layout)
+    models = list(demo_models(seed=args.seed, layout=layout))
+    differing = [
+        p
+        for a, t, blob in models
+        if (p := model_file(target, a, t)).is_file() and p.read_bytes() != blob
+    ]
+    if differing and not args.force:
+        shown = ", ".join(str(p.relative_to(target)) for p in differing[:5])
+        more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+        print(
+            f"mltasks: {len(differing)} model files in {target} differ from the demo models"
+            f" ({shown}{more}); nothing written. --force replaces them.",
+            file=sys.stderr,
+        )
+        return 1
+    for a, t, blob in models:
+        write_atomic(model_file(target, a, t), blob)
     print(
-        f"wrote {len(paths)} models into {args.dir} in {time.perf_counter() - t0:.1f}s"
-        f" (state layout {layout})"
+        f"wrote {len(models)} models into {target} in {time.perf_counter() - t0:.1f}s"
+        f" (state layout {layout}{'; replaced ' + str(len(differing)) if differing else ''})"
     )
     print("agreement with the rule teacher on held-out states:")
-    for archetype in ARCHETYPES:
-        scores = [
-            teacher_agreement(Path(args.dir) / archetype / f"{mt}.onnx", archetype, layout=layout)
-            for mt in MODEL_TYPES
-        ]
-        print(
-            f"  {archetype:<11} combat_dqn {scores[0]:.3f}  min {min(scores):.3f}"
-            f"  mean {sum(scores) / len(scores):.3f}  max {max(scores):.3f}"
+    print(
+        render(
+            agreement(
+                target,
+                dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, layout=layout)),
+            )
         )
+    )
+    return 0
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    from mltasks.models.check import check_dir, render
+
+    reports = check_dir(Path(args.dir))
+    print(render(reports, args.json))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _models_agreement(args: argparse.Namespace) -> int:
+    import json
+
+    from mltasks.models.agreement import agreement, render
+
+    rows = agreement(Path(args.dir), get_config(), n=args.states)
+    print(
+        json.dumps([dataclasses.asdict(r) for r in rows], indent=1) if args.json else render(rows)
+    )
     return 0
 
 
@@ -90,9 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model files").add_subparsers(
         dest="models_cmd", required=True
     )
-    minit = models.add_parser("init", help="write the 54 demo models")
+    minit = models.add_parser(
+        "init",
+        help="write the 54 demo models",
+        description="Write the 54 demo models as the fork's Phase 11 exporter writes them "
+        "(<archetype>/<type>_fp16.onnx, FP16 I/O, the nine types' real signatures), small "
+        "networks fitted to the rule policy on the configured state layout. A file that "
+        "differs is never replaced without --force.",
+    )
     minit.add_argument("dir")
-    minit.add_argument("--seed", type=int, default=0)
+    minit.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    minit.add_argument("--force", action="store_true", help="replace files that differ")
     minit.add_argument(
         "--layout",
         choices=("encoder", "seed"),
@@ -100,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="state layout to fit the models on (default: the config's state.layout)",
     )
     minit.set_defaults(func=_models_init)
+    mcheck = models.add_parser(
+        "check", help="what the service makes of every model file in DIR (exit 1: one fails)"
+    )
+    mcheck.add_argument("dir")
+    mcheck.add_argument("--json", action="store_true", help="a JSON list, one object a file")
+    mcheck.set_defaults(func=_models_check)
+    magree = models.add_parser(
+        "agreement",
+        help="each type's and each level's fused agreement with the rule teacher",
+    )
+    magree.add_argument("dir")
+    magree.add_argument("--states", type=int, default=2000, help="(default: %(default)s)")
+    magree.add_argument("--json", action="store_true")
+    magree.set_defaults(func=_models_agreement)
 
     br = sub.add_parser("bridge", help="run a bridge (same as python -m bridge)")
     br.set_defaults(func=_bridge)

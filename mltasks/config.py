@@ -7,6 +7,7 @@ service at start, with a message naming the key, not at the first request.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -14,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -34,18 +35,69 @@ PROVIDERS = ("cuda", "tensorrt", "cpu")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
+def _all_types() -> dict[str, float]:
+    return dict.fromkeys(MODEL_TYPES, 1.0)
+
+
+def _cpu_types() -> dict[str, float]:
+    # The cheap state-input types (MODELS.md: about 4.4 MFLOP each for the two big MLPs,
+    # 0.2M parameters for skill_dqn, 0.15M for the threat MLPs): what two CPU cores can
+    # afford inside the game's 15 ms, at the Phase 11 sizes.
+    return {"combat_dqn": 1.0, "movement_ppo": 1.0, "skill_dqn": 0.5, "threat_assessment": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class FusionConfig:
+    """Per model level, the types that answer and their weights (mltasks/models/fusion.py)."""
+
+    level1: Mapping[str, float] = field(default_factory=_all_types)
+    level2: Mapping[str, float] = field(default_factory=_all_types)
+    level3: Mapping[str, float] = field(default_factory=_cpu_types)
+    # Q-values (combat_dqn, skill_dqn, the twin critics) become probabilities through a
+    # softmax at this temperature; logits at 1.
+    q_temperature: float = 1.0
+    # Mass moved to FLEE/MOVE_AWAY at threat 1.0 (weight 1), and at the worst state value.
+    threat_shift: float = 0.5
+    value_shift: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("level1", "level2", "level3"):
+            weights = getattr(self, name)
+            for model_type, weight in weights.items():
+                key = f"models.fusion.{name}.{model_type}"
+                if model_type not in MODEL_TYPES:
+                    raise ConfigError(
+                        f"{key}: unknown model type (known: {', '.join(MODEL_TYPES)})"
+                    )
+                if not (math.isfinite(weight) and weight > 0):
+                    raise ConfigError(f"{key}: weight {weight!r} must be a positive number")
+            if not set(weights) - {"threat_assessment"}:
+                raise ConfigError(
+                    f"models.fusion.{name}: needs at least one type that proposes actions"
+                )
+        if not (self.q_temperature > 0 and math.isfinite(self.q_temperature)):
+            raise ConfigError("models.fusion.q_temperature: must be a positive number")
+        for name in ("threat_shift", "value_shift"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"models.fusion.{name}: must be within 0..1")
+
+    def for_level(self, level: int) -> Mapping[str, float]:
+        """The types (in the family's order) and weights of a model level (1-3)."""
+        weights = {1: self.level1, 2: self.level2, 3: self.level3}[level]
+        return {t: weights[t] for t in MODEL_TYPES if t in weights}
+
+
 @dataclass(frozen=True, slots=True)
 class ModelsConfig:
     dir: Path = Path("models")
-    serve_model_type: str = "combat_dqn"
-    # "all" loads the 54 models in every worker process; "serving" only the served type.
-    preload: Literal["all", "serving"] = "all"
+    # "serving" loads, per model level, the types of that level's fusion; "all" every type.
+    preload: Literal["all", "serving"] = "serving"
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
-    def __post_init__(self) -> None:
-        if self.serve_model_type not in MODEL_TYPES:
-            raise ConfigError(
-                f"models.serve_model_type: {self.serve_model_type!r} is not one of {MODEL_TYPES}"
-            )
+    REMOVED: ClassVar[dict[str, str]] = {
+        "serve_model_type": "every level answers with its fusion; for one type alone, set "
+        "models.fusion.level3 (and level1, level2) to that type, e.g. {combat_dqn: 1.0}"
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +357,10 @@ def _build(cls: type[T], data: Any, path: str) -> T:
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    removed = sorted(set(data) & set(getattr(cls, "REMOVED", {})))
+    if removed:
+        key = f"{path}.{removed[0]}" if path else removed[0]
+        raise ConfigError(f"{key}: no longer exists: {cls.REMOVED[removed[0]]}")  # type: ignore[attr-defined]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -325,6 +381,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {
+            _coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

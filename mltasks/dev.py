@@ -200,7 +200,7 @@ class ModelWriter:
         return self
 
     def _run(self) -> None:
-        from mltasks.demo_models import write_demo_models
+        from mltasks.models.demo import write_demo_models
 
         self.models_dir.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mltasks import metrics
 from mltasks.contract import ARCHETYPES, STATE_DIM, TRADITIONAL_AI
 from mltasks.errors import ModelError
+from mltasks.models.family import Scores
+from mltasks.models.fusion import FusionRule, Member, fuse, model_name
+from mltasks.models.history import windows as history_windows
+from mltasks.models.loaded import TypeOutput
+
+if TYPE_CHECKING:
+    from mltasks.cache import BatchLookup
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +33,42 @@ Row = Sequence[Any]
 
 
 class Predictor(Protocol):
-    """What answers one archetype: an ONNX model, or the rule policy."""
+    """What one model type (or the rule policy) is to the answering path."""
 
     @property
     def name(self) -> str: ...
 
     @property
+    def model_type(self) -> str: ...
+
+    @property
     def source(self) -> str: ...
 
-    def logits(self, states: np.ndarray) -> np.ndarray: ...
+    @property
+    def sequence(self) -> bool:
+        """Reads [N, 10, 64] history windows rather than [N, 64] states."""
+        ...
+
+    @property
+    def cacheable(self) -> bool:
+        """Its output depends on the state alone, so L3 may keep it."""
+        ...
+
+    @property
+    def scores_kind(self) -> Scores: ...
+
+    @property
+    def packed_width(self) -> int: ...
+
+    def unpack(self, packed: np.ndarray) -> TypeOutput: ...
+
+    def run(self, states: np.ndarray, windows: np.ndarray | None = None) -> TypeOutput: ...
 
 
 class Predictors(Protocol):
-    def serving(self, archetype: str) -> Predictor | None: ...
+    """What answers a level: per archetype, the members of its fusion and their weights."""
+
+    def fusion(self, archetype: str) -> Sequence[tuple[Predictor, float]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +178,19 @@ class Outcome:
     answers: list[Answer]
     failures: list[ModelError]
     remember: Callable[[], object] = lambda: None
+    fused: dict[str, int] = field(default_factory=dict)
+    """Answers by how many types had a say: ``single`` or ``fused``."""
 
 
 class BatchCache(Protocol):
     """The part of mltasks.cache.Cache a batch uses: one read and one write per batch."""
 
-    def lookup_batch(
-        self, action_names: Sequence[str | None], logit_names: Sequence[str | None]
-    ) -> tuple[list[tuple[int, float] | None], list[np.ndarray | None]]: ...
+    def lookup(
+        self,
+        action_names: Sequence[str | None],
+        output_names: Sequence[str | None],
+        monsters: Sequence[int] = (),
+    ) -> BatchLookup: ...
 
     def store_batch(
         self,
@@ -185,19 +219,127 @@ def _optional_int(row: Row, i: int) -> int | None:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+@dataclass(slots=True)
+class _Plan:
+    """The cache's part of a batch: what to ask, and what it answered."""
+
+    valid: list[_Valid]
+    members: dict[str, Sequence[tuple[Predictor, float]]]
+    action_names: list[str | None]
+    output_names: dict[tuple[int, str], str]  # (row, model type) -> L3 key
+    found: BatchLookup
+
+
+def _plan(valid: list[_Valid], engine: Predictors, cache: BatchCache | None) -> _Plan:
+    """Keys of the batch, and one cache round trip for L2, L3 and L1."""
+    from mltasks.cache import BatchLookup, action_keys, output_key, state_digests
+
+    members = {a: engine.fusion(a) for a in {v.archetype for v in valid}}
+    empty = BatchLookup([None] * len(valid), [], {})
+    if cache is None:
+        return _Plan(valid, members, [None] * len(valid), {}, empty)
+    names: list[str | None] = [None] * len(valid)
+    with_mob = [i for i, v in enumerate(valid) if v.mob_id is not None]
+    if with_mob:
+        found = action_keys(
+            np.stack([valid[i].vec for i in with_mob]),
+            [int(valid[i].mob_id or 0) for i in with_mob],
+        )
+        for i, key in zip(with_mob, found, strict=True):
+            names[i] = key
+    digests = state_digests(np.stack([v.vec for v in valid]))
+    outputs: dict[tuple[int, str], str] = {}
+    monsters: set[int] = set()
+    for i, v in enumerate(valid):
+        for member, _ in members[v.archetype]:
+            out_key = output_key(v.archetype, member.model_type, digests[i])
+            if member.cacheable and out_key is not None:
+                outputs[(i, member.model_type)] = out_key
+            if member.sequence and v.monster_id is not None:
+                monsters.add(v.monster_id)
+    looked = cache.lookup(names, list(outputs.values()), sorted(monsters))
+    return _Plan(valid, members, names, outputs, looked)
+
+
+@dataclass(slots=True)
+class _Group:
+    """The rows of one archetype that no L2 answer covered, through its fusion."""
+
+    archetype: str
+    rows: list[int]  # indices into the plan's valid rows
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    non_finite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    ran: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+
+
+def _member_output(
+    plan: _Plan,
+    group: _Group,
+    member: Predictor,
+    states: np.ndarray,
+    windows: np.ndarray | None,
+    failures: list[ModelError],
+    computed: list[tuple[str | None, Any]],
+) -> tuple[TypeOutput, np.ndarray]:
+    """One member's output for the group's rows, from L3 where it hit, else run once for
+    the rest; and the rows it may speak for."""
+    n = len(group.rows)
+    packed = np.zeros((n, member.packed_width), dtype=np.float32)
+    have = np.zeros(n, dtype=np.bool_)
+    if member.cacheable:
+        index = {k: j for j, k in enumerate(plan.output_names)}
+        for k, i in enumerate(group.rows):
+            j = index.get((i, member.model_type))
+            hit = plan.found.outputs[j] if j is not None and plan.found.outputs else None
+            if hit is not None and hit.shape == (member.packed_width,):
+                packed[k], have[k] = hit, True
+    need = np.flatnonzero(~have)
+    if len(need):
+        try:
+            with metrics.time_inference():
+                out = member.run(states[need], None if windows is None else windows[need])
+        except Exception as exc:  # a model or the rule policy broke: it drops out
+            err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
+            log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
+            failures.append(err)
+            group.failed[need] = True
+        else:
+            fresh = out.packed()
+            packed[need] = fresh
+            finite = np.asarray(np.isfinite(fresh).all(axis=1))
+            if not finite.all():
+                log.error(
+                    "%s returned non-finite values for %d rows",
+                    member.name,
+                    int((~finite).sum()),
+                    extra={"event": "inference_non_finite", "model": member.name},
+                )
+                group.non_finite[need[~finite]] = True
+            have[need[finite]] = True
+            group.ran[need[finite]] = True
+            if member.cacheable:
+                for pos, k in enumerate(need.tolist()):
+                    if finite[pos]:
+                        l3_key = plan.output_names.get((group.rows[k], member.model_type))
+                        computed.append((l3_key, fresh[pos]))
+    packed = np.where(have[:, None], packed, 0.0).astype(np.float32)
+    return member.unpack(packed), have
+
+
 def answer_batch(
     rows: Sequence[Row],
     engine: Predictors,
     cache: BatchCache | None = None,
-    model_type: str = "",
+    rule: FusionRule | None = None,
 ) -> Outcome:
-    """Like answer_rows, also returning the model failures met on the way.
+    """Validate, look the batch up (one cache round trip), run each archetype's fusion
+    members on what the cache missed, fuse, and answer every row exactly once.
 
-    With a cache: one lookup for the whole batch (L2 answers, L3 logits), the model only
-    for what both missed, and one write of the fresh answers, logits and states.
+    With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
+    sequence members their history windows; the fresh answers, outputs and states are
+    written back by ``Outcome.remember``, after the caller has stored the answers.
     """
-    from mltasks.cache import action_keys, logits_keys
-
+    rule = rule or FusionRule()
     failures: list[ModelError] = []
     answers: list[Answer] = []
     valid: list[_Valid] = []
@@ -211,82 +353,73 @@ def answer_batch(
         )
     if not valid:
         return Outcome(answers, failures)
+    plan = _plan(valid, engine, cache)
 
-    names: list[str | None] = [None] * len(valid)
-    l3_names: list[str | None] = [None] * len(valid)
-    hit_actions: list[tuple[int, float] | None] = [None] * len(valid)
-    hit_logits: list[np.ndarray | None] = [None] * len(valid)
-    if cache is not None:
-        with_mob = [i for i, v in enumerate(valid) if v.mob_id is not None]
-        if with_mob:
-            found = action_keys(
-                np.stack([valid[i].vec for i in with_mob]),
-                [int(valid[i].mob_id or 0) for i in with_mob],
-            )
-            for i, key in zip(with_mob, found, strict=True):
-                names[i] = key
-        l3_names = logits_keys([(v.archetype, model_type, v.vec) for v in valid])
-        hit_actions, hit_logits = cache.lookup_batch(names, l3_names)
-
-    groups: dict[str, list[int]] = defaultdict(list)
+    groups: dict[str, _Group] = {}
     for i, v in enumerate(valid):
-        hit = hit_actions[i]
+        hit = plan.found.actions[i]
         if hit is not None:
             answers.append(Answer(v.request_id, hit[0], hit[1], "cache", "completed", "cache"))
         else:
-            groups[v.archetype].append(i)
+            groups.setdefault(v.archetype, _Group(v.archetype, [])).rows.append(i)
 
     fresh: list[tuple[str, int, float]] = []
-    computed: list[tuple[str | None, np.ndarray]] = []
-    for archetype, idxs in groups.items():
-        model = engine.serving(archetype)
-        if model is None:
+    computed: list[tuple[str | None, Any]] = []
+    fused_counts = {"single": 0, "fused": 0}
+    for archetype, group in groups.items():
+        members = plan.members[archetype]
+        idxs = group.rows
+        if not members:
             answers.extend(traditional(valid[i].request_id, "no_model") for i in idxs)
             continue
-        logits: dict[int, np.ndarray] = {i: lg for i in idxs if (lg := hit_logits[i]) is not None}
-        need = [i for i in idxs if i not in logits]
-        if need:
-            try:
-                with metrics.time_inference():
-                    out = model.logits(np.stack([valid[i].vec for i in need]))
-            except Exception as exc:  # a model or the rule policy broke: these rows get 255
-                err = exc if isinstance(exc, ModelError) else ModelError(f"{model.name}: {exc!r}")
-                log.error("%s", err, extra={"event": "inference_failed", "model": model.name})
-                failures.append(err)
-                answers.extend(traditional(valid[i].request_id, "model_error") for i in need)
-                need = []
-            else:
-                for i, row_logits in zip(need, out, strict=True):
-                    logits[i] = row_logits
-                    computed.append((l3_names[i], row_logits))
-        ordered = [i for i in idxs if i in logits]
-        if not ordered:
-            continue
-        block = np.stack([logits[i] for i in ordered])
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            log.error(
-                "%s returned non-finite logits for %d rows",
-                model.name,
-                int((~finite).sum()),
-                extra={"event": "inference_non_finite", "model": model.name},
+        n = len(idxs)
+        group.failed = np.zeros(n, dtype=np.bool_)
+        group.non_finite = np.zeros(n, dtype=np.bool_)
+        group.ran = np.zeros(n, dtype=np.bool_)
+        states = np.stack([valid[i].vec for i in idxs])
+        windows = None
+        if any(m.sequence for m, _ in members):
+            windows = history_windows(
+                states, [valid[i].monster_id for i in idxs], plan.found.histories
             )
-        actions, probs = softmax_choice(np.where(np.isfinite(block), block, 0.0))
-        ran = set(need)
-        for k, i in enumerate(ordered):
+        voices = []
+        for member, weight in members:
+            out, ok = _member_output(plan, group, member, states, windows, failures, computed)
+            voices.append(Member(member.model_type, weight, member.scores_kind, out, ok))
+        fused = fuse(voices, n, rule)
+        actions, probs = fused.choice()
+        source = members[0][0].source
+        for k, i in enumerate(idxs):
             rid = valid[i].request_id
-            if not finite[k]:
-                answers.append(traditional(rid, "model_output_not_finite"))
+            if not fused.answered[k]:
+                reason = (
+                    "model_error"
+                    if group.failed[k]
+                    else "model_output_not_finite"
+                    if group.non_finite[k]
+                    else "no_model"
+                )
+                answers.append(traditional(rid, reason))
                 continue
             action, conf = int(actions[k]), as_confidence(float(probs[k]))
-            source = model.source if i in ran else "cache"
-            answers.append(Answer(rid, action, conf, source, "completed", model.name))
-            name = names[i]
+            used = fused.used[k]
+            fused_counts["fused" if len(used) > 1 else "single"] += 1
+            answers.append(
+                Answer(
+                    rid,
+                    action,
+                    conf,
+                    source if group.ran[k] else "cache",
+                    "completed",
+                    model_name(archetype, used),
+                )
+            )
+            name = plan.action_names[i]
             if name is not None:
                 fresh.append((name, action, conf))
 
-    outcome = Outcome(answers, failures)
+    outcome = Outcome(answers, failures, fused=fused_counts)
     if cache is not None:
-        states = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
-        outcome.remember = lambda: cache.store_batch(fresh, computed, states)
+        states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
+        outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)
     return outcome

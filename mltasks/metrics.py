@@ -79,6 +79,8 @@ METRIC_NAMES: Final = frozenset(
         "ml_fallback_level",
         "ml_vram_usage_bytes",
         "ml_models_loaded_total",
+        "ml_models_loaded_by_type",
+        "ml_fusion_answers_total",
         "ml_service_up",
         "ml_queue_depth",
         "ml_queue_lag_seconds",
@@ -86,6 +88,9 @@ METRIC_NAMES: Final = frozenset(
 )
 
 TRADITIONAL_AI: Final = 255
+
+# A model answer came from one type alone, or from several fused (mltasks/models/fusion.py).
+FUSION_KINDS: Final = ("single", "fused")
 
 
 # --- the metrics ------------------------------------------------------------------------------
@@ -117,6 +122,12 @@ _GAUGES: Final[dict[str, tuple[str, str, tuple[str, ...], Mode]]] = {
         "ml_models_loaded_total",
         "ONNX models loaded per worker process (the lowest live process)",
         (),
+        "livemin",
+    ),
+    "models_by_type": (
+        "ml_models_loaded_by_type",
+        "ONNX models loaded per worker process, by model type (the lowest live process)",
+        ("model_type",),
         "livemin",
     ),
     "service_up": ("ml_service_up", "1 while a process is ready to answer", (), "livemax"),
@@ -171,9 +182,17 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
+        self.fusion_answers: Counter = Counter(
+            "ml_fusion_answers",
+            "Model answers by how many model types had a say: single or fused",
+            ["kind"],
+            registry=registry,
+        )
         # Every outcome exists from the start, so rate() and ratios work before the first one.
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for kind in FUSION_KINDS:
+            self.fusion_answers.labels(kind)
 
     def gauge(self, key: str) -> Gauge:
         """The gauge ``key`` of `_GAUGES`, made on first use."""
@@ -223,6 +242,7 @@ class Metrics:
             self.request_latency,
             self.requests,
             self.batch_size,
+            self.fusion_answers,
             *gauges,
         ]
 
@@ -370,6 +390,21 @@ def set_vram_usage(device: int | str, used_bytes: int) -> None:
 def set_models_loaded(count: int) -> None:
     """Models this process has loaded."""
     get_metrics().models_loaded.set(count)
+
+
+def set_models_by_type(counts: Mapping[str, int]) -> None:
+    """Models this process has loaded, per model type."""
+    gauge = get_metrics().gauge("models_by_type")
+    for model_type, n in counts.items():
+        gauge.labels(model_type).set(n)
+
+
+def observe_fusion(counts: Mapping[str, int]) -> None:
+    """Count model answers by kind (`FUSION_KINDS`)."""
+    m = get_metrics()
+    for kind, n in counts.items():
+        if kind in FUSION_KINDS and n > 0:
+            m.fusion_answers.labels(kind).inc(n)
 
 
 def set_service_up(up: bool) -> None:

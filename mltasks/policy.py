@@ -288,6 +288,39 @@ def _squash(margin: FloatArray) -> FloatArray:
     return conf
 
 
+def projected_hp(windows: npt.ArrayLike, layout: str = DEFAULT_LAYOUT) -> FloatArray:
+    """Per history window [N, 10, 64] (oldest first): the HP the monster is heading for,
+    its current HP plus the change over the window, clipped to [0, 1]."""
+    w = np.asarray(windows, dtype=np.float32)
+    if w.ndim != 3 or w.shape[1] < 1:
+        raise ValueError(f"windows must have shape [N, T, 64], got {list(w.shape)}")
+    lay = get_layout(layout)
+    last, first = lay.read(w[:, -1, :]).hp, lay.read(w[:, 0, :]).hp
+    out: FloatArray = np.clip(last + (last - first), 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def decide_history(
+    windows: npt.ArrayLike, archetype: str, layout: str = DEFAULT_LAYOUT
+) -> tuple[IntArray, FloatArray]:
+    """The sequence models' teacher: `decide` on the current state (the window's last row),
+    as if the HP were already where its trend leads (`projected_hp`). A monster losing HP
+    fast flees before it crosses its threshold; with no history (the current state repeated)
+    it is exactly `decide`."""
+    w = np.asarray(windows, dtype=np.float32)
+    current = get_layout(layout).with_hp(w[:, -1, :], projected_hp(w, layout))
+    return decide(current, archetype, layout)
+
+
+def threat(states: npt.ArrayLike, layout: str = DEFAULT_LAYOUT) -> FloatArray:
+    """The threat the teacher states, in [0, 1]: none without a target, else 60% the
+    target's threat and 40% how hurt the monster is (the demo threat model's target)."""
+    f = get_layout(layout).read(states)
+    t = np.where(f.has_target, 0.6 * f.target_threat + 0.4 * (1.0 - f.hp), 0.0)
+    out: FloatArray = np.clip(t, 0.0, 1.0).astype(np.float32)
+    return out
+
+
 def decide(
     states: npt.ArrayLike, archetype: str, layout: str = DEFAULT_LAYOUT
 ) -> tuple[IntArray, FloatArray]:

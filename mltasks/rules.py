@@ -11,26 +11,35 @@ from functools import cache
 import numpy as np
 
 from mltasks import policy
-from mltasks.contract import ARCHETYPES
+from mltasks.contract import ARCHETYPES, N_ACTIONS
+from mltasks.models.family import Scores
+from mltasks.models.loaded import TypeOutput
 from mltasks.state import DEFAULT_LAYOUT, get_layout
 
 
 @dataclass(frozen=True, slots=True)
 class RuleModel:
+    """The policy as a one-member fusion: ``<archetype>/rules`` answers, never cached."""
+
     archetype: str
     layout: str = DEFAULT_LAYOUT
+    model_type: str = "rules"
+    source: str = "rules"
+    sequence: bool = False
+    cacheable: bool = False
+    scores_kind: Scores = "logits"
+    packed_width: int = N_ACTIONS
 
     @property
     def name(self) -> str:
         return f"{self.archetype}/rules"
 
-    @property
-    def source(self) -> str:
-        return "rules"
+    def unpack(self, packed: np.ndarray) -> TypeOutput:
+        return TypeOutput(scores=packed)
 
-    def logits(self, states: np.ndarray) -> np.ndarray:
+    def run(self, states: np.ndarray, windows: np.ndarray | None = None) -> TypeOutput:
         """Log-probabilities whose softmax gives the policy's own confidence."""
-        return policy.logits(states, self.archetype, self.layout)
+        return TypeOutput(scores=policy.logits(states, self.archetype, self.layout))
 
 
 class RulesEngine:
@@ -40,8 +49,9 @@ class RulesEngine:
         self.layout = get_layout(layout).name
         self._models = {a: RuleModel(a, self.layout) for a in ARCHETYPES}
 
-    def serving(self, archetype: str) -> RuleModel | None:
-        return self._models.get(archetype)
+    def fusion(self, archetype: str) -> list[tuple[RuleModel, float]]:
+        model = self._models.get(archetype)
+        return [] if model is None else [(model, 1.0)]
 
 
 @cache

@@ -112,6 +112,7 @@ class Layout:
     _sampler: Sampler = field(repr=False)
     _writer: Writer = field(repr=False)
     _base: Callable[[int], FloatArray] = field(repr=False)
+    _hp: Callable[[FloatArray, FloatArray], None] = field(repr=False)
 
     def read(self, states: npt.ArrayLike) -> Features:
         """Named features of a batch float32 [N, 64]; raises ValueError on another shape."""
@@ -124,6 +125,13 @@ class Layout:
             raise ValueError(f"n must be non-negative, got {n}")
         a_idx = ARCHETYPES.index(archetype) if archetype is not None else -1
         return self._sampler(rng, n, a_idx)
+
+    def with_hp(self, states: npt.ArrayLike, hp: npt.ArrayLike) -> FloatArray:
+        """A copy of the batch with each row's HP ratio replaced, and every slot the layout
+        derives from it (the encoder's repeats and complements) rewritten to match."""
+        x = check_states(states).copy()
+        self._hp(x, np.broadcast_to(np.asarray(hp, dtype=np.float32), (x.shape[0],)))
+        return x
 
     def state(self, archetype: str | None = None, **situation: Any) -> FloatArray:
         """One state float32 [64] of a calm monster (full HP and SP, no target, nobody
@@ -293,6 +301,11 @@ def _encoder_couple(x: FloatArray, target_class: FloatArray) -> None:
     x[:, _E["goal_progress"]] = np.where(has_target, np.clip(1.0 - dist, 0.0, 1.0), 0.5)
 
 
+def _encoder_hp(x: FloatArray, hp: FloatArray) -> None:
+    x[:, _E["hp"]] = hp
+    _encoder_couple(x, target_class=x[:, _E["target_class"]].copy())
+
+
 def _write_encoder(x: FloatArray, s: Mapping[str, Any]) -> None:
     """Apply a named situation to one encoder state (see `Layout.state`)."""
     for name in ("hp", "sp", "pack", "target_threat", "target_hp"):
@@ -434,6 +447,7 @@ ENCODER: Final = Layout(
     _sampler=_sample_encoder,
     _writer=_write_encoder,
     _base=_encoder_base,
+    _hp=_encoder_hp,
 )
 
 
@@ -524,6 +538,10 @@ def _write_seed(x: FloatArray, s: Mapping[str, Any]) -> None:
             x[_S[f"skill_{i}_ready"]] = 1.0 if flag else 0.0
 
 
+def _seed_hp(x: FloatArray, hp: FloatArray) -> None:
+    x[:, _S["hp"]] = hp
+
+
 def _sample_seed(rng: np.random.Generator, n: int, a_idx: int) -> FloatArray:
     """Seed-layout states: named slots with realistic marginals, the rest mild noise."""
     x = (rng.random((n, STATE_DIM)) * 0.5).astype(np.float32)
@@ -607,6 +625,7 @@ SEED: Final = Layout(
     _sampler=_sample_seed,
     _writer=_write_seed,
     _base=_seed_base,
+    _hp=_seed_hp,
 )
 
 

@@ -24,6 +24,7 @@ Exit codes (for scripts and health checks):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -89,6 +90,11 @@ class ModelsInfo:
     # "workers" (their reports), "files" (loaded here: live workers that do not report),
     # "no live model worker", "unknown" (the files could not be checked here)
     source: str
+    level: int = 3  # the model level whose fusion the counts are for (1 with a GPU worker)
+    # Archetypes loaded per model type of that fusion (from the files; {} when not counted).
+    by_type: dict[str, int] = field(default_factory=dict)
+    # Per model level, the fusion in force: type -> weight.
+    fusion: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -290,54 +296,68 @@ def _read_postgres(
     return queue, latency
 
 
-def expected_models(config: Config) -> int:
-    """Models each worker process loads: all 54, or one per archetype when serving only."""
-    per_archetype = len(MODEL_TYPES) if config.models.preload == "all" else 1
-    return len(ARCHETYPES) * per_archetype
+def serving_types(config: Config, level: int = 3) -> tuple[str, ...]:
+    """The types a worker of a model level loads: its fusion's, or all with preload: all."""
+    if config.models.preload == "all":
+        return MODEL_TYPES
+    return tuple(config.models.fusion.for_level(level))
 
 
-_files_cache: dict[tuple[Any, ...], int] = {}
+def expected_models(config: Config, level: int = 3) -> int:
+    """Models each worker process of a model level loads: its fusion's types x 6."""
+    return len(ARCHETYPES) * len(serving_types(config, level))
 
 
-def count_loadable_models(config: Config) -> int:
-    """How many of the configured model files load and pass the model contract, here.
+_files_cache: dict[tuple[Any, ...], dict[str, int]] = {}
 
-    Used when no worker reports its count. Cached per folder state (names, sizes, times),
-    so a live screen refreshing every second loads them once.
-    """
-    from mltasks.engine import load_model, model_path
+
+def loadable_by_type(config: Config, level: int = 3) -> dict[str, int]:
+    """Per type of the level's fusion, how many archetypes' files load and pass the
+    family's checks, here. Cached per folder state (names, sizes, times), so a live screen
+    refreshing every second loads them once."""
     from mltasks.errors import ModelError
+    from mltasks.models.discovery import find
+    from mltasks.models.loaded import load_model
 
-    types = MODEL_TYPES if config.models.preload == "all" else (config.models.serve_model_type,)
-    wanted = [(a, t, model_path(config.models.dir, a, t)) for a in ARCHETYPES for t in types]
+    types = serving_types(config, level)
     present = []
-    for a, t, p in wanted:
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        present.append((a, t, p, st.st_size, st.st_mtime_ns))
+    for a in ARCHETYPES:
+        for t in types:
+            found = find(config.models.dir, a, t)
+            if found is None:
+                continue
+            try:
+                st = found.path.stat()
+            except OSError:
+                continue
+            present.append((a, t, found.path, st.st_size, st.st_mtime_ns))
     key = (str(config.models.dir.resolve()), *((str(p), s, m) for _, _, p, s, m in present))
     cached = _files_cache.get(key)
     if cached is not None:
-        return cached
-    loaded = 0
+        return dict(cached)
+    counts = dict.fromkeys(types, 0)
     for a, t, p, _, _ in present:
         try:
-            load_model(p, a, t, config)
+            load_model(p, a, t, ["CPUExecutionProvider"])
         except ModelError:
             continue
-        loaded += 1
+        counts[t] += 1
     _files_cache.clear()
-    _files_cache[key] = loaded
-    return loaded
+    _files_cache[key] = counts
+    return dict(counts)
+
+
+def count_loadable_models(config: Config, level: int = 3) -> int:
+    """How many of a level's fusion files load here (used when no worker reports)."""
+    return sum(loadable_by_type(config, level).values())
 
 
 def _models(
     config: Config,
     health: Mapping[str, Mapping[str, Any]],
     live: Mapping[str, bool],
-    count_files: Callable[[Config], int],
+    count_files: Callable[[Config, int], int],
+    serving: int = 3,
 ) -> ModelsInfo:
     """What the live model workers loaded.
 
@@ -345,7 +365,25 @@ def _models(
     report, the model files that load here; with no live model worker, nothing is loaded
     (the level's verdict says so already).
     """
-    expected = expected_models(config)
+    level = serving if serving in (1, 2, 3) else 3  # the models of the level in force
+    expected = expected_models(config, level)
+    fusion = {lv: dict(config.models.fusion.for_level(lv)) for lv in (1, 2, 3)}
+    info = _models_count(config, health, live, count_files, expected, level)
+    info.level, info.fusion = level, fusion
+    if info.source == "files":
+        with contextlib.suppress(Exception):  # onnxruntime missing here: counts unknown
+            info.by_type = loadable_by_type(config, level)
+    return info
+
+
+def _models_count(
+    config: Config,
+    health: Mapping[str, Mapping[str, Any]],
+    live: Mapping[str, bool],
+    count_files: Callable[[Config, int], int],
+    expected: int,
+    level: int,
+) -> ModelsInfo:
     model_queues = [q for q in ("gpu", "cpu") if live.get(q)]
     if not model_queues:
         return ModelsInfo(None, expected, "no live model worker")
@@ -357,7 +395,7 @@ def _models(
     if reported:
         return ModelsInfo(min(reported), expected, "workers")
     try:
-        return ModelsInfo(count_files(config), expected, "files")
+        return ModelsInfo(count_files(config, level), expected, "files")
     except Exception as exc:  # onnxruntime missing or broken here: unknown, not a crash
         log.warning(
             "cannot count the model files: %s", exc, extra={"event": "status_models_unknown"}
@@ -433,7 +471,7 @@ def collect(
     *,
     window_s: int = 300,
     timeout_s: float = 2.0,
-    count_files: Callable[[Config], int] = count_loadable_models,
+    count_files: Callable[[Config, int], int] = count_loadable_models,
 ) -> Status:
     """Read every source once; a source that fails is recorded, never raised."""
     cfg = config or get_config()
@@ -481,7 +519,8 @@ def collect(
             serving=route(level, live),
             ceiling=best_reachable(live, status.gpu.present),
         )
-    status.models = _models(cfg, health, live, count_files)
+    serving = status.level.serving if status.level is not None else 3
+    status.models = _models(cfg, health, live, count_files, serving)
     if status.exit_code != UNREACHABLE:
         found = assess(status, cfg)
         status.problems = [why for _, why in found]
@@ -533,6 +572,12 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
         shown = "-" if m.loaded is None else str(m.loaded)
         ok = None if m.loaded is None else "models" not in failing
         out.append(("models loaded", f"{shown}/{m.expected} ({m.source})", state(ok)))
+        if m.by_type:
+            types = ", ".join(f"{t} {n}/{len(ARCHETYPES)}" for t, n in m.by_type.items())
+            out.append((f"models of level {m.level}", types, "-"))
+        for number, weights in sorted(m.fusion.items()):
+            members = ", ".join(f"{t} {w:g}" for t, w in weights.items())
+            out.append((f"fusion level {number}", members, "-"))
 
     lv = status.level
     if lv is None:

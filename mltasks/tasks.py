@@ -26,11 +26,12 @@ from mltasks import keys, metrics
 from mltasks.cache import get_cache, reset_cache
 from mltasks.celery_app import INFER_TASK, app
 from mltasks.config import Config, get_config
-from mltasks.engine import get_engine, reset_engine
 from mltasks.errors import DatabaseError
 from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
 from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
 from mltasks.logs import configure_logging
+from mltasks.models.engine import get_engine, reset_engine
+from mltasks.models.fusion import rule_of
 from mltasks.responses import write_answers
 from mltasks.rules import rules_engine
 from mltasks.sql import query
@@ -97,8 +98,10 @@ def preload() -> None:
     for queue in worker_queues():
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
-            count = len(get_engine(cfg, levels[0]).models)
+            engine = get_engine(cfg, levels[0])
+            count = len(engine.models)
             metrics.set_models_loaded(count)
+            metrics.set_models_by_type(engine.loaded_types())
             try:
                 level_store().publish_models(queue, count)
             except (redis.RedisError, OSError) as exc:  # status shows it as unknown
@@ -203,7 +206,7 @@ def infer_batch(
             rows = [rows[i] for i in keep]
             created = [created[i] for i in keep]
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
-    outcome = answer_batch(rows, predictors(cfg, level), cache, cfg.models.serve_model_type)
+    outcome = answer_batch(rows, predictors(cfg, level), cache, rule_of(cfg))
     try:
         with _db_pool().connection() as conn:
             write_answers(conn, [*outcome.answers, *stale])
@@ -218,6 +221,7 @@ def infer_batch(
         raise self.retry(exc=exc, countdown=0.05) from exc
     outcome.remember()
     metrics.observe_batch(len(rows))
+    metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(
         metrics.count_outcomes(outcome.answers), metrics.seconds_since(created or ())
     )

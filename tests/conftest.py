@@ -97,10 +97,21 @@ def base_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
 @pytest.fixture(scope="session")
 def models_dir(base_config: Config) -> Path:
     """The 54 demo models, written once per session."""
-    from mltasks.demo_models import write_demo_models
+    from mltasks.models.demo import write_demo_models
 
     write_demo_models(base_config.models.dir)
     return base_config.models.dir
+
+
+@pytest.fixture(scope="session")
+def fp32_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo models of two archetypes in the FP32 form (``<type>.onnx``): the masters the
+    precision variants are built from."""
+    from mltasks.models.demo import write_demo_models
+
+    root = tmp_path_factory.mktemp("fp32-models")
+    write_demo_models(root, archetypes=["aggressive", "tank"], precision="fp32")
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +142,7 @@ _counter = itertools.count()
 @pytest.fixture
 def config(base_config: Config, template_db: str) -> Iterator[Config]:
     """A fresh database copied from the template; the process config points at it."""
-    from mltasks.engine import reset_engine
+    from mltasks.models.engine import reset_engine
     from mltasks.tasks import close_pool
 
     name = f"mltasks_t_{os.getpid()}_{next(_counter)}"
@@ -168,7 +179,7 @@ def _flush_cache_db(cfg: Config) -> None:
 
 def use_config(cfg: Config) -> Config:
     """Switch the process (and the in-process worker) to another config mid-test."""
-    from mltasks.engine import reset_engine
+    from mltasks.models.engine import reset_engine
 
     set_config(cfg)
     reset_engine()

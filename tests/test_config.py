@@ -23,7 +23,12 @@ def test_shipped_file_matches_the_game_defaults() -> None:
     assert cfg.database.user == "ml_user"
     assert cfg.database.password == "s3cret"
     assert "s3cret" not in repr(cfg)  # never in a log line that prints the config
-    assert cfg.models.serve_model_type == "combat_dqn"
+    assert set(cfg.models.fusion.level3) == {
+        "combat_dqn",
+        "movement_ppo",
+        "skill_dqn",
+        "threat_assessment",
+    }
     assert 32 <= cfg.inference.batch_size <= 128
     assert cfg.redis.cache_db == 0  # the game's own cache lives in db 0
 
@@ -77,6 +82,7 @@ def test_mltasks_config_env_selects_the_file(tmp_path: Path) -> None:
         ("inference:\n  poll_interval_ms: true\n", "inference.poll_interval_ms"),
         ("hardware:\n  device: tpu\n", "hardware.device"),
         ("models:\n  serve_model_type: chess\n", "models.serve_model_type"),
+        ("models:\n  fusion:\n    level3: {chess: 1}\n", "models.fusion.level3.chess"),
         ("caching:\n  enabled: maybe\n", "caching.enabled"),
         ("redis:\n  url: http://x\n", "redis.url"),
         ("database:\n  port: 70000\n", "database.port"),

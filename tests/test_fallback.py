@@ -191,16 +191,17 @@ def test_out_of_memory_degrades_at_once(
     models_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from mltasks.engine import LoadedModel, get_engine
     from mltasks.errors import ModelError
+    from mltasks.models.engine import get_engine
+    from mltasks.models.loaded import LoadedModel
     from mltasks.tasks import infer_batch
 
     get_engine(config, 3)  # loaded (and checked) before the allocator starts failing
 
-    def oom(self: LoadedModel, states: np.ndarray) -> np.ndarray:
+    def oom(self: LoadedModel, states: np.ndarray, windows: np.ndarray | None = None) -> Any:
         raise ModelError(f"{self.name}: Failed to allocate memory for requested buffer")
 
-    monkeypatch.setattr(LoadedModel, "logits", oom)
+    monkeypatch.setattr(LoadedModel, "run", oom)
     store.set(3, "test")
     rid = game.insert(pg, STATE)
     pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))

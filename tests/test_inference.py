@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from mltasks.config import Config, load_config
-from mltasks.engine import Engine, load_model, model_path
 from mltasks.errors import ModelError
-from mltasks.inference import answer_rows, as_confidence, softmax_choice, validate
+from mltasks.inference import answer_batch, answer_rows, as_confidence, softmax_choice, validate
+from mltasks.models.discovery import candidates
+from mltasks.models.engine import Engine
+from mltasks.models.loaded import TypeOutput, load_model
+from mltasks.models.variants import CPU
 
 GOOD = [0.5] * 64
 
@@ -63,33 +66,46 @@ def test_confidence_always_parses_as_a_float_in_range(p: float, want: float) -> 
 
 
 class FakeModel:
-    """Stands in for an ONNX session: returns what the test tells it to."""
+    """Stands in for a loaded model: a fixed output, or a failure, or scores from the state."""
 
-    def __init__(self, out: np.ndarray | None = None, fail: bool = False) -> None:
-        self.out, self.fail, self.name, self.source = out, fail, "fake", "model"
+    def __init__(
+        self, out: np.ndarray | None = None, fail: bool = False, model_type: str = "fake"
+    ) -> None:
+        self.out, self.fail, self.model_type = out, fail, model_type
+        self.name, self.source = f"x/{model_type}", "model"
+        self.sequence = self.cacheable = False
+        self.scores_kind = "logits"
+        self.packed_width = 10
 
-    def logits(self, states: np.ndarray) -> np.ndarray:
+    def unpack(self, packed: np.ndarray) -> TypeOutput:
+        return TypeOutput(scores=packed)
+
+    def run(self, states: np.ndarray, windows: np.ndarray | None = None) -> TypeOutput:
         if self.fail:
             raise ModelError("fake: wrong number of rows")
         if self.out is not None:
-            return self.out
+            return TypeOutput(scores=self.out)
         z = np.zeros((len(states), 10), dtype=np.float32)
         z[:, 2] = states[:, 0] * 10
-        return z
+        return TypeOutput(scores=z)
 
 
 class FakeEngine:
-    def __init__(self, models: dict[str, FakeModel]) -> None:
+    def __init__(self, models: dict[str, list[FakeModel]]) -> None:
         self.models = models
 
-    def serving(self, archetype: str) -> FakeModel | None:
-        return self.models.get(archetype)
+    def fusion(self, archetype: str) -> list[tuple[FakeModel, float]]:
+        return [(m, 1.0) for m in self.models.get(archetype, [])]
 
 
 def test_one_bad_group_or_row_never_fails_the_others() -> None:
     nan_out = np.full((1, 10), np.nan, dtype=np.float32)
     engine = FakeEngine(
-        {"mage": FakeModel(), "tank": FakeModel(fail=True), "support": FakeModel(out=nan_out)}
+        {
+            "mage": [FakeModel()],
+            "tank": [FakeModel(fail=True)],
+            "support": [FakeModel(out=nan_out)],
+        }
     )
     rows = [
         [1, "mage", 1, GOOD],
@@ -102,6 +118,7 @@ def test_one_bad_group_or_row_never_fails_the_others() -> None:
     got = {a.request_id: a for a in answer_rows(rows, engine)}  # type: ignore[arg-type]
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert (got[1].action_id, got[1].source, got[1].status) == (2, "model", "completed")
+    assert got[1].model == "mage/fake"
     assert (got[2].action_id, got[2].reason) == (255, "model_error")
     assert (got[3].action_id, got[3].reason) == (255, "no_model")
     assert (got[4].action_id, got[4].reason, got[4].status) == (255, "state_null", "invalid")
@@ -109,36 +126,54 @@ def test_one_bad_group_or_row_never_fails_the_others() -> None:
     assert got[6].confidence > got[1].confidence  # larger logit gap, higher confidence
 
 
+def test_a_failing_member_drops_out_and_the_others_answer() -> None:
+    ones = np.zeros((1, 10), dtype=np.float32)
+    ones[0, 7] = 5.0
+    engine = FakeEngine(
+        {"mage": [FakeModel(fail=True, model_type="a"), FakeModel(out=ones, model_type="b")]}
+    )
+    outcome = answer_batch([[1, "mage", 1, GOOD]], engine)  # type: ignore[arg-type]
+    (answer,) = outcome.answers
+    assert (answer.action_id, answer.model) == (7, "mage/b")
+    assert len(outcome.failures) == 1  # the ladder still hears of it
+
+
 def test_archetype_never_reaches_a_path_unchecked() -> None:
     with pytest.raises(ModelError):
-        model_path(Path("/m"), "../../etc", "combat_dqn")
-    assert model_path(Path("/m"), "tank", "skill_dqn") == Path("/m/tank/skill_dqn.onnx")
+        candidates(Path("/m"), "../../etc", "combat_dqn")
+    assert candidates(Path("/m"), "tank", "skill_dqn") == [
+        Path("/m/tank/skill_dqn.onnx"),
+        Path("/m/tank/skill_dqn_fp16.onnx"),
+    ]
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, models_dir: Path) -> Config:
-    """A private copy of the session's demo models, free to break."""
+    """A private copy of the session's demo models, free to break; every type loaded."""
     shutil.copytree(models_dir, tmp_path / "models")
     base = load_config(environ={"MLTASKS_CONFIG": str(Path(__file__).parent / "config/test.yaml")})
     return dataclasses.replace(
-        base, models=dataclasses.replace(base.models, dir=tmp_path / "models")
+        base, models=dataclasses.replace(base.models, dir=tmp_path / "models", preload="all")
     )
 
 
 def test_engine_skips_corrupt_and_misshaped_files_and_loads_the_rest(cfg: Config) -> None:
-    from mltasks.demo_models import write_corrupt_model, write_misshaped_model
+    from mltasks.models.demo import write_corrupt_model, write_misshaped_model
 
-    write_corrupt_model(cfg.models.dir / "tank" / "combat_dqn.onnx")
+    write_corrupt_model(cfg.models.dir / "tank" / "combat_dqn_fp16.onnx")
+    (cfg.models.dir / "mage" / "skill_dqn_fp16.onnx").unlink()
     write_misshaped_model(cfg.models.dir / "mage" / "skill_dqn.onnx")
-    (cfg.models.dir / "ranged" / "spatial_vit.onnx").unlink()
+    (cfg.models.dir / "ranged" / "spatial_vit_fp16.onnx").unlink()
     engine = Engine(cfg).load()
     assert len(engine.models) == 51
     assert set(engine.skipped) == {"tank/combat_dqn", "mage/skill_dqn", "ranged/spatial_vit"}
     assert engine.skipped["ranged/spatial_vit"] == "missing"
-    assert engine.serving("tank") is None
-    assert engine.serving("mage") is not None
+    assert "cannot load" in engine.skipped["tank/combat_dqn"]
+    assert "'output' has shape [2, 7]" in engine.skipped["mage/skill_dqn"]
+    assert "combat_dqn" not in {m.model_type for m, _ in engine.fusion("tank")}
+    assert engine.fusion("mage")
     with pytest.raises(ModelError, match="shape"):
-        load_model(cfg.models.dir / "mage" / "skill_dqn.onnx", "mage", "skill_dqn", cfg)
+        load_model(cfg.models.dir / "mage" / "skill_dqn.onnx", "mage", "skill_dqn", [CPU])
 
 
 def test_engine_on_cpu_when_no_gpu(cfg: Config) -> None:
@@ -147,7 +182,6 @@ def test_engine_on_cpu_when_no_gpu(cfg: Config) -> None:
     assert gpu_count() == 0  # this host has no NVIDIA device; NVML absence is handled
     assert not cuda_usable(cfg.hardware)
     forced = dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, device="cuda"))
-    model = load_model(
-        model_path(cfg.models.dir, "tank", "combat_dqn"), "tank", "combat_dqn", forced
-    )
+    engine = Engine(forced, level=1).load()
+    model = engine.models[("tank", "combat_dqn")]
     assert model.session.get_providers() == ["CPUExecutionProvider"]

@@ -17,7 +17,7 @@ import pytest
 
 from mltasks.config import Config
 from mltasks.contract import Action
-from mltasks.demo_models import write_demo_models
+from mltasks.models.demo import write_demo_models
 from mltasks.state import LAYOUT_NAMES, get_layout
 from tests import game
 from tests.conftest import wait_for

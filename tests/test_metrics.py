@@ -100,7 +100,8 @@ def test_metric_names_are_what_is_exposed(isolated: metrics.Metrics) -> None:
         isolated.gauge(key)
     families = {f.name for f in isolated.registry.collect()}
     # prometheus-client names a counter's family without _total; it exposes ml_requests_total.
-    exposed = {f"{n}_total" if n == "ml_requests" else n for n in families}
+    counters = {"ml_requests", "ml_fusion_answers"}
+    exposed = {f"{n}_total" if n in counters else n for n in families}
     assert exposed == metrics.METRIC_NAMES
 
 

@@ -9,13 +9,16 @@ import onnxruntime as ort
 import pytest
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Action
-from mltasks.demo_models import (
-    teacher_agreement,
+from mltasks.errors import ModelError
+from mltasks.models.demo import (
+    sample_windows,
     write_corrupt_model,
     write_demo_models,
     write_misshaped_model,
 )
-from mltasks.policy import PARAMS, decide, logits
+from mltasks.models.family import FAMILY
+from mltasks.models.loaded import LoadedModel, load_model
+from mltasks.policy import PARAMS, decide, decide_history, logits, threat
 from mltasks.state import ENCODER, LAYOUT_NAMES, SEED, get_layout, sample_states
 
 # --------------------------------------------------------------------------- helpers
@@ -367,30 +370,48 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_layout_and_no_leftover_temp_files(models_dir: Path) -> None:
-    expected = {Path(a) / f"{m}.onnx" for a in ARCHETYPES for m in MODEL_TYPES}
+def _load(root: Path, archetype: str, model_type: str, suffix: str = "_fp16") -> LoadedModel:
+    path = root / archetype / f"{model_type}{suffix}.onnx"
+    return load_model(path, archetype, model_type, ["CPUExecutionProvider"])
+
+
+def test_names_as_the_exporter_writes_them_and_no_leftover_temp_files(models_dir: Path) -> None:
+    expected = {Path(a) / f"{m}_fp16.onnx" for a in ARCHETYPES for m in MODEL_TYPES}
     found = {p.relative_to(models_dir) for p in models_dir.rglob("*") if p.is_file()}
     assert found == expected
 
 
-def test_every_model_runs_in_onnxruntime(models_dir: Path) -> None:
+def test_every_model_has_its_types_real_signature_in_fp16(models_dir: Path) -> None:
     x = sample_states(np.random.default_rng(6), 37)
     for archetype in ARCHETYPES:
         for model_type in MODEL_TYPES:
-            sess = session(models_dir / archetype / f"{model_type}.onnx")
-            (inp,) = sess.get_inputs()
-            (out,) = sess.get_outputs()
-            assert inp.name == "state" and inp.type == "tensor(float)"
-            assert inp.shape[1] == STATE_DIM and not isinstance(inp.shape[0], int)
-            assert out.name == "logits" and out.shape[1] == N_ACTIONS
-            for n in (1, 37):
-                (y,) = sess.run(None, {"state": x[:n]})
-                assert y.shape == (n, N_ACTIONS) and y.dtype == np.float32
-                assert np.all(np.isfinite(y))
+            sess = session(models_dir / archetype / f"{model_type}_fp16.onnx")
+            inputs = {i.name: i for i in sess.get_inputs()}
+            outputs = {o.name: o for o in sess.get_outputs()}
+            assert inputs["state"].type == "tensor(float16)"
+            sig = FAMILY[model_type]
+            assert set(outputs) == set(sig.outputs), model_type
+            assert all(o.type == "tensor(float16)" for o in outputs.values())
+            if sig.input == "sequence":
+                assert inputs["state"].shape[1:] == [10, STATE_DIM]
+            else:
+                assert inputs["state"].shape[1:] == [STATE_DIM]
+            if sig.input == "state_action":
+                assert inputs["action"].shape[1:] == [N_ACTIONS]
+            wide = (archetype, model_type) in {("mage", "combat_dqn"), ("ranged", "movement_ppo")}
+            first = outputs[next(iter(sig.outputs))]
+            if model_type not in ("threat_assessment", "soft_actor_critic"):
+                assert first.shape[1] == (12 if wide else N_ACTIONS), (archetype, model_type)
+            if model_type == "team_coordination":  # h_n, not a value
+                assert outputs["value"].shape == [6, "batch_size", 256]
+            out = _load(models_dir, archetype, model_type).run(x)
+            assert out.finite().all()
+            if out.scores is not None:
+                assert out.scores.shape == (37, N_ACTIONS) and out.scores.dtype == np.float32
 
 
 def test_models_of_an_archetype_differ(models_dir: Path) -> None:
-    blobs = {(models_dir / "tank" / f"{m}.onnx").read_bytes() for m in MODEL_TYPES}
+    blobs = {(models_dir / "tank" / f"{m}_fp16.onnx").read_bytes() for m in MODEL_TYPES}
     assert len(blobs) == len(MODEL_TYPES)
 
 
@@ -409,19 +430,66 @@ def test_unknown_archetype_subset_raises(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("archetype", ARCHETYPES)
-def test_combat_dqn_agrees_with_teacher(models_dir: Path, archetype: str) -> None:
-    assert teacher_agreement(models_dir / archetype / "combat_dqn.onnx", archetype) >= 0.9
+def test_every_acting_type_agrees_with_its_teacher(models_dir: Path, archetype: str) -> None:
+    rng = np.random.default_rng(11)
+    windows = sample_windows(ENCODER, rng, 2000, archetype)
+    states = windows[:, -1]
+    teacher, _ = decide(states, archetype)
+    trend, _ = decide_history(windows, archetype)
+    for model_type in MODEL_TYPES:
+        model = _load(models_dir, archetype, model_type)
+        out = model.run(states, windows)
+        if out.scores is None:
+            assert out.threat is not None
+            assert np.mean(np.abs(out.threat - threat(states))) < 0.06
+            continue
+        expected = trend if model.sequence else teacher
+        assert np.mean(out.scores.argmax(axis=1) == expected) >= 0.9, model_type
+
+
+def test_a_sequence_model_answers_two_histories_of_one_state_differently(
+    models_dir: Path,
+) -> None:
+    """HP steady at 30% next to the target: attack; HP falling from 90% to 30%: flee."""
+    now = ENCODER.state("aggressive", hp=0.3, target_distance=0.05)
+    earlier = ENCODER.with_hp(now[None], 0.9)[0]
+    steady = np.stack([now] * 10)
+    falling = np.stack([earlier + (now - earlier) * t / 9 for t in range(10)])
+    windows = np.stack([steady, falling]).astype(np.float32)
+    states = np.stack([now, now])
+    for model_type in ("team_coordination", "temporal_transformer", "pattern_recognition"):
+        out = _load(models_dir, "aggressive", model_type).run(states, windows)
+        assert out.scores is not None
+        assert [Action(int(a)) for a in out.scores.argmax(axis=1)] == [
+            Action.ATTACK,
+            Action.FLEE,
+        ], model_type
+
+
+def test_fp32_export_is_the_same_network(tmp_path: Path, models_dir: Path) -> None:
+    write_demo_models(tmp_path, archetypes=["tank"], precision="fp32")
+    x = sample_states(np.random.default_rng(2), 200, archetype="tank")
+    for model_type in MODEL_TYPES:
+        full = _load(tmp_path, "tank", model_type, suffix="")
+        half = _load(models_dir, "tank", model_type)
+        assert (full.precision, half.precision) == ("fp32", "fp16")
+        a, b = full.run(x), half.run(x)
+        if a.scores is not None and b.scores is not None:
+            assert np.mean(a.scores.argmax(axis=1) == b.scores.argmax(axis=1)) > 0.97
 
 
 def test_seed_layout_models_agree_with_the_seed_teacher(tmp_path: Path) -> None:
-    (path,) = [
-        p
-        for p in write_demo_models(tmp_path, archetypes=["mage"], layout="seed")
-        if p.stem == "combat_dqn"
-    ]
-    assert teacher_agreement(path, "mage", layout="seed") >= 0.9
+    write_demo_models(tmp_path, archetypes=["mage"], layout="seed")
+    model = _load(tmp_path, "mage", "combat_dqn")
+    x = sample_states(np.random.default_rng(1), 2000, "seed", "mage")
+    out = model.run(x).scores
+    assert out is not None
+    assert np.mean(out.argmax(axis=1) == decide(x, "mage", "seed")[0]) >= 0.9
     # Fitted on the seed's table, it does not understand the encoder's.
-    assert teacher_agreement(path, "mage", layout="encoder") < 0.8
+    y = sample_states(np.random.default_rng(1), 2000, "encoder", "mage")
+    out = model.run(y).scores
+    assert out is not None
+    assert np.mean(out.argmax(axis=1) == decide(y, "mage", "encoder")[0]) < 0.8
 
 
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
@@ -437,7 +505,9 @@ def test_models_answer_the_three_situations(tmp_path: Path, layout: str) -> None
         ]
     )
     for model_type in MODEL_TYPES:
-        (out,) = session(tmp_path / "aggressive" / f"{model_type}.onnx").run(None, {"state": x})
+        out = _load(tmp_path, "aggressive", model_type).run(x).scores
+        if out is None:
+            continue
         got = [Action(int(a)) for a in np.argmax(out, axis=1)]
         assert got[:2] == [Action.FLEE, Action.ATTACK], model_type
         assert got[2] not in (Action.FLEE, Action.ATTACK), model_type
@@ -447,11 +517,11 @@ def test_corrupt_model_fails_to_load(tmp_path: Path) -> None:
     path = tmp_path / "mage" / "combat_dqn.onnx"
     write_corrupt_model(path)
     assert path.stat().st_size > 0
-    with pytest.raises(Exception):  # noqa: B017 - onnxruntime raises its own error types
-        session(path)
+    with pytest.raises(ModelError, match="cannot load"):
+        load_model(path, "mage", "combat_dqn", ["CPUExecutionProvider"])
 
 
-def test_misshaped_model_loads_with_seven_outputs(tmp_path: Path) -> None:
+def test_misshaped_model_loads_in_onnxruntime_with_seven_outputs(tmp_path: Path) -> None:
     path = tmp_path / "mage" / "combat_dqn.onnx"
     write_misshaped_model(path)
     sess = session(path)

@@ -67,7 +67,9 @@ def test_the_game_gets_a_model_answer_for_every_archetype(
     ).fetchall()
     assert {r[0] for r in rows} == {"completed"}
     assert {r[1] for r in rows} == {"model"}
-    assert {r[2] for r in rows} == {f"{a}/combat_dqn" for a in ARCHETYPES}
+    # The default level 3 answers with its fusion: every type of it had a say.
+    fused = "combat_dqn+movement_ppo+skill_dqn+threat_assessment"
+    assert {r[2] for r in rows} == {f"{a}/{fused}" for a in ARCHETYPES}
     # Confidence comes from the model, not a constant.
     assert len({c for _, _, c in seen.values()}) > 1
     assert open_rows(pg) == 0
@@ -212,18 +214,23 @@ def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
 ) -> None:
     import shutil
 
-    from mltasks.demo_models import write_corrupt_model
+    from mltasks.models.demo import write_corrupt_model
 
     shutil.copytree(models_dir, tmp_path / "m")
-    write_corrupt_model(tmp_path / "m" / "tank" / "combat_dqn.onnx")
+    for model_type in config.models.fusion.level3:  # all of tank's level-3 types
+        write_corrupt_model(tmp_path / "m" / "tank" / f"{model_type}_fp16.onnx")
+    write_corrupt_model(tmp_path / "m" / "mage" / "combat_dqn_fp16.onnx")  # one of mage's
     use_config(
         dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path / "m"))
     )
-    _, tank = game.decide(pg, STATE, timeout_ms=10_000, archetype="tank")
-    _, mage = game.decide(pg, STATE, timeout_ms=10_000, archetype="mage")
+    tank_id, tank = game.decide(pg, STATE, timeout_ms=10_000, archetype="tank")
+    mage_id, mage = game.decide(pg, STATE, timeout_ms=10_000, archetype="mage")
     assert tank == (255, 0.0)
     assert mage is not None and mage[0] != 255
     assert any(getattr(r, "event", "") == "model_skipped" for r in caplog.records)
+    models = dict(pg.execute("SELECT request_id, coalesce(model, reason) FROM ai_responses"))
+    assert models[tank_id] == "no_model"
+    assert models[mage_id] == "mage/movement_ppo+skill_dqn+threat_assessment"  # renormalised
 
 
 def test_redelivered_batch_writes_nothing_twice(

@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from mltasks import variants as v
 from mltasks.contract import N_ACTIONS, STATE_DIM
+from mltasks.models import variants as v
 from mltasks.state import sample_states
 
 # Demo models whose int8 and fp16 variants agree with the master well above 99%
@@ -30,10 +30,10 @@ PICKS = ("aggressive/combat_dqn", "tank/movement_ppo")
 
 
 @pytest.fixture
-def masters(models_dir: Path, tmp_path: Path) -> list[Path]:
+def masters(fp32_models_dir: Path, tmp_path: Path) -> list[Path]:
     out: list[Path] = []
     for name in PICKS:
-        src = models_dir / f"{name}.onnx"
+        src = fp32_models_dir / f"{name}.onnx"
         dst = tmp_path / "models" / f"{name}.onnx"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
@@ -216,7 +216,7 @@ def test_broken_variant_is_rejected_and_the_master_serves(
     broken = _permuted(master, "int8")
     variant.write_bytes(broken)  # same master hash and recipe: it will not be rebuilt
 
-    with caplog.at_level(logging.WARNING, logger="mltasks.variants"):
+    with caplog.at_level(logging.WARNING, logger="mltasks.models.variants"):
         assert v.resolve(master, "int8") == (master, "fp32")
     assert variant.read_bytes() == broken, "the broken variant should have been kept, not rebuilt"
     (record,) = _events(caplog, "variant_rejected")
@@ -230,7 +230,7 @@ def test_broken_variant_is_rejected_and_the_master_serves(
     # The rejection is cached too, and still logged on every resolve.
     caplog.clear()
     monkeypatch.setattr(v, "agreement", _fail)
-    with caplog.at_level(logging.WARNING, logger="mltasks.variants"):
+    with caplog.at_level(logging.WARNING, logger="mltasks.models.variants"):
         assert v.resolve(master, "int8") == (master, "fp32")
     assert len(_events(caplog, "variant_rejected")) == 1
 
@@ -245,7 +245,7 @@ def test_variant_that_cannot_run_is_rejected(
         model, {v.MASTER_SHA_KEY: v._sha256(master), v.RECIPE_KEY: v.RECIPES["fp16"]}
     )
     v.variant_path(master, "fp16").write_bytes(model.SerializeToString())
-    with caplog.at_level(logging.WARNING, logger="mltasks.variants"):
+    with caplog.at_level(logging.WARNING, logger="mltasks.models.variants"):
         assert v.resolve(master, "fp16") == (master, "fp32")
     (record,) = _events(caplog, "variant_rejected")
     assert vars(record)["reason"].startswith("verification failed")

@@ -307,7 +307,7 @@ def ensure_models(models_dir: Path, layout: str = DEFAULT_LAYOUT) -> Path:
     expected = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in MODEL_TYPES]
     if all(p.is_file() for p in expected):
         return models_dir
-    from mltasks.demo_models import write_demo_models
+    from mltasks.models.demo import write_demo_models
 
     t0 = time.perf_counter()
     write_demo_models(models_dir, layout=layout)

@@ -489,7 +489,11 @@ class PrecisionTimings(TypedDict):
 
 
 def _masters(models_dir: Path) -> list[Path]:
-    found = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in MODEL_TYPES]
+    """The FP32 masters of the types that read one state (variants exist for those only)."""
+    from mltasks.models.family import FAMILY
+
+    types = [m for m in MODEL_TYPES if FAMILY[m].input == "state"]
+    found = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in types]
     return [p for p in found if p.is_file()]
 
 

@@ -1,0 +1,158 @@
+"""The models of one worker process at one fallback level, and what each archetype fuses.
+
+A level's engine loads, per archetype, the types its fusion names (``models.fusion``; every
+type with ``models.preload: all``) through discovery (`mltasks.models.discovery`), places and
+probes each file (`mltasks.models.loaded`), and hands the answering path the members of an
+archetype's fusion. A file that cannot serve is skipped with one ERROR line naming it.
+
+Sessions are made after the fork (first use or ``worker_process_init``), never at import:
+an ONNX Runtime session does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import cast
+
+from mltasks.config import Config
+from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.errors import ModelError
+from mltasks.models.discovery import find
+from mltasks.models.family import signature
+from mltasks.models.loaded import LoadedModel, load_model
+from mltasks.models.variants import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    Precision,
+    ProviderSpec,
+    providers_for,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+
+_PROVIDERS = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+
+
+def level_plan(config: Config, level: int) -> tuple[list[ProviderSpec], Precision]:
+    """(providers, precision) of a model level as this host can run it.
+
+    A GPU level that finds no GPU runs like the CPU level, precision included: FP16 on
+    the CPU would be the slowest choice of all.
+    """
+    provider, precision = config.fallback.level_profile(level)
+    if config.hardware.device == "cpu":
+        provider = "cpu"
+    chain = providers_for(_PROVIDERS[provider], config.hardware.gpu_device_id)
+    if chain[0] == CPU and provider != "cpu":
+        precision = config.fallback.level_profile(3)[1]
+    return chain, cast(Precision, precision)
+
+
+class Engine:
+    """The models of one process at one fallback level, keyed by (archetype, model_type)."""
+
+    def __init__(self, config: Config, level: int = 3) -> None:
+        self.config = config
+        self.level = level
+        self.weights = config.models.fusion.for_level(level)
+        self.models: dict[tuple[str, str], LoadedModel] = {}
+        self.skipped: dict[str, str] = {}
+
+    def load(self) -> Engine:
+        cfg = self.config.models
+        types = MODEL_TYPES if cfg.preload == "all" else tuple(self.weights)
+        chain, precision = level_plan(self.config, self.level)
+        threads = self.config.inference.intra_op_threads
+        for archetype in ARCHETYPES:
+            for model_type in types:
+                name = f"{archetype}/{model_type}"
+                found = find(cfg.dir, archetype, model_type)
+                if found is None:
+                    self.skipped[name] = "missing"
+                    continue
+                try:
+                    path = self._variant(found.path, model_type, precision, chain)
+                    self.models[(archetype, model_type)] = load_model(
+                        path, archetype, model_type, chain, threads
+                    )
+                except ModelError as exc:
+                    self.skipped[name] = str(exc)
+                    log.error(
+                        "model skipped: %s", exc, extra={"event": "model_skipped", "model": name}
+                    )
+        log.info(
+            "level %d: %d models loaded from %s as %s on %s (%d missing or skipped)",
+            self.level,
+            len(self.models),
+            cfg.dir,
+            precision,
+            chain[0] if isinstance(chain[0], str) else chain[0][0],
+            len(self.skipped),
+            extra={"event": "models_loaded", "count": len(self.models), "level": self.level},
+        )
+        return self
+
+    @staticmethod
+    def _variant(
+        master: Path, model_type: str, precision: Precision, chain: list[ProviderSpec]
+    ) -> Path:
+        """The accepted precision variant of an FP32 single-state master, or the file itself.
+
+        FP16 exports (``_fp16.onnx``) and the sequence and critic types serve as they are.
+        """
+        if precision == "fp32" or master.name.endswith("_fp16.onnx"):
+            return master
+        if signature(model_type).input != "state":
+            return master
+        first = chain[0] if isinstance(chain[0], str) else chain[0][0]
+        try:
+            return resolve(master, precision, first)[0]
+        except Exception as exc:  # unwritable folder, converter failure: the master serves
+            log.warning(
+                "no %s variant of %s, serving fp32: %s",
+                precision,
+                master,
+                exc,
+                extra={"event": "variant_unavailable", "model": str(master)},
+            )
+            return master
+
+    def fusion(self, archetype: str) -> list[tuple[LoadedModel, float]]:
+        """The loaded members of this level's fusion for an archetype, in the family's
+        order, with their weights; empty when none is loaded (its requests get 255)."""
+        return [
+            (m, w)
+            for t, w in self.weights.items()
+            if (m := self.models.get((archetype, t))) is not None
+        ]
+
+    def loaded_types(self) -> dict[str, int]:
+        """Archetypes loaded per model type (status and metrics)."""
+        counts = dict.fromkeys(MODEL_TYPES, 0)
+        for _, model_type in self.models:
+            counts[model_type] += 1
+        return counts
+
+
+_engines: dict[int, Engine] = {}
+_lock = threading.Lock()
+
+
+def get_engine(config: Config, level: int = 3) -> Engine:
+    """This process's engine for a model level (1-3), loaded on first use."""
+    with _lock:
+        engine = _engines.get(level)
+        if engine is None or engine.config is not config:
+            engine = _engines[level] = Engine(config, level).load()
+        return engine
+
+
+def reset_engine() -> None:
+    """Forget the loaded models (tests; a worker child after fork)."""
+    with _lock:
+        _engines.clear()

@@ -1,0 +1,120 @@
+"""Fusion: the answer of several model types for the same rows, as one distribution.
+
+The rule, per row (``models.fusion`` in the config names the types and weights per level):
+
+1. Every type that proposes actions gives a distribution over actions 0-9: the softmax of
+   its logits, or of its Q-values divided by ``q_temperature`` (twin critics count as
+   Q-values). A type that failed or gave a non-finite value for the row drops out.
+2. The fused distribution is their weighted average; the weights of the types present are
+   renormalised, so a missing type never dilutes the others. No type left: no answer (255).
+3. Danger moves probability to the retreat actions (FLEE and MOVE_AWAY, in proportion to
+   what the actors already gave them): a threat score t (``threat_assessment``, clipped to
+   [0, 1]) above 0.5 moves ``min(1, weight * threat_shift * (2t - 1))`` of the mass; a state
+   value v (``movement_ppo``'s critic) rated bad, sigmoid(v) below 0.5, moves
+   ``value_shift * (1 - 2 sigmoid(v))``. Both shifts compose: 1 - (1 - a)(1 - b).
+4. The answer is the most probable action; its fused probability is the confidence.
+
+``ai_responses.model`` names the types that had a say in the row: ``<archetype>/<type>``
+for one, ``<archetype>/<type>+<type>+...`` for several, in the order the members are given (the
+family's order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mltasks.config import Config
+from mltasks.contract import N_ACTIONS, Action
+from mltasks.models.family import Scores
+from mltasks.models.loaded import TypeOutput
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+RETREAT: tuple[int, ...] = (int(Action.FLEE), int(Action.MOVE_AWAY))
+
+
+@dataclass(frozen=True, slots=True)
+class FusionRule:
+    q_temperature: float = 1.0
+    threat_shift: float = 0.5
+    value_shift: float = 0.2
+
+
+def rule_of(config: Config) -> FusionRule:
+    """The fusion rule the configuration sets (``models.fusion``)."""
+    f = config.models.fusion
+    return FusionRule(f.q_temperature, f.threat_shift, f.value_shift)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One type's say about N rows: its output, and which rows it may speak for."""
+
+    model_type: str
+    weight: float
+    scores_kind: Scores
+    out: TypeOutput
+    ok: BoolArray
+
+
+@dataclass(frozen=True, slots=True)
+class Fused:
+    probs: FloatArray  # [N, 10]
+    answered: BoolArray  # [N]: at least one type proposed actions
+    used: list[tuple[str, ...]]  # per row, the types that had a say
+
+    def choice(self) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        actions = np.argmax(self.probs, axis=1).astype(np.int64)
+        return actions, self.probs[np.arange(len(actions)), actions]
+
+
+def softmax(z: npt.NDArray[np.floating], temperature: float = 1.0) -> FloatArray:
+    x = z.astype(np.float64) / max(temperature, 1e-6)
+    x -= x.max(axis=1, keepdims=True)
+    e = np.exp(x)
+    out: FloatArray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def fuse(members: Sequence[Member], n: int, rule: FusionRule) -> Fused:
+    """The fused distribution of N rows (see the module's rule)."""
+    num = np.zeros((n, N_ACTIONS), dtype=np.float64)
+    den = np.zeros(n, dtype=np.float64)
+    keep = np.ones(n, dtype=np.float64)  # share of the mass the danger rules leave alone
+    used = np.zeros((n, len(members)), dtype=np.bool_)
+    for col, m in enumerate(members):
+        ok = m.ok & (m.weight > 0)
+        o = m.out
+        if o.scores is not None:
+            temperature = rule.q_temperature if m.scores_kind == "q_values" else 1.0
+            p = softmax(np.where(ok[:, None], o.scores, 0.0), temperature)
+            num += (m.weight * ok)[:, None] * p
+            den += m.weight * ok
+        if o.threat is not None:
+            t = np.clip(np.nan_to_num(o.threat), 0.0, 1.0)
+            a = np.clip(m.weight * rule.threat_shift * np.maximum(0.0, 2.0 * t - 1.0), 0.0, 1.0)
+            keep *= 1.0 - np.where(ok, a, 0.0)
+        if o.value is not None:
+            v = 1.0 / (1.0 + np.exp(-np.clip(np.nan_to_num(o.value), -50.0, 50.0)))
+            b = np.clip(rule.value_shift * np.maximum(0.0, 1.0 - 2.0 * v), 0.0, 1.0)
+            keep *= 1.0 - np.where(ok, b, 0.0)
+        used[:, col] = ok
+    answered = den > 0
+    probs = np.divide(num, den[:, None], out=np.zeros_like(num), where=answered[:, None])
+    retreat = probs[:, RETREAT] + 1e-6
+    retreat /= retreat.sum(axis=1, keepdims=True)
+    shifted = probs * keep[:, None]
+    shifted[:, RETREAT] += (1.0 - keep)[:, None] * retreat
+    probs = np.where(answered[:, None], shifted, 0.0)
+    names = [tuple(members[j].model_type for j in np.flatnonzero(row).tolist()) for row in used]
+    return Fused(probs.astype(np.float32), answered, names)
+
+
+def model_name(archetype: str, types: Sequence[str]) -> str:
+    """``ai_responses.model`` of a row: ``<archetype>/<type>[+<type>...]``."""
+    return f"{archetype}/{'+'.join(types)}"
