@@ -80,19 +80,46 @@ def test_closed_ports_do_not_answer() -> None:
     assert not redis_answers(CLOSED_REDIS, 0.5)
 
 
-def test_test_services_start_only_what_does_not_answer(tmp_path: Path) -> None:
-    env = {"MLTASKS_TEST_PG": CLOSED_PG, "MLTASKS_TEST_REDIS_URL": CLOSED_REDIS}
-    services = start_test_services(tmp_path, env, timeout_s=0.5)
+def test_test_services_never_use_a_server_nobody_named(tmp_path: Path) -> None:
+    """By default the tests get a Redis of their own, never the one on 6379; PostgreSQL
+    is embedded when the default one does not answer; a server a variable names is used
+    as it is, and one that does not answer is an error, not a silent substitute."""
+    env: dict[str, str] = {}
+    services = start_test_services(tmp_path, env, timeout_s=0.5, default_pg=CLOSED_PG)
     try:
         assert services.postgres is not None and services.redis is not None
         assert env["MLTASKS_TEST_PG"] == services.postgres.admin_url
         assert env["MLTASKS_TEST_REDIS_URL"] == services.redis.url
+        assert services.redis.port != 6379
         with psycopg.connect(env["MLTASKS_TEST_PG"]) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
         again = start_test_services(tmp_path / "again", dict(env))
         assert again.postgres is None and again.redis is None and again.env == {}
     finally:
         services.stop()
+    with pytest.raises(EmbeddedError, match="MLTASKS_TEST_PG does not answer"):
+        start_test_services(tmp_path / "named", {"MLTASKS_TEST_PG": CLOSED_PG}, timeout_s=0.5)
+    named = {
+        "MLTASKS_TEST_PG": os.environ["MLTASKS_TEST_PG"],
+        "MLTASKS_TEST_REDIS_URL": CLOSED_REDIS,
+    }
+    with pytest.raises(EmbeddedError, match="MLTASKS_TEST_REDIS_URL does not answer"):
+        start_test_services(tmp_path / "named", named, timeout_s=0.5)
+
+
+def test_the_session_runs_on_its_own_redis(base_config: Any) -> None:
+    """This very session: a private redis-server unless MLTASKS_TEST_REDIS_URL named one;
+    children not told otherwise get it, and a database that does not exist."""
+    from tests import conftest
+
+    services = conftest.SERVICES
+    assert services is not None
+    if services.redis is None:
+        pytest.skip("MLTASKS_TEST_REDIS_URL names the tests' Redis")
+    assert base_config.redis.url == services.redis.url
+    assert services.redis.port != 6379
+    assert os.environ["MLTASKS_REDIS_URL"] == services.redis.url
+    assert conftest.NO_DATABASE in os.environ["MLTASKS_DATABASE_URL"]
 
 
 def _dev(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:

@@ -68,6 +68,7 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
         os.environ,
         MLTASKS_CONFIG=str(cfg),
         MLTASKS_DATABASE_URL=url,
+        MLTASKS_REDIS_URL=config.redis.url,
         MLTASKS_MODELS_DIR=str(models_dir),
         ML_DB_PASSWORD=SECRET,
     )
