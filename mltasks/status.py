@@ -216,7 +216,7 @@ class _RedisView:
 
 def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
     """One short session per db; raises redis.RedisError or OSError when Redis is away."""
-    from mltasks.cache import hit_rates
+    from mltasks.cache import hit_rates, stats_scope
 
     client = _redis_client(config, config.redis.cache_db, timeout_s)
     try:
@@ -232,7 +232,10 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
             pipe.exists(keys.workers(q))
             pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
-        rates = {str(layer): rate for layer, rate in hit_rates(client, window_s, now).items()}
+        rates = {
+            str(layer): rate
+            for layer, rate in hit_rates(client, window_s, now, scope=stats_scope(config)).items()
+        }
     finally:
         client.close()
     recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 import redis
 
 from mltasks import keys, status
-from mltasks.cache import stats_key
+from mltasks.cache import stats_key, stats_scope
 from mltasks.config import Config
 from mltasks.fallback import LevelStore
 
@@ -100,8 +101,9 @@ def healthy_cpu_host(store: LevelStore, r: redis.Redis, pg: psycopg.Connection[A
     store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
     store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
     bucket = int(time.time() // keys.STATS_BUCKET_S)
-    r.hset(stats_key("l2", bucket), mapping={"hits": 1, "misses": 3})
-    r.hset(stats_key("l3", bucket), mapping={"hits": 1, "misses": 1})
+    scope = stats_scope(store.config)
+    r.hset(stats_key("l2", bucket, scope), mapping={"hits": 1, "misses": 3})
+    r.hset(stats_key("l3", bucket, scope), mapping={"hits": 1, "misses": 1})
     answered(pg, 40, 0.004)
     answered(pg, 1, 0.050, action=255)
 
@@ -161,6 +163,34 @@ def test_healthy_cpu_host_table_json_and_exit_0(
     assert doc["queue"]["broker"] == {"gpu": 0, "cpu": 0, "rules": 0}
     assert all(doc["workers"][q]["live"] for q in ALL_QUEUES)
     assert doc["gpu"]["present"] is False
+
+
+def test_another_deployments_counters_do_not_count(
+    cfg: Config, store: LevelStore, r: redis.Redis, pg: psycopg.Connection[Any]
+) -> None:
+    """The cache db is the game's; another deployment writing it (another database, another
+    broker db) keeps its hit counters apart, and status shows only this deployment's."""
+    from mltasks.cache import Cache
+
+    healthy_cpu_host(store, r, pg)
+    bucket = int(time.time() // keys.STATS_BUCKET_S)
+    other = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, broker_db=1))
+    other = dataclasses.replace(
+        other, database=dataclasses.replace(cfg.database, url="postgresql:///ragnarok_ml")
+    )
+    assert stats_scope(other) != stats_scope(cfg)
+    r.hset(stats_key("l2", bucket, stats_scope(other)), mapping={"hits": 900, "misses": 100})
+    r.hset(stats_key("l1", bucket, stats_scope(other)), mapping={"hits": 5, "misses": 5})
+    # ... as its workers write them: a real Cache on the same db, another deployment.
+    theirs = Cache(other)
+    try:
+        theirs.remember_states([(7, np.full(64, 0.5, dtype=np.float32))])
+        theirs.recent_states(7)
+        theirs.flush_stats()
+    finally:
+        theirs.close()
+    assert status.collect(cfg, count_files=lambda c: 54).cache == {"l2": 0.25, "l3": 0.5}
+    assert status.collect(other, count_files=lambda c: 54).cache["l2"] == 0.9
 
 
 def test_gpu_host_at_level_1_shows_vram(
@@ -277,7 +307,8 @@ def test_garbage_in_redis_is_shown_as_unknown(
     r.set(keys.heartbeat("cpu"), "not a time", px=60_000)
     r.set(keys.probes("cpu"), "{not json", ex=60)
     r.set(keys.probes("gpu"), json.dumps([1, 2]), ex=60)
-    r.hset(stats_key("l1", int(time.time() // keys.STATS_BUCKET_S)), "hits", "many")
+    bucket = int(time.time() // keys.STATS_BUCKET_S)
+    r.hset(stats_key("l1", bucket, stats_scope(cfg)), "hits", "many")
     s = status.collect(cfg, count_files=lambda c: 54)
     assert s.workers["cpu"].live
     assert s.gpu is not None and s.gpu.present is None
