@@ -600,7 +600,11 @@ def run_dev(
             wait_ready(cfg, queues, procs, opts.ready_timeout_s)
             state.ready_s = round(time.monotonic() - t0, 2)
             state.write(state_path)
-            print(f"ready in {state.ready_s:.1f} s (worker live on {opts.queues})", flush=True)
+            print(
+                f"ready in {state.ready_s:.1f} s: one worker process on queues {opts.queues} "
+                "(levels 1-2 need a GPU: without one, level 3 on the CPU is the best here)",
+                flush=True,
+            )
             log.info(
                 "dev ready",
                 extra={"event": "dev_ready", "ready_s": state.ready_s},

@@ -115,6 +115,7 @@ class WorkerInfo:
     live: bool
     count: int | None  # None: the workers do not publish a count (only the heartbeat)
     heartbeat_age_ms: float | None
+    processes: list[str] = field(default_factory=list)  # live "<host>:<pid>" on the queue
 
 
 @dataclass(slots=True)
@@ -212,6 +213,7 @@ class _RedisView:
     health: dict[str, dict[str, Any]]
     cache: dict[str, float]
     broker: dict[str, int]
+    members: dict[str, list[str]] = field(default_factory=dict)  # live processes per queue
 
 
 def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
@@ -231,6 +233,8 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         for q in QUEUES:
             pipe.exists(keys.workers(q))
             pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
+        for q in QUEUES:
+            pipe.zrangebyscore(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
         rates = {
             str(layer): rate
@@ -250,6 +254,10 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         doc = _json_doc(probes_raw[i])
         if doc is not None:
             health[q] = doc
+    members = {
+        q: sorted(m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in ms)
+        for q, ms in zip(QUEUES, replies[3 + 2 * len(QUEUES) :], strict=True)
+    }
     since = state.since if recorded else None
     broker: dict[str, int] = {}
     bclient = _redis_client(config, config.redis.broker_db, timeout_s)
@@ -264,7 +272,9 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         )
     finally:
         bclient.close()
-    return _RedisView((state.level, state.reason, since), beats, counts, health, rates, broker)
+    return _RedisView(
+        (state.level, state.reason, since), beats, counts, health, rates, broker, members
+    )
 
 
 def _read_postgres(
@@ -467,6 +477,7 @@ def collect(
                 live[q],
                 view.counts[q],
                 None if view.beats[q] is None else round((view.beats[q] or 0.0) * 1000, 1),
+                view.members.get(q, []) if live[q] else [],
             )
             for q in QUEUES
         }
@@ -595,14 +606,56 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
         ok = None if q.lag_ms is None else "queue" not in failing
         out.append(("queue", "; ".join(parts), state(ok)))
 
-    for name, w in status.workers.items():
-        if not w.live:
-            value = "none"
+    out += serving_rows(status)
+    return out
+
+
+# The tiers of the ladder: (row label, queue, levels) - what serves each level.
+TIERS: Final[tuple[tuple[str, str, tuple[int, ...]], ...]] = (
+    ("levels 1-2 GPU", "gpu", (1, 2)),
+    ("level 3 CPU", "cpu", (3,)),
+    ("level 4 rules", "rules", (4,)),
+)
+
+
+def serving_rows(status: Status) -> list[tuple[str, str, str]]:
+    """What serves each level, truthfully: a worker listening on ``gpu`` without a GPU does
+    not serve levels 1-2 (their batches would run on its CPU); one process listening on
+    several queues is one process, and said so."""
+    if not status.workers:
+        return []
+    out: list[tuple[str, str, str]] = []
+    current = None if status.level is None else LEVEL_QUEUE.get(status.level.level)
+    gpu = status.gpu
+    for label, queue, _ in TIERS:
+        w = status.workers.get(queue)
+        ok = True
+        if w is None or not w.live:
+            value, ok = f"nothing: no live worker on queue {queue}", False
         else:
-            count = "live" if w.count is None else f"{w.count} live"
-            value = f"{count} (heartbeat {_ms(w.heartbeat_age_ms)} ago)"
-        needed = status.level is not None and LEVEL_QUEUE.get(status.level.level) == name
-        out.append((f"workers {name}", value, state(w.live) if needed else "-"))
+            n = w.count if w.count is not None else len(w.processes) or None
+            who = "a worker" if n is None else f"{n} worker" + ("s" if n != 1 else "")
+            shared = sorted(
+                other
+                for other, ow in status.workers.items()
+                if other != queue and set(ow.processes) & set(w.processes)
+            )
+            also = ""
+            if shared:
+                same = "the same process" if len(w.processes) == 1 else "the same processes"
+                also = f" ({same} as {' and '.join(shared)})"
+            if queue == "gpu" and gpu is not None and gpu.present is False:
+                ok = False
+                value = f"nothing: {who} on queue gpu{also}, but no GPU"
+                if gpu.status not in ("", "no GPU"):
+                    value += f" ({gpu.status})"
+            else:
+                value = f"{who} on queue {queue}{also}, heartbeat {_ms(w.heartbeat_age_ms)} ago"
+                if queue == "gpu" and (gpu is None or gpu.present is None):
+                    value += "; GPU unknown (no probe report)"
+        needed = current == queue
+        out.append((label, value, ("ok" if ok else "fail") if needed else "-"))
+    out.append(("level 5 255", "the bridge itself (the game's traditional AI)", "-"))
     return out
 
 

@@ -205,6 +205,49 @@ def test_gpu_host_at_level_1_shows_vram(
     assert ("VRAM", "2.0 GiB / 8.0 GiB (25%)", "-") in status.rows(s)
 
 
+def test_what_serves_each_level_is_said_truthfully(
+    cfg: Config, store: LevelStore, r: redis.Redis
+) -> None:
+    """mltasks dev's one worker listens on gpu, cpu and rules on a host without a GPU: the
+    screen says nothing serves levels 1-2, and that one process serves 3 and 4."""
+    store.set(3, "GPU missing (no GPU)")
+    store.beat(ALL_QUEUES, 60_000, member="devhost:4242")
+    store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
+    store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
+    s = status.collect(cfg, count_files=lambda c: 54)
+    table = {name: (value, state) for name, value, state in status.rows(s)}
+    gpu_value, _ = table["levels 1-2 GPU"]
+    assert gpu_value.startswith("nothing: 1 worker on queue gpu"), gpu_value
+    assert "but no GPU" in gpu_value and "the same process as cpu and rules" in gpu_value
+    cpu_value, cpu_state = table["level 3 CPU"]
+    assert cpu_value.startswith("1 worker on queue cpu (the same process as gpu and rules)")
+    assert cpu_state == "ok"  # level 3 is the level, and it is served
+    assert table["level 4 rules"][0].startswith("1 worker on queue rules")
+    assert table["level 5 255"][0].startswith("the bridge itself")
+    assert not any("live" in value for value, _ in table.values() if "gpu" in value)
+    assert s.to_dict()["workers"]["gpu"]["processes"] == ["devhost:4242"]
+    text = render_text(s)
+    assert "gpu 1 live" not in text and "nothing: 1 worker on queue gpu" in text
+
+    # A GPU host: two workers on gpu, their own processes, serve levels 1-2.
+    r.delete(keys.workers("gpu"))
+    store.beat(["gpu"], 60_000, member="gpuhost:1")
+    store.beat(["gpu"], 60_000, member="gpuhost:2")
+    store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
+    store.set(1, "recovered")
+    table = {n: (v, st) for n, v, st in status.rows(status.collect(cfg, count_files=lambda c: 54))}
+    assert table["levels 1-2 GPU"][0].startswith("2 workers on queue gpu, heartbeat"), table
+    assert table["levels 1-2 GPU"][1] == "ok"
+
+
+def render_text(s: status.Status) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status.render(s))
+    return console.export_text()
+
+
 # --- degraded -----------------------------------------------------------------------------
 
 
