@@ -169,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.add_argument("-Q", "--queues", default="cpu", help="comma-separated: gpu, cpu, rules")
     wk.add_argument("--loglevel", default="INFO", help="Celery's own level (ours: logging.level)")
-    wk.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
-    wk.set_defaults(func=_worker)
+    wk.set_defaults(func=_worker, celery_args=[])  # the rest of the line: to celery worker
 
     bt = sub.add_parser(
         "beat",
@@ -179,12 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         "up. Run exactly one.",
     )
     bt.add_argument("--loglevel", default="WARNING", help="Celery's own level")
-    bt.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery beat")
-    bt.set_defaults(func=_beat)
+    bt.set_defaults(func=_beat, celery_args=[])  # the rest of the line: to celery beat
 
     fl = sub.add_parser("flower", help="run Flower behind basic auth (MLTASKS_FLOWER_PASSWORD)")
-    fl.add_argument("flower_args", nargs=argparse.REMAINDER, help="passed to celery flower")
-    fl.set_defaults(func=_flower)
+    fl.set_defaults(func=_flower, flower_args=[])  # the rest of the line: to celery flower
 
     try:
         from mltasks.bench.cli import add_parser as add_bench
@@ -202,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # worker, beat and flower hand what they do not know to Celery
+        passthrough = next((n for n in ("celery_args", "flower_args") if hasattr(args, n)), None)
+        if passthrough is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, passthrough, [*extra, *getattr(args, passthrough)])
     try:
         if args.config:
             os.environ["MLTASKS_CONFIG"] = args.config

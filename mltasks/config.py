@@ -227,7 +227,7 @@ class WorkerConfig:
 @dataclass(frozen=True, slots=True)
 class MonitoringConfig:
     metrics_host: str = "127.0.0.1"
-    # The worker's /metrics (its prefork children aggregated); 0 switches it off.
+    # The worker's /metrics (its prefork children aggregated); 0 picks a free port.
     metrics_port: int = 9090
     # The bridge's own /metrics: a bridge and a worker often share a host.
     bridge_metrics_port: int = 9091

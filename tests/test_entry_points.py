@@ -165,3 +165,21 @@ def test_db_init_on_a_missing_database_suggests_create(tmp_path: Path) -> None:
     assert run.returncode == 2, run.stdout + run.stderr
     assert "mltasks db init --create" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_worker_beat_and_flower_hand_the_rest_of_the_line_to_celery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mltasks import cli
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    assert cli.main(["worker", "--pool", "solo", "-Q", "gpu", "-n", "a@b"]) == 0
+    assert cli.main(["beat", "-s", "/tmp/schedule"]) == 0
+    assert cli.main(["flower", "--port=5556"]) == 0
+    worker, beat, flower = (cmd[cmd.index("-A") + 2 :] for cmd in ran)
+    assert worker == ["worker", "-Q", "gpu", "--loglevel", "INFO", "--pool", "solo", "-n", "a@b"]
+    assert beat == ["beat", "--loglevel", "WARNING", "-s", "/tmp/schedule"]
+    assert flower[0] == "flower" and flower[-1] == "--port=5556"
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--no-such-option"])
