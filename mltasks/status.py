@@ -43,6 +43,7 @@ from redis.retry import Retry
 from mltasks import keys
 from mltasks.config import Config, get_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.errors import MLTasksError
 from mltasks.fallback import LEVEL_QUEUE, Level, LevelStore, route
 from mltasks.sql import query
 
@@ -749,7 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mltasks")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["status", *(sys.argv[1:] if argv is None else argv)])
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except MLTasksError as exc:  # an invalid configuration: one line, as from `mltasks`
+        print(f"mltasks: {exc}", file=sys.stderr)
+        return UNREACHABLE
     return result
 
 

@@ -30,6 +30,8 @@ ENTRY_POINTS: dict[str, list[str]] = {
     "mltasks status": [*MLTASKS, "status"],
     "mltasks db init": [*MLTASKS, "db", "init"],
     "mltasks dev": [*MLTASKS, "dev", "--no-live"],
+    "python -m mltasks.status": [PY, "-m", "mltasks.status"],
+    "python -m mltasks.dev": [PY, "-m", "mltasks.dev", "--no-live"],
 }
 
 BAD_CONFIGS = {
