@@ -200,7 +200,7 @@ class Bridge:
             expire(self._connection(), request_ids, reason)
         self.expired += len(request_ids)
         metrics.observe_answers({"expired": len(request_ids)}, metrics.seconds_since(created))
-        log.info(
+        log.debug(  # per batch: the counts are in ml_requests_total{outcome="expired"}
             "answered %d requests 255 (%s)",
             len(request_ids),
             reason,

@@ -284,14 +284,31 @@ class HitCounter:
         return self.hits / self.lookups if self.lookups else 0.0
 
 
-def stats_key(layer: Layer, bucket: int) -> str:
-    return f"{keys.STATS_PREFIX}{layer}:{bucket}"
+def stats_scope(config: Config) -> str:
+    """The deployment a worker's hit counters belong to: its database and broker db.
+
+    The cache db is the game's, which more than one deployment may write (another service,
+    a ``mltasks dev --use-configured``); ``mltasks status`` and the metrics count only the
+    lookups of their own deployment. Two deployments on one Redis never share a broker db
+    (they would take each other's batches), so (database, broker db) tells them apart.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        name = str(conninfo_to_dict(config.database.conninfo).get("dbname") or "")
+    except Exception:  # an unparsable URL fails elsewhere, loudly; the scope needs a name
+        name = ""
+    return f"{name or config.database.name}/{config.redis.broker_db}"
+
+
+def stats_key(layer: Layer, bucket: int, scope: str) -> str:
+    return f"{keys.STATS_PREFIX}{scope}:{layer}:{bucket}"
 
 
 def read_stats(
-    client: redis.Redis, window_s: int = 300, now: float | None = None
+    client: redis.Redis, window_s: int = 300, now: float | None = None, *, scope: str
 ) -> dict[Layer, HitCounter]:
-    """Hits and misses of all workers over the last ``window_s`` (one round trip).
+    """Hits and misses of a deployment's workers over the last ``window_s`` (one round trip).
 
     Raises redis.RedisError or OSError: the callers (metrics, ``mltasks status``) report it.
     """
@@ -302,7 +319,7 @@ def read_stats(
     pipe = client.pipeline(transaction=False)
     for layer in LAYERS:
         for bucket in range(last - n + 1, last + 1):
-            pipe.hgetall(stats_key(layer, bucket))
+            pipe.hgetall(stats_key(layer, bucket, scope))
     replies: list[Any] = pipe.execute()
     out: dict[Layer, HitCounter] = {}
     for i, layer in enumerate(LAYERS):
@@ -314,10 +331,12 @@ def read_stats(
 
 
 def hit_rates(
-    client: redis.Redis, window_s: int = 300, now: float | None = None
+    client: redis.Redis, window_s: int = 300, now: float | None = None, *, scope: str
 ) -> dict[Layer, float]:
     """Hit rate per layer over the last ``window_s``, for layers that had lookups."""
-    return {k: v.rate for k, v in read_stats(client, window_s, now).items() if v.lookups}
+    return {
+        k: v.rate for k, v in read_stats(client, window_s, now, scope=scope).items() if v.lookups
+    }
 
 
 def _int(raw: Any) -> int:
@@ -426,6 +445,7 @@ class Cache:
         retry_interval_s: float = 1.0,
     ) -> None:
         self.config = config
+        self.scope = stats_scope(config)
         self.enabled = config.caching.enabled
         self.action_ttl_s = config.caching.action_ttl_s
         self.breaker = CircuitBreaker("cache", retry_interval_s, clock)
@@ -501,7 +521,7 @@ class Cache:
             written = self._queue_writes(pipe, writes)
             bucket = int(self._wall() // keys.STATS_BUCKET_S)
             for layer, c in pending.items():
-                key = stats_key(layer, bucket)
+                key = stats_key(layer, bucket, self.scope)
                 pipe.hincrby(key, "hits", c.hits)
                 pipe.hincrby(key, "misses", c.misses)
                 pipe.expire(key, keys.STATS_TTL_S)
@@ -700,7 +720,7 @@ class Cache:
     def hit_rates(self, window_s: int = 300) -> dict[Layer, float]:
         """All workers' hit rates from Redis (after sending ours); {} when Redis is down."""
         self.flush_stats()
-        return self._call(lambda c: hit_rates(c, window_s, self._wall())) or {}
+        return self._call(lambda c: hit_rates(c, window_s, self._wall(), scope=self.scope)) or {}
 
 
 _cache: Cache | None = None

@@ -1,10 +1,15 @@
-"""The ``mltasks`` command: db init, models init, bridge, worker, flower, dev, status, bench."""
+"""The mltasks command: db init, models init, bridge, worker, beat, flower, dev, status, bench.
+
+Every command reads config/mltasks.yaml (or --config, or $MLTASKS_CONFIG); an invalid one
+stops it with one line naming the file and the key.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -16,11 +21,20 @@ from mltasks.errors import MLTasksError
 
 def _db_init(args: argparse.Namespace) -> int:
     from mltasks.db import create_database_if_missing, init_schema
+    from mltasks.errors import DatabaseError
 
     cfg = get_config()
     if args.create and create_database_if_missing(cfg.database, args.admin_url):
         print(f"created database {cfg.database.safe_dsn}")
-    init_schema(cfg.database)
+    try:
+        init_schema(cfg.database)
+    except DatabaseError as exc:
+        if args.create or "does not exist" not in str(exc):
+            raise
+        raise DatabaseError(
+            f"{str(exc).rstrip()}\nThe database or its role does not exist yet: "
+            "mltasks db init --create creates both (as postgres, or --admin-url)."
+        ) from exc
     print(f"schema applied to {cfg.database.safe_dsn}")
     return 0
 
@@ -103,10 +117,63 @@ def _worker(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _beat(args: argparse.Namespace) -> int:
+    cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "beat", "--loglevel", args.loglevel]
+    return subprocess.call([*cmd, *args.celery_args])
+
+
 def _flower(args: argparse.Namespace) -> int:
     conf = Path(__file__).with_name("flowerconfig.py")
     cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "flower", f"--conf={conf}"]
     return subprocess.call([*cmd, *args.flower_args])
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (their line breaks kept) but without reStructuredText's
+    backticks, and every option's default shown (unless its help already says it)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = plain(action.help or "")
+        shown = _default(action)
+        if shown is None or "default" in text.lower():
+            return text
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _default(action: argparse.Action) -> str | None:
+    """An option's default as help shows it; None when there is none worth showing."""
+    default = action.default
+    if (
+        not action.option_strings
+        or default is None
+        or isinstance(default, bool)
+        or default is argparse.SUPPRESS
+    ):
+        return None
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def plain(text: str) -> str:
+    """``x`` and `x` as x: help is read on a terminal, not rendered."""
+    return re.sub(r"``?([^`]+?)``?", r"\1", text)
+
+
+def _plain_everywhere(parser: argparse.ArgumentParser) -> None:
+    """The one formatter on this parser and every subcommand's, however they were added."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if action.help is None and _default(action) is not None:
+            action.help = "(default: %(default)s)"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _plain_everywhere(sub)
+            for choice in action._choices_actions:
+                choice.help = plain(choice.help or "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,14 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
-    init = db.add_parser("init", help="apply sql/schema.sql (idempotent)")
+    init = db.add_parser(
+        "init",
+        help="apply sql/schema.sql (idempotent)",
+        description="Apply sql/schema.sql to the configured database (idempotent). The "
+        "database and its role must exist: --create makes them first.",
+    )
     init.add_argument(
         "--create", action="store_true", help="create the role and database if missing"
     )
     init.add_argument(
         "--admin-url",
         default=None,
-        help="superuser connection used by --create (default: same server, db postgres)",
+        help="superuser connection used by --create (default: the same server as postgres, "
+        "database postgres)",
     )
     init.set_defaults(func=_db_init)
 
@@ -162,18 +235,35 @@ def build_parser() -> argparse.ArgumentParser:
     magree.add_argument("--json", action="store_true")
     magree.set_defaults(func=_models_agreement)
 
-    br = sub.add_parser("bridge", help="run a bridge (same as python -m bridge)")
+    br = sub.add_parser(
+        "bridge",
+        help="run a bridge (the same as python -m bridge)",
+        description="Claim the game's requests from PostgreSQL and send them to the workers "
+        "as batches, until SIGINT or SIGTERM. Run one or more: they never claim a row twice.",
+    )
     br.set_defaults(func=_bridge)
 
-    wk = sub.add_parser("worker", help="run a Celery worker (celery -A mltasks worker)")
-    wk.add_argument("-Q", "--queues", default="cpu")
-    wk.add_argument("--loglevel", default="INFO")
-    wk.add_argument("celery_args", nargs=argparse.REMAINDER)
-    wk.set_defaults(func=_worker)
+    wk = sub.add_parser(
+        "worker",
+        help="run a Celery worker (celery -A mltasks worker -Q ...)",
+        description="A Celery worker on the given queues (gpu: levels 1-2, cpu: level 3, "
+        "rules: level 4); any further arguments go to celery worker, e.g. --pool solo.",
+    )
+    wk.add_argument("-Q", "--queues", default="cpu", help="comma-separated: gpu, cpu, rules")
+    wk.add_argument("--loglevel", default="INFO", help="Celery's own level (ours: logging.level)")
+    wk.set_defaults(func=_worker, celery_args=[])  # the rest of the line: to celery worker
+
+    bt = sub.add_parser(
+        "beat",
+        help="run beat: cleanup and fallback recovery (celery -A mltasks beat)",
+        description="Celery beat: deletes finished rows and climbs the fallback ladder back "
+        "up. Run exactly one.",
+    )
+    bt.add_argument("--loglevel", default="WARNING", help="Celery's own level")
+    bt.set_defaults(func=_beat, celery_args=[])  # the rest of the line: to celery beat
 
     fl = sub.add_parser("flower", help="run Flower behind basic auth (MLTASKS_FLOWER_PASSWORD)")
-    fl.add_argument("flower_args", nargs=argparse.REMAINDER)
-    fl.set_defaults(func=_flower)
+    fl.set_defaults(func=_flower, flower_args=[])  # the rest of the line: to celery flower
 
     try:
         from mltasks.bench.cli import add_parser as add_bench
@@ -186,11 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dev(sub)
     add_status(sub)
+    _plain_everywhere(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # worker, beat and flower hand what they do not know to Celery
+        passthrough = next((n for n in ("celery_args", "flower_args") if hasattr(args, n)), None)
+        if passthrough is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, passthrough, [*extra, *getattr(args, passthrough)])
     try:
         if args.config:
             os.environ["MLTASKS_CONFIG"] = args.config

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -285,7 +286,7 @@ class WorkerConfig:
 @dataclass(frozen=True, slots=True)
 class MonitoringConfig:
     metrics_host: str = "127.0.0.1"
-    # The worker's /metrics (its prefork children aggregated); 0 switches it off.
+    # The worker's /metrics (its prefork children aggregated); 0 picks a free port.
     metrics_port: int = 9090
     # The bridge's own /metrics: a bridge and a worker often share a host.
     bridge_metrics_port: int = 9091
@@ -438,51 +439,64 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     env = os.environ if environ is None else environ
     chosen = path or env.get("MLTASKS_CONFIG") or None
     data: dict[str, Any] = {}
+    source = "built-in defaults"
     if chosen is not None:
         p = Path(chosen)
         if not p.is_file():
             raise ConfigError(f"MLTASKS_CONFIG: {p} does not exist")
-        data = _read_yaml(p, env)
+        source = str(p)
     elif DEFAULT_CONFIG_PATH.is_file():
-        data = _read_yaml(DEFAULT_CONFIG_PATH, env)
-
-    overrides = {
-        "MLTASKS_DATABASE_URL": ("database", "url"),
-        "MLTASKS_REDIS_URL": ("redis", "url"),
-        "MLTASKS_MODELS_DIR": ("models", "dir"),
-    }
-    for var, (section, key) in overrides.items():
-        value = env.get(var)
-        if value:
-            sect = data.setdefault(section, {}) or {}
-            if not isinstance(sect, dict):
-                raise ConfigError(f"{section}: expected a mapping")
-            sect[key] = value
-            data[section] = sect
-    return _build(Config, data, "")
+        p = DEFAULT_CONFIG_PATH
+        source = str(p)
+    try:
+        if source != "built-in defaults":
+            data = _read_yaml(p, env)
+        overrides = {
+            "MLTASKS_DATABASE_URL": ("database", "url"),
+            "MLTASKS_REDIS_URL": ("redis", "url"),
+            "MLTASKS_MODELS_DIR": ("models", "dir"),
+        }
+        for var, (section, key) in overrides.items():
+            value = env.get(var)
+            if value:
+                sect = data.setdefault(section, {}) or {}
+                if not isinstance(sect, dict):
+                    raise ConfigError(f"{section}: expected a mapping")
+                sect[key] = value
+                data[section] = sect
+        return _build(Config, data, "")
+    except ConfigError as exc:
+        # Every message names the file, then the key: "<file>: inference.batch_size: ...".
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _read_yaml(p: Path, env: Mapping[str, str]) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"not valid YAML{where}: {problem}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
+        raise ConfigError("the top level must be a mapping")
     expanded: dict[str, Any] = _expand(raw, env)
     return expanded
 
 
-def _expand(node: Any, env: Mapping[str, str]) -> Any:
+def _expand(node: Any, env: Mapping[str, str], key: str = "") -> Any:
     """Substitute in scalar values only, after parsing, so comments and quoting are inert."""
     if isinstance(node, dict):
-        return {k: _expand(v, env) for k, v in node.items()}
+        return {k: _expand(v, env, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand(v, env) for v in node]
+        return [_expand(v, env, f"{key}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, str):
-        return substitute_env(node, env)
+        try:
+            return substitute_env(node, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     return node
 
 
@@ -495,6 +509,17 @@ def get_config() -> Config:
     if _cached is None:
         _cached = load_config()
     return _cached
+
+
+def config_or_exit(prog: str) -> Config:
+    """``get_config()`` for a process's entry point (bridge, Celery's worker, beat and
+    Flower): an invalid configuration is one line on stderr naming the file and the key,
+    and exit status 2, never a traceback."""
+    try:
+        return get_config()
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def set_config(config: Config | None) -> None:

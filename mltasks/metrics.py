@@ -666,11 +666,12 @@ def start_worker_metrics(
 
 def start_bridge_metrics(config: Config, host: str, port: int) -> MetricsServer | None:
     """A bridge's /metrics: its own registry, plus queue and cache gauges read at scrape."""
+    from mltasks.cache import stats_scope
     from mltasks.fallback import cache_client
 
     refresh: list[Refresh] = [
         queue_stats_refresher(config.database.conninfo),
-        cache_hit_rate_refresher(cache_client(config)),
+        cache_hit_rate_refresher(cache_client(config), scope=stats_scope(config)),
     ]
     get_metrics()
     return _start_or_log(lambda: start_metrics_server(host, port, refresh=refresh), host, port)
@@ -731,12 +732,13 @@ def queue_stats_refresher(conninfo: str) -> QueueStatsRefresher:
     return QueueStatsRefresher(conninfo)
 
 
-def cache_hit_rate_refresher(client: Any, window_s: int = 60) -> Refresh:
-    """Sets ``ml_cache_hit_rate`` from the hit counters all workers keep in Redis."""
+def cache_hit_rate_refresher(client: Any, window_s: int = 60, *, scope: str) -> Refresh:
+    """Sets ``ml_cache_hit_rate`` from the hit counters this deployment's workers keep."""
 
     def cache_hit_rates() -> None:
         from mltasks.cache import hit_rates
 
-        set_cache_hit_rates({str(layer): r for layer, r in hit_rates(client, window_s).items()})
+        rates = hit_rates(client, window_s, scope=scope)
+        set_cache_hit_rates({str(layer): r for layer, r in rates.items()})
 
     return cache_hit_rates

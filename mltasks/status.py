@@ -44,6 +44,7 @@ from redis.retry import Retry
 from mltasks import keys
 from mltasks.config import Config, get_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.errors import MLTasksError
 from mltasks.fallback import LEVEL_QUEUE, Level, LevelStore, route
 from mltasks.sql import query
 
@@ -121,6 +122,7 @@ class WorkerInfo:
     live: bool
     count: int | None  # None: the workers do not publish a count (only the heartbeat)
     heartbeat_age_ms: float | None
+    processes: list[str] = field(default_factory=list)  # live "<host>:<pid>" on the queue
 
 
 @dataclass(slots=True)
@@ -218,11 +220,12 @@ class _RedisView:
     health: dict[str, dict[str, Any]]
     cache: dict[str, float]
     broker: dict[str, int]
+    members: dict[str, list[str]] = field(default_factory=dict)  # live processes per queue
 
 
 def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
     """One short session per db; raises redis.RedisError or OSError when Redis is away."""
-    from mltasks.cache import hit_rates
+    from mltasks.cache import hit_rates, stats_scope
 
     client = _redis_client(config, config.redis.cache_db, timeout_s)
     try:
@@ -237,8 +240,13 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         for q in QUEUES:
             pipe.exists(keys.workers(q))
             pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
+        for q in QUEUES:
+            pipe.zrangebyscore(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
-        rates = {str(layer): rate for layer, rate in hit_rates(client, window_s, now).items()}
+        rates = {
+            str(layer): rate
+            for layer, rate in hit_rates(client, window_s, now, scope=stats_scope(config)).items()
+        }
     finally:
         client.close()
     recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]
@@ -253,6 +261,10 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         doc = _json_doc(probes_raw[i])
         if doc is not None:
             health[q] = doc
+    members = {
+        q: sorted(m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in ms)
+        for q, ms in zip(QUEUES, replies[3 + 2 * len(QUEUES) :], strict=True)
+    }
     since = state.since if recorded else None
     broker: dict[str, int] = {}
     bclient = _redis_client(config, config.redis.broker_db, timeout_s)
@@ -267,7 +279,9 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         )
     finally:
         bclient.close()
-    return _RedisView((state.level, state.reason, since), beats, counts, health, rates, broker)
+    return _RedisView(
+        (state.level, state.reason, since), beats, counts, health, rates, broker, members
+    )
 
 
 def _read_postgres(
@@ -502,6 +516,7 @@ def collect(
                 live[q],
                 view.counts[q],
                 None if view.beats[q] is None else round((view.beats[q] or 0.0) * 1000, 1),
+                view.members.get(q, []) if live[q] else [],
             )
             for q in QUEUES
         }
@@ -637,14 +652,56 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
         ok = None if q.lag_ms is None else "queue" not in failing
         out.append(("queue", "; ".join(parts), state(ok)))
 
-    for name, w in status.workers.items():
-        if not w.live:
-            value = "none"
+    out += serving_rows(status)
+    return out
+
+
+# The tiers of the ladder: (row label, queue, levels) - what serves each level.
+TIERS: Final[tuple[tuple[str, str, tuple[int, ...]], ...]] = (
+    ("levels 1-2 GPU", "gpu", (1, 2)),
+    ("level 3 CPU", "cpu", (3,)),
+    ("level 4 rules", "rules", (4,)),
+)
+
+
+def serving_rows(status: Status) -> list[tuple[str, str, str]]:
+    """What serves each level, truthfully: a worker listening on ``gpu`` without a GPU does
+    not serve levels 1-2 (their batches would run on its CPU); one process listening on
+    several queues is one process, and said so."""
+    if not status.workers:
+        return []
+    out: list[tuple[str, str, str]] = []
+    current = None if status.level is None else LEVEL_QUEUE.get(status.level.level)
+    gpu = status.gpu
+    for label, queue, _ in TIERS:
+        w = status.workers.get(queue)
+        ok = True
+        if w is None or not w.live:
+            value, ok = f"nothing: no live worker on queue {queue}", False
         else:
-            count = "live" if w.count is None else f"{w.count} live"
-            value = f"{count} (heartbeat {_ms(w.heartbeat_age_ms)} ago)"
-        needed = status.level is not None and LEVEL_QUEUE.get(status.level.level) == name
-        out.append((f"workers {name}", value, state(w.live) if needed else "-"))
+            n = w.count if w.count is not None else len(w.processes) or None
+            who = "a worker" if n is None else f"{n} worker" + ("s" if n != 1 else "")
+            shared = sorted(
+                other
+                for other, ow in status.workers.items()
+                if other != queue and set(ow.processes) & set(w.processes)
+            )
+            also = ""
+            if shared:
+                same = "the same process" if len(w.processes) == 1 else "the same processes"
+                also = f" ({same} as {' and '.join(shared)})"
+            if queue == "gpu" and gpu is not None and gpu.present is False:
+                ok = False
+                value = f"nothing: {who} on queue gpu{also}, but no GPU"
+                if gpu.status not in ("", "no GPU"):
+                    value += f" ({gpu.status})"
+            else:
+                value = f"{who} on queue {queue}{also}, heartbeat {_ms(w.heartbeat_age_ms)} ago"
+                if queue == "gpu" and (gpu is None or gpu.present is None):
+                    value += "; GPU unknown (no probe report)"
+        needed = current == queue
+        out.append((label, value, ("ok" if ok else "fail") if needed else "-"))
+    out.append(("level 5 255", "the bridge itself (the game's traditional AI)", "-"))
     return out
 
 
@@ -738,7 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mltasks")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["status", *(sys.argv[1:] if argv is None else argv)])
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except MLTasksError as exc:  # an invalid configuration: one line, as from `mltasks`
+        print(f"mltasks: {exc}", file=sys.stderr)
+        return UNREACHABLE
     return result
 
 

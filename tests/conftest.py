@@ -22,6 +22,8 @@ from psycopg import sql
 if TYPE_CHECKING:
     from celery import Celery
 
+    from mltasks.embedded import TestServices
+
 TESTS = Path(__file__).resolve().parent
 os.environ["MLTASKS_CONFIG"] = str(TESTS / "config" / "test.yaml")
 os.environ.pop("MLTASKS_DATABASE_URL", None)
@@ -30,25 +32,36 @@ os.environ.pop("MLTASKS_REDIS_URL", None)
 from mltasks.config import Config, load_config, set_config  # noqa: E402
 
 ADMIN_URL = os.environ.get("MLTASKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+NO_DATABASE = "mltasks_test_no_database"
+# Part of every database name this session creates: never the name of anyone else's.
+SESSION = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
+SERVICES: TestServices | None = None  # set by pytest_configure
 T = TypeVar("T")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Embedded PostgreSQL / Redis for whichever of the tests' servers does not answer.
+    """The session's own servers, before any fixture or test module reads them.
 
-    Runs before any fixture reads MLTASKS_TEST_PG or the test config's
-    MLTASKS_TEST_REDIS_URL; MLTASKS_TEST_EMBEDDED=never turns it off.
+    A private redis-server unless MLTASKS_TEST_REDIS_URL names one (the tests flush the
+    Redis databases they use); PostgreSQL at MLTASKS_TEST_PG (default the local server as
+    postgres, or an embedded one when that does not answer), where the tests create their
+    own uniquely named databases and drop them. The servers' URLs then also become the
+    children's MLTASKS_REDIS_URL / MLTASKS_DATABASE_URL defaults, so a subprocess a test
+    forgets to point somewhere still never reaches the configured (live) servers.
     """
-    global ADMIN_URL
-    if os.environ.get("MLTASKS_TEST_EMBEDDED", "auto") == "never":
-        return
+    global ADMIN_URL, SERVICES
+    from psycopg.conninfo import make_conninfo
+
     from mltasks.embedded import start_test_services
 
     data = Path(tempfile.mkdtemp(prefix="mltasks-test-servers-"))
-    services = start_test_services(data)
+    services = SERVICES = start_test_services(data)
     config.add_cleanup(lambda: shutil.rmtree(data, ignore_errors=True))
     config.add_cleanup(services.stop)
-    ADMIN_URL = os.environ.get("MLTASKS_TEST_PG", ADMIN_URL)
+    ADMIN_URL = os.environ["MLTASKS_TEST_PG"]
+    os.environ["MLTASKS_REDIS_URL"] = os.environ["MLTASKS_TEST_REDIS_URL"]
+    # A database that never exists: a child that was not given one fails, loudly.
+    os.environ["MLTASKS_DATABASE_URL"] = make_conninfo(ADMIN_URL, dbname=NO_DATABASE)
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
@@ -119,7 +132,7 @@ def template_db(base_config: Config) -> Iterator[str]:
     """A database with the schema applied once; each test copies it."""
     from mltasks.db import init_schema
 
-    name = f"mltasks_tpl_{os.getpid()}"
+    name = f"mltasks_tpl_{SESSION}"
     with _admin() as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -145,7 +158,7 @@ def config(base_config: Config, template_db: str) -> Iterator[Config]:
     from mltasks.models.engine import reset_engine
     from mltasks.tasks import close_pool
 
-    name = f"mltasks_t_{os.getpid()}_{next(_counter)}"
+    name = f"mltasks_t_{SESSION}_{next(_counter)}"
     with _admin() as conn:
         conn.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(

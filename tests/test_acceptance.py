@@ -37,6 +37,7 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
         os.environ,
         MLTASKS_CONFIG=str(cfg),
         MLTASKS_DATABASE_URL=config.database.conninfo,
+        MLTASKS_REDIS_URL=config.redis.url,
         MLTASKS_MODELS_DIR=str(models_dir),
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from mltasks.bench import bulkreport
 from mltasks.bench.bulk import (
@@ -36,17 +37,17 @@ from mltasks.bench.report import machine, summarize
 from mltasks.bench.responders import Responder
 from mltasks.bench.service import ServiceSettings, bench_config, write_checked_config
 from mltasks.config import load_config
+from tests import conftest
 
-# One database per test process: several sessions may run on this machine at once.
-TEST_URL = f"postgresql://postgres@127.0.0.1:5432/mltasks_bench_test_{os.getpid()}"
+# One database per test session (several may run on this machine at once), on the tests'
+# PostgreSQL (tests/conftest.py set MLTASKS_TEST_PG before this module is imported).
+TEST_URL = make_conninfo(
+    os.environ["MLTASKS_TEST_PG"], dbname=f"mltasks_bench_test_{conftest.SESSION}"
+)
 
 
 @pytest.fixture
 def bench_db() -> Iterator[str]:
-    try:
-        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}")
     recreate_database(TEST_URL)
     yield TEST_URL
     drop_database(TEST_URL)

@@ -291,9 +291,9 @@ def test_hits_and_misses_per_layer(cache: Cache, r: redis.Redis) -> None:
     assert (cache.stats["l3"].hits, cache.stats["l3"].misses) == (1, 1)
     # Every layer's counters rode on a later write or the explicit flush.
     assert cache.hit_rates() == {"l1": 0.5, "l2": 0.25, "l3": 0.5}
-    stats = read_stats(r)
+    stats = read_stats(r, scope=cache.scope)
     assert (stats["l2"].hits, stats["l2"].misses) == (1, 3)
-    assert hit_rates(r) == {"l1": 0.5, "l2": 0.25, "l3": 0.5}
+    assert hit_rates(r, scope=cache.scope) == {"l1": 0.5, "l2": 0.25, "l3": 0.5}
 
 
 def test_repeated_states_reach_70_percent_l2_hits(cache: Cache, r: redis.Redis) -> None:
@@ -309,7 +309,7 @@ def test_repeated_states_reach_70_percent_l2_hits(cache: Cache, r: redis.Redis) 
     assert cache.stats["l2"].lookups == 5000
     assert cache.stats["l2"].rate >= 0.70
     cache.flush_stats()
-    assert read_stats(r)["l2"].lookups == 5000
+    assert read_stats(r, scope=cache.scope)["l2"].lookups == 5000
 
 
 # --- L1 working memory ------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def test_outage_turns_the_cache_off_and_it_resumes_by_itself(
         assert events(caplog) == ["cache_down", "cache_up"]
         # Counters from the outage were kept and sent once Redis was back.
         c.flush_stats()
-        assert read_stats(c.client())["l2"].lookups == c.stats["l2"].lookups
+        assert read_stats(c.client(), scope=c.scope)["l2"].lookups == c.stats["l2"].lookups
     finally:
         c.close()
 

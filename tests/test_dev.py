@@ -19,6 +19,8 @@ import psutil
 import psycopg
 import pytest
 import redis
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from mltasks.dev import STATE_FILE, read_state
 from mltasks.embedded import (
@@ -80,24 +82,55 @@ def test_closed_ports_do_not_answer() -> None:
     assert not redis_answers(CLOSED_REDIS, 0.5)
 
 
-def test_test_services_start_only_what_does_not_answer(tmp_path: Path) -> None:
-    env = {"MLTASKS_TEST_PG": CLOSED_PG, "MLTASKS_TEST_REDIS_URL": CLOSED_REDIS}
-    services = start_test_services(tmp_path, env, timeout_s=0.5)
+def test_test_services_never_use_a_server_nobody_named(tmp_path: Path) -> None:
+    """By default the tests get a Redis of their own, never the one on 6379; PostgreSQL
+    is embedded when the default one does not answer; a server a variable names is used
+    as it is, and one that does not answer is an error, not a silent substitute."""
+    env: dict[str, str] = {}
+    services = start_test_services(tmp_path, env, timeout_s=0.5, default_pg=CLOSED_PG)
     try:
         assert services.postgres is not None and services.redis is not None
         assert env["MLTASKS_TEST_PG"] == services.postgres.admin_url
         assert env["MLTASKS_TEST_REDIS_URL"] == services.redis.url
+        assert services.redis.port != 6379
         with psycopg.connect(env["MLTASKS_TEST_PG"]) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
         again = start_test_services(tmp_path / "again", dict(env))
         assert again.postgres is None and again.redis is None and again.env == {}
     finally:
         services.stop()
+    with pytest.raises(EmbeddedError, match="MLTASKS_TEST_PG does not answer"):
+        start_test_services(tmp_path / "named", {"MLTASKS_TEST_PG": CLOSED_PG}, timeout_s=0.5)
+    named = {
+        "MLTASKS_TEST_PG": os.environ["MLTASKS_TEST_PG"],
+        "MLTASKS_TEST_REDIS_URL": CLOSED_REDIS,
+    }
+    with pytest.raises(EmbeddedError, match="MLTASKS_TEST_REDIS_URL does not answer"):
+        start_test_services(tmp_path / "named", named, timeout_s=0.5)
 
 
-def _dev(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """``mltasks dev`` as the operator runs it, configured servers on closed ports."""
-    env = dict(os.environ, MLTASKS_DATABASE_URL=CLOSED_PG, MLTASKS_REDIS_URL=CLOSED_REDIS)
+def test_the_session_runs_on_its_own_redis(base_config: Any) -> None:
+    """This very session: a private redis-server unless MLTASKS_TEST_REDIS_URL named one;
+    children not told otherwise get it, and a database that does not exist."""
+    from tests import conftest
+
+    services = conftest.SERVICES
+    assert services is not None
+    if services.redis is None:
+        pytest.skip("MLTASKS_TEST_REDIS_URL names the tests' Redis")
+    assert base_config.redis.url == services.redis.url
+    assert services.redis.port != 6379
+    assert os.environ["MLTASKS_REDIS_URL"] == services.redis.url
+    assert conftest.NO_DATABASE in os.environ["MLTASKS_DATABASE_URL"]
+
+
+def _dev(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``mltasks dev`` as the operator runs it (configured servers: closed ports, unless
+    ``env`` says otherwise)."""
+    closed = {"MLTASKS_DATABASE_URL": CLOSED_PG, "MLTASKS_REDIS_URL": CLOSED_REDIS}
+    env = {**os.environ, **closed, **(env or {})}
     out = tmp_path / "dev.log"
     with out.open("wb") as log:
         proc = subprocess.Popen(
@@ -121,15 +154,22 @@ def _ready(proc: subprocess.Popen[bytes], data_dir: Path, log: Path) -> dict[str
     return wait_for(state, 60, "dev to be ready")
 
 
-def test_dev_goes_embedded_answers_the_game_and_stops_on_sigint(
-    tmp_path: Path, models_dir: Path
+def test_dev_runs_on_private_servers_answers_the_game_and_stops_on_sigint(
+    tmp_path: Path, models_dir: Path, base_config: Any
 ) -> None:
+    """The configured servers answer (a game host's live ones, here the tests' own), yet
+    dev leaves them alone: no role, no database, not a key in any Redis db."""
+    from tests.conftest import ADMIN_URL, SESSION
+
+    name = f"mltasks_test_dev_live_{SESSION}"
+    live_pg = make_conninfo(ADMIN_URL, dbname=name, user=name)
+    before = _keys(base_config.redis.url, plant=True)
     proc, log = _dev(
         tmp_path,
         "--models-dir", str(models_dir),
-        "--connect-timeout", "0.5",
         "--load", "--clients", "2", "--timeout-ms", "2000",
         "--no-live",
+        env={"MLTASKS_DATABASE_URL": live_pg, "MLTASKS_REDIS_URL": base_config.redis.url},
     )  # fmt: skip
     data_dir = tmp_path / "dev"
     try:
@@ -167,8 +207,26 @@ def test_dev_goes_embedded_answers_the_game_and_stops_on_sigint(
         assert wait_for(lambda: gone(ours), 15, "every process dev started to end")
         assert not (data_dir / STATE_FILE).exists()
         assert "ready in" in log.read_text()
+        assert "private servers" in log.read_text()
     finally:
         _stop(proc, data_dir)
+    assert _keys(base_config.redis.url) == before, "dev wrote into the configured Redis"
+    with psycopg.connect(ADMIN_URL) as conn:
+        db = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    assert db is None and role is None, "dev created a role or database on the configured server"
+
+
+def _keys(url: str, plant: bool = False) -> dict[int, list[bytes]]:
+    """Every key of dbs 0-10 of the Redis at ``url`` (the game's db 0 among them; the tests
+    use 11-15), after planting a sentinel in each when ``plant``."""
+    out: dict[int, list[bytes]] = {}
+    for db in range(11):
+        with redis.Redis.from_url(f"{url}/{db}") as c:
+            if plant:
+                c.set("mltasks-test:sentinel", "untouched")
+            out[db] = sorted(c.keys("*"))
+    return out
 
 
 def _stop(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
@@ -187,7 +245,7 @@ def _stop(proc: subprocess.Popen[bytes], data_dir: Path) -> None:
 
 
 def test_dev_stops_on_sigterm_too(tmp_path: Path, models_dir: Path) -> None:
-    proc, log = _dev(tmp_path, "--embedded", "always", "--models-dir", str(models_dir), "--no-live")
+    proc, log = _dev(tmp_path, "--models-dir", str(models_dir), "--no-live")
     data_dir = tmp_path / "dev"
     try:
         state = _ready(proc, data_dir, log)
@@ -227,12 +285,40 @@ def test_embedded_postgres_start_is_retried_once(
         EmbeddedPostgres(tmp_path / "pg2").start()
 
 
-def test_dev_embedded_never_fails_fast_on_closed_ports(tmp_path: Path) -> None:
-    proc, log = _dev(tmp_path, "--embedded", "never", "--models-dir", str(tmp_path / "m"))
+def test_dev_use_configured_fails_fast_on_closed_ports(tmp_path: Path) -> None:
+    proc, log = _dev(tmp_path, "--use-configured", "--models-dir", str(tmp_path / "m"))
     try:
         assert proc.wait(30) == 1
     finally:
         _stop(proc, tmp_path / "dev")
     text = log.read_text()
-    assert "cannot connect to PostgreSQL" in text, text
+    assert "--use-configured: cannot connect to PostgreSQL" in text, text
     assert read_state(tmp_path / "dev") is None
+
+
+def test_dev_use_configured_says_so_and_uses_them(tmp_path: Path) -> None:
+    """With --use-configured, dev names the configured servers and works on them (here it
+    creates the configured database, then stops: the configured Redis does not answer)."""
+    from tests.conftest import ADMIN_URL, SESSION
+
+    name = f"mltasks_test_dev_configured_{SESSION}"
+    url = make_conninfo(ADMIN_URL, dbname=name)
+    proc, log = _dev(
+        tmp_path, "--use-configured", "--models-dir", str(tmp_path / "m"),
+        env={"MLTASKS_DATABASE_URL": url},
+    )  # fmt: skip
+    try:
+        assert proc.wait(60) == 1
+        text = log.read_text()
+        assert "--use-configured: PostgreSQL" in text and "Redis 127.0.0.1:1" in text, text
+        assert f"created database {name}" in text or name in text, text
+        assert "Redis does not answer" in text, text
+        with psycopg.connect(ADMIN_URL) as conn:
+            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            assert row is not None
+    finally:
+        _stop(proc, tmp_path / "dev")
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -15,7 +15,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from mltasks.celery_app import worker_command
 from mltasks.config import Config, LoggingConfig
-from mltasks.logs import JsonFormatter, TextFormatter, configure_logging
+from mltasks.logs import PER_TASK_LOGGERS, JsonFormatter, TextFormatter, configure_logging
 from tests import game
 from tests.conftest import wait_for
 
@@ -68,6 +68,7 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
         os.environ,
         MLTASKS_CONFIG=str(cfg),
         MLTASKS_DATABASE_URL=url,
+        MLTASKS_REDIS_URL=config.redis.url,
         MLTASKS_MODELS_DIR=str(models_dir),
         ML_DB_PASSWORD=SECRET,
     )
@@ -106,5 +107,79 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
             stop_all(procs)
     text = log_path.read_text()
     assert SECRET not in text
-    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+    docs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    events = [doc["event"] for doc in docs]
     assert {"bridge_connected", "bridge_db_error", "models_loaded"} <= set(events)
+    # At DEBUG, Celery's per-task lines are there, as DEBUG.
+    per_task = [d for d in docs if d["logger"] in PER_TASK_LOGGERS]
+    assert any(" received" in d["msg"] for d in per_task), text[-3000:]
+    assert any(" succeeded in " in d["msg"] for d in per_task), text[-3000:]
+    assert {d["level"] for d in per_task} == {"DEBUG"}
+
+
+def test_workers_log_no_line_per_task_at_info(
+    config: Config, models_dir: Path, tmp_path: Path
+) -> None:
+    """At INFO (the default), a worker answering batch after batch logs nothing per task:
+    Celery's "received" and "succeeded" lines are DEBUG; the counts are in the metrics."""
+    cfg = tmp_path / "info.yaml"
+    cfg.write_text(
+        "logging:\n  level: INFO\n  format: text\n"
+        "redis:\n  broker_db: 13\n  cache_db: 14\n"
+        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
+    )
+    env = dict(
+        os.environ,
+        MLTASKS_CONFIG=str(cfg),
+        MLTASKS_DATABASE_URL=config.database.conninfo,
+        MLTASKS_REDIS_URL=config.redis.url,
+        MLTASKS_MODELS_DIR=str(models_dir),
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as out:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "bridge"], env=env, stdout=out, stderr=out),
+            subprocess.Popen(
+                worker_command("cpu", "-l", "INFO", "--without-gossip", "--without-mingle"),
+                env=env,
+                stdout=out,
+                stderr=out,
+            ),
+        ]
+        try:
+            with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+
+                def answered_by_model() -> bool:
+                    _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="tank")
+                    return answer is not None and answer[0] != 255
+
+                wait_for(answered_by_model, 60, "the worker's answers")
+                size_before = log_path.stat().st_size
+                for i in range(30):
+                    _, answer = game.decide(pg, [i / 30] * 64, timeout_ms=3000)
+                    assert answer is not None and answer[0] != 255
+                grown = log_path.stat().st_size - size_before
+        finally:
+            from mltasks.dev import stop_all
+
+            stop_all(procs)
+    text = log_path.read_text()
+    assert "] received" not in text, text[-3000:]
+    assert " succeeded in " not in text
+    assert grown == 0, text[-3000:]  # 30 answered requests, not a byte of log
+
+
+def test_per_task_loggers_follow_the_configured_level() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(LoggingConfig(level="INFO"))
+        assert not any(logging.getLogger(n).isEnabledFor(logging.INFO) for n in PER_TASK_LOGGERS)
+        assert all(logging.getLogger(n).isEnabledFor(logging.ERROR) for n in PER_TASK_LOGGERS)
+        configure_logging(LoggingConfig(level="DEBUG"))
+        assert all(logging.getLogger(n).isEnabledFor(logging.INFO) for n in PER_TASK_LOGGERS)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        configure_logging(LoggingConfig(level="WARNING"))
+        root.handlers[:] = saved[0]

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 import redis
 
 from mltasks import keys, status
-from mltasks.cache import stats_key
+from mltasks.cache import stats_key, stats_scope
 from mltasks.config import Config
 from mltasks.fallback import LevelStore
 
@@ -105,8 +106,9 @@ def healthy_cpu_host(store: LevelStore, r: redis.Redis, pg: psycopg.Connection[A
     store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
     store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
     bucket = int(time.time() // keys.STATS_BUCKET_S)
-    r.hset(stats_key("l2", bucket), mapping={"hits": 1, "misses": 3})
-    r.hset(stats_key("l3", bucket), mapping={"hits": 1, "misses": 1})
+    scope = stats_scope(store.config)
+    r.hset(stats_key("l2", bucket, scope), mapping={"hits": 1, "misses": 3})
+    r.hset(stats_key("l3", bucket, scope), mapping={"hits": 1, "misses": 1})
     answered(pg, 40, 0.004)
     answered(pg, 1, 0.050, action=255)
 
@@ -177,6 +179,34 @@ def test_healthy_cpu_host_table_json_and_exit_0(
     assert doc["gpu"]["present"] is False
 
 
+def test_another_deployments_counters_do_not_count(
+    cfg: Config, store: LevelStore, r: redis.Redis, pg: psycopg.Connection[Any]
+) -> None:
+    """The cache db is the game's; another deployment writing it (another database, another
+    broker db) keeps its hit counters apart, and status shows only this deployment's."""
+    from mltasks.cache import Cache
+
+    healthy_cpu_host(store, r, pg)
+    bucket = int(time.time() // keys.STATS_BUCKET_S)
+    other = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, broker_db=1))
+    other = dataclasses.replace(
+        other, database=dataclasses.replace(cfg.database, url="postgresql:///ragnarok_ml")
+    )
+    assert stats_scope(other) != stats_scope(cfg)
+    r.hset(stats_key("l2", bucket, stats_scope(other)), mapping={"hits": 900, "misses": 100})
+    r.hset(stats_key("l1", bucket, stats_scope(other)), mapping={"hits": 5, "misses": 5})
+    # ... as its workers write them: a real Cache on the same db, another deployment.
+    theirs = Cache(other)
+    try:
+        theirs.remember_states([(7, np.full(64, 0.5, dtype=np.float32))])
+        theirs.recent_states(7)
+        theirs.flush_stats()
+    finally:
+        theirs.close()
+    assert status.collect(cfg, count_files=lambda c: 54).cache == {"l2": 0.25, "l3": 0.5}
+    assert status.collect(other, count_files=lambda c: 54).cache["l2"] == 0.9
+
+
 def test_gpu_host_at_level_1_shows_vram(
     cfg: Config, store: LevelStore, pg: psycopg.Connection[Any]
 ) -> None:
@@ -187,6 +217,49 @@ def test_gpu_host_at_level_1_shows_vram(
     assert s.exit_code == status.HEALTHY, s.problems
     assert s.level is not None and s.level.ceiling == 1
     assert ("VRAM", "2.0 GiB / 8.0 GiB (25%)", "-") in status.rows(s)
+
+
+def test_what_serves_each_level_is_said_truthfully(
+    cfg: Config, store: LevelStore, r: redis.Redis
+) -> None:
+    """mltasks dev's one worker listens on gpu, cpu and rules on a host without a GPU: the
+    screen says nothing serves levels 1-2, and that one process serves 3 and 4."""
+    store.set(3, "GPU missing (no GPU)")
+    store.beat(ALL_QUEUES, 60_000, member="devhost:4242")
+    store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
+    store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
+    s = status.collect(cfg, count_files=lambda c: 54)
+    table = {name: (value, state) for name, value, state in status.rows(s)}
+    gpu_value, _ = table["levels 1-2 GPU"]
+    assert gpu_value.startswith("nothing: 1 worker on queue gpu"), gpu_value
+    assert "but no GPU" in gpu_value and "the same process as cpu and rules" in gpu_value
+    cpu_value, cpu_state = table["level 3 CPU"]
+    assert cpu_value.startswith("1 worker on queue cpu (the same process as gpu and rules)")
+    assert cpu_state == "ok"  # level 3 is the level, and it is served
+    assert table["level 4 rules"][0].startswith("1 worker on queue rules")
+    assert table["level 5 255"][0].startswith("the bridge itself")
+    assert not any("live" in value for value, _ in table.values() if "gpu" in value)
+    assert s.to_dict()["workers"]["gpu"]["processes"] == ["devhost:4242"]
+    text = render_text(s)
+    assert "gpu 1 live" not in text and "nothing: 1 worker on queue gpu" in text
+
+    # A GPU host: two workers on gpu, their own processes, serve levels 1-2.
+    r.delete(keys.workers("gpu"))
+    store.beat(["gpu"], 60_000, member="gpuhost:1")
+    store.beat(["gpu"], 60_000, member="gpuhost:2")
+    store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
+    store.set(1, "recovered")
+    table = {n: (v, st) for n, v, st in status.rows(status.collect(cfg, count_files=lambda c: 54))}
+    assert table["levels 1-2 GPU"][0].startswith("2 workers on queue gpu, heartbeat"), table
+    assert table["levels 1-2 GPU"][1] == "ok"
+
+
+def render_text(s: status.Status) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(status.render(s))
+    return console.export_text()
 
 
 # --- degraded -----------------------------------------------------------------------------
@@ -296,7 +369,8 @@ def test_garbage_in_redis_is_shown_as_unknown(
     r.set(keys.heartbeat("cpu"), "not a time", px=60_000)
     r.set(keys.probes("cpu"), "{not json", ex=60)
     r.set(keys.probes("gpu"), json.dumps([1, 2]), ex=60)
-    r.hset(stats_key("l1", int(time.time() // keys.STATS_BUCKET_S)), "hits", "many")
+    bucket = int(time.time() // keys.STATS_BUCKET_S)
+    r.hset(stats_key("l1", bucket, stats_scope(cfg)), "hits", "many")
     s = status.collect(cfg, count_files=lambda c, level: 54)
     assert s.workers["cpu"].live
     assert s.gpu is not None and s.gpu.present is None

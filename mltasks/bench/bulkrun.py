@@ -75,13 +75,24 @@ def ours_markers_for(conninfo: str, redis_url: str) -> tuple[str, ...]:
     )
 
 
-def _cache_counts(redis_url: str) -> dict[str, dict[str, int]] | None:
+def _scope(conninfo: str) -> str:
+    """The hit counters' scope of the service the bench runs (mltasks.cache.stats_scope)."""
+    from mltasks.bench.service import BROKER_DB
+    from mltasks.cache import stats_scope
+    from mltasks.config import Config, DatabaseConfig, RedisConfig
+
+    return stats_scope(
+        Config(database=DatabaseConfig(url=conninfo), redis=RedisConfig(broker_db=BROKER_DB))
+    )
+
+
+def _cache_counts(redis_url: str, conninfo: str) -> dict[str, dict[str, int]] | None:
     """Hits and misses per layer kept by the workers in the bench's cache db, so far."""
     from mltasks.cache import read_stats
 
     client = cache_redis(redis_url)
     try:
-        stats = read_stats(client, window_s=15 * 60)
+        stats = read_stats(client, window_s=15 * 60, scope=_scope(conninfo))
     except (redis.RedisError, OSError):
         return None
     finally:
@@ -90,7 +101,10 @@ def _cache_counts(redis_url: str) -> dict[str, dict[str, int]] | None:
 
 
 def _cache_figures(
-    before: dict[str, dict[str, int]] | None, after: dict[str, dict[str, int]] | None, url: str
+    before: dict[str, dict[str, int]] | None,
+    after: dict[str, dict[str, int]] | None,
+    url: str,
+    conninfo: str,
 ) -> dict[str, Any]:
     """Per layer: lookups, hits and hit rate of this run (after minus before)."""
     from mltasks.cache import hit_rates
@@ -109,7 +123,7 @@ def _cache_figures(
     client = cache_redis(url)
     try:
         # What mltasks.cache.hit_rates reports (last 5 minutes, warm-up included).
-        rates = {k: round(v, 4) for k, v in hit_rates(client).items()}
+        rates = {k: round(v, 4) for k, v in hit_rates(client, scope=_scope(conninfo)).items()}
     except (redis.RedisError, OSError):
         rates = {}
     finally:
@@ -137,7 +151,7 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         bulk_reset(opts.conninfo)  # the warm-up request is not part of the run
         svc = running.service
         caching = svc is not None and svc.settings.caching and (svc.settings.level or 3) <= 3
-        counts_before = _cache_counts(opts.redis_url) if caching else None
+        counts_before = _cache_counts(opts.redis_url, opts.conninfo) if caching else None
         load_before = os.getloadavg()
         machine_cpu = CpuMeter()
         others = OthersMeter(ours_markers(opts))
@@ -150,7 +164,8 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         if svc is not None:
             level_after = svc.level_now()
         if caching:
-            cache = _cache_figures(counts_before, _cache_counts(opts.redis_url), opts.redis_url)
+            after = _cache_counts(opts.redis_url, opts.conninfo)
+            cache = _cache_figures(counts_before, after, opts.redis_url, opts.conninfo)
     rows = read_rows(opts.conninfo)
     figures = summarize_bulk(
         rows,

@@ -9,7 +9,8 @@
 - ``precisions``: fp32 / int8 / fp16 inference time on the CPU.
 
 Every run starts its responder fresh, on emptied tables and flushed Redis databases
-(9 broker, 10 cache), so the runs of one report differ only in what they compare.
+(9 broker, 10 cache: whatever else they hold is lost, so give --redis-url a Redis that is
+not the game's), so the runs of one report differ only in what they compare.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=DEFAULT_REDIS_URL,
-        help="Redis server; the run uses its db 9 (broker) and 10 (cache)",
+        help="Redis server; every run flushes (empties) its db 9 (broker) and 10 (cache): "
+        "never the game's Redis",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -197,7 +199,11 @@ def _bulk_options(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``bench gateway|bulk|cache|precisions`` to the ``mltasks`` command."""
-    bench = subparsers.add_parser("bench", help="benchmarks", description=__doc__)
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks (they recreate their database and flush Redis dbs 9 and 10)",
+        description=__doc__,
+    )
     sub = bench.add_subparsers(dest="bench_cmd", required=True)
     raw = argparse.RawDescriptionHelpFormatter
 
