@@ -50,7 +50,7 @@ def _models_init(args: argparse.Namespace) -> int:
     layout = args.layout or cfg.state.layout
     target = Path(args.dir)
     t0 = time.perf_counter()
-    models = list(demo_models(seed=args.seed, layout=layout))
+    models = list(demo_models(seed=args.seed, layout=layout, profile=args.profile))
     differing = [
         p
         for a, t, blob in models
@@ -69,7 +69,8 @@ def _models_init(args: argparse.Namespace) -> int:
         write_atomic(model_file(target, a, t), blob)
     print(
         f"wrote {len(models)} models into {target} in {time.perf_counter() - t0:.1f}s"
-        f" (state layout {layout}{'; replaced ' + str(len(differing)) if differing else ''})"
+        f" (profile {args.profile}, state layout {layout}"
+        f"{'; replaced ' + str(len(differing)) if differing else ''})"
     )
     print("agreement with the rule teacher on held-out states:")
     print(
@@ -213,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     minit.add_argument("dir")
     minit.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     minit.add_argument("--force", action="store_true", help="replace files that differ")
+    minit.add_argument(
+        "--profile",
+        choices=("demo", "phase11"),
+        default="demo",
+        help="demo (default): small networks, written in seconds. phase11: the fork's nine "
+        "architectures at their default sizes (MODELS.md: 0.15M-19M parameters, about 460 MB "
+        "for the 54), written in a few minutes, to measure what real models cost; their "
+        "trunks are random weights, and each decision head adds the demo profile's small "
+        "network fitted to the rule policy, so they answer sensibly",
+    )
     minit.add_argument(
         "--layout",
         choices=("encoder", "seed"),

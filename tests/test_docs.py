@@ -17,6 +17,7 @@ import yaml
 
 from mltasks import keys
 from mltasks.config import Config, ModelsConfig
+from mltasks.contract import ARCHETYPES
 from mltasks.fallback import Level
 from mltasks.metrics import METRIC_NAMES
 from mltasks.status import best_reachable, expected_models
@@ -247,27 +248,28 @@ def test_a_level_alert_fires_when_degraded(level: int, gpu_worker_up: bool) -> N
 
 
 def test_the_models_alert_fires_on_a_partial_load() -> None:
-    found = [e for e in alerts() if "ml_models_loaded_total" in e]
+    found = [e for e in alerts() if "ml_models_loaded" in e]
     assert len(found) == 1, found
     expr = found[0]
-    full = expected_models(Config())
-    serving = expected_models(Config(models=ModelsConfig(preload="serving")))
-    assert f"< {full}" in expr and (full, serving) == (54, 6)
-    body = flat(REPO / "docs" / "observability.md")
-    assert f"{serving} with models.preload: serving" in body
+    per_type = len(ARCHETYPES)
+    assert f"(ml_models_loaded_by_type) < {per_type}" in expr
+    # Whatever a level's fusion holds, every type it serves is loaded for every archetype.
+    assert expected_models(Config()) == per_type * len(Config().models.fusion.level3)
+    assert expected_models(Config(models=ModelsConfig(preload="all"))) == 54
 
-    def workers(*counts: int) -> Series:
+    def workers(*by_type: dict[str, int]) -> Series:
         return {
-            "ml_models_loaded_total": [
-                ({"job": "mltasks-worker-cpu", "instance": f"w{i}"}, c)
-                for i, c in enumerate(counts)
+            "ml_models_loaded_by_type": [
+                ({"job": "mltasks-worker-cpu", "instance": f"w{i}", "model_type": t}, n)
+                for i, counts in enumerate(by_type)
+                for t, n in counts.items()
             ]
         }
 
-    assert not fires(expr, workers(full, full))
-    assert fires(expr, workers(full, full - 1))  # one model missing in one worker
-    assert fires(expr, workers(full, 30))
-    assert fires(expr, workers(0))
+    level3 = dict.fromkeys(Config().models.fusion.level3, per_type)
+    assert not fires(expr, workers(level3, level3))
+    assert fires(expr, workers(level3, {**level3, "skill_dqn": per_type - 1}))  # one missing
+    assert fires(expr, workers(dict.fromkeys(level3, 0)))
 
 
 # --- the README: an operator's first hour ------------------------------------------------------

@@ -33,6 +33,7 @@ import psycopg
 import redis
 
 from mltasks.bench import BenchError, bulkreport
+from mltasks.bench import models as models_mod
 from mltasks.bench import precisions as precisions_mod
 from mltasks.bench.bulkrun import (
     StepOptions,
@@ -62,6 +63,7 @@ from mltasks.bench.responders import (
     Responder,
     Running,
     floor_responder,
+    model_floor_responder,
     service_responder,
 )
 from mltasks.bench.service import LEVELS, POOLS, Pool, ServiceSettings, default_pool
@@ -217,7 +219,14 @@ def add_parser(subparsers: Any) -> None:
     gw.add_argument("--clients", type=_counts, default=[1, 8, 32], help="e.g. 1,8,32")
     gw.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     gw.add_argument("--timeout-ms", type=int, default=100, help="the game's ml_max_latency_ms")
-    gw.add_argument("--floor", action="store_true", help="also run the floor responder")
+    gw.add_argument(
+        "--floor",
+        nargs="?",
+        const="plain",
+        choices=("plain", "model", "both"),
+        help="also run a floor: plain (a fixed answer in one statement; the default), model "
+        "(the same models and fusion in one process, no broker), or both",
+    )
     gw.add_argument("--no-service", action="store_true", help="skip the service runs")
     gw.add_argument("--processes", type=int, default=2, help="client processes")
     gw.add_argument(
@@ -306,6 +315,32 @@ def add_parser(subparsers: Any) -> None:
     prec.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     prec.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
     prec.set_defaults(func=precisions_command)
+
+    mod = sub.add_parser(
+        "models",
+        help="cost of each model type and each level's fusion (CPU; GPU where present)",
+        description=models_mod.__doc__,
+        formatter_class=raw,
+    )
+    mod.add_argument("--models-dir", type=Path, help="default: the config's models.dir")
+    mod.add_argument(
+        "--profile",
+        choices=("demo", "phase11"),
+        default="demo",
+        help="written into --models-dir when it holds no models (default: %(default)s)",
+    )
+    mod.add_argument("--archetype", default="aggressive", help="(default: %(default)s)")
+    mod.add_argument("--batch", type=_counts, default=[1, 8, 32, 128], help="(default: 1,8,32,128)")
+    mod.add_argument("--threads", type=_counts, default=[1, 2], help="(default: 1,2)")
+    mod.add_argument(
+        "--precision",
+        default="fp16,fp32,int8",
+        help="CPU precisions to time (default: %(default)s)",
+    )
+    mod.add_argument("--repeats", type=int, default=30, help="calls per cell at most")
+    mod.add_argument("--budget-s", type=float, default=2.0, help="seconds per cell at most")
+    mod.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    mod.set_defaults(func=models_command)
 
 
 def ensure_models(models_dir: Path, layout: str = DEFAULT_LAYOUT) -> Path:
@@ -451,8 +486,10 @@ def gateway_command(args: argparse.Namespace) -> int:
             args, work, models_dir, logs, level=args.level, caching=args.cache == "on"
         )
         responders: list[Responder] = []
-        if args.floor:
+        if args.floor in ("plain", "both"):
             responders.append(floor_responder(url, logs))
+        if args.floor in ("model", "both"):
+            responders.append(model_floor_responder(settings, logs))
         if not args.no_service:
             responders.append(service_responder(settings))
         for clients in args.clients:
@@ -467,7 +504,7 @@ def gateway_command(args: argparse.Namespace) -> int:
                 layout=args.layout,
             )
             for r in responders:
-                name = "floor" if r.is_floor else "service"
+                name = r.name if r.name in ("floor", "model floor") else "service"
                 runs.append(
                     _guarded_run(name, r.start, spec, ours_markers_for(url, args.redis_url))
                 )
@@ -631,6 +668,49 @@ def cache_command(args: argparse.Namespace) -> int:
 
 
 # -- precisions ---------------------------------------------------------------------------
+
+
+def models_command(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from mltasks.config import get_config
+    from mltasks.models.demo import write_demo_models
+
+    started = datetime.now().astimezone()
+    out = _out_dir(args, started)
+    cfg = get_config()
+    if args.models_dir is not None:
+        cfg = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=args.models_dir))
+    if not any(cfg.models.dir.glob("*/*.onnx")):
+        t0 = time.perf_counter()
+        write_demo_models(cfg.models.dir, layout=cfg.state.layout, profile=args.profile)
+        took = time.perf_counter() - t0
+        _say(f"wrote the {args.profile} models into {cfg.models.dir} in {took:.0f}s")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    config_file = os.environ.get("MLTASKS_CONFIG")
+    results = models_mod.run(
+        cfg,
+        Path(config_file) if config_file else None,
+        args.archetype,
+        args.batch,
+        args.threads,
+        precisions,
+        args.repeats,
+        args.budget_s,
+    )
+    report = {
+        "schema_version": models_mod.SCHEMA_VERSION,
+        "kind": "models",
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "machine": machine(),
+        "results": results,
+    }
+    md = models_mod.write(report, out)
+    print(md)
+    _say(f"report written to {out}/report.md and report.json")
+    return 0
 
 
 def precisions_command(args: argparse.Namespace) -> int:

@@ -5,7 +5,14 @@ action (sql/bench.sql ``floor_answer``); it is woken by the schema's NOTIFY, wit
 polling fallback, exactly like the bridge. Whatever the service costs above this is the
 price of routing, batching and inference.
 
-``python -m mltasks.bench.floor [--database-url URL]`` runs it until SIGINT or SIGTERM.
+The model floor (``--model``) claims with the service's own statement, runs the same
+fusion as a worker of the level (same files, precisions, sessions, fusion rule; no cache)
+and writes with the service's own answer statement: the service minus its broker, its
+bridge and its process hops. Service / model floor is the cost of the architecture with
+real work in it.
+
+``python -m mltasks.bench.floor [--database-url URL] [--model [--level 3]]`` runs it until
+SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -71,12 +78,45 @@ class Floor:
                     pass
 
 
+class ModelFloor(Floor):
+    """Claim a batch, infer it in this process as a worker would, answer it: no broker."""
+
+    def __init__(self, conninfo: str, *, level: int = 3, batch: int = 64) -> None:
+        from mltasks.config import get_config
+        from mltasks.models.engine import get_engine
+        from mltasks.models.fusion import rule_of
+
+        super().__init__(conninfo, batch=batch)
+        self.config = get_config()
+        self.engine = get_engine(self.config, level)
+        self.rule = rule_of(self.config)
+
+    def drain(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+        from mltasks.inference import answer_batch
+        from mltasks.responses import write_answers
+        from mltasks.sql import query
+
+        total = 0
+        params = {"limit": self.batch, "deadline_s": 3600.0}
+        while True:
+            rows = conn.execute(query("claim_batch"), params, prepare=True).fetchall()
+            if rows:
+                batch = [[r[0], r[1], r[2], r[3], r[4]] for r in rows]
+                write_answers(conn, answer_batch(batch, self.engine, None, self.rule).answers)
+            total += len(rows)
+            if len(rows) < self.batch:
+                self.answered += total
+                return total
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the floor on the configured database (or ``--database-url``) until a signal."""
     p = argparse.ArgumentParser(prog="python -m mltasks.bench.floor", description=__doc__)
     p.add_argument("--database-url", help="libpq URL (default: the mltasks config's database)")
     p.add_argument("--action-id", type=int, default=FLOOR_ACTION)
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--model", action="store_true", help="run the models (the model floor)")
+    p.add_argument("--level", type=int, default=3, help="with --model: whose fusion (1-3)")
     args = p.parse_args(argv)
     if args.database_url:
         conninfo = args.database_url
@@ -88,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    floor = Floor(conninfo, action_id=args.action_id, batch=args.batch)
+    floor: Floor
+    if args.model:
+        floor = ModelFloor(conninfo, level=args.level, batch=min(args.batch, 128))
+    else:
+        floor = Floor(conninfo, action_id=args.action_id, batch=args.batch)
     floor.run(stop)
     log.info("floor stopped: %d requests answered", floor.answered)
 

@@ -172,3 +172,39 @@ def precision_bars(timings: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_title(title)
     fig.savefig(path)
     return path
+
+
+def model_costs(results: dict[str, Any], path: Path) -> Path:
+    """Milliseconds per batch against batch size: one line per type at its best precision
+    and fewest threads, and one dashed line per level's fusion."""
+    batches = [str(b) for b in results["batches"]]
+    fig = _figure(8.0, 5.0)
+    ax = fig.subplots()
+    xs = [int(b) for b in batches]
+    threads = str(min(results["threads"]))
+    for model_type, row in results["types"].items():
+        timed = [
+            (p, e["ms"][threads]) for p, e in row.items() if isinstance(e, dict) and e.get("ms")
+        ]
+        if not timed:
+            continue
+        precision, by = min(timed, key=lambda pe: pe[1][batches[-1]])
+        ax.plot(xs, [by[b] for b in batches], marker="o", label=f"{model_type} ({precision})")
+    for level, entry in results["levels"].items():
+        ax.plot(
+            xs,
+            [entry["ms"][b] for b in batches],
+            linestyle="--",
+            linewidth=2,
+            label=f"level {level} fusion ({entry['precision']})",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rows per batch")
+    ax.set_ylabel("median ms per batch")
+    ax.axhline(15.0, color="red", linewidth=1, alpha=0.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Model cost on the CPU, {threads} thread(s)")
+    fig.savefig(path)
+    return path

@@ -226,22 +226,25 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key = {(r["responder"], r["clients"]): r for r in runs if "failed" not in r}
     out = []
     for clients in sorted({r["clients"] for r in runs}):
-        svc, flo = by_key.get(("service", clients)), by_key.get(("floor", clients))
-        if svc is None or flo is None:
-            continue
-        s_lat, f_lat = svc["latency_ms"], flo["latency_ms"]
-        out.append(
-            {
-                "clients": clients,
-                "decisions_per_s_ratio": _ratio(svc["decisions_per_s"], flo["decisions_per_s"]),
-                "p50_diff_ms": (
-                    round(s_lat["p50"] - f_lat["p50"], 2)
-                    if s_lat["p50"] is not None and f_lat["p50"] is not None
-                    else None
-                ),
-                "p99_ratio": _ratio(s_lat["p99"], f_lat["p99"]),
-            }
-        )
+        svc = by_key.get(("service", clients))
+        for floor in ("floor", "model floor"):
+            flo = by_key.get((floor, clients))
+            if svc is None or flo is None:
+                continue
+            s_lat, f_lat = svc["latency_ms"], flo["latency_ms"]
+            out.append(
+                {
+                    "clients": clients,
+                    "floor": floor,
+                    "decisions_per_s_ratio": _ratio(svc["decisions_per_s"], flo["decisions_per_s"]),
+                    "p50_diff_ms": (
+                        round(s_lat["p50"] - f_lat["p50"], 2)
+                        if s_lat["p50"] is not None and f_lat["p50"] is not None
+                        else None
+                    ),
+                    "p99_ratio": _ratio(s_lat["p99"], f_lat["p99"]),
+                }
+            )
     return out
 
 
@@ -366,13 +369,14 @@ def markdown(report: dict[str, Any]) -> str:
     if report["ratios"]:
         lines += [
             "",
-            "| clients | decisions/s service/floor | p50 service - floor (ms) "
+            "| clients | against | decisions/s service/floor | p50 service - floor (ms) "
             "| p99 service/floor |",
-            "| ---: | ---: | ---: | ---: |",
+            "| ---: | --- | ---: | ---: | ---: |",
         ]
         for q in report["ratios"]:
             lines.append(
-                f"| {q['clients']} | {fmt(q['decisions_per_s_ratio'])} "
+                f"| {q['clients']} | {q.get('floor', 'floor')} "
+                f"| {fmt(q['decisions_per_s_ratio'])} "
                 f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} |"
             )
     lines += [

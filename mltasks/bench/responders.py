@@ -79,6 +79,44 @@ def floor_responder(url: str, log_dir: Path) -> Responder:
     return Responder("floor", lambda: floor(url, log_dir), {"responder": "floor"})
 
 
+@contextmanager
+def model_floor(settings: ServiceSettings, log_dir: Path) -> Iterator[Running]:
+    """The model floor as a subprocess, on the service's own configuration file."""
+    import os
+
+    from mltasks.bench.service import bench_config, write_checked_config
+
+    config_path = settings.work_dir / "mltasks-bench-model-floor.yaml"
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    write_checked_config(config_path, bench_config(settings))
+    env = dict(
+        os.environ,
+        MLTASKS_CONFIG=str(config_path),
+        MLTASKS_DATABASE_URL=settings.database_url,
+        MLTASKS_MODELS_DIR=str(settings.models_dir),
+    )
+    level = settings.level if settings.level in (1, 2, 3) else 3
+    argv = [sys.executable, "-m", "mltasks.bench.floor", "--database-url", settings.database_url]
+    proc = ManagedProcess(
+        "model floor",
+        [*argv, "--model", "--level", str(level)],
+        log_path=log_dir / "model-floor.log",
+        env=env,
+    )
+    try:
+        proc.start()
+        wait_until_answering(settings.database_url, [proc], timeout_s=300)
+        yield Running([proc])
+    finally:
+        stop_all([proc])
+
+
+def model_floor_responder(settings: ServiceSettings, log_dir: Path) -> Responder:
+    return Responder(
+        "model floor", lambda: model_floor(settings, log_dir), {"responder": "model floor"}
+    )
+
+
 def service_responder(settings: ServiceSettings) -> Responder:
     label = settings.label()
     slug = label.replace(" ", "-")

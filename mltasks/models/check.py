@@ -18,7 +18,7 @@ from mltasks.models.discovery import SUFFIXES, find
 from mltasks.models.family import signature
 from mltasks.models.loaded import load_model
 
-_VARIANT_SUFFIXES = (".fp16.onnx", ".int8.onnx")
+_VARIANT_SUFFIXES = (".fp16.onnx", ".fp32.onnx", ".int8.onnx")
 
 
 @dataclass(slots=True)

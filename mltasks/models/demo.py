@@ -30,31 +30,29 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM
 from mltasks.files import write_atomic
+from mltasks.models import phase11
 from mltasks.models.family import FAMILY, SEQUENCE_LEN
+from mltasks.models.graph import Graph, Mlp, Precision, io
+from mltasks.models.phase11 import Heads
 from mltasks.policy import decide, decide_history, threat
 from mltasks.state import DEFAULT_LAYOUT, Layout, get_layout
 
 FloatArray = npt.NDArray[np.float32]
-Precision = Literal["fp16", "fp32"]
 
-OPSET: Final = 17
-IR_VERSION: Final = 8
-"""IR 8 pairs with opset 17 and loads in every onnxruntime >= 1.13."""
 
 INPUT_NAME: Final = "state"
+PRODUCER: Final = "mltasks.models.demo"
 
 _TRAIN_SAMPLES: Final = 6000
 _STEPS: Final = 200
@@ -67,16 +65,6 @@ _WIDE: Final[dict[tuple[str, str], int]] = {
 """The fork's default configs with a 12-wide action head (the game executes 0-9)."""
 _H_N: Final = (6, 256)
 """team_coordination's second output is its BiLSTM's h_n: [layers x directions, N, 256]."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Mlp:
-    """Weights in the exported layout: y = relu(x @ w1 + b1) @ w2 + b2 (x: raw features)."""
-
-    w1: FloatArray  # [d, H]
-    b1: FloatArray  # [H]
-    w2: FloatArray  # [H, out]
-    b2: FloatArray  # [out]
 
 
 # --------------------------------------------------------------------------- training
@@ -140,7 +128,7 @@ def _fit(
     target: npt.NDArray[np.int64] | FloatArray,
     hidden: int,
     rng: np.random.Generator,
-) -> _Mlp:
+) -> Mlp:
     """Full-batch Adam; int targets: softmax cross-entropy over 10 actions, float targets
     [n, k]: mean squared error. Returns weights for the raw features ``x`` [n, d].
 
@@ -206,7 +194,7 @@ def _fit(
     w1_raw = (w1[:, :d].T / sd[:, None]).astype(np.float32)
     b1_raw = (w1[:, d] - (mu / sd) @ w1[:, :d].T).astype(np.float32)
     w2_raw = np.ascontiguousarray(w2[:, :hidden].T, dtype=np.float32)
-    return _Mlp(w1_raw, b1_raw, w2_raw, w2[:, hidden].astype(np.float32))
+    return Mlp(w1_raw, b1_raw, w2_raw, w2[:, hidden].astype(np.float32))
 
 
 def _linear(x: FloatArray, target: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -243,88 +231,14 @@ def sample_windows(
 # --------------------------------------------------------------------------- ONNX
 
 
-class _Graph:
-    """A small FP32 graph under construction; `model` converts it to the exporter's FP16."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self._n = 0
-
-    def const(self, value: npt.ArrayLike, dtype: npt.DTypeLike = np.float32, name: str = "") -> str:
-        self._n += 1
-        name = name or f"c{self._n}"
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: int) -> str:
-        self._n += 1
-        out = out or f"t{self._n}"
-        node = helper.make_node(op_type, list(inputs), [out])
-        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        self.nodes.append(node)
-        return out
-
-    def mlp(
-        self,
-        x: str,
-        rows: Sequence[int],
-        width: int,
-        m: _Mlp,
-        out: str | None = None,
-        prefix: str = "",
-    ) -> str:
-        """Gemm -> Relu -> Gemm of ``m`` (weights ``<prefix>w1`` .. ``<prefix>b2``), its
-        first layer scattered onto ``rows`` of an input ``width`` wide (zeros elsewhere)."""
-        w1 = np.zeros((width, m.w1.shape[1]), dtype=np.float32)
-        w1[list(rows)] = m.w1
-        layer1 = [x, self.const(w1, name=f"{prefix}w1"), self.const(m.b1, name=f"{prefix}b1")]
-        hidden = self.op("Relu", [self.op("Gemm", layer1)])
-        layer2 = [
-            hidden,
-            self.const(m.w2, name=f"{prefix}w2"),
-            self.const(m.b2, name=f"{prefix}b2"),
-        ]
-        return self.op("Gemm", layer2, out)
-
-    def model(self, precision: Precision = "fp16") -> onnx.ModelProto:
-        from onnxconverter_common import float16  # type: ignore[import-untyped]
-
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        model = helper.make_model(
-            graph,
-            producer_name="mltasks.models.demo",
-            producer_version="2",
-            opset_imports=[helper.make_opsetid("", OPSET)],
-        )
-        model.ir_version = IR_VERSION
-        onnx.checker.check_model(model)
-        if precision == "fp32":
-            return model
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tiny weights clamped to FP16's range
-            half = float16.convert_float_to_float16(model, keep_io_types=False)
-        half.ir_version = IR_VERSION
-        onnx.checker.check_model(half)
-        out: onnx.ModelProto = half
-        return out
-
-
-def _io(name: str, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-
-
-def _widen(m: _Mlp, width: int) -> _Mlp:
+def _widen(m: Mlp, width: int) -> Mlp:
     """A 12-wide head: the extra columns score far below the rest, never the argmax."""
     if width == m.w2.shape[1]:
         return m
     extra = width - m.w2.shape[1]
     w2 = np.hstack([m.w2, np.zeros((m.w2.shape[0], extra), dtype=np.float32)])
     b2 = np.concatenate([m.b2, np.full(extra, -10.0, dtype=np.float32)])
-    return _Mlp(m.w1, m.b1, w2, b2)
+    return Mlp(m.w1, m.b1, w2, b2)
 
 
 def _build(
@@ -340,12 +254,12 @@ def _build(
     slots = list(layout.read_slots)
     hidden = _WIDTHS[MODEL_TYPES.index(model_type) % len(_WIDTHS)]
     width = _WIDE.get((archetype, model_type), N_ACTIONS)
-    g = _Graph(f"{archetype}_{model_type}")
+    g = Graph(f"{archetype}_{model_type}")
     # Every branch reads the input through one Identity: the FP16 converter casts an input
     # once per consumer, under one name, which breaks a graph with two.
     x = g.op("Identity", [INPUT_NAME])
     if sig.input == "sequence":
-        g.inputs.append(_io(INPUT_NAME, ["batch_size", SEQUENCE_LEN, STATE_DIM]))
+        g.inputs.append(io(INPUT_NAME, ["batch_size", SEQUENCE_LEN, STATE_DIM]))
         first = g.op("Gather", [x, g.const(0, np.int64)], axis=1)
         last = g.op("Gather", [x, g.const(SEQUENCE_LEN - 1, np.int64)], axis=1)
         both = g.op("Concat", [last, first], axis=1)
@@ -353,39 +267,39 @@ def _build(
         rows = [*slots, *(STATE_DIM + s for s in slots)]
         names = list(sig.outputs)
         g.mlp(both, rows, 2 * STATE_DIM, m, names[0])
-        g.outputs.append(_io(names[0], ["batch_size", N_ACTIONS]))
+        g.outputs.append(io(names[0], ["batch_size", N_ACTIONS]))
         if model_type == "team_coordination":  # an h_n-shaped second output, not a value
             proj = g.const(rng.standard_normal((STATE_DIM * 2, _H_N[1])) * 0.01)
             h = g.op("Unsqueeze", [g.op("MatMul", [both, proj]), g.const([0], np.int64)])
             g.op("Tile", [h, g.const([_H_N[0], 1, 1], np.int64)], names[1])
-            g.outputs.append(_io(names[1], [_H_N[0], "batch_size", _H_N[1]]))
-        return g.model(precision)
-    g.inputs.append(_io(INPUT_NAME, ["batch_size", STATE_DIM]))
+            g.outputs.append(io(names[1], [_H_N[0], "batch_size", _H_N[1]]))
+        return g.model(precision, PRODUCER)
+    g.inputs.append(io(INPUT_NAME, ["batch_size", STATE_DIM]))
     if model_type == "threat_assessment":
         m = _fit(data.x, data.threat, hidden, rng)
         g.mlp(x, slots, STATE_DIM, m, "output")
-        g.outputs.append(_io("output", ["batch_size", 1]))
-        return g.model(precision)
+        g.outputs.append(io("output", ["batch_size", 1]))
+        return g.model(precision, PRODUCER)
     if model_type == "soft_actor_critic":
-        g.inputs.append(_io("action", ["batch_size", N_ACTIONS]))
+        g.inputs.append(io("action", ["batch_size", N_ACTIONS]))
         for critic in ("q1", "q2"):
             fitted = _fit(data.x, data.y, hidden, rng)
             q = g.mlp(x, slots, STATE_DIM, fitted, prefix=f"{critic}_")
             picked = g.op("Mul", [q, "action"])
             g.op("ReduceSum", [picked, g.const([1], np.int64)], critic, keepdims=1)
-            g.outputs.append(_io(critic, ["batch_size", 1]))
-        return g.model(precision)
+            g.outputs.append(io(critic, ["batch_size", 1]))
+        return g.model(precision, PRODUCER)
     m = _widen(_fit(data.x, data.y, hidden, rng), width)
     head = next(iter(sig.outputs))
     g.mlp(x, slots, STATE_DIM, m, head)
-    g.outputs.append(_io(head, ["batch_size", width]))
+    g.outputs.append(io(head, ["batch_size", width]))
     if "value" in sig.outputs:
         w, b = _linear(data.x, data.value)
         wv = np.zeros((STATE_DIM, 1), dtype=np.float32)
         wv[slots] = w
         g.op("Gemm", [x, g.const(wv), g.const(b)], "value")
-        g.outputs.append(_io("value", ["batch_size", 1]))
-    return g.model(precision)
+        g.outputs.append(io("value", ["batch_size", 1]))
+    return g.model(precision, PRODUCER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,17 +341,42 @@ def model_file(
     return Path(models_dir) / archetype / f"{model_type}{suffix}"
 
 
+def _heads(model_type: str, layout: Layout, data: _Data, rng: np.random.Generator) -> Heads:
+    """The fitted parts of a Phase 11-size model (see `mltasks.models.phase11`)."""
+    sig = FAMILY[model_type]
+    slots = list(layout.read_slots)
+    hidden = _WIDTHS[MODEL_TYPES.index(model_type) % len(_WIDTHS)]
+    if sig.input == "sequence":
+        rows = [*slots, *(STATE_DIM + s for s in slots)]
+        return Heads(actions=_fit(data.seq_x, data.seq_y, hidden, rng), rows=rows)
+    if model_type == "threat_assessment":
+        return Heads(threat=_fit(data.x, data.threat, hidden, rng), rows=slots)
+    if model_type == "soft_actor_critic":
+        critics = (_fit(data.x, data.y, hidden, rng), _fit(data.x, data.y, hidden, rng))
+        return Heads(critics=critics, rows=slots)
+    value = _linear(data.x, data.value) if "value" in sig.outputs else None
+    return Heads(actions=_fit(data.x, data.y, hidden, rng), value=value, rows=slots)
+
+
+PROFILES: Final[tuple[str, ...]] = ("demo", "phase11")
+"""demo: small networks, seconds to write; phase11: the fork's default sizes (random
+trunks, fitted decision heads), minutes to write, a benchmark's models."""
+
+
 def demo_models(
     *,
     seed: int = 0,
     archetypes: Sequence[str] = ARCHETYPES,
     layout: str = DEFAULT_LAYOUT,
     precision: Precision = "fp16",
+    profile: str = "demo",
 ) -> Iterator[tuple[str, str, bytes]]:
     """(archetype, type, serialized model) for every pair, fitted on ``layout``."""
     unknown = [a for a in archetypes if a not in ARCHETYPES]
     if unknown:
         raise ValueError(f"unknown archetypes {unknown}; expected some of {ARCHETYPES}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
     lay = get_layout(layout)
     with _single_threaded_blas():
         for archetype in archetypes:
@@ -445,7 +384,12 @@ def demo_models(
             data = _data(lay, archetype, seed)
             for m_idx, model_type in enumerate(MODEL_TYPES):
                 rng = np.random.default_rng([seed, a_idx, m_idx + 1])
-                model = _build(archetype, model_type, lay, data, rng, precision)
+                if profile == "phase11":
+                    width = _WIDE.get((archetype, model_type), N_ACTIONS)
+                    heads = _heads(model_type, lay, data, rng)
+                    model, _ = phase11.build(archetype, model_type, heads, width, rng, precision)
+                else:
+                    model = _build(archetype, model_type, lay, data, rng, precision)
                 yield archetype, model_type, model.SerializeToString(deterministic=True)
 
 
@@ -456,6 +400,7 @@ def write_demo_models(
     archetypes: Sequence[str] = ARCHETYPES,
     layout: str = DEFAULT_LAYOUT,
     precision: Precision = "fp16",
+    profile: str = "demo",
 ) -> list[Path]:
     """Fit and write ``<models_dir>/<archetype>/<type>_fp16.onnx`` for every pair (54);
     with ``precision="fp32"``, ``<type>.onnx`` in FP32 I/O.
@@ -466,7 +411,7 @@ def write_demo_models(
     """
     written = []
     for archetype, model_type, blob in demo_models(
-        seed=seed, archetypes=archetypes, layout=layout, precision=precision
+        seed=seed, archetypes=archetypes, layout=layout, precision=precision, profile=profile
     ):
         path = model_file(models_dir, archetype, model_type, precision)
         write_atomic(path, blob)
@@ -481,12 +426,9 @@ def write_corrupt_model(path: Path) -> None:
 
 def write_misshaped_model(path: Path) -> None:
     """Write a valid FP32 ONNX model whose output is [N, 7] instead of [N, 10]."""
-    g = _Graph("misshaped")
-    g.inputs.append(_io(INPUT_NAME, ["batch_size", STATE_DIM]))
+    g = Graph("misshaped")
+    g.inputs.append(io(INPUT_NAME, ["batch_size", STATE_DIM]))
     w = (np.random.default_rng(7).standard_normal((STATE_DIM, 7)) * 0.1).astype(np.float32)
     g.op("Gemm", [INPUT_NAME, g.const(w), g.const(np.zeros(7))], "output")
-    g.outputs.append(_io("output", ["batch_size", 7]))
-    graph = helper.make_graph(g.nodes, g.name, g.inputs, g.outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    write_atomic(Path(path), model.SerializeToString(deterministic=True))
+    g.outputs.append(io("output", ["batch_size", 7]))
+    write_atomic(Path(path), g.model("fp32").SerializeToString(deterministic=True))

@@ -7,8 +7,9 @@ When both exist, **``<type>.onnx`` wins**: it is the later export in the fork's 
 every other precision. The other file is reported (``mltasks models check``) and ignored.
 
 Only names from the contract ever reach a path: never a value read from the database.
-Precision variants the service caches beside a master (``<type>.fp16.onnx``,
-``<type>.int8.onnx``) are not masters and are never discovered as such.
+Precision variants the service caches beside a master (``<stem>.fp16.onnx``,
+``<stem>.fp32.onnx``, ``<stem>.int8.onnx``) are not masters and are never discovered as
+such.
 """
 
 from __future__ import annotations

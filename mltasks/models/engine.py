@@ -20,7 +20,6 @@ from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
 from mltasks.models.discovery import find
-from mltasks.models.family import signature
 from mltasks.models.loaded import LoadedModel, load_model
 from mltasks.models.variants import (
     CPU,
@@ -28,6 +27,7 @@ from mltasks.models.variants import (
     TENSORRT,
     Precision,
     ProviderSpec,
+    native,
     providers_for,
     resolve,
 )
@@ -101,20 +101,17 @@ class Engine:
     def _variant(
         master: Path, model_type: str, precision: Precision, chain: list[ProviderSpec]
     ) -> Path:
-        """The accepted precision variant of an FP32 single-state master, or the file itself.
-
-        FP16 exports (``_fp16.onnx``) and the sequence and critic types serve as they are.
-        """
-        if precision == "fp32" or master.name.endswith("_fp16.onnx"):
-            return master
-        if signature(model_type).input != "state":
+        """The level's precision of a master, built from it and accepted on agreement
+        (`mltasks.models.variants`), or the master itself: an FP16 export serves the CPU
+        level as its FP32 variant, and INT8 is quantised from that."""
+        if precision == native(master):
             return master
         first = chain[0] if isinstance(chain[0], str) else chain[0][0]
         try:
             return resolve(master, precision, first)[0]
         except Exception as exc:  # unwritable folder, converter failure: the master serves
             log.warning(
-                "no %s variant of %s, serving fp32: %s",
+                "no %s variant of %s, serving the master: %s",
                 precision,
                 master,
                 exc,
@@ -132,10 +129,12 @@ class Engine:
         ]
 
     def loaded_types(self) -> dict[str, int]:
-        """Archetypes loaded per model type (status and metrics)."""
-        counts = dict.fromkeys(MODEL_TYPES, 0)
+        """Archetypes loaded per model type this engine serves (status and metrics): its
+        fusion's types, or all nine with ``models.preload: all``."""
+        served = MODEL_TYPES if self.config.models.preload == "all" else tuple(self.weights)
+        counts = dict.fromkeys(served, 0)
         for _, model_type in self.models:
-            counts[model_type] += 1
+            counts[model_type] = counts.get(model_type, 0) + 1
         return counts
 
 

@@ -56,6 +56,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, numpy_helper
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
 from mltasks.files import write_atomic
@@ -84,6 +85,7 @@ RECIPE_KEY: Final = "mltasks.variant_recipe"
 RECIPES: Final[dict[str, str]] = {
     "fp16": "onnxconverter_common.float16 keep_io_types/1",
     "int8": "ort.quantize_dynamic QInt8 per_channel/1",
+    "fp32": "fp16 weights and I/O widened to fp32/1",
 }
 """How each variant is made; a variant recording another recipe is rebuilt."""
 _VERDICT_VERSION: Final = 1
@@ -180,11 +182,16 @@ def _provider_name(spec: ProviderSpec) -> str:
 # --------------------------------------------------------------------------- files
 
 
+def native(master: Path) -> Precision:
+    """The precision a master is in: an exporter's ``<type>_fp16.onnx`` is FP16."""
+    return "fp16" if Path(master).name.endswith("_fp16.onnx") else "fp32"
+
+
 def variant_path(master: Path, precision: Precision) -> Path:
-    """``<dir>/<model_type>.<precision>.onnx``; fp32 is the master itself."""
+    """``<dir>/<stem>.<precision>.onnx``; the master's own precision is the master itself."""
     master = Path(master)
     _check_precision(precision)
-    if precision == "fp32":
+    if precision == native(master):
         return master
     return master.with_name(f"{master.stem}.{precision}.onnx")
 
@@ -271,6 +278,30 @@ def _to_fp16(master: Path) -> Any:
     return converted
 
 
+def _to_fp32(master: Path) -> Any:
+    """An FP16 export widened to FP32: weights, constants, casts and I/O. The CPU runs FP32
+    natively; on FP16 it inserts a cast around every operator it has no FP16 kernel for."""
+    half, full = TensorProto.FLOAT16, TensorProto.FLOAT
+    model = onnx.load(str(master))
+    graph = model.graph
+    for init in graph.initializer:
+        if init.data_type == half:
+            init.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+            )
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type == half:
+            value.type.tensor_type.elem_type = full
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
+                attr.i = full
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == half:
+                arr = numpy_helper.to_array(attr.t).astype(np.float32)
+                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+    return model
+
+
 def _to_int8(master: Path) -> Any:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -278,8 +309,13 @@ def _to_int8(master: Path) -> Any:
     with tempfile.TemporaryDirectory(prefix="mltasks-int8-") as tmp, _quiet_root_logger():
         pre = Path(tmp) / "pre.onnx"
         out = Path(tmp) / "int8.onnx"
-        # Symbolic shape inference would need sympy and gains nothing on these graphs.
-        quant_pre_process(onnx.load(str(master)), str(pre), skip_symbolic_shape=True)
+        src = Path(tmp) / "src.onnx"
+        source = onnx.load(str(master)) if native(master) == "fp32" else _to_fp32(master)
+        onnx.save(source, str(src))
+        # Symbolic shape inference would need sympy and gains nothing on these graphs. Paths
+        # inside the temporary folder: a ModelProto would be written out with its tensors as
+        # external data, which onnx then refuses to read back.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         # The ModelProto form: given a path, quantize_dynamic writes a temporary
         # "-inferred" copy beside the input, i.e. into the live models directory.
         quantize_dynamic(
@@ -292,10 +328,11 @@ def build_variant(master: Path, precision: Precision) -> Path:
     """Build (unconditionally) the ``precision`` variant of ``master``; returns its path."""
     master = Path(master)
     _check_precision(precision)
-    if precision == "fp32":
+    if precision == native(master):
         return master
     master_sha = _sha256(master)
-    model = _to_fp16(master) if precision == "fp16" else _to_int8(master)
+    build = {"fp16": _to_fp16, "fp32": _to_fp32, "int8": _to_int8}[precision]
+    model = build(master)
     props = {p.key: p.value for p in model.metadata_props}
     props.update({MASTER_SHA_KEY: master_sha, RECIPE_KEY: RECIPES[precision]})
     del model.metadata_props[:]
@@ -317,7 +354,7 @@ def ensure_variant(master: Path, precision: Precision, master_sha: str | None = 
     bytes or by another recipe."""
     master = Path(master)
     target = variant_path(master, precision)
-    if precision == "fp32":
+    if precision == native(master):
         return target
     props = _recorded(target)
     want = {MASTER_SHA_KEY: master_sha or _sha256(master), RECIPE_KEY: RECIPES[precision]}
@@ -368,11 +405,43 @@ def agreement(
     x = np.ascontiguousarray(states, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != STATE_DIM or x.shape[0] == 0:
         raise ValueError(f"states must be [N>0, {STATE_DIM}], got {x.shape}")
-    ref = _run(_session(Path(master_path), providers), x)
-    got = _run(_session(Path(variant_path), providers), x)
+    named = _model_of(Path(master_path))
+    if named is None:  # a file outside the family's names: one [N, 64] input, output 0
+        ref = _run(_session(Path(master_path), providers), x)
+        got = _run(_session(Path(variant_path), providers), x)
+    else:
+        ref = _family_output(Path(master_path), *named, x, providers)
+        got = _family_output(Path(variant_path), *named, x, providers)
     if got.shape != ref.shape:
         raise ValueError(f"variant output shape {got.shape}, master {ref.shape}")
+    if ref.shape[1] == 1:  # a threat score: agreement within 0.05
+        return float(np.mean(np.abs(ref - got) < 0.05))
     return float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1)))
+
+
+def _model_of(master: Path) -> tuple[str, str] | None:
+    """(archetype, type) a master's path names, or None."""
+    stem = master.name.removesuffix(".onnx").removesuffix("_fp16")
+    if master.parent.name in ARCHETYPES and stem in MODEL_TYPES:
+        return master.parent.name, stem
+    return None
+
+
+def _family_output(
+    path: Path,
+    archetype: str,
+    model_type: str,
+    states: FloatArray,
+    providers: Sequence[ProviderSpec],
+) -> npt.NDArray[np.float32]:
+    """The model's action scores (or threat column), fed as the service feeds it."""
+    from mltasks.models.loaded import load_model
+
+    out = load_model(path, archetype, model_type, providers).run(states)
+    scores = out.scores if out.scores is not None else out.threat
+    if scores is None:
+        raise ValueError(f"{path}: no scores and no threat to compare")
+    return scores if scores.ndim == 2 else scores[:, None]
 
 
 def _read_verdicts(path: Path) -> dict[str, Any]:
@@ -387,7 +456,7 @@ def _reject(
     master: Path, precision: Precision, provider: str, score: float | None, reason: str
 ) -> None:
     log.warning(
-        "%s variant of %s rejected (%s): serving the fp32 master",
+        "%s variant of %s rejected (%s): serving the master",
         precision,
         master,
         reason,
@@ -419,8 +488,8 @@ def resolve(
     """
     master = Path(master)
     _check_precision(precision)
-    if precision == "fp32":
-        return master, "fp32"
+    if precision == native(master):
+        return master, precision
     chain = providers_for(provider)
     ep = _provider_name(chain[0])
     x = heldout_states() if states is None else np.ascontiguousarray(states, dtype=np.float32)
@@ -433,7 +502,7 @@ def resolve(
             variant = ensure_variant(master, precision, master_sha)
         except Exception as exc:
             _reject(master, precision, ep, None, f"build failed: {exc}")
-            return master, "fp32"
+            return master, native(master)
         key = {
             "master_sha256": master_sha,
             "variant_sha256": _sha256(variant),
@@ -470,7 +539,7 @@ def resolve(
     if verdict.get("accepted") is True:
         return variant, precision
     _reject(master, precision, ep, verdict.get("agreement"), str(verdict.get("reason")))
-    return master, "fp32"
+    return master, native(master)
 
 
 # --------------------------------------------------------------------------- benchmark
