@@ -236,7 +236,7 @@ class FallbackConfig:
     # (execution provider, precision) per model level.
     level1: str = "cuda:fp16"
     level2: str = "tensorrt:int8"
-    level3: str = "cpu:fp32"
+    level3: str = "cpu:int8"
 
     def __post_init__(self) -> None:
         _range("fallback.start_level", self.start_level, 1, 5)

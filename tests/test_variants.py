@@ -19,8 +19,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from mltasks.config import Config
 from mltasks.contract import N_ACTIONS, STATE_DIM
 from mltasks.models import variants as v
+from mltasks.models.engine import level_plan
 from mltasks.state import sample_states
 
 # Demo models whose int8 and fp16 variants agree with the master well above 99%
@@ -184,8 +186,16 @@ def test_touched_master_with_same_bytes_is_not_rebuilt(
     assert variant.stat().st_mtime_ns == stamp
 
 
-def test_changed_master_is_rebuilt_even_when_older(masters: list[Path]) -> None:
-    master, other = masters
+def test_changed_master_is_rebuilt_even_when_older(master: Path, tmp_path: Path) -> None:
+    from mltasks.models.demo import write_demo_models
+
+    (other,) = [
+        p
+        for p in write_demo_models(
+            tmp_path / "retrained", seed=1, archetypes=["aggressive"], precision="fp32"
+        )
+        if p.name == master.name
+    ]
     v.resolve(master, "int8")
     variant = v.variant_path(master, "int8")
     old_variant = variant.read_bytes()
@@ -263,14 +273,12 @@ def test_different_states_are_verified_again(master: Path) -> None:
 
 
 def test_levels_pair_providers_and_precisions() -> None:
-    assert [(lv.level, lv.provider, lv.precision) for lv in v.LEVELS] == [
-        (1, "CUDAExecutionProvider", "fp16"),
-        (2, "TensorrtExecutionProvider", "int8"),
-        (3, "CPUExecutionProvider", "fp32"),
+    fb = Config().fallback
+    assert [fb.level_profile(n) for n in (1, 2, 3)] == [
+        ("cuda", "fp16"),
+        ("tensorrt", "int8"),
+        ("cpu", "int8"),
     ]
-    assert all(lv.precision != "fp16" for lv in v.LEVELS if lv.provider == v.CPU)
-    with pytest.raises(ValueError, match="no fallback level"):
-        v.level(4)
 
 
 def test_gpu_requests_fall_back_to_cpu_here() -> None:
@@ -278,8 +286,8 @@ def test_gpu_requests_fall_back_to_cpu_here() -> None:
     assert v.providers_for("CUDAExecutionProvider") == ["CPUExecutionProvider"]
     assert v.providers_for("TensorrtExecutionProvider") == ["CPUExecutionProvider"]
     assert v.providers_for("CPUExecutionProvider") == ["CPUExecutionProvider"]
-    for number in (1, 2, 3):
-        assert v.plan(number) == (["CPUExecutionProvider"], "fp32")
+    for number in (1, 2, 3):  # a GPU level on the CPU takes the CPU level's precision
+        assert level_plan(Config(), number) == (["CPUExecutionProvider"], "int8")
     with pytest.raises(ValueError, match="unknown execution provider"):
         v.providers_for("ROCMExecutionProvider")
 
@@ -327,9 +335,9 @@ def test_plan_keeps_the_gpu_precision_when_the_gpu_is_there(
         v.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     monkeypatch.setattr(v, "gpu_count", lambda: 1)
-    chain, precision = v.plan(1)
+    chain, precision = level_plan(Config(), 1)
     assert chain[0] == ("CUDAExecutionProvider", {"device_id": 0}) and precision == "fp16"
-    assert v.plan(2)[1] == "int8"
+    assert level_plan(Config(), 2)[1] == "int8"
 
 
 # --------------------------------------------------------------------------- benchmark

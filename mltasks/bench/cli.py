@@ -33,6 +33,7 @@ import psycopg
 import redis
 
 from mltasks.bench import BenchError, bulkreport
+from mltasks.bench import inserts as inserts_mod
 from mltasks.bench import models as models_mod
 from mltasks.bench import precisions as precisions_mod
 from mltasks.bench.bulkrun import (
@@ -265,7 +266,14 @@ def add_parser(subparsers: Any) -> None:
         help="run a failed step again this often; it holds if any attempt held",
     )
     bulk.add_argument("--max-rate", type=float, default=40000.0, help="stop climbing here")
-    bulk.add_argument("--floor", action="store_true", help="also run the floor, alternating")
+    bulk.add_argument(
+        "--floor",
+        nargs="?",
+        const="plain",
+        choices=("plain", "model", "both"),
+        help="also run a floor, alternating: plain (the default), model (the same models in "
+        "one process, no broker; compared to the plain floor like a service), or both",
+    )
     bulk.add_argument("--no-service", action="store_true", help="skip the service runs")
     bulk.add_argument(
         "--states",
@@ -341,6 +349,23 @@ def add_parser(subparsers: Any) -> None:
     mod.add_argument("--budget-s", type=float, default=2.0, help="seconds per cell at most")
     mod.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     mod.set_defaults(func=models_command)
+
+    ins = sub.add_parser(
+        "inserts",
+        help="the game's INSERT rate and latency with and without the NOTIFY trigger",
+        description=inserts_mod.__doc__,
+        formatter_class=raw,
+    )
+    ins.add_argument("--clients", type=_counts, default=[8, 32], help="(default: 8,32)")
+    ins.add_argument("--duration", type=float, default=5.0, help="seconds per run (default: 5)")
+    ins.add_argument("--rounds", type=int, default=2, help="on/off pairs per client count")
+    ins.add_argument(
+        "--database-url",
+        default=DEFAULT_BENCH_URL,
+        help="benchmark database (dropped and recreated; its name must say bench)",
+    )
+    ins.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    ins.set_defaults(func=inserts_command)
 
 
 def ensure_models(models_dir: Path, layout: str = DEFAULT_LAYOUT) -> Path:
@@ -609,8 +634,11 @@ def bulk_command(args: argparse.Namespace) -> int:
     recreate_database(args.database_url)
     with _workspace(args) as (work, models_dir):
         responders: list[Responder] = []
-        if args.floor:
+        if args.floor in ("plain", "both"):
             responders.append(floor_responder(args.database_url, logs))
+        if args.floor in ("model", "both"):
+            first = _settings(args, work, models_dir, logs, level=args.level[0], caching=False)
+            responders.append(model_floor_responder(first, logs))
         if not args.no_service:
             seen: set[str] = set()
             for level in args.level:
@@ -668,6 +696,24 @@ def cache_command(args: argparse.Namespace) -> int:
 
 
 # -- precisions ---------------------------------------------------------------------------
+
+
+def inserts_command(args: argparse.Namespace) -> int:
+    started = datetime.now().astimezone()
+    out = _out_dir(args, started)
+    rows = inserts_mod.run(args.database_url, args.clients, args.duration, args.rounds)
+    report = {
+        "kind": "inserts",
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "machine": machine(),
+        "runs": rows,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = inserts_mod.markdown(rows, _command_line())
+    (out / "report.md").write_text(md)
+    print(md)
+    return 0
 
 
 def models_command(args: argparse.Namespace) -> int:

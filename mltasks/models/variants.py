@@ -47,7 +47,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict, get_args
@@ -61,7 +60,6 @@ from onnx import TensorProto, numpy_helper
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
 from mltasks.files import write_atomic
 from mltasks.hardware import gpu_count
-from mltasks.health import Tier
 from mltasks.state import sample_states
 
 log = logging.getLogger(__name__)
@@ -93,42 +91,7 @@ _VERDICT_VERSION: Final = 1
 FloatArray = npt.NDArray[np.float32]
 
 
-# --------------------------------------------------------------------------- levels
-
-
-@dataclass(frozen=True, slots=True)
-class Level:
-    """One rung of the degradation ladder: where a model runs and at which precision."""
-
-    level: int
-    tier: Tier
-    provider: str
-    precision: Precision
-
-
-LEVELS: Final[tuple[Level, ...]] = (
-    Level(1, "gpu_fp16", CUDA, "fp16"),
-    # TensorRT first where the build has it, CUDA otherwise (see providers_for).
-    # Unverified here (no GPU): the int8 file is *dynamic* quantisation (uint8
-    # activations, MatMulInteger); TensorRT wants QDQ models and CUDA's integer
-    # matmul may not take uint8 inputs, so on a GPU host check where those nodes
-    # land (session profiling) before counting on this level being a GPU one.
-    Level(2, "gpu_int8", TENSORRT, "int8"),
-    # The fastest CPU precision measured on the demo models (time_precisions, ORT 1.32,
-    # one thread): fp32.  Dynamic int8 re-quantises the activations on every call,
-    # which costs more than it saves on 64x48x10 MLPs (+27% at batch 1, +12% at 128,
-    # break-even at 1024); fp16 has no CPU Gemm kernel, so ORT casts it back to fp32 and
-    # only adds a Cast.  Re-measure with `fastest_precision` when larger models land.
-    Level(3, "cpu", CPU, "fp32"),
-)
-
-
-def level(number: int) -> Level:
-    """The default (provider, precision) of fallback level ``number`` (1..3)."""
-    for lv in LEVELS:
-        if lv.level == number:
-            return lv
-    raise ValueError(f"no fallback level {number}; expected 1..{len(LEVELS)}")
+# --------------------------------------------------------------------------- providers
 
 
 def _gpu_usable(provider: str) -> bool:
@@ -160,19 +123,6 @@ def providers_for(level_provider: str, device_id: int = 0) -> list[ProviderSpec]
         )
     chain.append(CPU)
     return chain
-
-
-def plan(number: int, device_id: int = 0) -> tuple[list[ProviderSpec], Precision]:
-    """Providers and precision for a fallback level as this host can actually run it.
-
-    When a GPU level lands on the CPU, the precision becomes the CPU level's
-    (fp16 on the CPU would be the slowest choice of all).
-    """
-    lv = level(number)
-    chain = providers_for(lv.provider, device_id)
-    if _provider_name(chain[0]) == CPU and lv.provider != CPU:
-        return chain, level(len(LEVELS)).precision
-    return chain, lv.precision
 
 
 def _provider_name(spec: ProviderSpec) -> str:
