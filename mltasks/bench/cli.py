@@ -68,7 +68,6 @@ from mltasks.bench.responders import (
     service_responder,
 )
 from mltasks.bench.service import LEVELS, POOLS, Pool, ServiceSettings, default_pool
-from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
 from mltasks.state import DEFAULT_LAYOUT, LAYOUT_NAMES
 
@@ -369,9 +368,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def ensure_models(models_dir: Path, layout: str = DEFAULT_LAYOUT) -> Path:
-    """The 54 demo models in ``models_dir``, written only when some are missing."""
-    expected = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in MODEL_TYPES]
-    if all(p.is_file() for p in expected):
+    """The demo models in ``models_dir``, written only into a folder that holds none (any
+    model a discovery finds, in either name, counts: never write over someone's models)."""
+    from mltasks.models.discovery import discover
+
+    found, _ = discover(models_dir)
+    if found:
         return models_dir
     from mltasks.models.demo import write_demo_models
 
