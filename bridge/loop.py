@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -114,50 +115,74 @@ class Bridge:
 
     # -- one round ----------------------------------------------------------------------
 
-    def claim(self) -> list[tuple[Any, ...]]:
+    def claim(self) -> tuple[str, list[tuple[Any, ...]]]:
+        """Claim a batch under a fresh random token: (token, rows).
+
+        Rows the claim itself answered `invalid` (a state that is not 64 values) come
+        back without their state and with the reason in their last column.
+        """
         inf = self.config.inference
+        token = secrets.token_hex(16)
         with self._errors("claiming"):
             # Binary results: the 64 state values per row load 4x cheaper than from text
             # (0.26 against 1.0 ms of CPU for 64 rows here), and the same Python floats.
             cur = self._connection().execute(
                 query("claim_batch"),
-                {"limit": inf.batch_size, "deadline_s": inf.max_latency_ms / 1000.0},
+                {
+                    "limit": inf.batch_size,
+                    "deadline_s": inf.max_latency_ms / 1000.0,
+                    "token": token,
+                },
                 binary=True,
             )
-            return cur.fetchall()
+            return token, cur.fetchall()
 
     def step(self) -> int:
         """Claim one batch and send it; returns how many rows were claimed."""
-        rows = self.claim()
+        token, rows = self.claim()
         if not rows:
             return 0
         self.claimed += len(rows)
+        invalid = [r for r in rows if r[7] is not None]
+        if invalid:
+            self.answered_here += len(invalid)
+            metrics.observe_answers(
+                {"invalid": len(invalid)}, metrics.seconds_since(r[6] for r in invalid)
+            )
+            rows = [r for r in rows if r[7] is None]
         # A row travels as [request_id, archetype, mob_id, state_vector, monster_id].
         overdue = [r for r in rows if r[5]]
         fresh = [r for r in rows if not r[5]]
         if overdue:
             self._expire([r[0] for r in overdue], "deadline", [r[6] for r in overdue])
         if fresh:
-            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh])
-        return len(rows)
+            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh], token)
+        return len(rows) + len(invalid)
 
-    def dispatch(self, rows: Sequence[Sequence[Any]], created: Sequence[float] = ()) -> None:
+    def dispatch(
+        self, rows: Sequence[Sequence[Any]], created: Sequence[float] = (), token: str = ""
+    ) -> None:
         """Send a batch to the queue of the current level; level 5 is answered here.
 
-        ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics.
+        ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics;
+        ``token`` is the claim's (the answer must bring it back).
         """
         level = self.level
         if level >= Level.TRADITIONAL:
-            self.answer_here(rows, rules=False, reason="fallback_level_5", created=created)
+            self.answer_here(
+                rows, rules=False, reason="fallback_level_5", created=created, token=token
+            )
             return
         queue = LEVEL_QUEUE[level]
         if time.monotonic() < self._publish_blocked_until:
             # The broker failed a moment ago: do not stall every batch on it.
-            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
+            self.answer_here(
+                rows, rules=True, reason="broker_unavailable", created=created, token=token
+            )
             return
         try:
             waiting = self.publisher.publish(
-                queue, [rows, level, time.time(), list(created)], len(rows)
+                queue, [rows, level, time.time(), list(created), token], len(rows)
             )
         except Exception as exc:  # any broker failure: answer now, never strand the rows
             log.error(
@@ -168,7 +193,9 @@ class Bridge:
                 extra={"event": "publish_failed", "queue": queue},
             )
             self._publish_blocked_until = time.monotonic() + PUBLISH_PAUSE_S
-            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
+            self.answer_here(
+                rows, rules=True, reason="broker_unavailable", created=created, token=token
+            )
             return
         self.sent += len(rows)
         if waiting >= self.config.inference.max_waiting_batches:
@@ -183,6 +210,7 @@ class Bridge:
         rules: bool,
         reason: str,
         created: Sequence[float] = (),
+        token: str = "",
     ) -> None:
         """Answer in this process: the rule policy where allowed, else 255."""
         if rules:
@@ -191,7 +219,7 @@ class Bridge:
         else:
             answers = [traditional(int(r[0]), reason) for r in rows]
         with self._errors("answering"):
-            write_answers(self._connection(), answers)
+            write_answers(self._connection(), answers, token)
         self.answered_here += len(answers)
         metrics.observe_answers(metrics.count_outcomes(answers), metrics.seconds_since(created))
 

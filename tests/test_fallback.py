@@ -22,6 +22,7 @@ from mltasks.health import Readings
 from mltasks.worker import Monitor
 from tests import game
 from tests.conftest import wait_for
+from tests.game import TOKEN, claim
 from tests.world import World
 
 STATE = [0.8, 0.5] + [0.0] * 62
@@ -178,8 +179,8 @@ def test_rule_failures_take_the_service_to_level_5(
     store.set(4, "test")
     for _i in range(config.fallback.failure_threshold):
         rid = game.insert(pg, STATE)
-        pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-        infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 4]).get()
+        claim(pg, rid)
+        infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 4, 0.0, None, TOKEN]).get()
         assert game.poll(pg, rid) == (255, 0.0)  # still answered, never stranded
     assert store.read().level == 5
 
@@ -203,8 +204,8 @@ def test_out_of_memory_degrades_at_once(
     monkeypatch.setattr(LoadedModel, "logits", oom)
     store.set(3, "test")
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-    infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 3]).get()
+    claim(pg, rid)
+    infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 3, 0.0, None, TOKEN]).get()
     assert game.poll(pg, rid) == (255, 0.0)
     state = store.read()
     assert (state.level, state.reason) == (4, "out of memory")
@@ -219,8 +220,8 @@ def test_no_usable_model_at_all_means_level_5(
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path)))
     store.set(3, "test")
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-    infer_batch.apply(args=[[[rid, "mage", 1002, STATE]], 3]).get()
+    claim(pg, rid)
+    infer_batch.apply(args=[[[rid, "mage", 1002, STATE]], 3, 0.0, None, TOKEN]).get()
     assert store.read().level == 5
 
 
