@@ -141,8 +141,10 @@ class Monitor:
                 if loaded is not None:
                     doc["models_loaded"] = loaded
             self.store.publish_health(queue, {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]}, doc)
-        current = self.store.read().level
-        metrics.set_fallback_level(current)
+        # The level this worker's tier is judged at is the one that serves: the shared
+        # level, or a lower one when the tiers above it have no consumer (no GPU worker).
+        state, current = self.store.served(self.queues)
+        metrics.set_fallback_level(state.level)
         healthy, reason = tiers.get(current, (True, ""))
         if healthy:
             return None

@@ -129,23 +129,62 @@ def test_unreadable_redis_keeps_the_last_known_level(config: Config, store: Leve
 
 
 @pytest.mark.parametrize(
-    ("queues", "start", "probe", "after"),
+    ("queues", "start", "probe", "after", "others"),
     [
-        ("gpu", 1, readings(vram_used_bytes=int(7.8 * (1 << 30))), 2),  # VRAM above 95%
-        ("gpu", 2, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3),
-        ("gpu", 1, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3),
-        ("cpu", 3, readings(cpu_load_per_core=9.0), 4),
-        ("cpu", 3, readings(queue_lag_s=0.5), 4),
-        ("cpu", 2, readings(cpu_load_per_core=9.0), 2),  # not this worker's level: untouched
-        ("gpu", 1, readings(), 1),
+        ("gpu", 1, readings(vram_used_bytes=int(7.8 * (1 << 30))), 2, ()),  # VRAM above 95%
+        ("gpu", 2, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3, ()),
+        ("gpu", 1, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3, ()),
+        ("cpu", 3, readings(cpu_load_per_core=9.0), 4, ()),
+        ("cpu", 3, readings(queue_lag_s=0.5), 4, ()),
+        # a GPU worker serves level 2: the CPU tier's load is not the service's
+        ("cpu", 2, readings(cpu_load_per_core=9.0), 2, ("gpu",)),
+        ("gpu", 1, readings(), 1, ()),
+        # no GPU worker: the CPU tier serves although the shared level reads 1 or 2
+        ("cpu", 1, readings(cpu_load_per_core=9.0), 4, ("rules",)),
+        ("cpu", 2, readings(queue_lag_s=0.5), 4, ()),
+        ("cpu", 1, readings(), 1, ()),
     ],
 )
 def test_probe_readings_move_the_level_down(
-    config: Config, store: LevelStore, queues: str, start: int, probe: Readings, after: int
+    config: Config,
+    store: LevelStore,
+    queues: str,
+    start: int,
+    probe: Readings,
+    after: int,
+    others: tuple[str, ...],
 ) -> None:
     store.set(start, "test")
+    for q in others:
+        store.beat([q], 10_000)
     Monitor(config, [queues], store).evaluate(probe)
     assert store.read().level == after
+
+
+def test_without_a_gpu_worker_failed_batches_degrade_from_the_level_that_serves(
+    config: Config, store: LevelStore
+) -> None:
+    # Nothing ever set the shared level: it reads the start level, 1, while cpu serves.
+    assert store.read().level == 1
+    store.beat(["cpu", "rules"], 10_000)
+    n = config.fallback.failure_threshold
+    assert not any(store.report_failure(3, "boom") for _ in range(n - 1))
+    assert store.report_failure(3, "boom")
+    assert store.read().level == 4
+    # ... but not while a GPU worker serves above: a late CPU batch moves nothing.
+    store.set(1, "test")
+    store.beat(["gpu"], 10_000)
+    assert not any(store.report_failure(3, "boom") for _ in range(n))
+    assert not store.degrade(5, "no usable model", from_level=3)
+    assert store.read().level == 1
+
+
+def test_without_a_gpu_worker_no_usable_model_means_level_5(
+    config: Config, store: LevelStore
+) -> None:
+    store.beat(["cpu"], 10_000)
+    assert store.degrade(5, "no usable model", from_level=3)
+    assert store.read().level == 5
 
 
 def test_healthy_probes_start_the_hysteresis_clock_and_bad_ones_reset_it(
