@@ -52,6 +52,11 @@ HOUSEKEEPING_EVERY_S = 0.25
 CONGESTION_RECHECK_S = 0.002
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
+# A full queue holds rows back in PostgreSQL for at most this share of their deadline
+# (inference.max_latency_ms); past it the rows go to the next live tier below, or are
+# answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
+# hold-back: the ones before it were claimed.)
+HOLD_BACK_SHARE = 0.5
 
 
 class Bridge:
@@ -79,9 +84,11 @@ class Bridge:
         self.sent = 0
         self.expired = 0
         self.answered_here = 0
-        # The queue a publish found full (None: not congested), and when it was looked at.
-        self._congested_on: str | None = None
-        self._congested_at = 0.0
+        # Queues a publish found full: since when (monotonic), and when last looked at.
+        self._held: dict[str, float] = {}
+        self._looked: dict[str, float] = {}
+        self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
+        self.diverted = 0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = redis.Redis.from_url(
@@ -174,6 +181,16 @@ class Bridge:
             )
             return
         queue = LEVEL_QUEUE[level]
+        if self._lapsed(queue):
+            # Its queue has been full as long as the rows may wait: the next live tier
+            # below whose queue has room, else the rule policy here. Never a timeout.
+            below = self._next_tier(level)
+            if below is None:
+                self.diverted += len(rows)
+                self.answer_here(rows, rules=True, reason="congested", created=created, token=token)
+                return
+            level, queue = below, LEVEL_QUEUE[below]
+            self.diverted += len(rows)
         if time.monotonic() < self._publish_blocked_until:
             # The broker failed a moment ago: do not stall every batch on it.
             self.answer_here(
@@ -199,9 +216,13 @@ class Bridge:
             return
         self.sent += len(rows)
         if waiting >= self.config.inference.max_waiting_batches:
-            # The tier is busy: let rows gather until the queue has room again.
-            self._congested_on = queue
-            self._congested_at = time.monotonic()
+            # The tier is busy: let rows gather until the queue has room again (for at
+            # most hold_back_s from when it was first found full).
+            now = time.monotonic()
+            self._held.setdefault(queue, now)
+            self._looked[queue] = now
+        else:
+            self._held.pop(queue, None)
 
     def answer_here(
         self,
@@ -284,32 +305,53 @@ class Bridge:
                 metrics.observe_answers({"expired": cur.rowcount}, [])
 
     def congested(self) -> bool:
-        """True while the tier's queue holds ``max_waiting_batches`` batches or more.
+        """True while the tier's queue holds ``max_waiting_batches`` batches or more, for
+        at most ``hold_back_s`` since it was found full.
 
         Then the bridge stops claiming and lets rows gather in PostgreSQL: when the queue
         has room again they leave as one larger batch instead of many one-row batches, so
         the per-batch cost (broker, acks, one database write) is shared by more decisions.
         Each publish tells how many batches wait (bridge.publish); a full queue is looked
-        at again every CONGESTION_RECHECK_S.
+        at again every CONGESTION_RECHECK_S. A hold-back that lapsed claims again, and
+        `dispatch` sends the rows elsewhere: a stuck worker (a huge batch, a worker that
+        does not read yet) never keeps rows past their deadline.
         """
-        queue = self._congested_on
-        if queue is None:
+        queue = LEVEL_QUEUE.get(self.level)
+        if queue is None or not self._full(queue):
             return False
-        if queue != LEVEL_QUEUE.get(self.level):
-            # The route moved (a tier went away, or level 5): its old queue does not count.
-            self._congested_on = None
+        return not self._lapsed(queue)
+
+    def _full(self, queue: str) -> bool:
+        """Whether ``queue`` was found full and still is (LLEN at most every 2 ms)."""
+        if queue not in self._held:
             return False
         now = time.monotonic()
-        if now - self._congested_at < CONGESTION_RECHECK_S:
+        if now - self._looked.get(queue, 0.0) < CONGESTION_RECHECK_S:
             return True
-        self._congested_at = now
+        self._looked[queue] = now
         try:
             waiting = int(self._broker.llen(queue))
         except (redis.RedisError, OSError):
             waiting = 0  # the publish will find out, and answer with the rules
         if waiting < self.config.inference.max_waiting_batches:
-            self._congested_on = None
-        return self._congested_on is not None
+            self._held.pop(queue, None)
+            return False
+        return True
+
+    def _lapsed(self, queue: str) -> bool:
+        """Full for longer than rows may be held back."""
+        since = self._held.get(queue)
+        return (
+            since is not None and time.monotonic() - since >= self.hold_back_s and self._full(queue)
+        )
+
+    def _next_tier(self, level: int) -> int | None:
+        """The first level below ``level`` with a live consumer and room in its queue."""
+        for lower in range(level + 1, Level.TRADITIONAL):
+            queue = LEVEL_QUEUE[lower]
+            if self.live.get(queue) and queue != LEVEL_QUEUE[level] and not self._full(queue):
+                return lower
+        return None
 
     def drain(self) -> int:
         """Claim until the table has no pending row left, or the tier is congested."""
@@ -343,7 +385,8 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
-                timeout = CONGESTION_RECHECK_S if self._congested_on else poll_s
+                full = LEVEL_QUEUE.get(self.level) in self._held
+                timeout = CONGESTION_RECHECK_S if full else poll_s
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:
@@ -361,11 +404,13 @@ class Bridge:
         self._broker.close()
         self.store.redis.close()
         log.info(
-            "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge",
+            "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge, "
+            "%d diverted from a full queue",
             self.claimed,
             self.sent,
             self.expired,
             self.answered_here,
+            self.diverted,
             extra={"event": "bridge_stopped"},
         )
 

@@ -249,6 +249,31 @@ class LevelStore:
                 pipe.pexpire(keys.workers(q), ttl_ms)
         pipe.execute()
 
+    def publish_problem(self, queues: Iterable[str], member: str, problem: str | None) -> None:
+        """Why the worker ``member`` does not serve ``queues`` (None: it does), for status."""
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            key = keys.problems(q)
+            if problem is None:
+                pipe.hdel(key, member)
+            else:
+                pipe.hset(key, member, json.dumps({"at": time.time(), "problem": problem}))
+                pipe.expire(key, keys.PROBES_TTL_S)
+        pipe.execute()
+
+    def problems(self, queue: str, max_age_s: float = keys.PROBES_TTL_S) -> dict[str, str]:
+        """Workers that said, within ``max_age_s``, why they do not serve ``queue``."""
+        raw: Any = self.redis.hgetall(keys.problems(queue))
+        now, out = time.time(), {}
+        for member, doc in raw.items():
+            try:
+                d = json.loads(doc)
+                if now - float(d["at"]) <= max_age_s:
+                    out[member.decode()] = str(d["problem"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
     def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
         """This process loaded ``count`` models to serve ``queue``."""
         pipe = self.redis.pipeline(transaction=False)

@@ -115,6 +115,8 @@ class WorkerInfo:
     live: bool
     count: int | None  # None: the workers do not publish a count (only the heartbeat)
     heartbeat_age_ms: float | None
+    # Workers of this queue that do not serve, and why (no database, no model): <host:pid>
+    not_serving: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -212,6 +214,7 @@ class _RedisView:
     health: dict[str, dict[str, Any]]
     cache: dict[str, float]
     broker: dict[str, int]
+    problems: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
@@ -233,6 +236,7 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
             pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
         rates = {str(layer): rate for layer, rate in hit_rates(client, window_s, now).items()}
+        problems = {q: store.problems(q) for q in QUEUES}
     finally:
         client.close()
     recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]
@@ -261,7 +265,9 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         )
     finally:
         bclient.close()
-    return _RedisView((state.level, state.reason, since), beats, counts, health, rates, broker)
+    return _RedisView(
+        (state.level, state.reason, since), beats, counts, health, rates, broker, problems
+    )
 
 
 def _read_postgres(
@@ -413,6 +419,9 @@ def assess(status: Status, config: Config) -> list[tuple[str, str]]:
             problems.append(
                 ("level", f"level {lv.level} is worse than the reachable level {lv.ceiling}")
             )
+    for queue, w in status.workers.items():
+        for member, why in sorted(w.not_serving.items()):
+            problems.append(("workers", f"worker {member} does not serve {queue!r}: {why}"))
     m = status.models
     if m is not None and m.loaded is not None and m.loaded < m.expected:
         problems.append(("models", f"{m.loaded}/{m.expected} models load ({m.source})"))
@@ -464,6 +473,7 @@ def collect(
                 live[q],
                 view.counts[q],
                 None if view.beats[q] is None else round((view.beats[q] or 0.0) * 1000, 1),
+                view.problems.get(q, {}),
             )
             for q in QUEUES
         }
@@ -598,6 +608,9 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
         else:
             count = "live" if w.count is None else f"{w.count} live"
             value = f"{count} (heartbeat {_ms(w.heartbeat_age_ms)} ago)"
+        if w.not_serving:
+            whys = sorted(set(w.not_serving.values()))
+            value += f"; {len(w.not_serving)} not serving: " + "; ".join(whys)
         needed = status.level is not None and LEVEL_QUEUE.get(status.level.level) == name
         out.append((f"workers {name}", value, state(w.live) if needed else "-"))
     return out

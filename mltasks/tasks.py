@@ -34,11 +34,12 @@ from mltasks.logs import configure_logging
 from mltasks.responses import valid_request_id, write_answers
 from mltasks.rules import RULES
 from mltasks.sql import query
-from mltasks.worker import MonitorStep, worker_queues
+from mltasks.worker import ConsumingStep, MonitorStep, worker_queues
 
 log = logging.getLogger(__name__)
 
 app.steps["worker"].add(MonitorStep)
+app.steps["consumer"].add(ConsumingStep)
 
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None

@@ -374,10 +374,17 @@ def test_recovery_climbs_one_level_after_a_canary(world: World, queue: str, star
     assert world.redis.get(keys.canary(result.canary_id or "")) == b"ok"
 
 
-def test_failed_canary_backs_off_and_doubles(world: World, tmp_path: Path) -> None:
-    empty = tmp_path / "no-models"
-    empty.mkdir()
-    world.start_worker("cpu", models_dir=empty)  # alive and healthy, but no model to serve
+def test_failed_canary_backs_off_and_doubles(
+    world: World, tmp_path: Path, models_dir: Path
+) -> None:
+    import shutil
+
+    # Alive and healthy, but with one archetype's model only: canaries get 255s. (With no
+    # model at all it would not beat: a worker that cannot answer does not look healthy.)
+    few = tmp_path / "few-models"
+    (few / "tank").mkdir(parents=True)
+    shutil.copy(models_dir / "tank" / "combat_dqn.onnx", few / "tank" / "combat_dqn.onnx")
+    world.start_worker("cpu", models_dir=few)
     world.store.set(4, "test")
     send = send_via(world)
     assert recovery.attempt(world.cfg, world.store, send).outcome == "canary_sent"
