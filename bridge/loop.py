@@ -7,6 +7,7 @@ them from claiming a row twice. Whatever fails after a claim, the rows are answe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -57,6 +58,14 @@ PUBLISH_PAUSE_S = 1.0
 # answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
 # hold-back: the ones before it were claimed.)
 HOLD_BACK_SHARE = 0.5
+# A row sent to a worker and still unanswered this far into its deadline is answered 255
+# here (`rescue`): its batch was lost on the way (Redis killed with it in a list, a worker
+# killed or frozen with it in hand). The game then reads a 255 in time instead of timing
+# out; a worker that answers after all finds the row answered (one answer per row).
+RESCUE_SHARE = 0.8
+# Rescues are looked for at most this often (one UPDATE on primary keys; none when no
+# batch is due).
+RESCUE_EVERY_S = 0.005
 
 
 class Bridge:
@@ -89,6 +98,10 @@ class Bridge:
         self._looked: dict[str, float] = {}
         self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
         self.diverted = 0
+        # Batches sent to a worker: (when to look for lost rows (monotonic), request ids).
+        self._in_flight: collections.deque[tuple[float, list[int]]] = collections.deque()
+        self.rescue_after_s = self.config.inference.max_latency_ms / 1000 * RESCUE_SHARE
+        self.rescued = 0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = redis.Redis.from_url(
@@ -215,6 +228,9 @@ class Bridge:
             )
             return
         self.sent += len(rows)
+        oldest = min(created, default=time.time())
+        due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
+        self._in_flight.append((due, [int(r[0]) for r in rows]))
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again (for at
             # most hold_back_s from when it was first found full).
@@ -291,6 +307,32 @@ class Bridge:
             )
         self.state = state
         self.level = level
+
+    def rescue(self) -> int:
+        """Answer 255 the rows of sent batches that are due and still unanswered."""
+        now = time.monotonic()
+        ids: list[int] = []
+        while self._in_flight and self._in_flight[0][0] <= now:
+            ids.extend(self._in_flight.popleft()[1])
+        if not ids:
+            return 0
+        with self._errors("rescuing"):
+            n = expire(self._connection(), ids, "lost")
+        if n:
+            self.rescued += n
+            metrics.observe_answers({"expired": n}, [])
+            log.warning(
+                "answered %d requests 255: their batch was not answered in %.0f ms",
+                n,
+                self.rescue_after_s * 1000,
+                extra={"event": "requests_rescued", "rows": n},
+            )
+        return n
+
+    def _next_rescue_s(self) -> float:
+        if not self._in_flight:
+            return float("inf")
+        return max(RESCUE_EVERY_S, self._in_flight[0][0] - time.monotonic())
 
     def housekeeping(self) -> None:
         """Give back rows whose lease ran out; answer rows the game gave up on unclaimed."""
@@ -385,8 +427,9 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
+                self.rescue()
                 full = LEVEL_QUEUE.get(self.level) in self._held
-                timeout = CONGESTION_RECHECK_S if full else poll_s
+                timeout = min(CONGESTION_RECHECK_S if full else poll_s, self._next_rescue_s())
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:
@@ -405,12 +448,13 @@ class Bridge:
         self.store.redis.close()
         log.info(
             "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge, "
-            "%d diverted from a full queue",
+            "%d diverted from a full queue, %d rescued",
             self.claimed,
             self.sent,
             self.expired,
             self.answered_here,
             self.diverted,
+            self.rescued,
             extra={"event": "bridge_stopped"},
         )
 

@@ -53,9 +53,13 @@ def write_answers(
 
 def expire(
     conn: psycopg.Connection[tuple[object, ...]], request_ids: Sequence[int], reason: str
-) -> None:
-    """Answer claimed rows 255 (traditional AI) with a reason, without a worker."""
+) -> int:
+    """Answer claimed rows 255 (traditional AI) with a reason, without a worker; only rows
+    still unanswered (processing) are touched. Returns how many were answered."""
     if not request_ids:
-        return
+        return 0
     with wrap_errors("expiring requests"):
-        conn.execute(query("expire_batch"), {"request_ids": sorted(request_ids), "reason": reason})
+        cur = conn.execute(
+            query("expire_batch"), {"request_ids": sorted(request_ids), "reason": reason}
+        )
+        return max(0, cur.rowcount)

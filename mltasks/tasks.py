@@ -225,8 +225,9 @@ def infer_batch(
         raise self.retry(exc=exc, countdown=0.05) from exc
     if accepted.issuperset(a.request_id for a in outcome.answers):
         outcome.remember()
-    else:  # a forged, replayed or superseded batch: nothing of it reaches the cache
-        log.warning(
+    else:  # answered meanwhile (a lost batch rescued by the bridge), replayed or forged:
+        # nothing of it reaches the cache
+        log.info(
             "%d of %d answers refused (not claimed with this token, or answered already)",
             len(outcome.answers) + len(stale) - len(accepted),
             len(outcome.answers) + len(stale),

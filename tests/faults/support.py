@@ -316,13 +316,19 @@ class Service:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str, queues: str = "cpu") -> subprocess.Popen[bytes]:
-        """`celery -A mltasks worker -Q <queues>`, prefork, one pool process."""
+    def start_worker(
+        self, name: str, queues: str = "cpu", *, as_documented: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """`celery -A mltasks worker -Q <queues>`, prefork, one pool process
+        (``as_documented``: the README's command line, mingle and gossip left on)."""
+        quiet = (
+            () if as_documented else ("--without-gossip", "--without-mingle", "--without-heartbeat")
+        )
         return self._spawn(
             name,
             worker_command(
-                queues, "--pool", "prefork", "--concurrency", "1", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-n", f"{name}@faults", "-l", "WARNING",
+                queues, "--pool", "prefork", "--concurrency", "1", *quiet,
+                "-n", f"{name}@faults", "-l", "WARNING",
             ),
         )  # fmt: skip
 
