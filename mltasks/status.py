@@ -492,7 +492,7 @@ def collect(
             ceiling=best_reachable(live, status.gpu.present),
         )
     status.models = _models(cfg, health, live, count_files)
-    if status.exit_code != UNREACHABLE:
+    if status.exit_code != UNREACHABLE or any(w.not_serving for w in status.workers.values()):
         found = assess(status, cfg)
         status.problems = [why for _, why in found]
         status.failing = sorted({what for what, _ in found})

@@ -155,7 +155,9 @@ class PostgresServer:
     (runuser, else su) in a directory chowned to it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        # With a password: scram-sha-256 on TCP (the postgres superuser's), trust otherwise.
+        self.password = password
         bindir = pg_bindir()
         if bindir is None or not (bindir / "pg_ctl").exists():
             missing("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
@@ -192,8 +194,16 @@ class PostgresServer:
         return res.stdout
 
     def init(self) -> None:
+        auth: list[object] = ["-A", "trust"]
+        if self.password is not None:
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self._su is not None:
+                owner = pwd.getpwnam("postgres")
+                os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         self._run(
-            self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+            self.bin / "initdb", "-D", self.data, "-U", "postgres", *auth,
             "-E", "UTF8", "--no-sync",
         )  # fmt: skip
 
@@ -212,8 +222,10 @@ class PostgresServer:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop")
         self.running = False
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", password: str | None = None) -> str:
+        secret = self.password if password is None else password
+        auth = f"postgres:{secret}" if secret is not None else "postgres"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
 
     def close(self) -> None:
         if self.running:
