@@ -52,7 +52,10 @@ def _worker(args: argparse.Namespace) -> int:
 def _flower(args: argparse.Namespace) -> int:
     conf = Path(__file__).with_name("flowerconfig.py")
     cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "flower", f"--conf={conf}"]
-    return subprocess.call([*cmd, *args.flower_args])
+    extra = list(args.flower_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return subprocess.call([*cmd, *extra])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "flower":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Flower's own options (--port=5598) go to Flower, in their order.
+        args.flower_args = [*extra, *args.flower_args]
     try:
         if args.config:
             os.environ["MLTASKS_CONFIG"] = args.config
