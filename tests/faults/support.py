@@ -76,7 +76,18 @@ class RedisServer:
     """A private redis-server on its own port: no persistence, so a restart comes back
     empty, as a crashed cache-only Redis does. Stop and start again keep the port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        args: Iterable[str] = (),
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        # args: more redis-server options (ACL users, a password); username and password:
+        # what this helper's own clients log in with.
+        self.args = list(args)
+        self.username = username
+        self.password = password
         exe = shutil.which("redis-server")
         if exe is None:
             missing("redis-server is not installed")
@@ -91,7 +102,8 @@ class RedisServer:
         with (self.workdir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
+                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
+                 *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -124,8 +136,9 @@ class RedisServer:
 
     def client(self, db: int = CACHE_DB, socket_timeout: float = 2.0) -> redis.Redis:
         return redis.Redis(
-            port=self.port, db=db, socket_connect_timeout=0.5, socket_timeout=socket_timeout
-        )
+            port=self.port, db=db, socket_connect_timeout=0.5, socket_timeout=socket_timeout,
+            username=self.username, password=self.password,
+        )  # fmt: skip
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.workdir / "redis.log"
