@@ -14,14 +14,33 @@ from mltasks.errors import MLTasksError
 
 
 def _db_init(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
     from mltasks.db import create_database_if_missing, init_schema
 
     cfg = get_config()
-    if args.create and create_database_if_missing(cfg.database, args.admin_url):
-        print(f"created database {cfg.database.safe_dsn}")
-    init_schema(cfg.database)
-    print(f"schema applied to {cfg.database.safe_dsn}")
+    created: list[str] = []
+    if args.create:
+        created = create_database_if_missing(cfg.database, args.admin_url, args.owner)
+    if args.create or args.admin_url:
+        user = str(conninfo_to_dict(cfg.database.conninfo).get("user") or "")
+        admin = args.admin_url or _default_admin(cfg.database.conninfo)
+        init_schema(cfg.database, admin_url=admin, owner=args.owner, runtime=user or None)
+        roles = f" (owner {args.owner}; {user or 'the runtime role'}: rows only)"
+    else:
+        init_schema(cfg.database)
+        roles = ""
+    # Said once everything worked: a half-done init does not claim success.
+    for what in created:
+        print(f"created {what}")
+    print(f"schema applied to {cfg.database.safe_dsn}{roles}")
     return 0
+
+
+def _default_admin(conninfo: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(conninfo, dbname="postgres")
 
 
 def _models_init(args: argparse.Namespace) -> int:
@@ -71,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--admin-url",
         default=None,
-        help="superuser connection used by --create (default: same server, db postgres)",
+        help="superuser connection used by --create, and to apply the schema as the owner "
+        "role (default: same server and user, db postgres)",
+    )
+    init.add_argument(
+        "--owner",
+        default="mltasks_owner",
+        help="role that owns the database and schema (no login; default: %(default)s); the "
+        "configured user gets only row privileges",
     )
     init.set_defaults(func=_db_init)
 
