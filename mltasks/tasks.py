@@ -44,6 +44,8 @@ app.steps["consumer"].add(ConsumingStep)
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None
 _failing: set[int] = set()
+# No bridge sends more (inference.batch_size is at most 128): a larger message is forged.
+MAX_BATCH_ROWS = 1024
 # The longest any task waits for a database connection (the pool's own default is 30 s).
 DB_WAIT_MAX_S = 2.0
 
@@ -250,7 +252,14 @@ def _well_formed(rows: Any, created: list[float] | None) -> tuple[list[Row], lis
     Anything else in a broker message (an id out of integer range, a row that is not a
     list) is dropped here, alone: it never costs the other rows their answer.
     """
-    if not isinstance(rows, list):
+    if not isinstance(rows, list) or len(rows) > MAX_BATCH_ROWS:
+        if isinstance(rows, list):  # no bridge sends that much: its rows get their lease
+            log.warning(
+                "dropped a batch of %d rows (at most %d)",
+                len(rows),
+                MAX_BATCH_ROWS,
+                extra={"event": "batch_oversized"},
+            )
         rows = []
     keep = [
         i

@@ -123,3 +123,17 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
     got = response(pg, other)
     assert got is not None and got[0] != 255 and got[4] == "completed"
     assert redis_cache.get(action_keys(np.array([STATE], dtype=np.float32), [1002])[0]) is not None
+
+
+def test_an_oversized_broker_message_is_dropped_whole(
+    config: Config, pg: psycopg.Connection[Any], models_dir: Path
+) -> None:
+    from mltasks.tasks import MAX_BATCH_ROWS, infer_batch
+
+    rid = game.insert(pg, STATE)
+    claim(pg, rid)
+    rows = [[rid, "tank", 1002, STATE]] * (MAX_BATCH_ROWS + 1)
+    t0 = time.monotonic()
+    assert infer_batch.apply(args=[rows, 3, time.time(), None, TOKEN]).get() == 0
+    assert time.monotonic() - t0 < 1.0
+    assert response(pg, rid) == (None, None, None, None, "processing")
