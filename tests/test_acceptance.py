@@ -28,7 +28,8 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
     cfg = tmp_path / "acceptance.yaml"
     cfg.write_text(
         "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
-        "redis:\n  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
+        "redis:\n  url: ${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}\n"
+        "  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
         "worker:\n  concurrency: 2\n"
         "monitoring:\n  metrics_port: ${MLTASKS_METRICS_PORT:-0}\n"
         "  bridge_metrics_port: ${MLTASKS_BRIDGE_METRICS_PORT:-0}\n"
