@@ -230,10 +230,7 @@ class Monitor:
     def tick(self) -> None:
         fb = self.config.fallback
         self._set_problem(self.check())
-        if self.problem is None and self.connected():
-            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
-        elif self.problem is not None:
-            self.store.publish_problem(self.queues, self.member, self.problem)
+        # Probes first: a heartbeat means this worker's health is on record too.
         now = time.monotonic()
         if self.probe is not None and now >= self._next_probe:
             self._next_probe = now + fb.probe_interval_s
@@ -241,6 +238,10 @@ class Monitor:
             if readings.vram_used_bytes is not None:
                 metrics.set_vram_usage(self.config.hardware.gpu_device_id, readings.vram_used_bytes)
             self.evaluate(readings)
+        if self.problem is None and self.connected():
+            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
+        elif self.problem is not None:
+            self.store.publish_problem(self.queues, self.member, self.problem)
 
     def evaluate(self, readings: Readings) -> int | None:
         """Record the probe; move the level down if this worker's tier is unhealthy.
