@@ -74,7 +74,12 @@ def _flower(args: argparse.Namespace) -> int:
     extra = list(args.flower_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    return subprocess.call([*cmd, *extra])
+    # Flower takes this process's place: a signal to `mltasks flower` reaches Flower itself
+    # (a child would outlive a SIGTERM to its parent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*cmd, *extra])
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
