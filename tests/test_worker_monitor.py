@@ -1,5 +1,8 @@
 """A worker's monitor beats only while the worker consumes and can answer (issue 11,
-item 2; issue 15, items 1-2): real Redis, real PostgreSQL, the monitor driven by hand."""
+item 2; issue 15, items 1-2): real Redis, real PostgreSQL, the monitor driven by hand.
+
+On the `gpu` queue and under a member name of their own: the suite's in-process worker
+(same host and pid) consumes `cpu` on the same Redis db and beats all along."""
 
 from __future__ import annotations
 
@@ -23,14 +26,19 @@ def store(config: Config) -> Iterator[LevelStore]:
     s.redis.close()
 
 
+def own(mon: Monitor) -> Monitor:
+    mon.member = "monitor-test:1"
+    return mon
+
+
 def test_no_heartbeat_until_the_worker_consumes(config: Config, store: LevelStore) -> None:
     consuming = False
-    mon = Monitor(config, ["cpu"], store, connected=lambda: consuming)
+    mon = own(Monitor(config, ["gpu"], store, connected=lambda: consuming))
     mon.tick()
-    assert not store.redis.exists(keys.heartbeat("cpu"))
+    assert not store.redis.exists(keys.heartbeat("gpu"))
     consuming = True
     mon.tick()
-    assert store.redis.exists(keys.heartbeat("cpu"))
+    assert store.redis.exists(keys.heartbeat("gpu"))
 
 
 def test_no_heartbeat_while_the_database_cannot_be_written(
@@ -44,18 +52,17 @@ def test_no_heartbeat_while_the_database_cannot_be_written(
     )
     current = {"cfg": bad}
     check = DatabaseCheck(lambda: current["cfg"])
-    mon = Monitor(config, ["cpu"], store, database=check)
+    mon = own(Monitor(config, ["gpu"], store, database=check))
     try:
         mon.tick()
-        assert not store.redis.exists(keys.heartbeat("cpu"))
-        problems = store.problems("cpu")
-        assert list(problems.values()) == [mon.problem]
+        assert not store.redis.exists(keys.heartbeat("gpu"))
+        assert store.problems("gpu").get(mon.member) == mon.problem
         assert mon.problem is not None and "does not exist" in mon.problem
         current["cfg"] = config  # the database is back
         mon.tick()
         assert mon.problem is None
-        assert store.redis.exists(keys.heartbeat("cpu"))
-        assert store.problems("cpu") == {}
+        assert store.redis.exists(keys.heartbeat("gpu"))
+        assert mon.member not in store.problems("gpu")
     finally:
         check.close()
 
@@ -76,10 +83,10 @@ def test_a_missing_models_directory_stops_the_heartbeat_and_moves_the_level_to_5
 
     missing = tmp_path / "absent"
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=missing)))
-    mon = Monitor(config, ["cpu"], store, check_models=True)
+    mon = own(Monitor(config, ["gpu"], store, check_models=True))
     mon.tick()
     assert mon.problem == f"models directory {missing} does not exist"
-    assert not store.redis.exists(keys.heartbeat("cpu"))
+    assert not store.redis.exists(keys.heartbeat("gpu"))
     healthy = Readings(
         gpu_present=False, vram_used_bytes=None, vram_total_bytes=None, cpu_load_per_core=0.1,
         ram_used_fraction=0.1, queue_lag_s=None, taken_at=0.0, gpu_status="absent",
@@ -88,6 +95,6 @@ def test_a_missing_models_directory_stops_the_heartbeat_and_moves_the_level_to_5
     state = store.read()
     assert state.level == 5 and str(missing) in state.reason
     # a rules worker has no models to miss
-    rules = Monitor(config, ["rules"], store, check_models=True)
+    rules = own(Monitor(config, ["rules"], store, check_models=True))
     rules.tick()
     assert rules.problem is None
