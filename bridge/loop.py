@@ -7,9 +7,11 @@ them from claiming a row twice. Whatever fails after a claim, the rows are answe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -51,6 +53,19 @@ HOUSEKEEPING_EVERY_S = 0.25
 CONGESTION_RECHECK_S = 0.002
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
+# A full queue holds rows back in PostgreSQL for at most this share of their deadline
+# (inference.max_latency_ms); past it the rows go to the next live tier below, or are
+# answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
+# hold-back: the ones before it were claimed.)
+HOLD_BACK_SHARE = 0.5
+# A row sent to a worker and still unanswered this far into its deadline is answered 255
+# here (`rescue`): its batch was lost on the way (Redis killed with it in a list, a worker
+# killed or frozen with it in hand). The game then reads a 255 in time instead of timing
+# out; a worker that answers after all finds the row answered (one answer per row).
+RESCUE_SHARE = 0.8
+# Rescues are looked for at most this often (one UPDATE on primary keys; none when no
+# batch is due).
+RESCUE_EVERY_S = 0.005
 
 
 class Bridge:
@@ -78,9 +93,15 @@ class Bridge:
         self.sent = 0
         self.expired = 0
         self.answered_here = 0
-        # The queue a publish found full (None: not congested), and when it was looked at.
-        self._congested_on: str | None = None
-        self._congested_at = 0.0
+        # Queues a publish found full: since when (monotonic), and when last looked at.
+        self._held: dict[str, float] = {}
+        self._looked: dict[str, float] = {}
+        self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
+        self.diverted = 0
+        # Batches sent to a worker: (when to look for lost rows (monotonic), request ids).
+        self._in_flight: collections.deque[tuple[float, list[int]]] = collections.deque()
+        self.rescue_after_s = self.config.inference.max_latency_ms / 1000 * RESCUE_SHARE
+        self.rescued = 0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = redis.Redis.from_url(
@@ -114,50 +135,84 @@ class Bridge:
 
     # -- one round ----------------------------------------------------------------------
 
-    def claim(self) -> list[tuple[Any, ...]]:
+    def claim(self) -> tuple[str, list[tuple[Any, ...]]]:
+        """Claim a batch under a fresh random token: (token, rows).
+
+        Rows the claim itself answered `invalid` (a state that is not 64 values) come
+        back without their state and with the reason in their last column.
+        """
         inf = self.config.inference
+        token = secrets.token_hex(16)
         with self._errors("claiming"):
             # Binary results: the 64 state values per row load 4x cheaper than from text
             # (0.26 against 1.0 ms of CPU for 64 rows here), and the same Python floats.
             cur = self._connection().execute(
                 query("claim_batch"),
-                {"limit": inf.batch_size, "deadline_s": inf.max_latency_ms / 1000.0},
+                {
+                    "limit": inf.batch_size,
+                    "deadline_s": inf.max_latency_ms / 1000.0,
+                    "token": token,
+                },
                 binary=True,
             )
-            return cur.fetchall()
+            return token, cur.fetchall()
 
     def step(self) -> int:
         """Claim one batch and send it; returns how many rows were claimed."""
-        rows = self.claim()
+        token, rows = self.claim()
         if not rows:
             return 0
         self.claimed += len(rows)
+        invalid = [r for r in rows if r[7] is not None]
+        if invalid:
+            self.answered_here += len(invalid)
+            metrics.observe_answers(
+                {"invalid": len(invalid)}, metrics.seconds_since(r[6] for r in invalid)
+            )
+            rows = [r for r in rows if r[7] is None]
         # A row travels as [request_id, archetype, mob_id, state_vector, monster_id].
         overdue = [r for r in rows if r[5]]
         fresh = [r for r in rows if not r[5]]
         if overdue:
             self._expire([r[0] for r in overdue], "deadline", [r[6] for r in overdue])
         if fresh:
-            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh])
-        return len(rows)
+            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh], token)
+        return len(rows) + len(invalid)
 
-    def dispatch(self, rows: Sequence[Sequence[Any]], created: Sequence[float] = ()) -> None:
+    def dispatch(
+        self, rows: Sequence[Sequence[Any]], created: Sequence[float] = (), token: str = ""
+    ) -> None:
         """Send a batch to the queue of the current level; level 5 is answered here.
 
-        ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics.
+        ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics;
+        ``token`` is the claim's (the answer must bring it back).
         """
         level = self.level
         if level >= Level.TRADITIONAL:
-            self.answer_here(rows, rules=False, reason="fallback_level_5", created=created)
+            self.answer_here(
+                rows, rules=False, reason="fallback_level_5", created=created, token=token
+            )
             return
         queue = LEVEL_QUEUE[level]
+        if self._lapsed(queue):
+            # Its queue has been full as long as the rows may wait: the next live tier
+            # below whose queue has room, else the rule policy here. Never a timeout.
+            below = self._next_tier(level)
+            if below is None:
+                self.diverted += len(rows)
+                self.answer_here(rows, rules=True, reason="congested", created=created, token=token)
+                return
+            level, queue = below, LEVEL_QUEUE[below]
+            self.diverted += len(rows)
         if time.monotonic() < self._publish_blocked_until:
             # The broker failed a moment ago: do not stall every batch on it.
-            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
+            self.answer_here(
+                rows, rules=True, reason="broker_unavailable", created=created, token=token
+            )
             return
         try:
             waiting = self.publisher.publish(
-                queue, [rows, level, time.time(), list(created)], len(rows)
+                queue, [rows, level, time.time(), list(created), token], len(rows)
             )
         except Exception as exc:  # any broker failure: answer now, never strand the rows
             log.error(
@@ -168,13 +223,22 @@ class Bridge:
                 extra={"event": "publish_failed", "queue": queue},
             )
             self._publish_blocked_until = time.monotonic() + PUBLISH_PAUSE_S
-            self.answer_here(rows, rules=True, reason="broker_unavailable", created=created)
+            self.answer_here(
+                rows, rules=True, reason="broker_unavailable", created=created, token=token
+            )
             return
         self.sent += len(rows)
+        oldest = min(created, default=time.time())
+        due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
+        self._in_flight.append((due, [int(r[0]) for r in rows]))
         if waiting >= self.config.inference.max_waiting_batches:
-            # The tier is busy: let rows gather until the queue has room again.
-            self._congested_on = queue
-            self._congested_at = time.monotonic()
+            # The tier is busy: let rows gather until the queue has room again (for at
+            # most hold_back_s from when it was first found full).
+            now = time.monotonic()
+            self._held.setdefault(queue, now)
+            self._looked[queue] = now
+        else:
+            self._held.pop(queue, None)
 
     def answer_here(
         self,
@@ -183,6 +247,7 @@ class Bridge:
         rules: bool,
         reason: str,
         created: Sequence[float] = (),
+        token: str = "",
     ) -> None:
         """Answer in this process: the rule policy where allowed, else 255."""
         if rules:
@@ -191,7 +256,7 @@ class Bridge:
         else:
             answers = [traditional(int(r[0]), reason) for r in rows]
         with self._errors("answering"):
-            write_answers(self._connection(), answers)
+            write_answers(self._connection(), answers, token)
         self.answered_here += len(answers)
         metrics.observe_answers(metrics.count_outcomes(answers), metrics.seconds_since(created))
 
@@ -243,6 +308,32 @@ class Bridge:
         self.state = state
         self.level = level
 
+    def rescue(self) -> int:
+        """Answer 255 the rows of sent batches that are due and still unanswered."""
+        now = time.monotonic()
+        ids: list[int] = []
+        while self._in_flight and self._in_flight[0][0] <= now:
+            ids.extend(self._in_flight.popleft()[1])
+        if not ids:
+            return 0
+        with self._errors("rescuing"):
+            n = expire(self._connection(), ids, "lost")
+        if n:
+            self.rescued += n
+            metrics.observe_answers({"expired": n}, [])
+            log.warning(
+                "answered %d requests 255: their batch was not answered in %.0f ms",
+                n,
+                self.rescue_after_s * 1000,
+                extra={"event": "requests_rescued", "rows": n},
+            )
+        return n
+
+    def _next_rescue_s(self) -> float:
+        if not self._in_flight:
+            return float("inf")
+        return max(RESCUE_EVERY_S, self._in_flight[0][0] - time.monotonic())
+
     def housekeeping(self) -> None:
         """Give back rows whose lease ran out; answer rows the game gave up on unclaimed."""
         self.refresh_level()
@@ -256,32 +347,53 @@ class Bridge:
                 metrics.observe_answers({"expired": cur.rowcount}, [])
 
     def congested(self) -> bool:
-        """True while the tier's queue holds ``max_waiting_batches`` batches or more.
+        """True while the tier's queue holds ``max_waiting_batches`` batches or more, for
+        at most ``hold_back_s`` since it was found full.
 
         Then the bridge stops claiming and lets rows gather in PostgreSQL: when the queue
         has room again they leave as one larger batch instead of many one-row batches, so
         the per-batch cost (broker, acks, one database write) is shared by more decisions.
         Each publish tells how many batches wait (bridge.publish); a full queue is looked
-        at again every CONGESTION_RECHECK_S.
+        at again every CONGESTION_RECHECK_S. A hold-back that lapsed claims again, and
+        `dispatch` sends the rows elsewhere: a stuck worker (a huge batch, a worker that
+        does not read yet) never keeps rows past their deadline.
         """
-        queue = self._congested_on
-        if queue is None:
+        queue = LEVEL_QUEUE.get(self.level)
+        if queue is None or not self._full(queue):
             return False
-        if queue != LEVEL_QUEUE.get(self.level):
-            # The route moved (a tier went away, or level 5): its old queue does not count.
-            self._congested_on = None
+        return not self._lapsed(queue)
+
+    def _full(self, queue: str) -> bool:
+        """Whether ``queue`` was found full and still is (LLEN at most every 2 ms)."""
+        if queue not in self._held:
             return False
         now = time.monotonic()
-        if now - self._congested_at < CONGESTION_RECHECK_S:
+        if now - self._looked.get(queue, 0.0) < CONGESTION_RECHECK_S:
             return True
-        self._congested_at = now
+        self._looked[queue] = now
         try:
             waiting = int(self._broker.llen(queue))
         except (redis.RedisError, OSError):
             waiting = 0  # the publish will find out, and answer with the rules
         if waiting < self.config.inference.max_waiting_batches:
-            self._congested_on = None
-        return self._congested_on is not None
+            self._held.pop(queue, None)
+            return False
+        return True
+
+    def _lapsed(self, queue: str) -> bool:
+        """Full for longer than rows may be held back."""
+        since = self._held.get(queue)
+        return (
+            since is not None and time.monotonic() - since >= self.hold_back_s and self._full(queue)
+        )
+
+    def _next_tier(self, level: int) -> int | None:
+        """The first level below ``level`` with a live consumer and room in its queue."""
+        for lower in range(level + 1, Level.TRADITIONAL):
+            queue = LEVEL_QUEUE[lower]
+            if self.live.get(queue) and queue != LEVEL_QUEUE[level] and not self._full(queue):
+                return lower
+        return None
 
     def drain(self) -> int:
         """Claim until the table has no pending row left, or the tier is congested."""
@@ -315,7 +427,9 @@ class Bridge:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 self.drain()
-                timeout = CONGESTION_RECHECK_S if self._congested_on else poll_s
+                self.rescue()
+                full = LEVEL_QUEUE.get(self.level) in self._held
+                timeout = min(CONGESTION_RECHECK_S if full else poll_s, self._next_rescue_s())
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:
@@ -333,11 +447,14 @@ class Bridge:
         self._broker.close()
         self.store.redis.close()
         log.info(
-            "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge",
+            "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge, "
+            "%d diverted from a full queue, %d rescued",
             self.claimed,
             self.sent,
             self.expired,
             self.answered_here,
+            self.diverted,
+            self.rescued,
             extra={"event": "bridge_stopped"},
         )
 

@@ -20,6 +20,12 @@ QUEUES = ("gpu", "cpu", "rules")
 INFER_TASK = "mltasks.infer_batch"
 
 
+def _guard_flower() -> None:
+    from mltasks.flowerguard import install
+
+    install()
+
+
 def worker_command(queues: str, *options: str) -> list[str]:
     """``celery -A mltasks worker -Q <queues> <options>`` with this interpreter: the one
     command line the CLI, the benchmark and the tests start workers with."""
@@ -74,3 +80,6 @@ def settings_for(cfg: Config) -> dict[str, Any]:
 
 app = Celery("mltasks", include=["mltasks.tasks"])
 app.config_from_object("mltasks.celery_settings")
+
+# `celery -A mltasks flower`, however it is called, never serves without authentication.
+_guard_flower()

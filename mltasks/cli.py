@@ -20,23 +20,42 @@ from mltasks.errors import MLTasksError
 
 
 def _db_init(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
     from mltasks.db import create_database_if_missing, init_schema
     from mltasks.errors import DatabaseError
 
     cfg = get_config()
-    if args.create and create_database_if_missing(cfg.database, args.admin_url):
-        print(f"created database {cfg.database.safe_dsn}")
-    try:
-        init_schema(cfg.database)
-    except DatabaseError as exc:
-        if args.create or "does not exist" not in str(exc):
-            raise
-        raise DatabaseError(
-            f"{str(exc).rstrip()}\nThe database or its role does not exist yet: "
-            "mltasks db init --create creates both (as postgres, or --admin-url)."
-        ) from exc
-    print(f"schema applied to {cfg.database.safe_dsn}")
+    created: list[str] = []
+    if args.create:
+        created = create_database_if_missing(cfg.database, args.admin_url, args.owner)
+    if args.create or args.admin_url:
+        user = str(conninfo_to_dict(cfg.database.conninfo).get("user") or "")
+        admin = args.admin_url or _default_admin(cfg.database.conninfo)
+        init_schema(cfg.database, admin_url=admin, owner=args.owner, runtime=user or None)
+        roles = f" (owner {args.owner}; {user or 'the runtime role'}: rows only)"
+    else:
+        try:
+            init_schema(cfg.database)
+        except DatabaseError as exc:
+            if "does not exist" not in str(exc):
+                raise
+            raise DatabaseError(
+                f"{str(exc).rstrip()}\nThe database or its role does not exist yet: "
+                "mltasks db init --create creates both (as postgres, or --admin-url)."
+            ) from exc
+        roles = ""
+    # Said once everything worked: a half-done init does not claim success.
+    for what in created:
+        print(f"created {what}")
+    print(f"schema applied to {cfg.database.safe_dsn}{roles}")
     return 0
+
+
+def _default_admin(conninfo: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(conninfo, dbname="postgres")
 
 
 def _models_init(args: argparse.Namespace) -> int:
@@ -126,7 +145,15 @@ def _beat(args: argparse.Namespace) -> int:
 def _flower(args: argparse.Namespace) -> int:
     conf = Path(__file__).with_name("flowerconfig.py")
     cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "flower", f"--conf={conf}"]
-    return subprocess.call([*cmd, *args.flower_args])
+    extra = list(args.flower_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    # Flower takes this process's place: a signal to `mltasks flower` reaches Flower itself
+    # (a child would outlive a SIGTERM to its parent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*cmd, *extra])
+    return 0  # not reached
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -195,8 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--admin-url",
         default=None,
-        help="superuser connection used by --create (default: the same server as postgres, "
-        "database postgres)",
+        help="superuser connection used by --create, and to apply the schema as the owner "
+        "role (default: same server and user, db postgres)",
+    )
+    init.add_argument(
+        "--owner",
+        default="mltasks_owner",
+        help="role that owns the database and schema (no login; default: %(default)s); the "
+        "configured user gets only row privileges",
     )
     init.set_defaults(func=_db_init)
 

@@ -64,11 +64,21 @@ def route(level: int, live: Mapping[str, bool]) -> int:
 
 
 # Lower the level (a larger number) only if it is not already as low: two workers
-# reporting the same failure move it one step, not two.
+# reporting the same failure move it one step, not two. ``from`` is the level the reporter
+# served at: the shared level itself, or a lower one when every tier between them has no
+# consumer (KEYS[2..5]: the heartbeat keys of levels 1..4). So a deployment without a GPU
+# worker, whose shared level reads 1 while the CPU tier serves, still moves down from 3.
 _DEGRADE = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'level') or ARGV[4])
 local from = tonumber(ARGV[5])
-if cur < tonumber(ARGV[1]) and (from == 0 or cur == from) then
+local served = (from == 0 or cur == from)
+if not served and cur < from then
+  served = true
+  for lv = math.max(cur, 1), from - 1 do
+    if redis.call('EXISTS', KEYS[lv + 1]) == 1 then served = false end
+  end
+end
+if cur < tonumber(ARGV[1]) and served then
   redis.call('HSET', KEYS[1], 'level', ARGV[1], 'reason', ARGV[2], 'since', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   return 1
@@ -141,9 +151,17 @@ class LevelStore:
         except (KeyError, ValueError):
             return LevelState(self.default, "unreadable", time.time())
 
+    def served(self, own: Iterable[str] = ()) -> tuple[LevelState, int]:
+        """The shared level and the level batches are served at (``route`` on the live
+        queues; ``own``: queues the caller consumes, live whatever their keys say)."""
+        state, live = self.snapshot(LEVEL_QUEUE.values())
+        for q in own:
+            live[q] = True
+        return state, route(state.level, live)
+
     def snapshot(self, queues: Iterable[str]) -> tuple[LevelState, dict[str, bool]]:
         """Level and live queues in one round trip (the bridge's housekeeping)."""
-        qs = list(queues)
+        qs = list(dict.fromkeys(queues))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.LEVEL)
         pipe.mget([keys.heartbeat(q) for q in qs])
@@ -168,7 +186,8 @@ class LevelStore:
     def _move(self, script: Any, to_level: int, reason: str, guard: int) -> bool:
         """Run a compare-and-set script; log the change it made, if any."""
         args = [int(to_level), reason, time.time(), self.default, int(guard), keys.LEVEL_TTL_S]
-        changed = bool(script(keys=[keys.LEVEL], args=args))
+        beats = [keys.heartbeat(LEVEL_QUEUE[lv]) for lv in range(BEST, Level.TRADITIONAL)]
+        changed = bool(script(keys=[keys.LEVEL, *beats], args=args))
         if changed:
             log.warning(
                 "fallback level -> %d (%s)",
@@ -229,6 +248,31 @@ class LevelStore:
                 pipe.zremrangebyscore(keys.workers(q), "-inf", now - ttl_ms / 1000)
                 pipe.pexpire(keys.workers(q), ttl_ms)
         pipe.execute()
+
+    def publish_problem(self, queues: Iterable[str], member: str, problem: str | None) -> None:
+        """Why the worker ``member`` does not serve ``queues`` (None: it does), for status."""
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            key = keys.problems(q)
+            if problem is None:
+                pipe.hdel(key, member)
+            else:
+                pipe.hset(key, member, json.dumps({"at": time.time(), "problem": problem}))
+                pipe.expire(key, keys.PROBES_TTL_S)
+        pipe.execute()
+
+    def problems(self, queue: str, max_age_s: float = keys.PROBES_TTL_S) -> dict[str, str]:
+        """Workers that said, within ``max_age_s``, why they do not serve ``queue``."""
+        raw: Any = self.redis.hgetall(keys.problems(queue))
+        now, out = time.time(), {}
+        for member, doc in raw.items():
+            try:
+                d = json.loads(doc)
+                if now - float(d["at"]) <= max_age_s:
+                    out[member.decode()] = str(d["problem"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
         """This process loaded ``count`` models to serve ``queue``."""

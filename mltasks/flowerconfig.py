@@ -61,10 +61,15 @@ def _int(environ: Mapping[str, str], name: str, default: int, lo: int, hi: int) 
 
 
 def other_auth(environ: Mapping[str, str], argv: Sequence[str]) -> bool:
-    """True when Flower is told to authenticate some other way."""
-    if any(environ.get(name) for name in _OTHER_AUTH_ENV):
+    """True when Flower is told to authenticate some other way (an empty value is none:
+    ``--auth=`` would run it open)."""
+    if any(environ.get(name, "").strip() for name in _OTHER_AUTH_ENV):
         return True
-    return any(arg.split("=", 1)[0] in _OTHER_AUTH_ARGS for arg in argv)
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name in _OTHER_AUTH_ARGS and value.strip():
+            return True
+    return False
 
 
 def flower_options(environ: Mapping[str, str], argv: Sequence[str] = ()) -> dict[str, object]:

@@ -80,6 +80,10 @@ WORKERS: Final = PREFIX + "workers:{queue}"
 # process after loading (PROBES_TTL_S, refreshed by its monitor, which drops dead processes).
 MODELS: Final = PREFIX + "models:{queue}"
 
+# Why a worker does not serve a queue (it cannot reach PostgreSQL, has no model): a hash
+# {<host>:<pid>: JSON {at, problem}}, refreshed while the problem lasts, for `mltasks status`.
+PROBLEMS: Final = PREFIX + "problems:{queue}"
+
 # Held while a beat job runs, so two beats never run it twice at once.
 JOB_LOCK: Final = PREFIX + "lock:{job}"
 
@@ -102,6 +106,10 @@ def failures(level: int) -> str:
 
 def healthy_since(level: int) -> str:
     return HEALTHY_SINCE.format(level=level)
+
+
+def problems(queue: str) -> str:
+    return PROBLEMS.format(queue=queue)
 
 
 def probes(queue: str) -> str:

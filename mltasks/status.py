@@ -123,6 +123,8 @@ class WorkerInfo:
     count: int | None  # None: the workers do not publish a count (only the heartbeat)
     heartbeat_age_ms: float | None
     processes: list[str] = field(default_factory=list)  # live "<host>:<pid>" on the queue
+    # Workers of this queue that do not serve, and why (no database, no model): <host:pid>
+    not_serving: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -221,6 +223,7 @@ class _RedisView:
     cache: dict[str, float]
     broker: dict[str, int]
     members: dict[str, list[str]] = field(default_factory=dict)  # live processes per queue
+    problems: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> _RedisView:
@@ -247,6 +250,7 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
             str(layer): rate
             for layer, rate in hit_rates(client, window_s, now, scope=stats_scope(config)).items()
         }
+        problems = {q: store.problems(q) for q in QUEUES}
     finally:
         client.close()
     recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]
@@ -280,7 +284,14 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
     finally:
         bclient.close()
     return _RedisView(
-        (state.level, state.reason, since), beats, counts, health, rates, broker, members
+        (state.level, state.reason, since),
+        beats,
+        counts,
+        health,
+        rates,
+        broker,
+        members,
+        problems,
     )
 
 
@@ -465,6 +476,9 @@ def assess(status: Status, config: Config) -> list[tuple[str, str]]:
             problems.append(
                 ("level", f"level {lv.level} is worse than the reachable level {lv.ceiling}")
             )
+    for queue, w in status.workers.items():
+        for member, why in sorted(w.not_serving.items()):
+            problems.append(("workers", f"worker {member} does not serve {queue!r}: {why}"))
     m = status.models
     if m is not None and m.loaded is not None and m.loaded < m.expected:
         problems.append(("models", f"{m.loaded}/{m.expected} models load ({m.source})"))
@@ -517,6 +531,7 @@ def collect(
                 view.counts[q],
                 None if view.beats[q] is None else round((view.beats[q] or 0.0) * 1000, 1),
                 view.members.get(q, []) if live[q] else [],
+                view.problems.get(q, {}),
             )
             for q in QUEUES
         }
@@ -536,7 +551,7 @@ def collect(
         )
     serving = status.level.serving if status.level is not None else 3
     status.models = _models(cfg, health, live, count_files, serving)
-    if status.exit_code != UNREACHABLE:
+    if status.exit_code != UNREACHABLE or any(w.not_serving for w in status.workers.values()):
         found = assess(status, cfg)
         status.problems = [why for _, why in found]
         status.failing = sorted({what for what, _ in found})
@@ -699,6 +714,10 @@ def serving_rows(status: Status) -> list[tuple[str, str, str]]:
                 value = f"{who} on queue {queue}{also}, heartbeat {_ms(w.heartbeat_age_ms)} ago"
                 if queue == "gpu" and (gpu is None or gpu.present is None):
                     value += "; GPU unknown (no probe report)"
+        if w is not None and w.not_serving:
+            whys = sorted(set(w.not_serving.values()))
+            value += f"; {len(w.not_serving)} not serving: " + "; ".join(whys)
+            ok = ok and len(w.not_serving) < (w.count or len(w.processes) or 1)
         needed = current == queue
         out.append((label, value, ("ok" if ok else "fail") if needed else "-"))
     out.append(("level 5 255", "the bridge itself (the game's traditional AI)", "-"))

@@ -32,18 +32,23 @@ from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, tr
 from mltasks.logs import configure_logging
 from mltasks.models.engine import get_engine, reset_engine
 from mltasks.models.fusion import rule_of
-from mltasks.responses import write_answers
+from mltasks.responses import valid_request_id, write_answers
 from mltasks.rules import rules_engine
 from mltasks.sql import query
-from mltasks.worker import MonitorStep, worker_queues
+from mltasks.worker import ConsumingStep, MonitorStep, worker_queues
 
 log = logging.getLogger(__name__)
 
 app.steps["worker"].add(MonitorStep)
+app.steps["consumer"].add(ConsumingStep)
 
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None
 _failing: set[int] = set()
+# No bridge sends more (inference.batch_size is at most 128): a larger message is forged.
+MAX_BATCH_ROWS = 1024
+# The longest any task waits for a database connection (the pool's own default is 30 s).
+DB_WAIT_MAX_S = 2.0
 
 
 def _db_pool() -> ConnectionPool:
@@ -56,6 +61,7 @@ def _db_pool() -> ConnectionPool:
             max_size=2,
             kwargs={"autocommit": True},
             open=True,
+            timeout=DB_WAIT_MAX_S,
             name="mltasks-worker",
         )
     return _pool
@@ -182,15 +188,18 @@ def infer_batch(
     level: int = Level.CPU,
     sent_at: float = 0.0,
     created: list[float] | None = None,
+    claim: str | None = None,
 ) -> int:
     """Validate, infer and answer every row of a batch; returns how many were answered.
 
     ``sent_at`` (the bridge's clock) gives the queue lag, ``created`` each row's
-    created_at for end-to-end latency.
+    created_at for end-to-end latency, ``claim`` the token of the claim that took the
+    rows: only rows claimed with it are answered (a forged message answers nothing).
     """
     now = time.time()
     lag_s = now - sent_at if sent_at else None
     cfg = get_config()
+    rows, created = _well_formed(rows, created)
     stale: list[Answer] = []
     if created and len(created) == len(rows):
         # The game has given up on these: answering them would only delay the live ones.
@@ -208,8 +217,8 @@ def infer_batch(
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
     outcome = answer_batch(rows, predictors(cfg, level), cache, rule_of(cfg))
     try:
-        with _db_pool().connection() as conn:
-            write_answers(conn, [*outcome.answers, *stale])
+        with _db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
+            accepted = write_answers(conn, [*outcome.answers, *stale], claim)
     except (DatabaseError, psycopg.Error) as exc:
         log.warning(
             "writing %d answers failed: %s",
@@ -219,7 +228,16 @@ def infer_batch(
         )
         # Unanswered rows are expired by the bridge once their lease runs out.
         raise self.retry(exc=exc, countdown=0.05) from exc
-    outcome.remember()
+    if accepted.issuperset(a.request_id for a in outcome.answers):
+        outcome.remember()
+    else:  # answered meanwhile (a lost batch rescued by the bridge), replayed or forged:
+        # nothing of it reaches the cache
+        log.info(
+            "%d of %d answers refused (not claimed with this token, or answered already)",
+            len(outcome.answers) + len(stale) - len(accepted),
+            len(outcome.answers) + len(stale),
+            extra={"event": "answers_refused", "task_id": self.request.id},
+        )
     metrics.observe_batch(len(rows))
     metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(
@@ -230,6 +248,48 @@ def infer_batch(
     if level < Level.TRADITIONAL:
         report(cfg, level, outcome, lag_s)
     return len(outcome.answers) + len(stale)
+
+
+def _well_formed(rows: Any, created: list[float] | None) -> tuple[list[Row], list[float] | None]:
+    """The rows that can be answered at all: a list with a request_id a row can have.
+
+    Anything else in a broker message (an id out of integer range, a row that is not a
+    list) is dropped here, alone: it never costs the other rows their answer.
+    """
+    if not isinstance(rows, list) or len(rows) > MAX_BATCH_ROWS:
+        if isinstance(rows, list):  # no bridge sends that much: its rows get their lease
+            log.warning(
+                "dropped a batch of %d rows (at most %d)",
+                len(rows),
+                MAX_BATCH_ROWS,
+                extra={"event": "batch_oversized"},
+            )
+        rows = []
+    keep = [
+        i
+        for i, r in enumerate(rows)
+        if isinstance(r, (list, tuple)) and len(r) >= 4 and valid_request_id(r[0])
+    ]
+    if len(keep) < len(rows):
+        log.warning(
+            "dropped %d malformed rows of a batch of %d",
+            len(rows) - len(keep),
+            len(rows),
+            extra={"event": "rows_malformed"},
+        )
+        aligned = created is not None and len(created) == len(rows)
+        rows = [rows[i] for i in keep]
+        created = [created[i] for i in keep] if aligned and created is not None else None
+    return rows, created
+
+
+def _pool_wait_s(cfg: Config, now: float, created: list[float] | None) -> float:
+    """How long a batch may wait for a database connection: until its rows' deadline
+    (an answer later than that is wasted), a little at least, never psycopg_pool's 30 s."""
+    limit = cfg.inference.max_latency_ms / 1000
+    if created:
+        return min(max(0.05, min(created) + limit - now), DB_WAIT_MAX_S)
+    return min(max(0.05, limit), DB_WAIT_MAX_S)
 
 
 @app.task(name=CANARY_TASK, ignore_result=True, acks_late=True)
@@ -287,7 +347,7 @@ def cleanup() -> int:
     with job_lock("cleanup", 300) as held:
         if not held:
             return 0
-        with _db_pool().connection() as conn:
+        with _db_pool().connection(timeout=DB_WAIT_MAX_S) as conn:
             while True:
                 cur = conn.execute(
                     query("delete_finished"),

@@ -85,6 +85,78 @@ def _own_processes() -> set[int]:
     return pids
 
 
+def database_problem(exc: BaseException) -> str:
+    """The cause of a failed connection or check, in one line an operator can act on."""
+    text = " ".join(str(exc).split())
+    for needle, cause in (
+        ("password authentication failed", "authentication failed"),
+        ("no password supplied", "authentication failed (no password)"),
+        ("does not exist", "does not exist"),
+        ("Connection refused", "connection refused"),
+        ("timeout expired", "host unreachable (timeout)"),
+        ("could not translate host name", "host name unknown"),
+        ("No route to host", "host unreachable"),
+        ("permission denied", "permission denied"),
+    ):
+        if needle in text:
+            return f"{cause}: {text[:300]}"
+    return text[:300]
+
+
+class DatabaseCheck:
+    """Can this worker write answers? One connection of its own, checked at every beat.
+
+    A failed check names its cause (authentication failed, host unreachable, the schema
+    or a privilege missing); the monitor stops heartbeating until it passes again, so the
+    bridge sends this worker nothing it could not answer.
+    """
+
+    CONNECT_TIMEOUT_S = 2
+
+    def __init__(self, config: Callable[[], Config] = get_config) -> None:
+        # The process's config at each check (tests switch databases under a live worker).
+        self.config = config
+        self.conn: Any = None
+        self.conninfo = ""
+
+    def __call__(self) -> str | None:
+        import psycopg
+
+        db = self.config().database
+        if db.conninfo != self.conninfo:
+            self.close()
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conninfo = db.conninfo
+                self.conn = psycopg.connect(
+                    db.conninfo,
+                    autocommit=True,
+                    connect_timeout=self.CONNECT_TIMEOUT_S,
+                )
+                row = self.conn.execute(
+                    "SELECT has_table_privilege('ai_responses', 'INSERT')"
+                    " AND has_table_privilege('ai_requests', 'UPDATE')"
+                ).fetchone()
+                if not (row and row[0]):
+                    self.close()
+                    return (
+                        "permission denied: cannot answer"
+                        " (INSERT on ai_responses, UPDATE on ai_requests)"
+                    )
+            else:
+                self.conn.execute("SELECT 1")
+        except Exception as exc:
+            self.close()
+            return f"PostgreSQL at {db.safe_dsn}: {database_problem(exc)}"
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+
 class Monitor:
     """Heartbeats and probes of one worker; `evaluate` is pure enough to test with readings."""
 
@@ -95,23 +167,70 @@ class Monitor:
         store: LevelStore | None = None,
         probe: Callable[[], Readings] | None = None,
         connected: Callable[[], bool] = lambda: True,
+        database: Callable[[], str | None] | None = None,
+        check_models: bool = False,
     ) -> None:
         self.config = config
         self.queues = [q for q in queues if q in QUEUE_LEVELS]
         self.store = store or LevelStore(config)
         self.probe = probe
-        # No heartbeat while the worker is off the broker: the bridge would send it batches
-        # nobody reads.
+        # No heartbeat while the worker is not consuming (off the broker, or not yet
+        # reading its queues): the bridge would send it batches nobody reads.
         self.connected = connected
+        # No heartbeat either while it cannot write answers (None: not checked), nor while
+        # it has no model at all (check_models: the models directory, the models loaded).
+        self.database = database
+        self.check_models = check_models
         self._next_probe = 0.0
         self.member = worker_member()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        # Why this worker does not serve (None: it does), logged once per change.
+        self.problem: str | None = None
+
+    @property
+    def model_queues(self) -> list[str]:
+        return [q for q in self.queues if QUEUE_LEVELS[q][0] != Level.RULES]
+
+    def models_problem(self) -> str | None:
+        """Why this worker has no model to serve with, naming the directory (None: it has)."""
+        if not self.check_models or not self.model_queues:
+            return None
+        d = get_config().models.dir  # the process's config now (tests switch it)
+        if not d.is_dir():
+            return f"models directory {d} does not exist"
+        alive = _own_processes()
+        for q in self.model_queues:
+            if self.store.models_loaded(q, alive) == 0:
+                return f"no usable model in {d}"
+        return None
+
+    def check(self) -> str | None:
+        """Why this worker cannot answer now, or None."""
+        problem = self.database() if self.database is not None else None
+        return problem or self.models_problem()
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self.problem:
+            return
+        if problem is not None:
+            log.error(
+                "not serving %s: %s",
+                ",".join(self.queues),
+                problem,
+                extra={"event": "worker_not_serving", "reason": problem},
+            )
+        else:
+            log.warning(
+                "serving %s again", ",".join(self.queues), extra={"event": "worker_serving"}
+            )
+        self.problem = problem
+        self.store.publish_problem(self.queues, self.member, problem)
 
     def tick(self) -> None:
         fb = self.config.fallback
-        if self.connected():
-            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
+        self._set_problem(self.check())
+        # Probes first: a heartbeat means this worker's health is on record too.
         now = time.monotonic()
         if self.probe is not None and now >= self._next_probe:
             self._next_probe = now + fb.probe_interval_s
@@ -119,6 +238,10 @@ class Monitor:
             if readings.vram_used_bytes is not None:
                 metrics.set_vram_usage(self.config.hardware.gpu_device_id, readings.vram_used_bytes)
             self.evaluate(readings)
+        if self.problem is None and self.connected():
+            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
+        elif self.problem is not None:
+            self.store.publish_problem(self.queues, self.member, self.problem)
 
     def evaluate(self, readings: Readings) -> int | None:
         """Record the probe; move the level down if this worker's tier is unhealthy.
@@ -141,9 +264,18 @@ class Monitor:
                 if loaded is not None:
                     doc["models_loaded"] = loaded
             self.store.publish_health(queue, {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]}, doc)
-        current = self.store.read().level
-        metrics.set_fallback_level(current)
+        # The level this worker's tier is judged at is the one that serves: the shared
+        # level, or a lower one when the tiers above it have no consumer (no GPU worker).
+        state, current = self.store.served(self.queues)
+        metrics.set_fallback_level(state.level)
         healthy, reason = tiers.get(current, (True, ""))
+        no_models = self.models_problem()
+        if no_models is not None and current in tiers:
+            # README: no usable model at all is level 5.
+            moved = self.store.degrade(
+                Level.TRADITIONAL, f"no usable model: {no_models}", from_level=current
+            )
+            return int(Level.TRADITIONAL) if moved else None
         if healthy:
             return None
         target = current + 1
@@ -169,6 +301,8 @@ class Monitor:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(5)
+        if isinstance(self.database, DatabaseCheck):
+            self.database.close()
 
 
 class MonitorStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -186,10 +320,19 @@ class MonitorStep(bootsteps.StartStopStep):  # type: ignore[misc]
         cfg = get_config()
 
         def connected() -> bool:
-            conn = getattr(getattr(worker, "consumer", None), "connection", None)
-            return bool(conn is not None and conn.connected)
+            consumer = getattr(worker, "consumer", None)
+            conn = getattr(consumer, "connection", None)
+            consuming = getattr(consumer, CONSUMING_FLAG, False)
+            return bool(consuming and conn is not None and conn.connected)
 
-        self.monitor = Monitor(cfg, self.queues, probe=host_probe(cfg), connected=connected)
+        self.monitor = Monitor(
+            cfg,
+            self.queues,
+            probe=host_probe(cfg),
+            connected=connected,
+            database=DatabaseCheck(),
+            check_models=True,
+        )
         self.monitor.start()
 
     def stop(self, worker: Any) -> None:
@@ -198,12 +341,40 @@ class MonitorStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.monitor = None
 
 
+CONSUMING_FLAG = "mltasks_consuming"
+
+
+class ConsumingStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Marks the consumer as reading its queues: started after Celery's task consumer
+    (so after mingle, which holds a (re)connected worker back about a second), stopped
+    first when the connection is lost. The monitor beats only while it is set."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, c: Any) -> None:
+        setattr(c, CONSUMING_FLAG, True)
+
+    def stop(self, c: Any) -> None:
+        setattr(c, CONSUMING_FLAG, False)
+
+    def shutdown(self, c: Any) -> None:
+        setattr(c, CONSUMING_FLAG, False)
+
+
 class QuickReconnectConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, retrying a lost broker every 0.2-1 s instead of 2 s doubling to 30 s.
+    """Celery's consumer, retrying a lost broker every 0.2-1 s instead of 2 s doubling to 30 s,
+    and without "mingle".
 
     While it is away the bridge answers with the rules; every second of reconnect delay
-    after the broker is back is a second of batches sent to a queue nobody reads yet.
+    after the broker is back is a second of batches sent elsewhere. Mingle (asking the
+    other workers for their revoked tasks and clock at every (re)connection) holds the
+    consumer back about a second each time, for nothing this service uses: no task is ever
+    revoked. It stays off whatever the command line says.
     """
+
+    def __init__(self, *args: Any, worker_options: Any = None, **kwargs: Any) -> None:
+        options = {**dict(worker_options or {}), "without_mingle": True}
+        super().__init__(*args, worker_options=options, **kwargs)
 
     def ensure_connected(self, conn: Any) -> Any:
         original = conn.ensure_connection

@@ -73,3 +73,42 @@ SELECT extract(epoch FROM r.created_at)::float8 AS created_s,
 FROM ai_requests AS r
 LEFT JOIN ai_responses AS s USING (request_id)
 ORDER BY r.created_at;
+
+-- chaos_audit --
+-- `mltasks bench chaos`: what the table holds once the run settled. Unanswered: a row
+-- without its response; stuck: still pending or processing; malformed: an answer the map
+-- server must not read (std::stoi / std::stof, or outside the contract's ranges).
+SELECT count(*) AS requests,
+       count(*) FILTER (WHERE s.request_id IS NULL) AS unanswered,
+       count(*) FILTER (WHERE r.status IN ('pending', 'processing')) AS stuck,
+       count(*) FILTER (WHERE s.request_id IS NOT NULL
+                        AND (s.action_id IS NULL OR s.confidence IS NULL
+                             OR NOT (s.action_id BETWEEN 0 AND 9 OR s.action_id = 255)
+                             OR s.confidence < 0 OR s.confidence > 1
+                             OR s.confidence <> s.confidence)) AS malformed,
+       count(*) FILTER (WHERE s.action_id = 255) AS answered_255,
+       -- first claims only: a claim after a lease ran out is late by design
+       count(*) FILTER (WHERE r.attempts <= 1 AND r.claimed_at - r.created_at
+                        > make_interval(secs => %(deadline_s)s)) AS held_past_deadline
+FROM ai_requests AS r
+LEFT JOIN ai_responses AS s ON s.request_id = r.request_id;
+
+-- chaos_duplicates --
+-- Requests with more than one response (the primary key forbids it: this proves it).
+SELECT count(*) FROM (
+    SELECT request_id FROM ai_responses GROUP BY request_id HAVING count(*) > 1
+) AS d;
+
+-- chaos_unsettled --
+-- Rows still waiting for their one answer.
+SELECT count(*) FROM ai_requests AS r
+WHERE r.status IN ('pending', 'processing')
+   OR NOT EXISTS (SELECT 1 FROM ai_responses AS s WHERE s.request_id = r.request_id);
+
+-- chaos_reasons --
+-- Why answers were 255, for the report.
+SELECT coalesce(s.reason, ''), count(*)
+FROM ai_responses AS s
+WHERE s.action_id = 255
+GROUP BY 1
+ORDER BY 2 DESC;

@@ -6,6 +6,13 @@
 -- Claim up to %(limit)s pending rows, most urgent first. SKIP LOCKED lets several
 -- bridges share the table without double claims. `overdue` marks rows already past
 -- the deadline: the bridge answers those 255 itself instead of sending them.
+-- Every claim stamps its rows with %(token)s, a random token the answer must bring back
+-- (answer_batch): only rows this service claimed can be answered.
+-- A row whose state is not a one-dimensional array of 64 values is answered `invalid`
+-- (reason state_length_<its first dimension>)
+-- here, in the same statement: its array never leaves PostgreSQL (a 1 MB state would
+-- otherwise travel with, and delay, every row of its batch). `invalid` says why; such a
+-- row comes back without its state, for the bridge's counters.
 WITH picked AS (
     SELECT request_id
     FROM ai_requests
@@ -13,17 +20,34 @@ WITH picked AS (
     ORDER BY priority DESC, created_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), checked AS (
+    SELECT r.request_id,
+           CASE WHEN r.state_vector IS NULL THEN NULL
+                WHEN array_ndims(r.state_vector) > 1 OR cardinality(r.state_vector) <> 64
+                    THEN 'state_length_' || coalesce(array_length(r.state_vector, 1), 0)
+           END AS invalid
+    FROM ai_requests AS r
+    JOIN picked USING (request_id)
 ), claimed AS (
     UPDATE ai_requests AS r
-    SET status = 'processing', claimed_at = clock_timestamp(), attempts = r.attempts + 1
-    FROM picked
-    WHERE r.request_id = picked.request_id
-    RETURNING r.request_id, r.archetype, r.mob_id, r.state_vector, r.monster_id,
-              r.priority, r.created_at
+    SET status = CASE WHEN c.invalid IS NULL THEN 'processing' ELSE 'invalid' END,
+        claimed_at = clock_timestamp(), attempts = r.attempts + 1,
+        claim_token = %(token)s,
+        answered_at = CASE WHEN c.invalid IS NULL THEN NULL ELSE clock_timestamp() END
+    FROM checked AS c
+    WHERE r.request_id = c.request_id
+    RETURNING r.request_id, r.archetype, r.mob_id,
+              CASE WHEN c.invalid IS NULL THEN r.state_vector END AS state_vector,
+              r.monster_id, r.priority, r.created_at, c.invalid
+), refused AS (
+    INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
+    SELECT request_id, 255, 0, 'bridge', invalid FROM claimed WHERE invalid IS NOT NULL
+    ON CONFLICT (request_id) DO NOTHING
 )
 SELECT request_id, archetype, mob_id, state_vector, monster_id,
        created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue,
-       extract(epoch FROM created_at)::float8 AS created_epoch
+       extract(epoch FROM created_at)::float8 AS created_epoch,
+       invalid
 FROM claimed
 ORDER BY priority DESC, created_at;
 
@@ -68,6 +92,9 @@ ON CONFLICT (request_id) DO NOTHING;
 -- primary key of ai_responses drops a second answer, and a row answered once is never
 -- touched again. A row the game marked 'timeout' meanwhile keeps that status but still
 -- gets its one answer (answered_at says so); a row whose lease ran out is closed.
+-- Only rows claimed with %(token)s (claim_batch) are answered: a forged or replayed
+-- message answers nothing. RETURNING: the rows answered, so that the cache is written
+-- only for answers the database took.
 -- The arrays go in binary (b placeholders): about 40 percent less CPU than text for 64 rows.
 WITH answer AS (
     SELECT *
@@ -82,13 +109,15 @@ WITH answer AS (
         answered_at = clock_timestamp()
     FROM answer AS a
     WHERE r.request_id = a.request_id AND r.answered_at IS NULL
+      AND r.claim_token = %(token)s
     RETURNING r.request_id
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, model, reason)
 SELECT a.request_id, a.action_id, a.confidence, a.source, a.model, a.reason
 FROM answer AS a
-JOIN ai_requests AS r ON r.request_id = a.request_id
-ON CONFLICT (request_id) DO NOTHING;
+JOIN closed AS c ON c.request_id = a.request_id
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id;
 
 -- delete_finished --
 -- Cleanup, in bounded batches so it never holds the queue: finished rows older than

@@ -34,6 +34,10 @@ ALTER SEQUENCE ai_requests_request_id_seq OWNED BY ai_requests.request_id;
 -- rows the game marked 'timeout' while a batch holding them was lost.
 ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS answered_at timestamptz;
 
+-- The random token of the claim that took this row (claim_batch); an answer must bring
+-- it back (answer_batch), so that only rows this service claimed can be answered.
+ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS claim_token text;
+
 -- What the bridge claims: most urgent first, oldest first within a priority.
 CREATE INDEX IF NOT EXISTS ai_requests_pending_idx
     ON ai_requests (priority DESC, created_at) WHERE status = 'pending';

@@ -238,9 +238,31 @@ def _purge(app: Any) -> None:
 @pytest.fixture(scope="session")
 def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
     """A real Celery worker consuming `cpu`, in this process (solo pool)."""
+    import json
+
     from celery.contrib.testing.worker import start_worker
 
+    from mltasks.worker import PROBE_FILE_ENV
+
     _purge(celery_app)
+    # Healthy probe readings: this busy test host's own load must not move the level of
+    # the tests (the monitor reads the variable once, at the worker's start).
+    drill = Path(tempfile.mkdtemp(prefix="mltasks-probes-")) / "probes.json"
+    drill.write_text(
+        json.dumps(
+            {
+                "gpu_present": False,
+                "vram_used_bytes": None,
+                "vram_total_bytes": None,
+                "cpu_load_per_core": 0.5,
+                "ram_used_fraction": 0.3,
+                "queue_lag_s": None,
+                "gpu_status": "absent",
+            }
+        )
+    )
+    previous = os.environ.get(PROBE_FILE_ENV)
+    os.environ[PROBE_FILE_ENV] = str(drill)
     with start_worker(
         celery_app,
         pool="solo",
@@ -250,7 +272,12 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
         loglevel="WARNING",
         shutdown_timeout=10,
     ) as worker:
+        if previous is None:
+            os.environ.pop(PROBE_FILE_ENV, None)
+        else:
+            os.environ[PROBE_FILE_ENV] = previous
         yield worker
+    shutil.rmtree(drill.parent, ignore_errors=True)
 
 
 @pytest.fixture

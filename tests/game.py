@@ -111,3 +111,16 @@ def decide(
         time.sleep(0.002)
     mark_timeout(conn, rid)
     return rid, None
+
+
+TOKEN = "test-claim"
+
+
+def claim(conn: psycopg.Connection[Any], *request_ids: int, token: str = TOKEN) -> None:
+    """Claim rows as a bridge does (status, claimed_at, claim token), for tests that send
+    a batch to a worker by hand."""
+    conn.execute(
+        "UPDATE ai_requests SET status = 'processing', claimed_at = clock_timestamp(),"
+        " attempts = attempts + 1, claim_token = %s WHERE request_id = ANY(%s)",
+        (token, list(request_ids)),
+    )

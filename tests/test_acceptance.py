@@ -28,7 +28,10 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
     cfg = tmp_path / "acceptance.yaml"
     cfg.write_text(
         "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
-        "redis:\n  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
+        "redis:\n  url: ${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}\n"
+        "  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
+        # this busy test host's own load must not move the level (issue 11: it does now)
+        "fallback:\n  cpu_load_per_core: 1000\n"
         "worker:\n  concurrency: 2\n"
         "monitoring:\n  metrics_port: ${MLTASKS_METRICS_PORT:-0}\n"
         "  bridge_metrics_port: ${MLTASKS_BRIDGE_METRICS_PORT:-0}\n"
@@ -144,7 +147,6 @@ def test_metrics_move_with_real_traffic(
         )
 
     after = wait_for(moved, 20, "the worker's counters to move")
-    assert (value(after, "ml_requests_total", outcome="invalid") or 0) >= 1
     assert (value(after, "ml_requests_total", outcome="cache") or 0) >= 1
     assert value(after, "ml_models_loaded_total") == 24  # the level-3 fusion: 4 types x 6
     assert value(after, "ml_models_loaded_by_type", model_type="skill_dqn") == 6
@@ -153,6 +155,8 @@ def test_metrics_move_with_real_traffic(
     assert (value(after, "ml_inference_latency_seconds_count") or 0) > 0
     assert (value(after, "ml_request_latency_seconds_count") or 0) >= 8
     bridge = scrape(bridge_url)
+    # a state not 64 long is answered invalid by the bridge's claim itself (issue 11)
+    assert (value(bridge, "ml_requests_total", outcome="invalid") or 0) >= 1
     assert value(bridge, "ml_fallback_level") == 1
     assert value(bridge, "ml_queue_depth") == 0
     assert value(bridge, "ml_service_up") == 1

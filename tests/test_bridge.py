@@ -124,7 +124,7 @@ def test_highest_priority_is_claimed_first(config: Config, pg: psycopg.Connectio
     )
     b = Bridge(cfg, dead_broker_app(cfg))
     try:
-        rows = b.claim()
+        _, rows = b.claim()
     finally:
         b.close()
     assert rows[0][0] == high

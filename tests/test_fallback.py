@@ -22,6 +22,7 @@ from mltasks.health import Readings
 from mltasks.worker import Monitor
 from tests import game
 from tests.conftest import wait_for
+from tests.game import TOKEN, claim
 from tests.world import World
 
 STATE = [0.8, 0.5] + [0.0] * 62
@@ -128,23 +129,62 @@ def test_unreadable_redis_keeps_the_last_known_level(config: Config, store: Leve
 
 
 @pytest.mark.parametrize(
-    ("queues", "start", "probe", "after"),
+    ("queues", "start", "probe", "after", "others"),
     [
-        ("gpu", 1, readings(vram_used_bytes=int(7.8 * (1 << 30))), 2),  # VRAM above 95%
-        ("gpu", 2, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3),
-        ("gpu", 1, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3),
-        ("cpu", 3, readings(cpu_load_per_core=9.0), 4),
-        ("cpu", 3, readings(queue_lag_s=0.5), 4),
-        ("cpu", 2, readings(cpu_load_per_core=9.0), 2),  # not this worker's level: untouched
-        ("gpu", 1, readings(), 1),
+        ("gpu", 1, readings(vram_used_bytes=int(7.8 * (1 << 30))), 2, ()),  # VRAM above 95%
+        ("gpu", 2, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3, ()),
+        ("gpu", 1, readings(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None), 3, ()),
+        ("cpu", 3, readings(cpu_load_per_core=9.0), 4, ()),
+        ("cpu", 3, readings(queue_lag_s=0.5), 4, ()),
+        # a GPU worker serves level 2: the CPU tier's load is not the service's
+        ("cpu", 2, readings(cpu_load_per_core=9.0), 2, ("gpu",)),
+        ("gpu", 1, readings(), 1, ()),
+        # no GPU worker: the CPU tier serves although the shared level reads 1 or 2
+        ("cpu", 1, readings(cpu_load_per_core=9.0), 4, ("rules",)),
+        ("cpu", 2, readings(queue_lag_s=0.5), 4, ()),
+        ("cpu", 1, readings(), 1, ()),
     ],
 )
 def test_probe_readings_move_the_level_down(
-    config: Config, store: LevelStore, queues: str, start: int, probe: Readings, after: int
+    config: Config,
+    store: LevelStore,
+    queues: str,
+    start: int,
+    probe: Readings,
+    after: int,
+    others: tuple[str, ...],
 ) -> None:
     store.set(start, "test")
+    for q in others:
+        store.beat([q], 10_000)
     Monitor(config, [queues], store).evaluate(probe)
     assert store.read().level == after
+
+
+def test_without_a_gpu_worker_failed_batches_degrade_from_the_level_that_serves(
+    config: Config, store: LevelStore
+) -> None:
+    # Nothing ever set the shared level: it reads the start level, 1, while cpu serves.
+    assert store.read().level == 1
+    store.beat(["cpu", "rules"], 10_000)
+    n = config.fallback.failure_threshold
+    assert not any(store.report_failure(3, "boom") for _ in range(n - 1))
+    assert store.report_failure(3, "boom")
+    assert store.read().level == 4
+    # ... but not while a GPU worker serves above: a late CPU batch moves nothing.
+    store.set(1, "test")
+    store.beat(["gpu"], 10_000)
+    assert not any(store.report_failure(3, "boom") for _ in range(n))
+    assert not store.degrade(5, "no usable model", from_level=3)
+    assert store.read().level == 1
+
+
+def test_without_a_gpu_worker_no_usable_model_means_level_5(
+    config: Config, store: LevelStore
+) -> None:
+    store.beat(["cpu"], 10_000)
+    assert store.degrade(5, "no usable model", from_level=3)
+    assert store.read().level == 5
 
 
 def test_healthy_probes_start_the_hysteresis_clock_and_bad_ones_reset_it(
@@ -178,8 +218,8 @@ def test_rule_failures_take_the_service_to_level_5(
     store.set(4, "test")
     for _i in range(config.fallback.failure_threshold):
         rid = game.insert(pg, STATE)
-        pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-        infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 4]).get()
+        claim(pg, rid)
+        infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 4, 0.0, None, TOKEN]).get()
         assert game.poll(pg, rid) == (255, 0.0)  # still answered, never stranded
     assert store.read().level == 5
 
@@ -204,8 +244,8 @@ def test_out_of_memory_degrades_at_once(
     monkeypatch.setattr(LoadedModel, "run", oom)
     store.set(3, "test")
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-    infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 3]).get()
+    claim(pg, rid)
+    infer_batch.apply(args=[[[rid, "tank", 1002, STATE]], 3, 0.0, None, TOKEN]).get()
     assert game.poll(pg, rid) == (255, 0.0)
     state = store.read()
     assert (state.level, state.reason) == (4, "out of memory")
@@ -220,8 +260,8 @@ def test_no_usable_model_at_all_means_level_5(
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path)))
     store.set(3, "test")
     rid = game.insert(pg, STATE)
-    pg.execute("UPDATE ai_requests SET status = 'processing' WHERE request_id = %s", (rid,))
-    infer_batch.apply(args=[[[rid, "mage", 1002, STATE]], 3]).get()
+    claim(pg, rid)
+    infer_batch.apply(args=[[[rid, "mage", 1002, STATE]], 3, 0.0, None, TOKEN]).get()
     assert store.read().level == 5
 
 
@@ -335,10 +375,17 @@ def test_recovery_climbs_one_level_after_a_canary(world: World, queue: str, star
     assert world.redis.get(keys.canary(result.canary_id or "")) == b"ok"
 
 
-def test_failed_canary_backs_off_and_doubles(world: World, tmp_path: Path) -> None:
-    empty = tmp_path / "no-models"
-    empty.mkdir()
-    world.start_worker("cpu", models_dir=empty)  # alive and healthy, but no model to serve
+def test_failed_canary_backs_off_and_doubles(
+    world: World, tmp_path: Path, models_dir: Path
+) -> None:
+    import shutil
+
+    # Alive and healthy, but with one archetype's model only: canaries get 255s. (With no
+    # model at all it would not beat: a worker that cannot answer does not look healthy.)
+    few = tmp_path / "few-models"
+    (few / "tank").mkdir(parents=True)
+    shutil.copy(models_dir / "tank" / "combat_dqn.onnx", few / "tank" / "combat_dqn.onnx")
+    world.start_worker("cpu", models_dir=few)
     world.store.set(4, "test")
     send = send_via(world)
     assert recovery.attempt(world.cfg, world.store, send).outcome == "canary_sent"

@@ -4,6 +4,7 @@ against the test broker, as a subprocess, and the options file on its own."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +147,99 @@ def test_task_events_are_off_until_flower_asks(base_config: Config) -> None:
         base_config, monitoring=dataclasses.replace(base_config.monitoring, task_events=True)
     )
     assert settings_for(on).get("worker_send_task_events") is True
+
+
+# -- the app itself refuses to serve Flower open (issue 11, item 7) ---------------------------
+
+
+def _run_until_listening_or_exit(
+    cmd: list[str], env: dict[str, str], port: int, tmp_path: Path
+) -> tuple[int | None, str]:
+    """(exit code, or None while it listens; its output). A listening Flower is stopped."""
+    log = tmp_path / f"flower-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return proc.returncode, log.read_text(errors="replace")
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2),
+                ):
+                    return None, log.read_text(errors="replace")
+                time.sleep(0.05)
+            raise AssertionError(f"flower neither listened nor exited:\n{log.read_text()}")
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+PLAIN_FLOWER = [sys.executable, "-m", "celery", "-A", "mltasks", "flower"]
+MLTASKS_FLOWER = [sys.executable, "-m", "mltasks.cli", "flower"]
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        pytest.param(lambda port: [*PLAIN_FLOWER, f"--port={port}"], id="celery-flower"),
+        pytest.param(
+            lambda port: [*MLTASKS_FLOWER, "--", "--auth=", f"--port={port}"], id="empty-auth"
+        ),
+        pytest.param(
+            lambda port: [*PLAIN_FLOWER, "--basic-auth=admin:", f"--port={port}"],
+            id="no-password",
+        ),
+    ],
+)
+def test_flower_never_runs_open_whatever_the_command_line(cmd: Any, tmp_path: Path) -> None:
+    port = free_port()
+    code, out = _run_until_listening_or_exit(cmd(port), flower_env(), port, tmp_path)
+    assert code == 2, f"flower served on {port} without authentication:\n{out}"
+    assert f"mltasks flower: {PASSWORD_ENV} is not set" in out
+
+
+def test_plain_celery_flower_takes_our_basic_auth(tmp_path: Path) -> None:
+    port = free_port()
+    env = flower_env(**{USER_ENV: USER, PASSWORD_ENV: PASSWORD})
+    log = tmp_path / "flower.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*PLAIN_FLOWER, f"--port={port}"], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+        try:
+            wait_for_port(proc, port)
+            base = f"http://127.0.0.1:{port}"
+            for path in ("/", "/workers", "/tasks", "/metrics"):
+                assert status(base + path) == 401, path
+            assert status(base + "/", (USER, PASSWORD)) == 200
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_mltasks_flower_passes_flower_options_through(tmp_path: Path) -> None:
+    port = free_port()
+    env = flower_env(**{USER_ENV: USER, PASSWORD_ENV: PASSWORD})
+    code, out = _run_until_listening_or_exit(
+        [*MLTASKS_FLOWER, f"--port={port}"], env, port, tmp_path
+    )
+    assert code is None, out
+    assert "unrecognized arguments" not in out
+
+
+def test_an_empty_auth_option_is_no_authentication() -> None:
+    with pytest.raises(ConfigError, match=PASSWORD_ENV):
+        flower_options({}, ["celery", "flower", "--auth="])
+    with pytest.raises(ConfigError, match=PASSWORD_ENV):
+        flower_options({"FLOWER_AUTH": " "})

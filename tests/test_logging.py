@@ -61,7 +61,10 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
     cfg = tmp_path / "json.yaml"
     cfg.write_text(
         "logging:\n  level: DEBUG\n  format: json\n"
-        "redis:\n  broker_db: 13\n  cache_db: 14\n"
+        "redis:\n  url: ${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}\n"
+        "  broker_db: 13\n  cache_db: 14\n"
+        # this busy test host's own load must not move the level (issue 11: it does now)
+        "fallback:\n  cpu_load_per_core: 1000\n"
         "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
     )
     env = dict(

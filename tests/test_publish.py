@@ -184,3 +184,43 @@ def test_a_route_change_drops_the_old_queues_congestion(
         assert b.drain() == 1
     finally:
         b.close()
+
+
+def test_a_hold_back_never_outlasts_the_rows_deadline(
+    config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
+) -> None:
+    """A full queue whose worker does not read (mingle after a reconnect, a huge batch)
+    holds rows back for at most half their deadline; then they go to the next live tier
+    with room, or are answered here with the rule policy (issue 11, item 2)."""
+    app, client = quiet_broker
+    b = _congestion_bridge(config, app)
+    b.hold_back_s = 0.05
+    status = "SELECT status FROM ai_requests WHERE request_id = %s"
+    reason = "SELECT source, reason FROM ai_responses WHERE request_id = %s"
+    try:
+        game.insert(pg, STATE)
+        assert b.drain() == 1 and b.congested()
+        held = game.insert(pg, STATE)
+        assert b.drain() == 0
+        time.sleep(b.hold_back_s)
+        assert not b.congested()  # lapsed: claims again
+        assert b.drain() == 1  # no live tier below: the rule policy answers here
+        assert pg.execute(status, (held,)).fetchone() == ("completed",)
+        assert pg.execute(reason, (held,)).fetchone() == ("rules", "congested")
+        assert client.llen(QUEUE) == 1  # the stuck queue got nothing more
+
+        b.live = {"cpu": True, "rules": True}
+        diverted = game.insert(pg, STATE)
+        assert b.drain() == 1  # to the rule tier's queue, which has room
+        assert pg.execute(status, (diverted,)).fetchone() == ("processing",)
+        assert client.llen("rules") == 1
+        assert client.llen(QUEUE) == 1
+
+        assert client.rpop(QUEUE) is not None  # the cpu worker reads again
+        time.sleep(0.01)
+        back = game.insert(pg, STATE)
+        assert b.drain() == 1
+        assert client.llen(QUEUE) == 1 and client.llen("rules") == 1, back
+    finally:
+        client.delete("rules")
+        b.close()

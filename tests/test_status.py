@@ -55,6 +55,7 @@ def cfg(config: Config) -> Config:
     return dataclasses.replace(
         config,
         redis=dataclasses.replace(config.redis, cache_db=STATUS_DB, broker_db=STATUS_DB),
+        inference=dataclasses.replace(config.inference, max_latency_ms=2000),
     )
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -348,6 +349,42 @@ def add_parser(subparsers: Any) -> None:
     mod.add_argument("--budget-s", type=float, default=2.0, help="seconds per cell at most")
     mod.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     mod.set_defaults(func=models_command)
+
+    from mltasks.bench import chaos as chaos_mod
+
+    ch = sub.add_parser(
+        "chaos",
+        help="the whole service under kill -9 and SIGSTOP faults, bounded in time",
+        description=chaos_mod.__doc__,
+        formatter_class=raw,
+    )
+    ch.add_argument("--duration", type=float, default=120.0, help="seconds of load and faults")
+    ch.add_argument("--clients", type=int, default=4, help="emulated map servers")
+    ch.add_argument("--timeout-ms", type=int, default=100, help="the game's timeout (deadline)")
+    ch.add_argument("--fault-every", type=float, default=5.0, help="seconds between faults")
+    ch.add_argument("--stop-s", type=float, default=3.0, help="how long SIGSTOP lasts")
+    ch.add_argument(
+        "--faults",
+        default=",".join(chaos_mod.FAULTS),
+        help="faults, in turn (default: %(default)s)",
+    )
+    ch.add_argument("--keep-database", action="store_true", help="leave the database behind")
+    ch.add_argument(
+        "--cpu-load-per-core",
+        type=float,
+        default=None,
+        help="the service's fallback.cpu_load_per_core (default: its configured 2); a "
+        "shared host's own load moves the level otherwise",
+    )
+    ch.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    ch.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
+    ch.add_argument(
+        "--database-url",
+        default=DEFAULT_BENCH_URL.replace("mltasks_bench", "mltasks_bench_chaos"),
+        help="the run's database (dropped and recreated; its name must say bench)",
+    )
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(func=chaos_command)
 
     ins = sub.add_parser(
         "inserts",
@@ -779,3 +816,42 @@ def precisions_command(args: argparse.Namespace) -> int:
     print(md)
     _say(f"report written to {out}/report.md and report.json")
     return 0
+
+
+# -- chaos --------------------------------------------------------------------------------
+
+
+def chaos_command(args: argparse.Namespace) -> int:
+    from mltasks.bench import chaos as chaos_mod
+
+    faults = tuple(f for f in args.faults.split(",") if f)
+    unknown = sorted(set(faults) - set(chaos_mod.FAULTS))
+    if unknown:
+        raise BenchError(f"--faults: unknown {unknown}; known: {', '.join(chaos_mod.FAULTS)}")
+    if args.duration <= 0 or args.clients < 1:
+        raise BenchError("--duration must be positive and --clients at least 1")
+    started = datetime.now().astimezone()
+    out = _out_dir(args, started)
+    with _workspace(args) as (work, models_dir):
+        opts = chaos_mod.ChaosOptions(
+            database_url=args.database_url,
+            models_dir=models_dir,
+            duration_s=args.duration,
+            clients=args.clients,
+            timeout_ms=args.timeout_ms,
+            fault_every_s=args.fault_every,
+            stop_s=args.stop_s,
+            faults=faults,
+            seed=args.seed,
+            keep_database=args.keep_database,
+            cpu_load_per_core=args.cpu_load_per_core,
+        )
+        report = chaos_mod.run_chaos(opts, work, _say)
+        logs = out / "logs"
+        shutil.copytree(work / "logs", logs, dirs_exist_ok=True)
+    report["command"] = _command_line()
+    report["started_at"] = started.isoformat(timespec="seconds")
+    chaos_mod.write_report(report, out)
+    print(chaos_mod.summary(report))
+    _say(f"report written to {out}/chaos.json and chaos.txt")
+    return 0 if chaos_mod.passed(report) else 1

@@ -96,13 +96,17 @@ class ModelFloor(Floor):
         from mltasks.responses import write_answers
         from mltasks.sql import query
 
+        import secrets
+
         total = 0
-        params = {"limit": self.batch, "deadline_s": 3600.0}
         while True:
+            token = secrets.token_hex(16)
+            params = {"limit": self.batch, "deadline_s": 3600.0, "token": token}
             rows = conn.execute(query("claim_batch"), params, prepare=True).fetchall()
-            if rows:
-                batch = [[r[0], r[1], r[2], r[3], r[4]] for r in rows]
-                write_answers(conn, answer_batch(batch, self.engine, None, self.rule).answers)
+            batch = [[r[0], r[1], r[2], r[3], r[4]] for r in rows if r[7] is None]
+            if batch:  # rows the claim answered invalid itself have no state
+                answers = answer_batch(batch, self.engine, None, self.rule).answers
+                write_answers(conn, answers, token)
             total += len(rows)
             if len(rows) < self.batch:
                 self.answered += total

@@ -76,7 +76,18 @@ class RedisServer:
     """A private redis-server on its own port: no persistence, so a restart comes back
     empty, as a crashed cache-only Redis does. Stop and start again keep the port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        args: Iterable[str] = (),
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        # args: more redis-server options (ACL users, a password); username and password:
+        # what this helper's own clients log in with.
+        self.args = list(args)
+        self.username = username
+        self.password = password
         exe = shutil.which("redis-server")
         if exe is None:
             missing("redis-server is not installed")
@@ -91,7 +102,8 @@ class RedisServer:
         with (self.workdir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
+                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
+                 *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -124,8 +136,9 @@ class RedisServer:
 
     def client(self, db: int = CACHE_DB, socket_timeout: float = 2.0) -> redis.Redis:
         return redis.Redis(
-            port=self.port, db=db, socket_connect_timeout=0.5, socket_timeout=socket_timeout
-        )
+            port=self.port, db=db, socket_connect_timeout=0.5, socket_timeout=socket_timeout,
+            username=self.username, password=self.password,
+        )  # fmt: skip
 
     def log_tail(self, lines: int = 20) -> str:
         path = self.workdir / "redis.log"
@@ -155,7 +168,9 @@ class PostgresServer:
     (runuser, else su) in a directory chowned to it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        # With a password: scram-sha-256 on TCP (the postgres superuser's), trust otherwise.
+        self.password = password
         bindir = pg_bindir()
         if bindir is None or not (bindir / "pg_ctl").exists():
             missing("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
@@ -192,8 +207,16 @@ class PostgresServer:
         return res.stdout
 
     def init(self) -> None:
+        auth: list[object] = ["-A", "trust"]
+        if self.password is not None:
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self._su is not None:
+                owner = pwd.getpwnam("postgres")
+                os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         self._run(
-            self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+            self.bin / "initdb", "-D", self.data, "-U", "postgres", *auth,
             "-E", "UTF8", "--no-sync",
         )  # fmt: skip
 
@@ -212,8 +235,10 @@ class PostgresServer:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop")
         self.running = False
 
-    def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", password: str | None = None) -> str:
+        secret = self.password if password is None else password
+        auth = f"postgres:{secret}" if secret is not None else "postgres"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{dbname}"
 
     def close(self) -> None:
         if self.running:
@@ -316,13 +341,19 @@ class Service:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str, queues: str = "cpu") -> subprocess.Popen[bytes]:
-        """`celery -A mltasks worker -Q <queues>`, prefork, one pool process."""
+    def start_worker(
+        self, name: str, queues: str = "cpu", *, as_documented: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """`celery -A mltasks worker -Q <queues>`, prefork, one pool process
+        (``as_documented``: the README's command line, mingle and gossip left on)."""
+        quiet = (
+            () if as_documented else ("--without-gossip", "--without-mingle", "--without-heartbeat")
+        )
         return self._spawn(
             name,
             worker_command(
-                queues, "--pool", "prefork", "--concurrency", "1", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-n", f"{name}@faults", "-l", "WARNING",
+                queues, "--pool", "prefork", "--concurrency", "1", *quiet,
+                "-n", f"{name}@faults", "-l", "WARNING",
             ),
         )  # fmt: skip
 

@@ -47,7 +47,7 @@ def test_a_claimed_row_the_game_gave_up_on_gets_one_answer_after_its_batch_is_lo
     try:
         # Claimed, and then the batch is lost (a worker killed with it, a Redis restarted
         # empty, a bridge killed before its publish): nothing will ever answer it.
-        assert [r[0] for r in b.claim()] == [rid]
+        assert [r[0] for r in b.claim()[1]] == [rid]
         game.mark_timeout(pg, rid)  # the game's timeout comes long before the lease's
         started = time.monotonic()
 
