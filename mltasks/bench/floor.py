@@ -92,11 +92,11 @@ class ModelFloor(Floor):
         self.rule = rule_of(self.config)
 
     def drain(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+        import secrets
+
         from mltasks.inference import answer_batch
         from mltasks.responses import write_answers
         from mltasks.sql import query
-
-        import secrets
 
         total = 0
         while True:
