@@ -340,6 +340,7 @@ class Bridge:
         with self._errors("housekeeping"):
             conn = self._connection()
             conn.execute(query("release_stale"), {"lease_s": self.config.inference.lease_ms / 1000})
+            conn.execute(query("forget_gone_bridges"))
             cur = conn.execute(
                 query("answer_game_timeouts"), {"lease_s": self.config.inference.lease_ms / 1000}
             )
@@ -407,13 +408,28 @@ class Bridge:
                 return total
 
     def wait(self, timeout_s: float) -> None:
-        """Sleep until a NOTIFY arrives or the poll interval passes; swallow the backlog."""
+        """Sleep until a NOTIFY arrives or ``timeout_s`` passes; swallow the backlog.
+
+        Only a sleeping bridge is on record (ai_bridges_waiting), so the game's INSERTs
+        notify only then: a NOTIFY serialises the commits of every inserting map server
+        (sql/schema.sql). Going on record, the bridge waits for the inserts that looked
+        before it did, then looks for pending rows once more: no row is left unnoticed.
+        """
         with self._errors("waiting"):
             conn = self._connection()
-            for _ in conn.notifies(timeout=timeout_s, stop_after=1):
-                pass
-            for _ in conn.notifies(timeout=0):
-                pass
+            conn.execute(query("bridge_sleeps"))
+            try:
+                conn.execute(query("bridge_settles"))
+                row = conn.execute(query("has_pending")).fetchone()
+                if row is not None and row[0]:
+                    return
+                for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+                    pass
+                for _ in conn.notifies(timeout=0):
+                    pass
+            finally:
+                if not conn.closed:
+                    conn.execute(query("bridge_wakes"))
 
     # -- the loop -----------------------------------------------------------------------
 

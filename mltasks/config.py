@@ -112,8 +112,13 @@ class StateConfig:
 class InferenceConfig:
     batch_size: int = 64
     poll_interval_ms: int = 50
-    max_latency_ms: int = 100
-    lease_ms: int = 2000
+    # The game's ml_max_latency_ms default: past it a decision is lost to its traditional AI.
+    max_latency_ms: int = 15
+    # A claimed row still 'processing' this long is claimed again (and, past its deadline,
+    # answered 255): the recovery of a batch lost with its worker, beside the bridge's
+    # rescue at 80% of the deadline. 0 (the default): follows the deadline, 10 x it and at
+    # least 250 ms; far above any healthy batch, far below a second at the game's 15 ms.
+    lease_ms: int = 0
     intra_op_threads: int = 1
     # Batches allowed to wait in a tier's queue before the bridge holds back and lets rows
     # gather into a larger batch (0: never hold back).
@@ -123,7 +128,14 @@ class InferenceConfig:
         _range("inference.batch_size", self.batch_size, 32, 128)
         _range("inference.poll_interval_ms", self.poll_interval_ms, 1, 10_000)
         _range("inference.max_latency_ms", self.max_latency_ms, 5, 60_000)
+        if self.lease_ms == 0:
+            object.__setattr__(self, "lease_ms", max(250, 10 * self.max_latency_ms))
         _range("inference.lease_ms", self.lease_ms, 100, 600_000)
+        if self.lease_ms <= self.max_latency_ms:
+            raise ConfigError(
+                f"inference.lease_ms: {self.lease_ms} must be longer than "
+                f"inference.max_latency_ms ({self.max_latency_ms})"
+            )
         _range("inference.intra_op_threads", self.intra_op_threads, 0, 64)
         _range("inference.max_waiting_batches", self.max_waiting_batches, 1, 1000)
 

@@ -116,7 +116,23 @@ def preload() -> None:
                     exc,
                     extra={"event": "models_publish_failed"},
                 )
+    _initial_gauges(cfg)
     metrics.set_service_up(True)
+
+
+def _initial_gauges(cfg: Config) -> None:
+    """Every gauge a worker can give a value to has one from its first scrape: the
+    deployment's cache hit rates (0 for a layer without lookups yet) and the shared level.
+    ``ml_vram_usage_bytes`` is GPU-only: it appears where a probe reads a GPU."""
+    from mltasks.cache import LAYERS
+
+    rates: dict[str, float] = dict.fromkeys(LAYERS, 0.0)
+    try:
+        rates.update({str(k): v for k, v in get_cache(cfg).hit_rates().items()})
+        metrics.set_fallback_level(level_store().read().level)
+    except (redis.RedisError, OSError):  # the monitor sets them once Redis answers
+        pass
+    metrics.set_cache_hit_rates(rates)
 
 
 @worker_process_init.connect
@@ -174,11 +190,15 @@ def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) ->
         )
 
 
+# Acknowledged on receipt, not after the work (acks_late would cost kombu an unacked index
+# and an ack per batch, to redeliver a lost batch after the visibility timeout: thousands
+# of times the game's deadline). A batch lost with its worker is answered by the bridge,
+# 255 `lost`, at 80% of the deadline, and by the lease (inference.lease_ms) at the latest.
 @app.task(
     name=INFER_TASK,
     bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
+    acks_late=False,
+    reject_on_worker_lost=False,
     ignore_result=True,
     max_retries=2,
 )

@@ -164,3 +164,26 @@ SELECT count(*) AS answered,
 FROM ai_requests AS r
 JOIN ai_responses AS s ON s.request_id = r.request_id
 WHERE r.created_at >= clock_timestamp() - make_interval(secs => %(window_s)s);
+
+-- bridge_sleeps --
+-- This bridge is about to sleep until a NOTIFY: from now on the game's INSERTs notify.
+INSERT INTO ai_bridges_waiting (pid) VALUES (pg_backend_pid()) ON CONFLICT (pid) DO NOTHING;
+
+-- bridge_settles --
+-- Wait for the inserts that checked for sleeping bridges before this one went on record
+-- (they hold the lock shared until they commit; schema.sql ai_requests_notify).
+SELECT pg_advisory_lock(827100), pg_advisory_unlock(827100);
+
+-- has_pending --
+-- Whether a row waits to be claimed (the last look before sleeping).
+SELECT EXISTS (SELECT 1 FROM ai_requests WHERE status = 'pending');
+
+-- bridge_wakes --
+-- This bridge works again: it claims without being told.
+DELETE FROM ai_bridges_waiting WHERE pid = pg_backend_pid();
+
+-- forget_gone_bridges --
+-- A bridge killed while asleep leaves its row behind (the INSERTs would notify for
+-- nobody): rows of backends that no longer exist go.
+DELETE FROM ai_bridges_waiting AS w
+WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = w.pid);

@@ -24,4 +24,5 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT CONNECT ON DATABASE {database} TO {runtime};
 GRANT USAGE ON SCHEMA public TO {runtime};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ai_requests, ai_responses TO {runtime};
+GRANT SELECT, INSERT, DELETE ON TABLE ai_bridges_waiting TO {runtime};
 GRANT USAGE, SELECT ON SEQUENCE ai_requests_request_id_seq TO {runtime};

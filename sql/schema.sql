@@ -77,11 +77,27 @@ BEGIN
 END;
 $$;
 
--- Wake the bridges: one notification per insert statement (the game inserts one row each).
+-- Bridges that sleep, waiting for work (one row per bridge connection, its backend pid).
+-- A NOTIFY is not free: PostgreSQL serialises the commits of every transaction that
+-- issued one (a database-wide lock held through the WAL flush), so the game's INSERTs
+-- notify only while a bridge sleeps. A busy bridge claims again without being told.
+CREATE UNLOGGED TABLE IF NOT EXISTS ai_bridges_waiting (
+    pid   integer PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Wake the sleeping bridges: one notification per insert statement, only when one sleeps.
+-- The shared advisory lock (held until the insert commits) closes the race with a bridge
+-- going to sleep: the bridge records itself, then takes the same lock exclusively, which
+-- waits for every insert already past this check; only then does it look for pending rows
+-- one last time (bridge_sleeps, bridge_settles, has_pending in queries.sql).
 CREATE OR REPLACE FUNCTION ai_requests_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('ai_requests', '');
+    PERFORM pg_advisory_xact_lock_shared(827100);
+    IF EXISTS (SELECT 1 FROM ai_bridges_waiting) THEN
+        PERFORM pg_notify('ai_requests', '');
+    END IF;
     RETURN NULL;
 END;
 $$;

@@ -132,6 +132,10 @@ def test_metrics_move_with_real_traffic(
     worker_url = f"http://127.0.0.1:{ports['worker']}/metrics"
     bridge_url = f"http://127.0.0.1:{ports['bridge']}/metrics"
     before = scrape(worker_url)
+    # Gauges a dashboard reads have a value from the first scrape on (issue: no "no data").
+    for layer in ("l1", "l2", "l3"):
+        assert value(before, "ml_cache_hit_rate", layer=layer) is not None, layer
+    assert value(before, "ml_fallback_level") is not None
     for i, archetype in enumerate(ARCHETYPES):
         game.decide(pg, [0.1 * i, 0.5] + [0.3] * 62, timeout_ms=5000, archetype=archetype)
     game.decide(pg, [0.1] * 63, timeout_ms=5000)  # invalid

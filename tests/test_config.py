@@ -132,3 +132,16 @@ def test_state_layout_defaults_to_the_encoder_and_names_a_bad_value(tmp_path: Pa
         load_config(write(tmp_path, "state:\n  layout: csv\n"), environ={})
     with pytest.raises(ConfigError, match=r"state\.order: unknown key"):
         load_config(write(tmp_path, "state:\n  order: seed\n"), environ={})
+
+
+def test_the_deadline_is_the_games_and_the_lease_follows_it(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""), environ={})
+    assert (cfg.inference.max_latency_ms, cfg.inference.lease_ms) == (15, 250)
+    slow = load_config(write(tmp_path, "inference:\n  max_latency_ms: 100\n"), environ={})
+    assert slow.inference.lease_ms == 1000
+    with pytest.raises(ConfigError, match=r"inference\.lease_ms: 50 is outside"):
+        load_config(write(tmp_path, "inference:\n  lease_ms: 50\n"), environ={})
+    with pytest.raises(ConfigError, match=r"inference\.lease_ms: 200 must be longer"):
+        load_config(
+            write(tmp_path, "inference:\n  max_latency_ms: 300\n  lease_ms: 200\n"), environ={}
+        )

@@ -72,7 +72,8 @@ def owners(n: Names) -> dict[str, str]:
     with psycopg.connect(make_conninfo(ADMIN_URL, dbname=n.database)) as conn:
         rows = conn.execute(
             "SELECT c.relname, r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner"
-            " WHERE c.relname IN ('ai_requests', 'ai_responses', 'ai_requests_request_id_seq')"
+            " WHERE c.relname IN ('ai_requests', 'ai_responses', 'ai_requests_request_id_seq',"
+            " 'ai_bridges_waiting')"
             " UNION ALL SELECT p.proname, r.rolname FROM pg_proc p"
             " JOIN pg_roles r ON r.oid = p.proowner WHERE p.proname LIKE 'ai_requests_%%'"
             " UNION ALL SELECT d.datname, r.rolname FROM pg_database d"
@@ -85,7 +86,7 @@ def assert_least_rights(n: Names) -> None:
     found = owners(n)
     assert set(found) == {
         "ai_requests", "ai_responses", "ai_requests_request_id_seq",
-        "ai_requests_reuse_id", "ai_requests_notify", n.database,
+        "ai_requests_reuse_id", "ai_requests_notify", "ai_bridges_waiting", n.database,
     }  # fmt: skip
     dbowner = found.pop(n.database)
     assert set(found.values()) == {n.owner}, found

@@ -70,12 +70,60 @@ def test_status_is_checked(pg: psycopg.Connection[Any]) -> None:
         pg.execute("UPDATE ai_requests SET status = 'bogus' WHERE request_id = %s", (rid,))
 
 
-def test_insert_notifies_the_bridge(config: Config, pg: psycopg.Connection[Any]) -> None:
+def test_insert_notifies_only_while_a_bridge_sleeps(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    from mltasks.sql import query
+
     with psycopg.connect(config.database.conninfo, autocommit=True) as listener:
         listener.execute("LISTEN ai_requests")
+        game.insert(pg, STATE)  # nobody sleeps: no NOTIFY, no serialised commit
+        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+        listener.execute(query("bridge_sleeps"))
+        listener.execute(query("bridge_settles"))
         game.insert(pg, STATE)
         got = list(listener.notifies(timeout=5, stop_after=1))
-    assert [n.channel for n in got] == ["ai_requests"]
+        assert [n.channel for n in got] == ["ai_requests"]
+        listener.execute(query("bridge_wakes"))
+        game.insert(pg, STATE)
+        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+        listener.execute(query("bridge_sleeps"))
+    # The listener is gone: its record goes with the housekeeping once its backend exited.
+    from tests.conftest import wait_for
+
+    def forgotten() -> bool:
+        pg.execute(query("forget_gone_bridges"))
+        return pg.execute("SELECT count(*) FROM ai_bridges_waiting").fetchone() == (0,)
+
+    wait_for(forgotten, 10, "the gone bridge's record to be dropped")
+
+
+def test_a_bridge_going_to_sleep_waits_for_inserts_that_looked_before_it(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    """An INSERT that found nobody asleep holds the notify lock shared until it commits;
+    the bridge's settle step waits for it, so its last look sees the row."""
+    import threading
+
+    from mltasks.sql import query
+
+    pg.execute("BEGIN")
+    pg.execute(game.insert_sql(STATE).removesuffix(" RETURNING request_id;"))  # not committed
+    done = threading.Event()
+    with psycopg.connect(config.database.conninfo, autocommit=True) as bridge:
+        bridge.execute(query("bridge_sleeps"))
+
+        def settle() -> None:
+            bridge.execute(query("bridge_settles"))
+            done.set()
+
+        t = threading.Thread(target=settle)
+        t.start()
+        assert not done.wait(0.3)  # waits for the open insert
+        pg.execute("COMMIT")
+        assert done.wait(5)
+        t.join(5)
+        assert bridge.execute(query("has_pending")).fetchone() == (True,)
 
 
 def test_request_id_wraps_around_inside_integer_range(pg: psycopg.Connection[Any]) -> None:

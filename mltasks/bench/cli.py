@@ -232,8 +232,10 @@ def add_parser(subparsers: Any) -> None:
     gw.add_argument("--processes", type=int, default=2, help="client processes")
     gw.add_argument(
         "--literal-sql",
-        action="store_true",
-        help="poll with unprepared text like the C++ (costs the client more)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="poll with unprepared text, as the C++ client does (the default); "
+        "--no-literal-sql prepares the statements (costs the client less)",
     )
     _common(gw)
     _service_options(gw, level_list=False)
