@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,12 +133,21 @@ def _worker(args: argparse.Namespace) -> int:
     from mltasks.celery_app import worker_command
 
     cmd = worker_command(args.queues, "--loglevel", args.loglevel, *args.celery_args)
-    return subprocess.call(cmd)
+    return _become(cmd)
 
 
 def _beat(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "beat", "--loglevel", args.loglevel]
-    return subprocess.call([*cmd, *args.celery_args])
+    return _become([*cmd, *args.celery_args])
+
+
+def _become(cmd: list[str]) -> int:
+    """Celery takes this process's place: a signal to `mltasks worker` (systemd's SIGTERM,
+    Ctrl-C) reaches Celery itself, where a child would outlive a SIGTERM to its parent."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def _flower(args: argparse.Namespace) -> int:
@@ -148,12 +156,7 @@ def _flower(args: argparse.Namespace) -> int:
     extra = list(args.flower_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    # Flower takes this process's place: a signal to `mltasks flower` reaches Flower itself
-    # (a child would outlive a SIGTERM to its parent).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [*cmd, *extra])
-    return 0  # not reached
+    return _become([*cmd, *extra])
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -175,7 +175,9 @@ def test_worker_beat_and_flower_hand_the_rest_of_the_line_to_celery(
     from mltasks import cli
 
     ran: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    # The commands exec Celery in their own place: recorded here instead (an exec would
+    # replace the test run itself).
+    monkeypatch.setattr(cli.os, "execv", lambda path, cmd: ran.append(cmd))
     assert cli.main(["worker", "--pool", "solo", "-Q", "gpu", "-n", "a@b"]) == 0
     assert cli.main(["beat", "-s", "/tmp/schedule"]) == 0
     assert cli.main(["flower", "--port=5556"]) == 0
