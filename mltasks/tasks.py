@@ -30,7 +30,8 @@ from mltasks.errors import DatabaseError
 from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
 from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
 from mltasks.logs import configure_logging
-from mltasks.models.engine import get_engine, reset_engine
+from mltasks.models import canary as deploy_canary
+from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
 from mltasks.responses import write_answers
 from mltasks.rules import rules_engine
@@ -206,7 +207,10 @@ def infer_batch(
             rows = [rows[i] for i in keep]
             created = [created[i] for i in keep]
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
-    outcome = answer_batch(rows, predictors(cfg, level), cache, rule_of(cfg))
+    engine = predictors(cfg, level)
+    if isinstance(engine, Engine):
+        deploy_canary.refresh(engine)  # between batches: deployed versions swap in here
+    outcome = answer_batch(rows, engine, cache, rule_of(cfg))
     try:
         with _db_pool().connection() as conn:
             write_answers(conn, [*outcome.answers, *stale])
@@ -220,6 +224,8 @@ def infer_batch(
         # Unanswered rows are expired by the bridge once their lease runs out.
         raise self.retry(exc=exc, countdown=0.05) from exc
     outcome.remember()
+    if outcome.shadow:  # after the answers: the game never waits for a candidate
+        deploy_canary.run_shadows(outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis)
     metrics.observe_batch(len(rows))
     metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(
