@@ -41,6 +41,7 @@ from mltasks.worker import MonitorStep, worker_queues
 log = logging.getLogger(__name__)
 
 app.steps["worker"].add(MonitorStep)
+app.steps["worker"].add(deploy_canary.ModelsStep)
 
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None

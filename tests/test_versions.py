@@ -344,6 +344,17 @@ def served_by(pg: psycopg.Connection[Any], since: float, needle: str) -> int:
     return int(row[0]) if row else 0
 
 
+def first_answer(pg: psycopg.Connection[Any], since: float, needle: str) -> float:
+    """Unix time of the first answer after ``since`` whose model names ``needle``."""
+    row = pg.execute(
+        "SELECT extract(epoch FROM min(created_at)) FROM ai_responses"
+        " WHERE created_at >= to_timestamp(%s) AND model LIKE %s",
+        (since, f"%{needle}%"),
+    ).fetchone()
+    assert row is not None and row[0] is not None, needle
+    return float(row[0])
+
+
 def answers_255(pg: psycopg.Connection[Any]) -> int:
     row = pg.execute("SELECT count(*) FROM ai_responses WHERE action_id = 255").fetchone()
     return int(row[0]) if row else 0
@@ -386,12 +397,22 @@ def test_a_good_version_goes_live_under_load_and_rollback_is_immediate(
         late_new = served_by(pg, t_old + 0.5, f"combat_dqn@{new}")
     stats = world.redis.hgetall(keys.canary_stats(MODEL, new))
     s = {k.decode(): float(v) for k, v in stats.items()}
+    final = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
+    assert final is not None and final.candidate is not None and final.last_rollback is not None
+    promoted_at = float(final.candidate["decided"])
+    rolled_at = float(final.last_rollback["at"])
+    first_new = first_answer(pg, promoted_at, f"combat_dqn@{new}")
+    first_old = first_answer(pg, rolled_at, f"combat_dqn@{old}")
+    batches = max(1.0, s.get("batches", 1.0))
     print(
-        f"\ndeploy -> active: {t_active - t_deploy:.1f}s; rollback -> old version answering:"
-        f" {t_old - t_back:.2f}s; canary: {s.get('rows', 0):.0f} rows in {s.get('batches', 0):.0f}"
-        f" batches, candidate {1000 * s.get('candidate_s', 0) / max(1, s.get('batches', 1)):.2f}"
-        f" ms/batch vs active {1000 * s.get('active_s', 0) / max(1, s.get('batches', 1)):.2f}"
+        f"\ndeploy command -> promoted {promoted_at - t_deploy:.1f}s -> first answer by it"
+        f" {first_new - promoted_at:.3f}s later; rollback pointer -> first answer by the old"
+        f" version {first_old - rolled_at:.3f}s (command included: {t_old - t_back:.2f}s);"
+        f" canary: {s.get('rows', 0):.0f} rows in {batches:.0f} batches, candidate"
+        f" {1000 * s.get('candidate_s', 0) / batches:.3f} ms/batch vs active"
+        f" {1000 * s.get('active_s', 0) / batches:.3f}"
     )
+    assert first_old - rolled_at < 2
     assert t_active - t_deploy < 60
     assert t_old - t_back < 5
     assert late_new == 0
@@ -401,6 +422,17 @@ def test_a_good_version_goes_live_under_load_and_rollback_is_immediate(
     listed = json.loads(cli(world, "models", "list", "--json").stdout)
     row = next(m for m in listed if m["model"] == MODEL)
     assert row["active"]["version"] == old and row["last_rollback"]["from"] == new
+    assert row["candidate"]["state"] == "promoted"
+    # mltasks status shows it too ...
+    status = json.loads(cli(world, "status", "--json").stdout)
+    (shown,) = [v for v in status["versions"] if v["model"] == MODEL]
+    assert shown["active"]["version"] == old and shown["last_rollback"]["to"] == old
+    # ... and the workers' stats (Flower's worker page, tab Other) the control commands.
+    stats = world.app.control.inspect(timeout=2).stats() or {}
+    (info,) = [s["mltasks_models"] for s in stats.values()]
+    assert any(f"deploy {MODEL}@{new}" in line for line in info["received"])
+    assert any(f"rollback {MODEL}@{old}" in line for line in info["received"])
+    assert info["versions"][MODEL].startswith(f"{old} active")
 
 
 def test_a_nan_version_is_rolled_back_and_a_broken_file_refused_while_the_active_serves(

@@ -28,15 +28,16 @@ rows within every limit promotes it (`versions.promote`, ``event=canary_promoted
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from celery import bootsteps
 
 from mltasks import keys, metrics
 from mltasks.config import CanaryConfig
@@ -227,10 +228,6 @@ def _swap_in(engine: Engine, key: tuple[str, str], model: LoadedModel) -> None:
 # --- the shadow run ---------------------------------------------------------------------
 
 
-def sample(config: CanaryConfig) -> bool:
-    return config.share >= 1.0 or random.random() < config.share
-
-
 def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfig, r: Any) -> None:
     """After the batch's answers are written: the candidates on the rows their active
     versions computed; totals to Redis; promotion or rollback when the totals say so."""
@@ -366,11 +363,68 @@ def broadcast(model: str, version: str, action: str, reply: bool = False) -> lis
             arguments={"model": model, "version": version, "action": action},
             reply=reply,
             timeout=1.0,
+            # Stop waiting once every live worker answered, not at the timeout.
+            limit=(_live_workers() or None) if reply else None,
         )
     except Exception as exc:  # the generation file still tells them
         log.warning("control broadcast failed: %s", exc, extra={"event": "broadcast_failed"})
         return []
     return list(replies or [])
+
+
+# The control commands this worker received, newest last: its `stats` show them (Flower's
+# worker page, tab "Other": ``mltasks_models``), through `ModelsStep.info`.
+_received: deque[str] = deque(maxlen=20)
+
+
+class ModelsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Adds ``mltasks_models`` to the worker's ``stats`` (``celery inspect stats``, Flower):
+    the control commands received and the versions the pointers make active."""
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        from mltasks.config import get_config
+
+        serving: dict[str, str] = {}
+        models_dir = Path(get_config().models.dir)
+        for archetype in ARCHETYPES:
+            for model_type in MODEL_TYPES:
+                try:
+                    p = versions.read_pointer(models_dir, archetype, model_type)
+                except ModelError as exc:
+                    serving[f"{archetype}/{model_type}"] = str(exc)
+                    continue
+                if p is None or p.active is None:
+                    continue
+                line = f"{p.active_version} active"
+                if p.canary is not None:
+                    line += f", candidate {p.canary['version']} in canary"
+                if p.last_rollback:
+                    line += f", last rollback {p.last_rollback['from']}"
+                serving[p.model] = line
+        return {
+            "mltasks_models": {
+                "control_command": f"celery -A mltasks control {CONTROL_COMMAND} <model> <version>",
+                "received": list(_received),
+                "versions": serving,
+            }
+        }
+
+
+def _live_workers() -> int:
+    """Worker nodes with a fresh heartbeat on any queue (0 when Redis cannot say)."""
+    from mltasks.celery_app import QUEUES
+    from mltasks.config import get_config
+    from mltasks.fallback import cache_client
+
+    try:
+        r = cache_client(get_config())
+        now = time.time()
+        members: set[Any] = set()
+        for q in QUEUES:
+            members.update(r.zrangebyscore(keys.workers(q), now - 5, "+inf"))
+        return len(members)
+    except Exception:
+        return 0
 
 
 def _register() -> None:
@@ -385,6 +439,9 @@ def _register() -> None:
     ) -> dict[str, Any]:
         """A model's pointer changed: read the pointers before the next batch."""
         notify()
+        _received.append(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}Z {action} {model}@{version}"
+        )
         log.info(
             "control: %s %s@%s",
             action,
