@@ -316,7 +316,7 @@ class CanaryConfig:
     max_error_rate: float = 0.0  # shadow runs that raised, per shadowed batch
     max_non_finite_rate: float = 0.0  # rows with a NaN or infinite output, per row
     max_latency_ratio: float = 3.0  # candidate's seconds / active's, summed over the batches
-    latency_min_batches: int = 20  # ... judged once this many batches were shadowed
+    latency_min_batches: int = 50  # ... judged once this many batches were shadowed
     min_agreement: float = 0.8  # rows whose top action matches the active version's
 
     def __post_init__(self) -> None:

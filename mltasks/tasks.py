@@ -226,7 +226,9 @@ def infer_batch(
         raise self.retry(exc=exc, countdown=0.05) from exc
     outcome.remember()
     if outcome.shadow:  # after the answers: the game never waits for a candidate
-        deploy_canary.run_shadows(outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis)
+        deploy_canary.submit_shadows(
+            outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis
+        )
     metrics.observe_batch(len(rows))
     metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(

@@ -28,6 +28,8 @@ rows within every limit promotes it (`versions.promote`, ``event=canary_promoted
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 from collections import deque
@@ -228,9 +230,60 @@ def _swap_in(engine: Engine, key: tuple[str, str], model: LoadedModel) -> None:
 # --- the shadow run ---------------------------------------------------------------------
 
 
+class _Shadower:
+    """One background thread per worker process runs the candidates, so a batch's task
+    ends when its answers are written. Its queue holds two batches: when the candidate
+    cannot keep up, batches go unshadowed rather than the game waiting."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.queue: queue.Queue[tuple[Sequence[ShadowJob], Path, CanaryConfig, Any]] = queue.Queue(
+            maxsize=2
+        )
+        self.skipped = 0
+
+    def submit(
+        self, jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfig, r: Any
+    ) -> None:
+        if self.pid != os.getpid():  # a fresh process (a prefork child): its own thread
+            self.pid = os.getpid()
+            self.queue = queue.Queue(maxsize=2)
+            threading.Thread(target=self._run, name="mltasks-shadow", daemon=True).start()
+        try:
+            self.queue.put_nowait((jobs, models_dir, config, r))
+        except queue.Full:
+            self.skipped += 1
+
+    def _run(self) -> None:
+        q = self.queue
+        while True:
+            jobs, models_dir, config, r = q.get()
+            try:
+                run_shadows(jobs, models_dir, config, r)
+            except Exception as exc:  # never let the thread die
+                log.warning("shadow run failed: %s", exc, extra={"event": "shadow_failed"})
+
+
+_shadower = _Shadower()
+
+
+def submit_shadows(
+    jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfig, r: Any
+) -> None:
+    """After the batch's answers are written: hand its shadow jobs to the shadow thread."""
+    _shadower.submit(jobs, models_dir, config, r)
+
+
+_FIELDS = ("rows", "batches", "errors", "non_finite", "agree", "candidate_s", "active_s")
+FLUSH_S = 0.2
+"""Totals go to Redis at most this often (at once when a row broke a limit)."""
+_pending: dict[tuple[str, str, str, str], dict[str, float]] = {}
+_flushed_at: dict[tuple[str, str, str, str], float] = {}
+
+
 def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfig, r: Any) -> None:
-    """After the batch's answers are written: the candidates on the rows their active
-    versions computed; totals to Redis; promotion or rollback when the totals say so."""
+    """The candidates on the rows their active versions computed; totals to Redis (shared
+    by every worker); promotion or rollback when the totals say so."""
     for job in jobs:
         n = int(job.states.shape[0])
         t0 = time.perf_counter()
@@ -260,33 +313,40 @@ def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfi
                 agree = int(finite.sum())  # threat and value heads: no action to compare
         seconds = time.perf_counter() - t0
         metrics.observe_canary_rows(job.candidate.name, n)
-        key = keys.canary_stats(job.candidate.name, job.candidate.version)
-        try:
-            pipe = r.pipeline(transaction=False)
-            pipe.hincrby(key, "rows", n)
-            pipe.hincrby(key, "batches", 1)
-            pipe.hincrby(key, "errors", errors)
-            pipe.hincrby(key, "non_finite", non_finite)
-            pipe.hincrby(key, "agree", agree)
-            pipe.hincrbyfloat(key, "candidate_s", seconds)
-            pipe.hincrbyfloat(key, "active_s", job.active_seconds)
-            pipe.expire(key, STATS_TTL_S)
-            pipe.hgetall(key)
-            stats = {k.decode(): float(v) for k, v in pipe.execute()[-1].items()}
-        except Exception as exc:  # Redis away: the canary waits, the game does not
-            log.warning("canary totals not kept: %s", exc, extra={"event": "canary_stats_failed"})
-            continue
-        since = _swapper.since.get((job.archetype, job.model_type), time.time())
-        decision, reason = verdict(stats, config, time.time() - since)
-        if decision is not None:
-            _decide(
-                models_dir,
-                (job.archetype, job.model_type),
-                job.candidate.version,
-                decision,
-                reason,
-                stats,
-            )
+        ident = (job.archetype, job.model_type, job.candidate.name, job.candidate.version)
+        acc = _pending.setdefault(ident, dict.fromkeys(_FIELDS, 0.0))
+        for name, value in zip(
+            _FIELDS, (n, 1, errors, non_finite, agree, seconds, job.active_seconds), strict=True
+        ):
+            acc[name] += value
+        now = time.monotonic()
+        if errors or non_finite or now - _flushed_at.get(ident, 0.0) >= FLUSH_S:
+            _flush(ident, models_dir, config, r)
+            _flushed_at[ident] = now
+
+
+def _flush(
+    ident: tuple[str, str, str, str], models_dir: Path, config: CanaryConfig, r: Any
+) -> None:
+    archetype, model_type, name, version = ident
+    acc = _pending.pop(ident)
+    key = keys.canary_stats(name, version)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for field_name in ("rows", "batches", "errors", "non_finite", "agree"):
+            pipe.hincrby(key, field_name, int(acc[field_name]))
+        pipe.hincrbyfloat(key, "candidate_s", acc["candidate_s"])
+        pipe.hincrbyfloat(key, "active_s", acc["active_s"])
+        pipe.expire(key, STATS_TTL_S)
+        pipe.hgetall(key)
+        stats = {k.decode(): float(v) for k, v in pipe.execute()[-1].items()}
+    except Exception as exc:  # Redis away: the canary waits, the game does not
+        log.warning("canary totals not kept: %s", exc, extra={"event": "canary_stats_failed"})
+        return
+    since = _swapper.since.get((archetype, model_type), time.time())
+    decision, reason = verdict(stats, config, time.time() - since)
+    if decision is not None:
+        _decide(models_dir, (archetype, model_type), version, decision, reason, stats)
 
 
 def verdict(stats: dict[str, float], config: CanaryConfig, age_s: float) -> tuple[str | None, str]:

@@ -54,15 +54,15 @@ def deploy_command(args: argparse.Namespace) -> int:
         version, stored = versions.store_file(
             models_dir, archetype, model_type, source, model.precision == "fp16"
         )
+        name = f"{archetype}/{model_type}"
+        try:  # a version deployed again starts its canary afresh
+            _redis().delete(keys.canary_stats(name, version))
+        except Exception as exc:
+            print(f"mltasks: warning: canary totals not reset: {exc}", file=sys.stderr)
         pointer = versions.deploy(models_dir, archetype, model_type, stored, version, now=args.now)
     except ModelError as exc:
         print(f"mltasks: deploy refused, nothing changed: {exc}", file=sys.stderr)
         return 1
-    name = f"{archetype}/{model_type}"
-    try:  # a version deployed again starts its canary afresh
-        _redis().delete(keys.canary_stats(name, version))
-    except Exception as exc:
-        print(f"mltasks: warning: canary totals not reset: {exc}", file=sys.stderr)
     told = _told(name, version, "deploy")
     print(version)
     if pointer.canary is not None:
