@@ -142,6 +142,19 @@ def test_deploy_keeps_versions_side_by_side_behind_one_pointer(
     assert back.last_rollback is not None and back.last_rollback["from"] == new
 
 
+def test_models_check_lists_stored_versions_and_what_serves(models: Path, tmp_path: Path) -> None:
+    from mltasks.models.check import check_dir
+
+    new, stored = versions.store_file(
+        models, "aggressive", "combat_dqn", good_version(tmp_path / "g.onnx"), True
+    )
+    versions.deploy(models, "aggressive", "combat_dqn", stored, new, now=True)
+    reports = {Path(r.file).name: r for r in check_dir(models)}
+    assert all(r.ok for r in reports.values())
+    assert reports[stored.name].served and reports[stored.name].model == MODEL
+    assert "shadowed" in reports["combat_dqn_fp16.onnx"].reason
+
+
 def test_unknown_model_names_are_refused(models: Path) -> None:
     with pytest.raises(ModelError, match="unknown archetype"):
         versions.parse_model("orc/combat_dqn")
