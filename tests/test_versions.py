@@ -548,6 +548,8 @@ def test_the_latency_cost_of_shadowing(
         t2 = time.time()
         time.sleep(window)
         t3 = time.time()
+        p = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
+        assert p is not None and p.canary is not None, p and p.last_rollback  # still shadowing
         assert cli(world, "models", "rollback", MODEL).returncode == 0
         time.sleep(1.0)
         t4 = time.time()

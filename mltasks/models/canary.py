@@ -102,7 +102,15 @@ def _served(engine: Engine) -> list[tuple[str, str]]:
 
 
 def refresh(engine: Engine) -> None:
-    """Between batches: swap in what is ready, and look at the pointers if they changed."""
+    """Between batches: swap in what is ready, and look at the pointers if they changed.
+    Never raises: the batch is answered by what the engine holds."""
+    try:
+        _refresh(engine)
+    except Exception as exc:
+        log.error("model versions not refreshed: %s", exc, extra={"event": "refresh_failed"})
+
+
+def _refresh(engine: Engine) -> None:
     sw = _swapper
     if sw.ready:
         with sw.lock:
@@ -286,7 +294,7 @@ def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfi
     by every worker); promotion or rollback when the totals say so."""
     for job in jobs:
         n = int(job.states.shape[0])
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU seconds, as the active version's (mltasks.inference)
         errors = non_finite = agree = 0
         try:
             out = job.candidate.run(job.states, job.windows)
@@ -311,7 +319,7 @@ def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfi
                 )
             else:
                 agree = int(finite.sum())  # threat and value heads: no action to compare
-        seconds = time.perf_counter() - t0
+        seconds = time.thread_time() - t0
         metrics.observe_canary_rows(job.candidate.name, n)
         ident = (job.archetype, job.model_type, job.candidate.name, job.candidate.version)
         acc = _pending.setdefault(ident, dict.fromkeys(_FIELDS, 0.0))
