@@ -191,11 +191,15 @@ def state_digests(states: np.ndarray) -> list[str | None]:
     ]
 
 
-def output_key(archetype: str, model_type: str, digest: str | None) -> str | None:
-    """L3 key of one model type's output for a state digest (`state_digests`)."""
+def output_key(
+    archetype: str, model_type: str, digest: str | None, version: str = ""
+) -> str | None:
+    """L3 key of one model type's output for a state digest (`state_digests`); with the
+    model's version (``<type>@<version>``), so a new version never reads an old one's."""
     if digest is None:
         return None
-    return f"{keys.LOGITS_PREFIX}{archetype}:{model_type}:{digest}"
+    typed = f"{model_type}@{version}" if version else model_type
+    return f"{keys.LOGITS_PREFIX}{archetype}:{typed}:{digest}"
 
 
 # One command writes a batch: L2 and L3 values with their TTLs, L1 pushes trimmed and

@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     magree.add_argument("--states", type=int, default=2000, help="(default: %(default)s)")
     magree.add_argument("--json", action="store_true")
     magree.set_defaults(func=_models_agreement)
+    from mltasks.models.deploy import add_parsers as add_deploy
+
+    add_deploy(models)
 
     br = sub.add_parser(
         "bridge",

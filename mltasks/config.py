@@ -316,6 +316,38 @@ class MonitoringConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryConfig:
+    """The shadow canary of a deployed model version (mltasks/models/canary.py)."""
+
+    # Share of an archetype's batches on which the candidate runs beside the active version.
+    share: float = 1.0
+    # Promotion: at least this many rows shadowed, and this long since the deploy ...
+    min_rows: int = 1000
+    min_seconds: float = 20.0
+    # ... with every limit kept. Broken, and the candidate is rolled back at once.
+    max_error_rate: float = 0.0  # shadow runs that raised, per shadowed batch
+    max_non_finite_rate: float = 0.0  # rows with a NaN or infinite output, per row
+    max_latency_ratio: float = 3.0  # candidate's seconds / active's, summed over the batches
+    latency_min_batches: int = 50  # ... judged once this many batches were shadowed
+    min_agreement: float = 0.8  # rows whose top action matches the active version's
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.share <= 1.0):
+            raise ConfigError(f"canary.share: {self.share!r} must be within (0, 1]")
+        _range("canary.min_rows", self.min_rows, 1, 10_000_000)
+        _range("canary.latency_min_batches", self.latency_min_batches, 1, 1_000_000)
+        if not (0.0 <= self.min_seconds <= 86400 and math.isfinite(self.min_seconds)):
+            raise ConfigError(f"canary.min_seconds: {self.min_seconds!r} is outside 0..86400")
+        for name in ("max_error_rate", "max_non_finite_rate", "min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"canary.{name}: {getattr(self, name)!r} must be within 0..1")
+        if not (self.max_latency_ratio >= 1.0 and math.isfinite(self.max_latency_ratio)):
+            raise ConfigError(
+                f"canary.max_latency_ratio: {self.max_latency_ratio!r} must be a number >= 1"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -334,6 +366,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -180,6 +181,8 @@ class Outcome:
     remember: Callable[[], object] = lambda: None
     fused: dict[str, int] = field(default_factory=dict)
     """Answers by how many types had a say: ``single`` or ``fused``."""
+    shadow: list[Any] = field(default_factory=list)
+    """Canary candidates to run after the answers are written (`mltasks.models.canary`)."""
 
 
 class BatchCache(Protocol):
@@ -252,7 +255,9 @@ def _plan(valid: list[_Valid], engine: Predictors, cache: BatchCache | None) -> 
     monsters: set[int] = set()
     for i, v in enumerate(valid):
         for member, _ in members[v.archetype]:
-            out_key = output_key(v.archetype, member.model_type, digests[i])
+            out_key = output_key(
+                v.archetype, member.model_type, digests[i], getattr(member, "version", "")
+            )
             if member.cacheable and out_key is not None:
                 outputs[(i, member.model_type)] = out_key
             if member.sequence and v.monster_id is not None:
@@ -280,6 +285,7 @@ def _member_output(
     windows: np.ndarray | None,
     failures: list[ModelError],
     computed: list[tuple[str | None, Any]],
+    shadow: tuple[Any, list[Any]] | None = None,
 ) -> tuple[TypeOutput, np.ndarray]:
     """One member's output for the group's rows, from L3 where it hit, else run once for
     the rest; and the rows it may speak for."""
@@ -295,6 +301,9 @@ def _member_output(
                 packed[k], have[k] = hit, True
     need = np.flatnonzero(~have)
     if len(need):
+        # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
+        # compared with these, and neither counts time spent waiting for a busy CPU.
+        t0 = time.thread_time()
         try:
             with metrics.time_inference():
                 out = member.run(states[need], None if windows is None else windows[need])
@@ -304,6 +313,21 @@ def _member_output(
             failures.append(err)
             group.failed[need] = True
         else:
+            if shadow is not None:  # the candidate runs on these rows after the answers
+                from mltasks.models.canary import ShadowJob
+
+                candidate, jobs = shadow
+                jobs.append(
+                    ShadowJob(
+                        group.archetype,
+                        member.model_type,
+                        candidate,
+                        states[need],
+                        None if windows is None else windows[need],
+                        out.scores,
+                        time.thread_time() - t0,
+                    )
+                )
             fresh = out.packed()
             packed[need] = fresh
             finite = np.asarray(np.isfinite(fresh).all(axis=1))
@@ -324,6 +348,12 @@ def _member_output(
                         computed.append((l3_key, fresh[pos]))
     packed = np.where(have[:, None], packed, 0.0).astype(np.float32)
     return member.unpack(packed), have
+
+
+def _tag(member: Predictor) -> str:
+    """``<type>@<version>`` of a model with a version id, else its type alone (rules)."""
+    version = str(getattr(member, "version", "") or "")
+    return f"{member.model_type}@{version}" if version else member.model_type
 
 
 def answer_batch(
@@ -366,6 +396,7 @@ def answer_batch(
     fresh: list[tuple[str, int, float]] = []
     computed: list[tuple[str | None, Any]] = []
     fused_counts = {"single": 0, "fused": 0}
+    shadow_jobs: list[Any] = []
     for archetype, group in groups.items():
         members = plan.members[archetype]
         idxs = group.rows
@@ -383,9 +414,23 @@ def answer_batch(
                 states, [valid[i].monster_id for i in idxs], plan.found.histories
             )
         voices = []
+        offered = getattr(engine, "shadows", None)
+        candidates = offered(archetype) if offered is not None else {}
         for member, weight in members:
-            out, ok = _member_output(plan, group, member, states, windows, failures, computed)
+            cand = candidates.get(member.model_type)
+            out, ok = _member_output(
+                plan,
+                group,
+                member,
+                states,
+                windows,
+                failures,
+                computed,
+                None if cand is None else (cand, shadow_jobs),
+            )
             voices.append(Member(member.model_type, weight, member.scores_kind, out, ok))
+        # ai_responses.model names each type with the version that answered: <type>@<version>.
+        tagged = {m.model_type: _tag(m) for m, _ in members}
         fused = fuse(voices, n, rule)
         actions, probs = fused.choice()
         source = members[0][0].source
@@ -411,14 +456,14 @@ def answer_batch(
                     conf,
                     source if group.ran[k] else "cache",
                     "completed",
-                    model_name(archetype, used),
+                    model_name(archetype, [tagged[t] for t in used]),
                 )
             )
             name = plan.action_names[i]
             if name is not None:
                 fresh.append((name, action, conf))
 
-    outcome = Outcome(answers, failures, fused=fused_counts)
+    outcome = Outcome(answers, failures, fused=fused_counts, shadow=shadow_jobs)
     if cache is not None:
         states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
         outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)

@@ -31,7 +31,8 @@ WORKING_MEMORY_PREFIX: Final = PREFIX + "wm:"
 WORKING_MEMORY_LEN: Final = 10
 WORKING_MEMORY_TTL_S: Final = 60
 
-# L3: model outputs (float32 logits). Key: LOGITS_PREFIX + archetype:model_type:state hash.
+# L3: model outputs (float32 logits). Key: LOGITS_PREFIX + archetype:model_type@version:state
+# hash (the version: a new model version never reads an old one's outputs).
 LOGITS_PREFIX: Final = PREFIX + "logits:"
 LOGITS_TTL_S: Final = 10
 
@@ -84,6 +85,11 @@ MODELS: Final = PREFIX + "models:{queue}"
 # {<host>:<pid>: JSON {at, problem}}, refreshed while the problem lasts, for `mltasks status`.
 PROBLEMS: Final = PREFIX + "problems:{queue}"
 
+# A deployed candidate's shadow totals, shared by every worker (mltasks/models/canary.py): a
+# hash {rows, batches, errors, non_finite, agree, candidate_s, active_s}, 7 days.
+# Key: DEPLOY_CANARY + "<archetype>/<type>@<version>".
+DEPLOY_CANARY: Final = PREFIX + "deploy:canary:"
+
 # Held while a beat job runs, so two beats never run it twice at once.
 JOB_LOCK: Final = PREFIX + "lock:{job}"
 
@@ -122,3 +128,7 @@ def canary(canary_id: str) -> str:
 
 def job_lock(job: str) -> str:
     return JOB_LOCK.format(job=job)
+
+
+def canary_stats(model: str, version: str) -> str:
+    return f"{DEPLOY_CANARY}{model}@{version}"

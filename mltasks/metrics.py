@@ -84,6 +84,11 @@ METRIC_NAMES: Final = frozenset(
         "ml_service_up",
         "ml_queue_depth",
         "ml_queue_lag_seconds",
+        "ml_model_version_info",
+        "ml_model_swaps_total",
+        "ml_canary_rows_total",
+        "ml_canary_decisions_total",
+        "ml_canary_last_rollback_timestamp_seconds",
     }
 )
 
@@ -138,6 +143,19 @@ _GAUGES: Final[dict[str, tuple[str, str, tuple[str, ...], Mode]]] = {
         (),
         "livemostrecent",
     ),
+    "model_version": (
+        "ml_model_version_info",
+        "1 for the version a worker serves (role active) or shadows (role candidate), 0 for"
+        " one it stopped using",
+        ("model", "version", "role"),
+        "livemostrecent",
+    ),
+    "canary_last_rollback": (
+        "ml_canary_last_rollback_timestamp_seconds",
+        "Unix time of a model's last automatic canary rollback",
+        ("model",),
+        "livemostrecent",
+    ),
 }
 
 
@@ -186,6 +204,24 @@ class Metrics:
             "ml_fusion_answers",
             "Model answers by how many model types had a say: single or fused",
             ["kind"],
+            registry=registry,
+        )
+        self.model_swaps: Counter = Counter(
+            "ml_model_swaps",
+            "Model versions swapped in between batches, by model",
+            ["model"],
+            registry=registry,
+        )
+        self.canary_rows: Counter = Counter(
+            "ml_canary_rows",
+            "Rows a canary candidate ran on beside the active version, by model",
+            ["model"],
+            registry=registry,
+        )
+        self.canary_decisions: Counter = Counter(
+            "ml_canary_decisions",
+            "Canary verdicts: promoted or rolled_back (limit: the one broken)",
+            ["model", "decision", "limit"],
             registry=registry,
         )
         # Every outcome exists from the start, so rate() and ratios work before the first one.
@@ -243,6 +279,9 @@ class Metrics:
             self.requests,
             self.batch_size,
             self.fusion_answers,
+            self.model_swaps,
+            self.canary_rows,
+            self.canary_decisions,
             *gauges,
         ]
 
@@ -405,6 +444,27 @@ def observe_fusion(counts: Mapping[str, int]) -> None:
     for kind, n in counts.items():
         if kind in FUSION_KINDS and n > 0:
             m.fusion_answers.labels(kind).inc(n)
+
+
+def set_model_version(model: str, version: str, role: str, on: bool = True) -> None:
+    """A version this process serves (role ``active``) or shadows (``candidate``); 0 when
+    it stopped."""
+    get_metrics().gauge("model_version").labels(model, version, role).set(1 if on else 0)
+
+
+def observe_model_swap(model: str) -> None:
+    get_metrics().model_swaps.labels(model).inc()
+
+
+def observe_canary_rows(model: str, rows: int) -> None:
+    get_metrics().canary_rows.labels(model).inc(rows)
+
+
+def observe_canary_decision(model: str, decision: str, limit: str) -> None:
+    m = get_metrics()
+    m.canary_decisions.labels(model, decision, limit).inc()
+    if decision == "rolled_back":
+        m.gauge("canary_last_rollback").labels(model).set(time.time())
 
 
 def set_service_up(up: bool) -> None:

@@ -147,6 +147,8 @@ class Status:
     queue: QueueInfo | None = None
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     gpu: GpuInfo | None = None
+    # Deployed models (mltasks models deploy): active version, candidate, canary, rollback.
+    versions: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # The indicators the problems are about: level, models, latency, queue.
     failing: list[str] = field(default_factory=list)
@@ -551,6 +553,7 @@ def collect(
         )
     serving = status.level.serving if status.level is not None else 3
     status.models = _models(cfg, health, live, count_files, serving)
+    status.versions = _versions(cfg, timeout_s if status.redis.reachable else None)
     if status.exit_code != UNREACHABLE or any(w.not_serving for w in status.workers.values()):
         found = assess(status, cfg)
         status.problems = [why for _, why in found]
@@ -561,6 +564,64 @@ def collect(
         extra={"event": "status_collected", "verdict": status.verdict},
     )
     return status
+
+
+def _versions(cfg: Config, timeout_s: float | None) -> list[dict[str, Any]]:
+    """The deployed models' pointers, with each candidate's canary totals from Redis."""
+    from mltasks.models.versions import read_pointer
+
+    out: list[dict[str, Any]] = []
+    for archetype in ARCHETYPES:
+        for model_type in MODEL_TYPES:
+            try:
+                p = read_pointer(cfg.models.dir, archetype, model_type)
+            except MLTasksError as exc:
+                out.append({"model": f"{archetype}/{model_type}", "error": str(exc)})
+                continue
+            if p is not None and p.active is not None:
+                out.append(p.as_dict())
+    candidates = [v for v in out if v.get("candidate")]
+    if candidates and timeout_s is not None:
+        try:
+            r = _redis_client(cfg, cfg.redis.cache_db, timeout_s)
+            for v in candidates:
+                raw = r.hgetall(keys.canary_stats(v["model"], v["candidate"]["version"]))
+                v["candidate"]["progress"] = {
+                    (k.decode() if isinstance(k, bytes) else str(k)): float(x)
+                    for k, x in raw.items()
+                }
+        except (redis.RedisError, OSError):
+            pass
+    for v in out:
+        v["min_rows"] = cfg.canary.min_rows
+    return out
+
+
+def version_rows(status: Status) -> list[tuple[str, str, str]]:
+    """One line per deployed model: what serves, the candidate and its canary, the last
+    rollback."""
+    out: list[tuple[str, str, str]] = []
+    now = status.checked_at
+    for v in status.versions:
+        if "error" in v:
+            out.append((v["model"], v["error"], "fail"))
+            continue
+        a = v["active"]
+        value = f"{a['version']} active since {_ago(now - float(a['since']))} ({a['via']})"
+        c = v.get("candidate")
+        if c:
+            value += f"; candidate {c['version']} {c['state']}"
+            rows_seen = (c.get("progress") or {}).get("rows")
+            if c["state"] == "canary" and rows_seen is not None:
+                value += f" {rows_seen:.0f}/{v['min_rows']} rows"
+        rb = v.get("last_rollback")
+        if rb:
+            value += (
+                f"; last rollback {rb['from']} -> {rb['to']} {_ago(now - float(rb['at']))}"
+                f" ({rb['reason']})"
+            )
+        out.append((f"model {v['model']}", value, "-"))
+    return out
 
 
 # --- showing it ---------------------------------------------------------------------------
@@ -668,6 +729,7 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
         out.append(("queue", "; ".join(parts), state(ok)))
 
     out += serving_rows(status)
+    out += version_rows(status)
     return out
 
 

@@ -30,7 +30,8 @@ from mltasks.errors import DatabaseError
 from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
 from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
 from mltasks.logs import configure_logging
-from mltasks.models.engine import get_engine, reset_engine
+from mltasks.models import canary as deploy_canary
+from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
 from mltasks.responses import valid_request_id, write_answers
 from mltasks.rules import rules_engine
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 app.steps["worker"].add(MonitorStep)
 app.steps["consumer"].add(ConsumingStep)
+app.steps["worker"].add(deploy_canary.ModelsStep)
 
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None
@@ -235,7 +237,10 @@ def infer_batch(
             rows = [rows[i] for i in keep]
             created = [created[i] for i in keep]
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
-    outcome = answer_batch(rows, predictors(cfg, level), cache, rule_of(cfg))
+    engine = predictors(cfg, level)
+    if isinstance(engine, Engine):
+        deploy_canary.refresh(engine)  # between batches: deployed versions swap in here
+    outcome = answer_batch(rows, engine, cache, rule_of(cfg))
     try:
         with _db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
             accepted = write_answers(conn, [*outcome.answers, *stale], claim)
@@ -257,6 +262,10 @@ def infer_batch(
             len(outcome.answers) + len(stale) - len(accepted),
             len(outcome.answers) + len(stale),
             extra={"event": "answers_refused", "task_id": self.request.id},
+        )
+    if outcome.shadow:  # after the answers: the game never waits for a candidate
+        deploy_canary.submit_shadows(
+            outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis
         )
     metrics.observe_batch(len(rows))
     metrics.observe_fusion(outcome.fused)

@@ -100,7 +100,13 @@ def test_metric_names_are_what_is_exposed(isolated: metrics.Metrics) -> None:
         isolated.gauge(key)
     families = {f.name for f in isolated.registry.collect()}
     # prometheus-client names a counter's family without _total; it exposes ml_requests_total.
-    counters = {"ml_requests", "ml_fusion_answers"}
+    counters = {
+        "ml_requests",
+        "ml_fusion_answers",
+        "ml_model_swaps",
+        "ml_canary_rows",
+        "ml_canary_decisions",
+    }
     exposed = {f"{n}_total" if n in counters else n for n in families}
     assert exposed == metrics.METRIC_NAMES
 

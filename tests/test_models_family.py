@@ -219,7 +219,8 @@ def test_sequence_model_reads_the_history_from_working_memory(
     got = {a.request_id: a for a in outcome.answers}
     assert got[10].action_id == Action.ATTACK
     assert got[11].action_id == Action.FLEE
-    assert got[10].model == "aggressive/temporal_transformer"
+    version = seq_engine.models[("aggressive", "temporal_transformer")].version
+    assert got[10].model == f"aggressive/temporal_transformer@{version}"
     outcome.remember()
     assert len(cache.recent_states(2)) == 10  # the current state pushed after answering
 

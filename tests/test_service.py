@@ -4,6 +4,7 @@ worker -> ONNX -> ai_responses, read back the way the C++ reads it."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,11 @@ def test_the_game_gets_a_model_answer_for_every_archetype(
     assert {r[1] for r in rows} == {"model"}
     # The default level 3 answers with its fusion: every type of it had a say.
     fused = "combat_dqn+movement_ppo+skill_dqn+threat_assessment"
-    assert {r[2] for r in rows} == {f"{a}/{fused}" for a in ARCHETYPES}
+    # ... each with the version that answered (<type>@<version>, issue 16).
+    assert {re.sub(r"@[0-9a-f]{12}", "", r[2]) for r in rows} == {
+        f"{a}/{fused}" for a in ARCHETYPES
+    }
+    assert all(r[2].count("@") == 4 for r in rows)
     # Confidence comes from the model, not a constant.
     assert len({c for _, _, c in seen.values()}) > 1
     assert open_rows(pg) == 0
@@ -232,7 +237,10 @@ def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
     assert any(getattr(r, "event", "") == "model_skipped" for r in caplog.records)
     models = dict(pg.execute("SELECT request_id, coalesce(model, reason) FROM ai_responses"))
     assert models[tank_id] == "no_model"
-    assert models[mage_id] == "mage/movement_ppo+skill_dqn+threat_assessment"  # renormalised
+    # renormalised (each type with its version: <type>@<version>)
+    assert re.sub(r"@[0-9a-f]{12}", "", models[mage_id]) == (
+        "mage/movement_ppo+skill_dqn+threat_assessment"
+    )
 
 
 def test_redelivered_batch_writes_nothing_twice(

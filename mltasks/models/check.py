@@ -17,6 +17,7 @@ from mltasks.errors import ModelError
 from mltasks.models.discovery import SUFFIXES, find
 from mltasks.models.family import signature
 from mltasks.models.loaded import load_model
+from mltasks.models.versions import VERSION_FILE
 
 _VARIANT_SUFFIXES = (".fp16.onnx", ".fp32.onnx", ".int8.onnx")
 
@@ -36,6 +37,11 @@ class FileReport:
 def _name_of(path: Path, root: Path) -> tuple[str, str] | None:
     """(archetype, type) that a file name stands for, or None."""
     parts = path.relative_to(root).parts
+    if len(parts) == 3 and parts[0] in ARCHETYPES and parts[1].endswith(".versions"):
+        model_type = parts[1].removesuffix(".versions")
+        if model_type in MODEL_TYPES and VERSION_FILE.match(parts[2]):
+            return parts[0], model_type  # a stored version (mltasks.models.versions)
+        return None
     if len(parts) != 2 or parts[0] not in ARCHETYPES:
         return None
     for model_type in MODEL_TYPES:

@@ -6,6 +6,9 @@ When both exist, **``<type>.onnx`` wins**: it is the later export in the fork's 
 (retraining writes it), and the FP32 file is the exact master from which the service builds
 every other precision. The other file is reported (``mltasks models check``) and ignored.
 
+A model that was deployed (`mltasks.models.versions`) has a ``<type>.versions`` folder whose
+``pointer.json`` names the active version: that file serves, and the plain files are ignored.
+
 Only names from the contract ever reach a path: never a value read from the database.
 Precision variants the service caches beside a master (``<stem>.fp16.onnx``,
 ``<stem>.fp32.onnx``, ``<stem>.int8.onnx``) are not masters and are never discovered as
@@ -31,6 +34,8 @@ class Found:
     path: Path
     shadowed: Path | None = None
     """The other file of the same model, present but not served."""
+    version: str | None = None
+    """The active version when the model is versioned (its pointer), else None."""
 
     @property
     def name(self) -> str:
@@ -45,7 +50,19 @@ def candidates(models_dir: Path, archetype: str, model_type: str) -> list[Path]:
 
 
 def find(models_dir: Path, archetype: str, model_type: str) -> Found | None:
-    """The file that serves this model, or None when there is none."""
+    """The file that serves this model, or None when there is none: the active version of
+    a versioned model, else the preferred plain file."""
+    from mltasks.models.versions import active_file
+
+    active = active_file(models_dir, archetype, model_type)
+    if active is not None:
+        plain = plain_find(models_dir, archetype, model_type)
+        return Found(archetype, model_type, active[0], plain.path if plain else None, active[1])
+    return plain_find(models_dir, archetype, model_type)
+
+
+def plain_find(models_dir: Path, archetype: str, model_type: str) -> Found | None:
+    """The plain file (``<type>.onnx`` or ``<type>_fp16.onnx``) of a model, or None."""
     present = [p for p in candidates(models_dir, archetype, model_type) if p.is_file()]
     if not present:
         return None

@@ -12,6 +12,7 @@ an ONNX Runtime session does not survive a fork.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from pathlib import Path
 from typing import cast
@@ -31,6 +32,7 @@ from mltasks.models.variants import (
     providers_for,
     resolve,
 )
+from mltasks.models.versions import version_of
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,13 @@ class Engine:
         self.weights = config.models.fusion.for_level(level)
         self.models: dict[tuple[str, str], LoadedModel] = {}
         self.skipped: dict[str, str] = {}
+        # Canary candidates loaded beside the active versions (mltasks.models.canary).
+        self.candidates: dict[tuple[str, str], LoadedModel] = {}
 
     def load(self) -> Engine:
         cfg = self.config.models
         types = MODEL_TYPES if cfg.preload == "all" else tuple(self.weights)
         chain, precision = level_plan(self.config, self.level)
-        threads = self.config.inference.intra_op_threads
         for archetype in ARCHETYPES:
             for model_type in types:
                 name = f"{archetype}/{model_type}"
@@ -76,9 +79,8 @@ class Engine:
                     self.skipped[name] = "missing"
                     continue
                 try:
-                    path = self._variant(found.path, model_type, precision, chain)
-                    self.models[(archetype, model_type)] = load_model(
-                        path, archetype, model_type, chain, threads
+                    self.models[(archetype, model_type)] = self.load_one(
+                        archetype, model_type, found.path, found.version
                     )
                 except ModelError as exc:
                     self.skipped[name] = str(exc)
@@ -96,6 +98,29 @@ class Engine:
             extra={"event": "models_loaded", "count": len(self.models), "level": self.level},
         )
         return self
+
+    def load_one(
+        self, archetype: str, model_type: str, master: Path, version: str | None = None
+    ) -> LoadedModel:
+        """One model file as this level serves it (its precision variant where one is
+        built), tagged with the master's version. Raises ModelError."""
+        chain, precision = level_plan(self.config, self.level)
+        path = self._variant(master, model_type, precision, chain)
+        return load_model(
+            path,
+            archetype,
+            model_type,
+            chain,
+            self.config.inference.intra_op_threads,
+            version or version_of(master),
+        )
+
+    def shadows(self, archetype: str) -> dict[str, LoadedModel]:
+        """Candidates in canary for an archetype's fusion members, by type
+        (`mltasks.models.canary`): they run beside the active version, never answer."""
+        if not self.candidates or random.random() >= self.config.canary.share:
+            return {}
+        return {t: c for (a, t), c in self.candidates.items() if a == archetype}
 
     @staticmethod
     def _variant(

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from mltasks.contract import N_ACTIONS, STATE_DIM
 from mltasks.errors import ModelError
 from mltasks.models.family import SEQUENCE_LEN, Role, Scores, Signature, signature
+from mltasks.models.versions import version_of
 
 FloatArray = npt.NDArray[np.float32]
 ProviderSpec = str | tuple[str, dict[str, object]]
@@ -84,6 +85,8 @@ class LoadedModel:
     """(output name, role) of the outputs this service reads, in the session's order."""
     precision: Literal["fp16", "fp32"]
     roles: frozenset[Role] = field(default_factory=frozenset)
+    version: str = ""
+    """The file's version id (`mltasks.models.versions.version_of`); "" when not known."""
 
     @property
     def name(self) -> str:
@@ -259,8 +262,12 @@ def load_model(
     model_type: str,
     providers: Sequence[ProviderSpec],
     threads: int = 1,
+    version: str | None = None,
 ) -> LoadedModel:
-    """Load, place and probe one file; raises ModelError with what did not fit."""
+    """Load, place and probe one file; raises ModelError with what did not fit.
+
+    ``version`` is the model's version id (the hash of the file, or of the master a
+    precision variant was built from); computed from ``path`` when not given."""
     sig = signature(model_type)
     try:
         session = ort.InferenceSession(
@@ -282,6 +289,7 @@ def load_model(
         outputs,
         precision,
         frozenset(r for _, r in outputs),
+        version if version is not None else version_of(Path(path)),
     )
     # Two rows: catches a fixed batch dimension, a wrong output width, a NaN factory.
     probe = model.run(np.full((2, STATE_DIM), 0.5, dtype=np.float32))

@@ -1,0 +1,179 @@
+"""``mltasks models deploy | rollback | list``: the operator's side of model versions.
+
+``deploy FILE --model <archetype>/<type>`` loads the file as a worker would (signature and a
+probe batch, as ``models check``), stores it as a version (`mltasks.models.versions`), makes
+it the candidate, and tells every worker through Celery's remote control channel
+(``mltasks_models``). It prints the version id and exits 0 when the candidate is accepted for
+the canary; a file that cannot serve is refused with the reason, exit 1, and nothing changes.
+``--now`` makes it active at once, without the canary: unsafe, a bad file answers the game
+from its first batch. ``rollback`` returns to the previous version at once; ``list`` shows
+each model's active version, its candidate and the canary's progress, the last rollback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mltasks import keys
+from mltasks.config import get_config
+from mltasks.errors import ModelError
+from mltasks.models import versions
+
+
+def _models_dir(args: argparse.Namespace) -> Path:
+    return Path(args.dir) if args.dir else Path(get_config().models.dir)
+
+
+def _redis() -> Any:
+    from mltasks.fallback import cache_client
+
+    return cache_client(get_config())
+
+
+def _told(model: str, version: str, action: str) -> int:
+    from mltasks.models.canary import broadcast
+
+    return len(broadcast(model, version, action, reply=True))
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    from mltasks.models.loaded import load_model
+
+    models_dir = _models_dir(args)
+    try:
+        archetype, model_type = versions.parse_model(args.model)
+        source = Path(args.file)
+        if not source.is_file():
+            raise ModelError(f"{source}: no such file")
+        model = load_model(source, archetype, model_type, ["CPUExecutionProvider"])
+        version, stored = versions.store_file(
+            models_dir, archetype, model_type, source, model.precision == "fp16"
+        )
+        name = f"{archetype}/{model_type}"
+        try:  # a version deployed again starts its canary afresh
+            _redis().delete(keys.canary_stats(name, version))
+        except Exception as exc:
+            print(f"mltasks: warning: canary totals not reset: {exc}", file=sys.stderr)
+        pointer = versions.deploy(models_dir, archetype, model_type, stored, version, now=args.now)
+    except ModelError as exc:
+        print(f"mltasks: deploy refused, nothing changed: {exc}", file=sys.stderr)
+        return 1
+    told = _told(name, version, "deploy")
+    print(version)
+    if pointer.canary is not None:
+        print(
+            f"{name}@{version} accepted for the canary: it shadows {pointer.active_version} until"
+            f" promoted or rolled back; {told} worker(s) told (others read the pointer)"
+        )
+    else:
+        print(f"{name}@{version} is active now (no canary); {told} worker(s) told")
+    return 0
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    models_dir = _models_dir(args)
+    try:
+        archetype, model_type = versions.parse_model(args.model)
+        before = versions.read_pointer(models_dir, archetype, model_type)
+        pointer = versions.rollback(models_dir, archetype, model_type, args.reason)
+    except ModelError as exc:
+        print(f"mltasks: rollback refused: {exc}", file=sys.stderr)
+        return 1
+    name = pointer.model
+    told = _told(name, pointer.active_version or "", "rollback")
+    last = pointer.last_rollback or {}
+    if before is not None and before.canary is not None:
+        print(f"{name}: candidate {last.get('from')} dropped; {pointer.active_version} serves")
+    else:
+        print(f"{name}: {pointer.active_version} serves again (was {last.get('from')})")
+    print(f"{told} worker(s) told (others read the pointer)")
+    return 0
+
+
+def canary_progress(models: list[dict[str, Any]]) -> None:
+    """Add each candidate's shadow totals (Redis) to `versions.list_models` rows."""
+    wanted = [m for m in models if m.get("candidate")]
+    if not wanted:
+        return
+    try:
+        r = _redis()
+        pipe = r.pipeline(transaction=False)
+        for m in wanted:
+            pipe.hgetall(keys.canary_stats(m["model"], m["candidate"]["version"]))
+        for m, raw in zip(wanted, pipe.execute(), strict=True):
+            m["candidate"]["progress"] = {k.decode(): float(v) for k, v in raw.items()}
+    except Exception as exc:
+        for m in wanted:
+            m["candidate"]["progress"] = {"error": str(exc)}
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
+
+
+def render(models: list[dict[str, Any]]) -> str:
+    lines = [f"{'model':<32} {'active':<12} {'since':<21} {'via':<12} candidate / last rollback"]
+    for m in models:
+        a = m["active"] or {}
+        extra = ""
+        c = m.get("candidate")
+        if c:
+            extra = f"{c['version']} {c.get('state')}"
+            prog = c.get("progress") or {}
+            if "rows" in prog:
+                extra += f" ({prog['rows']:.0f} rows, {prog.get('batches', 0):.0f} batches)"
+            if c.get("reason"):
+                extra += f": {c['reason']}"
+        rb = m.get("last_rollback")
+        if rb:
+            extra += f"{'; ' if extra else ''}rolled back {rb['from']} at {_when(rb['at'])}"
+        lines.append(
+            f"{m['model']:<32} {a.get('version', '-'):<12} {_when(a.get('since')):<21} "
+            f"{a.get('via', '-'):<12} {extra}"
+        )
+    return "\n".join(lines)
+
+
+def list_command(args: argparse.Namespace) -> int:
+    models = versions.list_models(_models_dir(args))
+    canary_progress(models)
+    print(json.dumps(models, indent=1) if args.json else render(models))
+    return 0
+
+
+def add_parsers(models: Any) -> None:
+    """``models deploy``, ``models rollback``, ``models list`` under ``mltasks models``."""
+    dep = models.add_parser(
+        "deploy",
+        help="check a model file, store it as a version and start its canary",
+        description=__doc__,
+    )
+    dep.add_argument("file")
+    dep.add_argument("--model", required=True, help="<archetype>/<type>, e.g. tank/combat_dqn")
+    dep.add_argument(
+        "--now",
+        action="store_true",
+        help="UNSAFE: active at once, without the shadow canary",
+    )
+    dep.add_argument("--dir", default=None, help="models folder (default: models.dir)")
+    dep.set_defaults(func=deploy_command)
+    rb = models.add_parser(
+        "rollback", help="back to the previous version of a model at once (or drop its candidate)"
+    )
+    rb.add_argument("model", help="<archetype>/<type>")
+    rb.add_argument("--reason", default="operator", help="recorded in the pointer")
+    rb.add_argument("--dir", default=None, help="models folder (default: models.dir)")
+    rb.set_defaults(func=rollback_command)
+    ls = models.add_parser(
+        "list", help="per model: active version and since when, candidate and canary progress"
+    )
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--dir", default=None, help="models folder (default: models.dir)")
+    ls.set_defaults(func=list_command)
