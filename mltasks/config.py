@@ -131,11 +131,6 @@ class InferenceConfig:
         if self.lease_ms == 0:
             object.__setattr__(self, "lease_ms", max(250, 10 * self.max_latency_ms))
         _range("inference.lease_ms", self.lease_ms, 100, 600_000)
-        if self.lease_ms <= self.max_latency_ms:
-            raise ConfigError(
-                f"inference.lease_ms: {self.lease_ms} must be longer than "
-                f"inference.max_latency_ms ({self.max_latency_ms})"
-            )
         _range("inference.intra_op_threads", self.intra_op_threads, 0, 64)
         _range("inference.max_waiting_batches", self.max_waiting_batches, 1, 1000)
 

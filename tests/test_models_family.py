@@ -72,11 +72,12 @@ def test_every_signature_kind_is_loaded_and_fed(
     assert len(engine.models) == 54 and not engine.skipped
     # No GPU here: level 1 runs as the CPU level does, on INT8 variants (float32 I/O) built
     # from the master, or on the master itself where a variant was refused.
-    assert {m.precision for m in engine.models.values()} == {"fp32"}
     stem = "_fp16" if precision == "fp16" else ""
     names = {m.path.name.removeprefix(m.model_type) for m in engine.models.values()}
-    assert f"{stem}.int8.onnx" in names
-    assert names <= {f"{stem}.int8.onnx", f"{stem}.onnx", f"{stem}.fp32.onnx"}
+    assert f"{stem}.int8.onnx" in names  # the variants, float32 in and out
+    assert names <= {f"{stem}.int8.onnx", f"{stem}.onnx"}  # or a master whose variant failed
+    for m in engine.models.values():
+        assert m.precision == ("fp32" if m.path.name.endswith(".int8.onnx") else precision)
     x = ENCODER.sample(np.random.default_rng(0), 5, "ranged")
     kinds = set()
     for (archetype, _), model in engine.models.items():
