@@ -173,8 +173,8 @@ class Status:
 
 def _redis_client(config: Config, db: int, timeout_s: float) -> redis.Redis:
     """Short timeouts and no retries: a status must answer even when Redis does not."""
-    return redis.Redis.from_url(
-        config.redis.db_url(db),
+    return config.redis.client(
+        db,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
