@@ -52,13 +52,14 @@ class RedisProc:
             conf = self.dir / "sentinel.conf"  # sentinel rewrites its config: a file of its own
             conf.write_text(
                 f"port {self.port}\nbind {self.host}\ndaemonize no\ndir {self.dir}\n"
+                "protected-mode no\n"
                 f"sentinel monitor {name} {mhost} {mport} 1\n"
                 f"sentinel down-after-milliseconds {name} 1000\n"
                 f"sentinel failover-timeout {name} 5000\n"
             )
             return [*self.prefix, self.exe, str(conf), "--sentinel"]
         cmd = [*self.prefix, self.exe, "--port", str(self.port), "--bind", self.host,
-               "--save", "", "--appendonly", "no", "--daemonize", "no",
+               "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
                "--dir", str(self.dir)]  # fmt: skip
         if self.replica_of is not None:
             cmd += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
