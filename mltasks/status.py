@@ -186,6 +186,12 @@ def _redis_target(config: Config) -> str:
     """The Redis server without credentials, for the table."""
     from urllib.parse import urlsplit
 
+    from mltasks.redisurl import is_sentinel, sentinel_parts
+
+    if is_sentinel(config.redis.url):
+        addresses = sentinel_parts(config.redis.url)[0]
+        listed = ",".join(f"{h}:{p}" for h, p in addresses)
+        return f"{config.redis.sentinel_master} via sentinel {listed}"
     parts = urlsplit(config.redis.url)
     if parts.scheme == "unix":
         return parts.path
