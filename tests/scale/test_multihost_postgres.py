@@ -66,7 +66,10 @@ def test_a_multi_host_conninfo_reaches_the_read_write_server(
         conn.execute("SELECT count(*) FROM ai_requests").fetchone()
     from psycopg_pool import ConnectionPool
 
-    with ConnectionPool(db.conninfo, min_size=1, max_size=1, open=True) as pool:
+    pool = ConnectionPool(db.conninfo, min_size=1, max_size=1, open=True)
+    try:
         with pool.connection() as conn:
             row = conn.execute("SELECT current_setting('port')").fetchone()
             assert row is not None and int(str(row[0])) == primary.port
+    finally:
+        pool.close()
