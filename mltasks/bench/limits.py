@@ -7,6 +7,8 @@ at the end), ``pgbench`` runs, per client count:
 
 - ``insert+notify``: the game's INSERT (64 values), as the game sends it, in autocommit,
   with the schema's NOTIFY trigger: what the map servers can insert;
+- ``insert+notify async``: the same with ``synchronous_commit=off`` (a role setting the
+  operator may give the game's role);
 - ``insert``: the same with the NOTIFY trigger disabled: what NOTIFY costs;
 - ``insert async``: the same with ``synchronous_commit=off`` (the service's own setting):
   the commit's WAL flush taken out;
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         for clients in (int(c) for c in args.clients.split(",")):
             row: dict[str, float] = {}
             row["insert+notify"] = run_case(url, INSERT, clients, args.seconds)
+            row["insert+notify async"] = run_case(
+                url, INSERT, clients, args.seconds, "-c synchronous_commit=off"
+            )
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("ALTER TABLE ai_requests DISABLE TRIGGER ai_requests_notify")
             row["insert"] = run_case(url, INSERT, clients, args.seconds)
