@@ -58,7 +58,14 @@ def _pg_counts(conninfo: str) -> dict[str, int]:
 
 def role_of(name: str) -> str:
     """``bridge`` or ``worker`` from a benchmark process name (``service-bridge2``)."""
-    return "bridge" if "bridge" in name else "worker" if "worker" in name else "other"
+    last = name.rsplit("-", 1)[-1]  # the label before it may say "2 bridges"
+    return (
+        "bridge"
+        if last.startswith("bridge")
+        else "worker"
+        if last.startswith("worker")
+        else "other"
+    )
 
 
 def cpu_by_role(procs: list[Any]) -> dict[str, float]:
