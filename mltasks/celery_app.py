@@ -45,6 +45,9 @@ def settings_for(cfg: Config) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             "socket_timeout": cfg.redis.socket_timeout_s,
             "socket_connect_timeout": cfg.redis.socket_timeout_s,
+            # A consumer whose BRPOP connection went silent (a partition: no FIN, no RST)
+            # reconnects within brpop_timeout + 2 x this, not kombu's 51 s (tests/scale).
+            "health_check_interval": 2,
         },
         "broker_connection_retry_on_startup": True,
         "broker_pool_limit": 10,

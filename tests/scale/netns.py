@@ -83,9 +83,19 @@ class Host:
     port: str  # the switch's end of its cable
 
     @property
+    def hostname(self) -> str:
+        return self.netns
+
+    @property
     def prefix(self) -> tuple[str, ...]:
-        """Run a command on this host: `[*host.prefix, cmd, ...]`."""
-        return ("ip", "netns", "exec", self.netns)
+        """Run a command on this host: `[*host.prefix, cmd, ...]`: in its network namespace
+        and, where `unshare` is there, under its own host name (a UTS namespace), as the
+        service names its workers by host name and pid."""
+        net = ("ip", "netns", "exec", self.netns)
+        if shutil.which("unshare") is None:
+            return net
+        return (*net, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                self.hostname)  # fmt: skip
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
