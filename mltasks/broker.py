@@ -15,6 +15,34 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as virtual_base
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that an acknowledgement whose Redis bookkeeping fails (a
+    timeout across a partition) still frees the prefetch slot.
+
+    kombu removes the message from its ``unacked`` index in Redis first and forgets the
+    delivery only if that worked. When the broker does not answer in time, the delivery
+    stays counted against the prefetch limit (1 here) and the worker never takes another
+    batch, while its heartbeat says it is alive (found by tests/scale/test_partitions.py).
+    Here the slot is freed whatever Redis said; the error still reaches Celery, which logs
+    it. The message left in ``unacked`` is restored after the visibility timeout and
+    answered again, which the idempotent answer write makes harmless.
+    """
+
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+        finally:
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except Exception:
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            raise
 
 
 class _OneClient:
@@ -35,7 +63,7 @@ class _OneClient:
 
 
 class Channel(_OneClient, kombu_redis.Channel):
-    pass
+    QoS = QoS
 
 
 class Transport(kombu_redis.Transport):
@@ -45,6 +73,8 @@ class Transport(kombu_redis.Transport):
 class SentinelChannel(_OneClient, kombu_redis.SentinelChannel):
     """The same on kombu's Sentinel channel (a ``sentinel://`` broker URL): its pool finds
     the master through the sentinels and follows a failover."""
+
+    QoS = QoS
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
