@@ -31,6 +31,9 @@ from typing import NoReturn
 
 import pytest
 
+# Lines for the terminal summary (tests/scale/conftest.py): what was not emulated, and
+# the recovery times measured.
+NOTES: list[str] = []
 CLONE_NEWNET = 0x40000000
 SUBNET = "10.77.0"
 NETNS_DIR = "/var/run/netns"
@@ -160,6 +163,7 @@ class Network:
                 f"no emulated latency: tc netem is not available here "
                 f"({res.stderr.strip() or res.returncode}); the hosts talk at veth speed"
             )
+            NOTES.append(self.latency_note)
 
     def cut(self, host: Host) -> None:
         """Pull the host's cable: everything it sends or is sent is dropped."""

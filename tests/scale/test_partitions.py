@@ -53,7 +53,7 @@ from tests.faults.support import (
     summary,
     warm_up,
 )
-from tests.scale.netns import Host, Network
+from tests.scale.netns import NOTES, Host, Network
 from tests.scale.servers import NetnsPostgres, RedisProc
 
 pytestmark = [pytest.mark.scale, pytest.mark.timeout(420)]
@@ -104,6 +104,12 @@ class Cluster:
             (host.ip,),
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else 0.0
+
+
+def note(line: str) -> None:
+    """Printed (`-s`) and in the terminal summary."""
+    print(f"\n[scale] {line}")
+    NOTES.append(line)
 
 
 def start_worker(c: Cluster, name: str, host: Host) -> None:
@@ -186,9 +192,8 @@ def _cluster(
         yield c
         assert svc.crashed() == {}, svc.tails()
         if c.recoveries:
-            print(
-                "\n[scale] recovery: " + ", ".join(f"{k} {v:.2f}s" for k, v in c.recoveries.items())
-            )
+            line = "recovery: " + ", ".join(f"{k} {v:.2f}s" for k, v in c.recoveries.items())
+            print(f"\n[scale] {line}")
     finally:
         if svc is not None:
             svc.close()
@@ -296,8 +301,8 @@ def test_a_worker_host_cut_off_for_5s_under_load(cluster: Cluster) -> None:
     rows = check(c, load, strict_bound=True)
     c.recoveries["worker cut: heartbeat"] = beat_s
     c.recoveries["worker cut: answering"] = serving_s
-    print(
-        f"\n[scale] worker host cut {CUT_S:.0f}s {'holding' if holding else 'maybe not holding'}"
+    note(
+        f"worker host cut {CUT_S:.0f}s {'holding' if holding else 'maybe not holding'}"
         f" a batch: heartbeat back {beat_s:.2f}s and answers"
         f" written again {serving_s:.2f}s after the cable; {summary(rows)}"
     )
@@ -372,8 +377,8 @@ def test_the_bridge_host_cut_off_while_holding_claimed_rows(cluster: Cluster) ->
     rows = check(c, load, strict_bound=False)
     c.recoveries["bridge cut: answering"] = serving_s
     c.recoveries["bridge cut: backlog settled"] = settled_s
-    print(
-        f"\n[scale] bridge host cut {CUT_S:.0f}s holding a publish ({held.get('addr')},"
+    note(
+        f"bridge host cut {CUT_S:.0f}s holding a publish ({held.get('addr')},"
         f" {processing[0] if processing else '?'} rows processing): model answers again"
         f" {serving_s:.2f}s and every earlier row answered {settled_s:.2f}s after the cable;"
         f" {summary(rows)}"

@@ -31,6 +31,7 @@ from tests.faults.support import (
     summary,
     warm_up,
 )
+from tests.scale.netns import NOTES
 from tests.scale.servers import RedisProc
 
 pytestmark = pytest.mark.scale
@@ -159,6 +160,8 @@ def test_broker_and_cache_through_sentinel_survive_a_failover(
         assert svc.crashed() == {}, svc.tails()
         assert not load.crashes, load.crashes
         assert not problems, report(problems, rows, svc)
-        print(f"sentinel failover: model answers again {recovered_s:.2f}s after; {summary(rows)}")
+        line = f"sentinel failover: model answers again {recovered_s:.2f}s after; {summary(rows)}"
+        print(line)
+        NOTES.append(line)
     finally:
         svc.close()
