@@ -38,6 +38,7 @@ from mltasks.fallback import (
     route,
 )
 from mltasks.inference import answer_rows, traditional
+from mltasks.redisurl import client_from_url
 from mltasks.responses import expire, write_answers
 from mltasks.rules import rules_engine
 from mltasks.sql import query
@@ -104,8 +105,9 @@ class Bridge:
         self.rescued = 0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
-        self._broker = redis.Redis.from_url(
+        self._broker = client_from_url(
             str(self.app.conf.broker_url),
+            master_name=self.config.redis.sentinel_master,
             socket_timeout=self.config.redis.socket_timeout_s,
             socket_connect_timeout=self.config.redis.socket_timeout_s,
         )

@@ -6,8 +6,8 @@ redis-py 6 that constructor fills a dict of ~170 response callbacks: about 0.2 m
 each time on the benchmark machine, twice per task in the worker. The client holds no
 connection of its own (the pool does), so one per pool serves every call just the same.
 
-Selected with Celery's ``broker_transport`` (mltasks.celery_app); the broker URL stays a
-plain ``redis://`` URL.
+Selected with Celery's ``broker_transport`` (mltasks.celery_app): ``Transport`` for a
+``redis://`` broker URL, ``SentinelTransport`` for a ``sentinel://`` list.
 """
 
 from __future__ import annotations
@@ -15,20 +15,67 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as virtual_base
 
 
-class Channel(kombu_redis.Channel):
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that an acknowledgement whose Redis bookkeeping fails (a
+    timeout across a partition) still frees the prefetch slot.
+
+    kombu removes the message from its ``unacked`` index in Redis first and forgets the
+    delivery only if that worked. When the broker does not answer in time, the delivery
+    stays counted against the prefetch limit (1 here) and the worker never takes another
+    batch, while its heartbeat says it is alive (found by tests/scale/test_partitions.py).
+    Here the slot is freed whatever Redis said; the error still reaches Celery, which logs
+    it. The message left in ``unacked`` is restored after the visibility timeout and
+    answered again, which the idempotent answer write makes harmless.
+    """
+
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+        finally:
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except Exception:
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            raise
+
+
+class _OneClient:
+    """The channel's synchronous client, made once per connection pool."""
+
     _mltasks_client: Any = None
+    pool: Any
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        base: Any = super()
         if asynchronous:
-            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+            return base._create_client(asynchronous=True)
         client = self._mltasks_client
         # A new pool (kombu drops it after a connection error) gets a new client.
         if client is None or client.connection_pool is not self.pool:
-            client = self._mltasks_client = super()._create_client()  # type: ignore[no-untyped-call]
+            client = self._mltasks_client = base._create_client()
         return client
+
+
+class Channel(_OneClient, kombu_redis.Channel):
+    QoS = QoS
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(_OneClient, kombu_redis.SentinelChannel):
+    """The same on kombu's Sentinel channel (a ``sentinel://`` broker URL): its pool finds
+    the master through the sentinels and follows a failover."""
+
+    QoS = QoS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -469,8 +469,8 @@ class Cache:
         with self._lock:
             if self._client is None:
                 r = self.config.redis
-                self._client = redis.Redis.from_url(
-                    r.db_url(r.cache_db),
+                self._client = r.client(
+                    r.cache_db,
                     socket_timeout=r.socket_timeout_s,
                     socket_connect_timeout=r.socket_timeout_s,
                     # No retries inside redis-py: the breaker decides when to try again.

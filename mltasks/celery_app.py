@@ -34,11 +34,15 @@ def worker_command(queues: str, *options: str) -> list[str]:
 
 def settings_for(cfg: Config) -> dict[str, Any]:
     """Celery settings derived from the service's config."""
+    sentinel = cfg.redis.url.startswith("sentinel://")
+    # With Sentinel, kombu finds the master by name (and follows a failover).
+    master = {"master_name": cfg.redis.sentinel_master} if sentinel else {}
     return {
         "broker_url": cfg.redis.db_url(cfg.redis.broker_db),
         # kombu's Redis transport, minus a client object built per command (mltasks.broker).
-        "broker_transport": "mltasks.broker:Transport",
+        "broker_transport": "mltasks.broker:" + ("SentinelTransport" if sentinel else "Transport"),
         "broker_transport_options": {
+            **master,
             # A killed worker's unacked batch comes back after this, not the 1 h default.
             "visibility_timeout": cfg.redis.visibility_timeout_s,
             # ... which needs the sweep for abandoned batches to run that often too
@@ -47,6 +51,9 @@ def settings_for(cfg: Config) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             "socket_timeout": cfg.redis.socket_timeout_s,
             "socket_connect_timeout": cfg.redis.socket_timeout_s,
+            # A consumer whose BRPOP connection went silent (a partition: no FIN, no RST)
+            # reconnects within brpop_timeout + 2 x this, not kombu's 51 s (tests/scale).
+            "health_check_interval": 2,
         },
         "broker_connection_retry_on_startup": True,
         "broker_pool_limit": 10,

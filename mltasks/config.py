@@ -16,12 +16,15 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mltasks.yaml"
@@ -197,19 +200,41 @@ class RedisConfig:
     cache_db: int = 0
     visibility_timeout_s: int = 30
     socket_timeout_s: float = 1.0
+    # With a Sentinel list as the url (sentinel://h1:26379;sentinel://h2:26379): the name
+    # of the monitored master, for the broker (kombu's master_name) and every other client.
+    sentinel_master: str = "mymaster"
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("redis.url: scheme must be redis://, rediss:// or unix://")
+        if not self.url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ConfigError(
+                "redis.url: scheme must be redis://, rediss://, unix:// or sentinel://"
+            )
+        if self.url.startswith("sentinel://"):
+            from mltasks.redisurl import sentinel_parts
+
+            try:
+                sentinel_parts(self.url)
+            except ValueError as exc:
+                raise ConfigError(f"redis.url: {exc}") from None
+            if not self.sentinel_master:
+                raise ConfigError("redis.sentinel_master: required with a sentinel:// url")
         _range("redis.broker_db", self.broker_db, 0, 15)
         _range("redis.cache_db", self.cache_db, 0, 15)
         _range("redis.visibility_timeout_s", self.visibility_timeout_s, 1, 3600)
 
     def db_url(self, db: int) -> str:
-        base = self.url.rstrip("/")
-        # A db number already in the URL path is replaced.
-        base = re.sub(r"(redis[s]?://[^/]*)/\d+$", r"\1", base)
-        return f"{base}/{db}"
+        """The URL on database `db` (a db number already in the URL path is replaced; in a
+        Sentinel list, in every member)."""
+        from mltasks.redisurl import with_db
+
+        return with_db(self.url, db)
+
+    def client(self, db: int, **kwargs: Any) -> redis.Redis:
+        """A redis-py client on database `db` of the configured server (through the
+        sentinels with a sentinel:// url); `kwargs` are redis-py's."""
+        from mltasks.redisurl import client_from_url
+
+        return client_from_url(self.db_url(db), master_name=self.sentinel_master, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,8 +111,8 @@ def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
     """A client on the cache db with short timeouts: Redis must never stall a hot path."""
     r = config.redis
     t = r.socket_timeout_s if timeout_s is None else timeout_s
-    return redis.Redis.from_url(
-        r.db_url(r.cache_db),
+    return r.client(
+        r.cache_db,
         socket_timeout=t,
         socket_connect_timeout=t,
         health_check_interval=0,

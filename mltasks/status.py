@@ -177,8 +177,8 @@ class Status:
 
 def _redis_client(config: Config, db: int, timeout_s: float) -> redis.Redis:
     """Short timeouts and no retries: a status must answer even when Redis does not."""
-    return redis.Redis.from_url(
-        config.redis.db_url(db),
+    return config.redis.client(
+        db,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
@@ -190,6 +190,12 @@ def _redis_target(config: Config) -> str:
     """The Redis server without credentials, for the table."""
     from urllib.parse import urlsplit
 
+    from mltasks.redisurl import is_sentinel, sentinel_parts
+
+    if is_sentinel(config.redis.url):
+        addresses = sentinel_parts(config.redis.url)[0]
+        listed = ",".join(f"{h}:{p}" for h, p in addresses)
+        return f"{config.redis.sentinel_master} via sentinel {listed}"
     parts = urlsplit(config.redis.url)
     if parts.scheme == "unix":
         return parts.path

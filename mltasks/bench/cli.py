@@ -44,6 +44,7 @@ from mltasks.bench.bulkrun import (
     guarded_step,
     ours_markers_for,
 )
+from mltasks.bench.capacity import OpsMeter
 from mltasks.bench.database import (
     DEFAULT_BENCH_URL,
     recreate_database,
@@ -229,6 +230,16 @@ def add_parser(subparsers: Any) -> None:
         "(the same models and fusion in one process, no broker), or both",
     )
     gw.add_argument("--no-service", action="store_true", help="skip the service runs")
+    gw.add_argument(
+        "--bridges", type=int, default=1, help="bridge processes of the service (default: 1)"
+    )
+    gw.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes of the service, each with --pool/--concurrency (default: "
+        "--concurrency solo workers, or one prefork worker)",
+    )
     gw.add_argument("--processes", type=int, default=2, help="client processes")
     gw.add_argument(
         "--literal-sql",
@@ -471,6 +482,8 @@ def _settings(
         level=level,
         hold_level=not args.degrade,
         layout=args.layout,
+        bridges=getattr(args, "bridges", 1),
+        workers=getattr(args, "workers", None),
     )
 
 
@@ -491,8 +504,11 @@ def _one_run(
         machine_cpu = CpuMeter()
         others = OthersMeter(markers)
         responder_cpu = running.cpu_seconds()
+        svc = running.service
+        ops = OpsMeter(spec.conninfo, svc.settings.redis_url if svc else None, running.procs)
         result = run_gateway(spec)
         responder_cpu = running.cpu_seconds() - responder_cpu
+        per_decision = ops.per_decision(len(result.latencies_ms))
         machine_busy = machine_cpu.busy_share()
         others_share = others.share()
         stats = run_stats(spec.conninfo)
@@ -508,6 +524,8 @@ def _one_run(
         "others_cpu_share": others_share,
         "load_average_before": round(load_before, 2),
         "database": stats,
+        # docs/SCALING.md's inputs: CPU per role, Redis commands, PostgreSQL work
+        "per_decision": per_decision,
         **running.info,
     }
     if level_after is not None:

@@ -78,6 +78,8 @@ class ServiceSettings:
     level: int | None = None  # None: as deployed, nothing forced
     hold_level: bool = True
     layout: str = "encoder"
+    bridges: int = 1  # `python -m bridge` processes (they never double-claim)
+    workers: int | None = None  # worker processes; None: solo `concurrency`, else one
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -86,6 +88,14 @@ class ServiceSettings:
             raise BenchError(f"level {self.level} is not one of {LEVELS}")
         if self.concurrency < 1:
             raise BenchError("concurrency must be at least 1")
+        if self.bridges < 1 or (self.workers is not None and self.workers < 1):
+            raise BenchError("bridges and workers must be at least 1")
+
+    @property
+    def worker_processes(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return self.concurrency if self.pool == "solo" else 1
 
     @property
     def worker_concurrency(self) -> int:
@@ -101,8 +111,8 @@ class ServiceSettings:
         d: dict[str, Any] = {"level": self.level, "caching": self.caching}
         if self.queue is not None:
             d.update(pool=self.pool, concurrency=self.concurrency, queue=self.queue)
-            if self.pool == "solo":
-                d["workers"] = self.concurrency
+            d["workers"] = self.worker_processes
+        d["bridges"] = self.bridges
         if self.level is not None:
             d["level_held"] = self.hold_level
         return d
@@ -112,6 +122,10 @@ class ServiceSettings:
         parts = ["service" if self.level is None else f"service L{self.level}"]
         if self.queue is not None:
             parts.append(f"{self.pool} x{self.concurrency}")  # solo: worker processes
+            if self.workers is not None:
+                parts.append(f"{self.workers} workers")
+        if self.bridges > 1:
+            parts.append(f"{self.bridges} bridges")
         if not self.caching:
             parts.append("no cache")
         return " ".join(parts)
@@ -298,7 +312,7 @@ class Service:
         logs = s.log_dir
         if s.queue is not None:
             # solo runs one process per worker: `concurrency` solo workers, one per core.
-            count = s.concurrency if s.pool == "solo" else 1
+            count = s.worker_processes
             for i in range(count):
                 name = f"{self.label}-worker" + (f"{i + 1}" if count > 1 else "")
                 worker = ManagedProcess(
@@ -326,15 +340,17 @@ class Service:
                 self.procs.append(worker)
                 worker.start()
             self.worker = self.workers[0]
-        bridge = ManagedProcess(
-            f"{self.label}-bridge",
-            [sys.executable, "-m", "bridge"],
-            log_path=logs / f"{self.label}-bridge.log",
-            env=env,
-            cwd=s.work_dir,
-        )
-        self.procs.append(bridge)
-        bridge.start()
+        for i in range(s.bridges):
+            name = f"{self.label}-bridge" + (f"{i + 1}" if s.bridges > 1 else "")
+            bridge = ManagedProcess(
+                name,
+                [sys.executable, "-m", "bridge"],
+                log_path=logs / f"{name}.log",
+                env=env,
+                cwd=s.work_dir,
+            )
+            self.procs.append(bridge)
+            bridge.start()
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until the configuration answers a warm-up request itself, workers idle.

@@ -41,6 +41,7 @@ import redis
 from mltasks import keys
 from mltasks.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, N_ACTIONS, TRADITIONAL_AI
+from mltasks.redisurl import client_from_url, with_db
 from mltasks.state import sample_states
 from tests import game
 from tests.conftest import wait_for
@@ -328,8 +329,9 @@ class Service:
         self.env.pop("MLTASKS_TEST_REDIS_URL", None)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[str] = set()
-        self.cache = redis.Redis.from_url(
-            f"{redis_url}/{CACHE_DB}", socket_timeout=1.0, socket_connect_timeout=0.5
+        # redis:// or a sentinel:// list (tests/scale), as the service reads it
+        self.cache = client_from_url(
+            with_db(redis_url, CACHE_DB), socket_timeout=1.0, socket_connect_timeout=0.5
         )
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
