@@ -384,7 +384,8 @@ def test_failed_canary_backs_off_and_doubles(
     # model at all it would not beat: a worker that cannot answer does not look healthy.)
     few = tmp_path / "few-models"
     (few / "tank").mkdir(parents=True)
-    shutil.copy(models_dir / "tank" / "combat_dqn.onnx", few / "tank" / "combat_dqn.onnx")
+    name = "combat_dqn_fp16.onnx"  # as the exporter names it
+    shutil.copy(models_dir / "tank" / name, few / "tank" / name)
     world.start_worker("cpu", models_dir=few)
     world.store.set(4, "test")
     send = send_via(world)
