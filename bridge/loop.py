@@ -444,9 +444,11 @@ class Bridge:
                 if now >= self._next_housekeeping:
                     self.housekeeping()
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
-                self.drain()
+                claimed = self.drain()
                 self.rescue()
                 full = LEVEL_QUEUE.get(self.level) in self._held
+                if claimed and not full:
+                    continue  # busy: claim again; sleep (and have inserts notify) when idle
                 timeout = min(CONGESTION_RECHECK_S if full else poll_s, self._next_rescue_s())
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 
 from mltasks.bench.queries import bench_query
+from mltasks.sql import query
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,20 @@ class Floor:
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
             conn.execute("LISTEN ai_requests")
             while not stop.is_set():
-                self.drain(conn)
-                # Sleep until an insert notifies or the poll interval passes; the backlog of
+                if self.drain(conn):
+                    continue  # busy: claim again before sleeping
+                # Asleep on record, as a bridge sleeps (the game's INSERTs notify only then):
+                # until an insert notifies or the poll interval passes; the backlog of
                 # notifications is swallowed: one drain answers all of them.
-                for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
-                    pass
-                for _ in conn.notifies(timeout=0):
-                    pass
+                conn.execute(query("bridge_sleeps"))
+                conn.execute(query("bridge_settles"))
+                row = conn.execute(query("has_pending")).fetchone()
+                if not (row and row[0]):
+                    for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
+                        pass
+                    for _ in conn.notifies(timeout=0):
+                        pass
+                conn.execute(query("bridge_wakes"))
 
 
 class ModelFloor(Floor):
