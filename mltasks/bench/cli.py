@@ -675,11 +675,27 @@ def _step_options(args: argparse.Namespace) -> StepOptions:
     )
 
 
-def _finish(report: dict[str, Any], out: Path) -> int:
-    md = bulkreport.write(report, out)
+def _finish(
+    report: dict[str, Any],
+    out: Path,
+    write: Callable[[dict[str, Any], Path], str] = bulkreport.write,
+) -> int:
+    """Write report.json and report.md (and plots) with ``write``, print the Markdown."""
+    md = write(report, out)
     print(md)
     _say(f"report written to {out}/report.md and report.json")
     return 0
+
+
+def _report(kind: str, started: datetime, **body: Any) -> dict[str, Any]:
+    """A report's common head (what ran, when, where) and its body."""
+    return {
+        "kind": kind,
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "machine": machine(),
+        **body,
+    }
 
 
 def bulk_command(args: argparse.Namespace) -> int:
@@ -761,18 +777,7 @@ def inserts_command(args: argparse.Namespace) -> int:
     started = datetime.now().astimezone()
     out = _out_dir(args, started)
     rows = inserts_mod.run(args.database_url, args.clients, args.duration, args.rounds)
-    report = {
-        "kind": "inserts",
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": _command_line(),
-        "machine": machine(),
-        "runs": rows,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = inserts_mod.markdown(rows, _command_line())
-    (out / "report.md").write_text(md)
-    print(md)
-    return 0
+    return _finish(_report("inserts", started, runs=rows), out, inserts_mod.write)
 
 
 def models_command(args: argparse.Namespace) -> int:
@@ -804,18 +809,8 @@ def models_command(args: argparse.Namespace) -> int:
         args.repeats,
         args.budget_s,
     )
-    report = {
-        "schema_version": models_mod.SCHEMA_VERSION,
-        "kind": "models",
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": _command_line(),
-        "machine": machine(),
-        "results": results,
-    }
-    md = models_mod.write(report, out)
-    print(md)
-    _say(f"report written to {out}/report.md and report.json")
-    return 0
+    report = _report("models", started, schema_version=models_mod.SCHEMA_VERSION, results=results)
+    return _finish(report, out, models_mod.write)
 
 
 def precisions_command(args: argparse.Namespace) -> int:
@@ -824,18 +819,10 @@ def precisions_command(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mltasks-bench-") as tmp:
         models_dir = ensure_models(args.models_dir or Path(tmp) / "models")
         timings = precisions_mod.measure(models_dir, args.batch, args.repeats, args.threads)
-    report = {
-        "schema_version": precisions_mod.SCHEMA_VERSION,
-        "kind": "precisions",
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": _command_line(),
-        "machine": machine(),
-        "timings": timings,
-    }
-    md = precisions_mod.write(report, out)
-    print(md)
-    _say(f"report written to {out}/report.md and report.json")
-    return 0
+    report = _report(
+        "precisions", started, schema_version=precisions_mod.SCHEMA_VERSION, timings=timings
+    )
+    return _finish(report, out, precisions_mod.write)
 
 
 # -- chaos --------------------------------------------------------------------------------

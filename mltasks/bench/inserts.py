@@ -12,9 +12,11 @@ and notifies nobody, the service's state under load) and ``off`` (no trigger at 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,6 +87,15 @@ def run(conninfo: str, clients: list[int], duration_s: float, rounds: int) -> li
             for mode in MODES:
                 out.append(run_once(conninfo, n, duration_s, mode))
     return out
+
+
+def write(report: dict[str, Any], out: Path) -> str:
+    """report.json and report.md into ``out``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report["runs"], report["command"])
+    (out / "report.md").write_text(md)
+    return md
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
