@@ -359,3 +359,11 @@ def test_time_precisions_reports_every_cell(masters: list[Path]) -> None:
 def test_time_precisions_needs_models(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         v.time_precisions(tmp_path)
+
+
+def test_time_precisions_takes_the_exporters_fp16_masters(models_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    shutil.copytree(models_dir / "mage", root / "mage")
+    result = v.time_precisions(root, batch_sizes=(1,), repeats=2, warmup=1)
+    assert result["models"] == 5  # the state-input types of one archetype
+    assert all(result["median_us"][p][1] > 0 for p in v.PRECISIONS)

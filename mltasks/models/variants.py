@@ -508,12 +508,14 @@ class PrecisionTimings(TypedDict):
 
 
 def _masters(models_dir: Path) -> list[Path]:
-    """The FP32 masters of the types that read one state (variants exist for those only)."""
+    """The masters (as discovery finds them: FP32 or the exporter's FP16) of the types that
+    read one state, the ones timed here."""
+    from mltasks.models.discovery import discover
     from mltasks.models.family import FAMILY
 
-    types = [m for m in MODEL_TYPES if FAMILY[m].input == "state"]
-    found = [models_dir / a / f"{m}.onnx" for a in ARCHETYPES for m in types]
-    return [p for p in found if p.is_file()]
+    types = tuple(m for m in MODEL_TYPES if FAMILY[m].input == "state")
+    found, _ = discover(models_dir, model_types=types)
+    return [f.path for f in found]
 
 
 def time_precisions(
@@ -547,17 +549,25 @@ def time_precisions(
         sessions = {
             p: _session(ensure_variant(master, p), [CPU], intra_op_threads) for p in precisions
         }
-        name = sessions[precisions[0]].get_inputs()[0].name
         for batch in batch_sizes:
-            feed = {name: np.ascontiguousarray(pool[:batch])}
-            for s in sessions.values():
+            # Each session in the dtype it declares (an FP16 master takes float16).
+            feeds = {
+                p: {
+                    s.get_inputs()[0].name: np.ascontiguousarray(
+                        pool[:batch],
+                        np.float16 if s.get_inputs()[0].type == "tensor(float16)" else np.float32,
+                    )
+                }
+                for p, s in sessions.items()
+            }
+            for p, s in sessions.items():
                 for _ in range(warmup):
-                    s.run(None, feed)
+                    s.run(None, feeds[p])
             for r in range(repeats):
                 for i in range(len(precisions)):
                     p = precisions[(i + r) % len(precisions)]
                     t0 = time.perf_counter_ns()
-                    sessions[p].run(None, feed)
+                    sessions[p].run(None, feeds[p])
                     samples[p][batch].append((time.perf_counter_ns() - t0) / 1000.0)
     median = {p: {b: statistics.median(v) for b, v in by.items()} for p, by in samples.items()}
     base = median.get("fp32")
