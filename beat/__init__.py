@@ -1,5 +1,5 @@
 """Celery beat's schedule: periodic jobs of the service (``celery -A mltasks beat``)."""
 
-from beat.schedule import SCHEDULE
+from beat.schedule import SCHEDULE, Scheduler
 
-__all__ = ["SCHEDULE"]
+__all__ = ["SCHEDULE", "Scheduler"]

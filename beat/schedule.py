@@ -2,16 +2,20 @@
 
 Jobs go to the `cpu` queue. Each takes a Redis lock, so two beats started by mistake
 never run a job twice at once. Health probes are not here: every worker probes its own
-host (mltasks/worker.py), since VRAM can only be read where the GPU is.
+host (mltasks/serving/worker.py), since VRAM can only be read where the GPU is.
+
+The app names ``Scheduler`` in its ``beat_scheduler`` setting (a string, as Celery names its
+pluggable classes), so ``celery -A mltasks beat`` gets this schedule while the core never
+imports this package.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-CLEANUP_TASK = "mltasks.cleanup"
-RECOVER_TASK = "mltasks.recover"
-CANARY_TASK = "mltasks.canary"
+from celery.beat import PersistentScheduler
+
+from mltasks.broker.celery_app import CLEANUP_TASK, RECOVER_TASK
 
 SCHEDULE: dict[str, dict[str, Any]] = {
     # Finished rows must be gone long before request ids come round (2^31 ids).
@@ -27,3 +31,11 @@ SCHEDULE: dict[str, dict[str, Any]] = {
         "options": {"queue": "cpu", "expires": 4},
     },
 }
+
+
+class Scheduler(PersistentScheduler):  # type: ignore[misc]
+    """Celery's persistent scheduler (the ``--schedule`` file) with ``SCHEDULE`` merged in."""
+
+    def setup_schedule(self) -> None:
+        self.app.conf.beat_schedule = {**SCHEDULE, **(self.app.conf.beat_schedule or {})}
+        super().setup_schedule()

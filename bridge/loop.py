@@ -24,11 +24,11 @@ from celery import Celery
 
 from bridge.publish import Publisher
 from mltasks import metrics
-from mltasks.celery_app import QUEUES
+from mltasks.broker.celery_app import QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
-from mltasks.fallback import (
+from mltasks.fallback.levels import (
     LEVEL_QUEUE,
     LEVEL_READ_TIMEOUT_S,
     Level,
@@ -37,10 +37,10 @@ from mltasks.fallback import (
     cache_client,
     route,
 )
-from mltasks.inference import answer_rows, traditional
+from mltasks.fallback.rules import rules_engine
 from mltasks.redisurl import client_from_url
-from mltasks.responses import expire, write_answers
-from mltasks.rules import rules_engine
+from mltasks.serving.answers import expire, write_answers
+from mltasks.serving.inference import answer_rows, traditional
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Bridge:
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or get_config()
         if app is None:
-            from mltasks.celery_app import app as default_app
+            from mltasks.broker.celery_app import app as default_app
 
             app = default_app
         self.app = app

@@ -26,7 +26,7 @@ from celery import Celery
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
-from mltasks.celery_app import INFER_TASK
+from mltasks.broker.celery_app import INFER_TASK
 
 SERIALIZER = "msgpack"
 

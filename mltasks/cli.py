@@ -130,7 +130,7 @@ def _bridge(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from mltasks.celery_app import worker_command
+    from mltasks.broker.celery_app import worker_command
 
     cmd = worker_command(args.queues, "--loglevel", args.loglevel, *args.celery_args)
     return _become(cmd)
@@ -151,7 +151,7 @@ def _become(cmd: list[str]) -> int:
 
 
 def _flower(args: argparse.Namespace) -> int:
-    conf = Path(__file__).with_name("flowerconfig.py")
+    conf = Path(__file__).parent / "ops" / "flowerconfig.py"
     cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "flower", f"--conf={conf}"]
     extra = list(args.flower_args)
     if extra[:1] == ["--"]:
@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench(sub)
-    from mltasks.dev import add_parser as add_dev
-    from mltasks.status import add_parser as add_status
+    from mltasks.ops.dev import add_parser as add_dev
+    from mltasks.ops.status import add_parser as add_status
 
     add_dev(sub)
     add_status(sub)

@@ -44,7 +44,7 @@ STATS_TTL_S: Final = 15 * 60
 # A worker sends its pending counters with a cache write at most this often.
 STATS_FLUSH_S: Final = 1.0
 
-# --- Fallback ladder (mltasks/fallback.py, mltasks/recovery.py), cache db -----------------
+# --- Fallback ladder (mltasks/fallback/levels.py, .../recovery.py), cache db ---
 
 # A hash {level, reason, since}: the level the whole service stands on. Its TTL is long and
 # refreshed on every write; if it ever lapses, readers fall back to fallback.start_level.

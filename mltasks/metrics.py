@@ -328,7 +328,7 @@ def reset_metrics() -> None:
 
 
 class AnswerLike(Protocol):
-    """What `count_outcomes` reads of an answer (mltasks.inference.Answer fits)."""
+    """What `count_outcomes` reads of an answer (mltasks.serving.inference.Answer fits)."""
 
     @property
     def action_id(self) -> int: ...
@@ -417,7 +417,7 @@ def set_cache_hit_rates(rates: Mapping[str, float]) -> None:
 
 
 def set_fallback_level(level: int) -> None:
-    """The shared fallback level (mltasks.fallback.Level, 1..5)."""
+    """The shared fallback level (mltasks.fallback.levels.Level, 1..5)."""
     get_metrics().fallback_level.set(level)
 
 
@@ -727,7 +727,7 @@ def start_worker_metrics(
 def start_bridge_metrics(config: Config, host: str, port: int) -> MetricsServer | None:
     """A bridge's /metrics: its own registry, plus queue and cache gauges read at scrape."""
     from mltasks.cache import stats_scope
-    from mltasks.fallback import cache_client
+    from mltasks.fallback.levels import cache_client
 
     refresh: list[Refresh] = [
         queue_stats_refresher(config.database.conninfo),

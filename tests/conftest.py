@@ -22,7 +22,7 @@ from psycopg import sql
 if TYPE_CHECKING:
     from celery import Celery
 
-    from mltasks.embedded import TestServices
+    from mltasks.ops.embedded import TestServices
 
 TESTS = Path(__file__).resolve().parent
 os.environ["MLTASKS_CONFIG"] = str(TESTS / "config" / "test.yaml")
@@ -52,7 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global ADMIN_URL, SERVICES
     from psycopg.conninfo import make_conninfo
 
-    from mltasks.embedded import start_test_services
+    from mltasks.ops.embedded import start_test_services
 
     data = Path(tempfile.mkdtemp(prefix="mltasks-test-servers-"))
     services = SERVICES = start_test_services(data)
@@ -81,7 +81,7 @@ def app_with_broker(config: Config, broker_url: str, name: str = "test") -> Cele
     or nothing answers at all)."""
     from celery import Celery
 
-    from mltasks.celery_app import settings_for
+    from mltasks.broker.celery_app import settings_for
 
     app = Celery(name)
     app.conf.update(settings_for(config))
@@ -156,7 +156,7 @@ _counter = itertools.count()
 def config(base_config: Config, template_db: str) -> Iterator[Config]:
     """A fresh database copied from the template; the process config points at it."""
     from mltasks.models.engine import reset_engine
-    from mltasks.tasks import close_pool
+    from mltasks.serving.tasks import close_pool
 
     name = f"mltasks_t_{SESSION}_{next(_counter)}"
     with _admin() as conn:
@@ -221,7 +221,7 @@ def redis_cache(config: Config) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def celery_app(base_config: Config) -> Any:
     set_config(base_config)
-    from mltasks.celery_app import app
+    from mltasks.broker.celery_app import app
 
     app.conf.broker_url  # noqa: B018 - load the settings now, from the test config
     import celery.contrib.testing.tasks  # noqa: F401 - start_worker wants celery.ping
@@ -242,7 +242,7 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
 
     from celery.contrib.testing.worker import start_worker
 
-    from mltasks.worker import PROBE_FILE_ENV
+    from mltasks.serving.worker import PROBE_FILE_ENV
 
     _purge(celery_app)
     # Healthy probe readings: this busy test host's own load must not move the level of

@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
-from mltasks.dev import stop_all
+from mltasks.ops.dev import stop_all
 from tests import game
 from tests.conftest import wait_for
 

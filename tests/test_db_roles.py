@@ -15,8 +15,8 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from mltasks.cli import main
-from mltasks.inference import Answer
-from mltasks.responses import write_answers
+from mltasks.serving.answers import write_answers
+from mltasks.serving.inference import Answer
 from mltasks.sql import query
 from tests import game
 from tests.conftest import ADMIN_URL

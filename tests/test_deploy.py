@@ -106,13 +106,13 @@ def check_command(argv: Sequence[str], where: str) -> None:
         assert conf is not None, f"{where}: flower without --conf runs without our auth"
         assert conf.startswith(CHECKOUTS), f"{where}: {conf}"
         local = REPO / conf.split("/app/", 1)[1]
-        assert local == REPO / "mltasks" / "flowerconfig.py"
+        assert local == REPO / "mltasks" / "ops" / "flowerconfig.py"
         return
     command = celery_cli.commands.get(sub)
     assert command is not None, f"{where}: no celery subcommand {sub}"
     _check_options(args, _options(command), where)
     if sub == "worker":
-        from mltasks.celery_app import QUEUES
+        from mltasks.broker.celery_app import QUEUES
 
         queues = _value(args, "-Q", "--queues")
         assert queues, f"{where}: a worker names its queues"
@@ -154,7 +154,7 @@ def test_compose_commands_exist(services: dict[str, dict[str, Any]]) -> None:
 
 
 def test_compose_workers_cover_every_queue(services: dict[str, dict[str, Any]]) -> None:
-    from mltasks.celery_app import QUEUES
+    from mltasks.broker.celery_app import QUEUES
 
     for queue in QUEUES:
         command = services[f"worker-{queue}"]["command"]
@@ -321,7 +321,7 @@ def test_unit_parses(unit: str) -> None:
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_unit_command_exists(unit: str) -> None:
-    from mltasks.celery_app import QUEUES
+    from mltasks.broker.celery_app import QUEUES
 
     (exec_start,) = values(unit_entries(SYSTEMD / unit)["Service"], "ExecStart")
     # systemd expands an unset $VAR to no word at all.
@@ -335,7 +335,7 @@ def test_unit_command_exists(unit: str) -> None:
 
 
 def test_worker_unit_multiprocess_dir_and_warm_shutdown() -> None:
-    from mltasks.celery_app import settings_for
+    from mltasks.broker.celery_app import settings_for
     from mltasks.config import load_config
 
     svc = unit_entries(SYSTEMD / "mltasks-worker@.service")["Service"]

@@ -22,8 +22,8 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from mltasks.dev import STATE_FILE, read_state
-from mltasks.embedded import (
+from mltasks.ops.dev import STATE_FILE, read_state
+from mltasks.ops.embedded import (
     EmbeddedError,
     EmbeddedPostgres,
     EmbeddedRedis,
@@ -134,7 +134,7 @@ def _dev(
     out = tmp_path / "dev.log"
     with out.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mltasks.dev", "--data-dir", str(tmp_path / "dev"), *args],
+            [sys.executable, "-m", "mltasks.ops.dev", "--data-dir", str(tmp_path / "dev"), *args],
             env=env,
             cwd=tmp_path,
             stdin=subprocess.DEVNULL,

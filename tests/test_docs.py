@@ -18,9 +18,9 @@ import yaml
 from mltasks import keys
 from mltasks.config import Config, ModelsConfig
 from mltasks.contract import ARCHETYPES
-from mltasks.fallback import Level
+from mltasks.fallback.levels import Level
 from mltasks.metrics import METRIC_NAMES
-from mltasks.status import best_reachable, expected_models
+from mltasks.ops.status import best_reachable, expected_models
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -228,7 +228,7 @@ def _host(level: int, gpu_worker_up: bool) -> Series:
 
 
 def test_level_alerts_stay_quiet_on_healthy_hosts() -> None:
-    # The best each host reaches (mltasks.status.best_reachable) is healthy.
+    # The best each host reaches (mltasks.ops.status.best_reachable) is healthy.
     cpu_only = best_reachable({"cpu": True, "rules": True}, gpu_present=False)
     gpu_host = best_reachable({"gpu": True, "cpu": True, "rules": True}, gpu_present=True)
     assert (cpu_only, gpu_host) == (Level.CPU, Level.GPU_FP16)

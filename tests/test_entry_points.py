@@ -22,7 +22,7 @@ ENTRY_POINTS: dict[str, list[str]] = {
     "python -m bridge": [PY, "-m", "bridge"],
     "celery worker": [*CELERY, "worker", "-Q", "cpu", "--pool", "solo"],
     "celery beat": [*CELERY, "beat"],
-    "celery flower": [*CELERY, "flower", f"--conf={REPO / 'mltasks' / 'flowerconfig.py'}"],
+    "celery flower": [*CELERY, "flower", f"--conf={REPO / 'mltasks' / 'ops' / 'flowerconfig.py'}"],
     "mltasks bridge": [*MLTASKS, "bridge"],
     "mltasks worker": [*MLTASKS, "worker", "-Q", "cpu"],
     "mltasks beat": [*MLTASKS, "beat"],
@@ -30,8 +30,8 @@ ENTRY_POINTS: dict[str, list[str]] = {
     "mltasks status": [*MLTASKS, "status"],
     "mltasks db init": [*MLTASKS, "db", "init"],
     "mltasks dev": [*MLTASKS, "dev", "--no-live"],
-    "python -m mltasks.status": [PY, "-m", "mltasks.status"],
-    "python -m mltasks.dev": [PY, "-m", "mltasks.dev", "--no-live"],
+    "python -m mltasks.ops.status": [PY, "-m", "mltasks.ops.status"],
+    "python -m mltasks.ops.dev": [PY, "-m", "mltasks.ops.dev", "--no-live"],
 }
 
 BAD_CONFIGS = {

@@ -14,12 +14,13 @@ import psycopg
 import pytest
 import redis
 
-from beat.schedule import CANARY_TASK
-from mltasks import keys, recovery
+from mltasks import keys
+from mltasks.broker.celery_app import CANARY_TASK
 from mltasks.config import Config
-from mltasks.fallback import LevelStore, route
-from mltasks.health import Readings
-from mltasks.worker import Monitor
+from mltasks.fallback import recovery
+from mltasks.fallback.levels import LevelStore, route
+from mltasks.fallback.probes import Readings
+from mltasks.serving.worker import Monitor
 from tests import game
 from tests.conftest import wait_for
 from tests.game import TOKEN, claim
@@ -208,8 +209,8 @@ def test_healthy_probes_start_the_hysteresis_clock_and_bad_ones_reset_it(
 def test_rule_failures_take_the_service_to_level_5(
     config: Config, store: LevelStore, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mltasks import policy
-    from mltasks.tasks import infer_batch
+    from mltasks.fallback import policy
+    from mltasks.serving.tasks import infer_batch
 
     def broken(states: np.ndarray, archetype: str) -> np.ndarray:
         raise RuntimeError("rule policy bug")
@@ -234,7 +235,7 @@ def test_out_of_memory_degrades_at_once(
     from mltasks.errors import ModelError
     from mltasks.models.engine import get_engine
     from mltasks.models.loaded import LoadedModel
-    from mltasks.tasks import infer_batch
+    from mltasks.serving.tasks import infer_batch
 
     get_engine(config, 3)  # loaded (and checked) before the allocator starts failing
 
@@ -254,7 +255,7 @@ def test_out_of_memory_degrades_at_once(
 def test_no_usable_model_at_all_means_level_5(
     config: Config, store: LevelStore, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    from mltasks.tasks import infer_batch
+    from mltasks.serving.tasks import infer_batch
     from tests.conftest import use_config
 
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path)))

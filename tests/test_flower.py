@@ -1,4 +1,4 @@
-"""Flower behind basic auth: ``celery -A mltasks flower --conf=mltasks/flowerconfig.py``
+"""Flower behind basic auth: ``celery -A mltasks flower --conf=mltasks/ops/flowerconfig.py``
 against the test broker, as a subprocess, and the options file on its own."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import pytest
 
 from mltasks.config import Config
 from mltasks.errors import ConfigError
-from mltasks.flowerconfig import PASSWORD_ENV, PORT_ENV, USER_ENV, flower_options
+from mltasks.ops.flowerconfig import PASSWORD_ENV, PORT_ENV, USER_ENV, flower_options
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "mltasks" / "flowerconfig.py"
+CONF = REPO / "mltasks" / "ops" / "flowerconfig.py"
 USER = "operator"
 PASSWORD = "correct-horse-battery"
 
@@ -140,7 +140,7 @@ def test_task_events_are_off_until_flower_asks(base_config: Config) -> None:
     (enable_events, above) switches them on while it runs; monitoring.task_events forces them."""
     import dataclasses
 
-    from mltasks.celery_app import settings_for
+    from mltasks.broker.celery_app import settings_for
 
     assert settings_for(base_config).get("worker_send_task_events") is False
     on = dataclasses.replace(

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from mltasks import health
 from mltasks.errors import ModelError
-from mltasks.health import Readings, Thresholds, assess, is_oom_error, read_probes
+from mltasks.fallback import probes as health
+from mltasks.fallback.probes import Readings, Thresholds, assess, is_oom_error, read_probes
 
 GIB = 1 << 30
 

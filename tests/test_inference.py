@@ -11,11 +11,17 @@ import pytest
 
 from mltasks.config import Config, load_config
 from mltasks.errors import ModelError
-from mltasks.inference import answer_batch, answer_rows, as_confidence, softmax_choice, validate
 from mltasks.models.discovery import candidates
 from mltasks.models.engine import Engine
 from mltasks.models.loaded import TypeOutput, load_model
 from mltasks.models.variants import CPU
+from mltasks.serving.inference import (
+    answer_batch,
+    answer_rows,
+    as_confidence,
+    softmax_choice,
+    validate,
+)
 
 GOOD = [0.5] * 64
 

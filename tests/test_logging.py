@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, LoggingConfig
 from mltasks.logs import PER_TASK_LOGGERS, JsonFormatter, TextFormatter, configure_logging
 from tests import game
@@ -105,7 +105,7 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
                 game.decide(pg, [0.5] * 10, timeout_ms=3000)  # a bad row: a logged reason
             wait_for(lambda: b"bridge_db_error" in log_path.read_bytes(), 20, "the error log")
         finally:
-            from mltasks.dev import stop_all
+            from mltasks.ops.dev import stop_all
 
             stop_all(procs)
     text = log_path.read_text()
@@ -163,7 +163,7 @@ def test_workers_log_no_line_per_task_at_info(
                     assert answer is not None and answer[0] != 255
                 grown = log_path.stat().st_size - size_before
         finally:
-            from mltasks.dev import stop_all
+            from mltasks.ops.dev import stop_all
 
             stop_all(procs)
     text = log_path.read_text()

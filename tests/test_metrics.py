@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from mltasks import metrics
-from mltasks.inference import Answer
+from mltasks.serving.inference import Answer
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

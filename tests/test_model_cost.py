@@ -22,11 +22,11 @@ import pytest
 
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, N_ACTIONS, Action
+from mltasks.fallback.policy import decide, threat
 from mltasks.models import phase11
 from mltasks.models.demo import _WIDE, _data, _heads
 from mltasks.models.family import FAMILY
 from mltasks.models.loaded import load_model
-from mltasks.policy import decide, threat
 from mltasks.state import ENCODER
 from tests import game
 from tests.conftest import wait_for

@@ -21,13 +21,13 @@ from mltasks.cache import Cache
 from mltasks.config import Config, load_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Action
 from mltasks.errors import ConfigError
-from mltasks.inference import answer_batch
 from mltasks.models.demo import write_corrupt_model, write_demo_models
 from mltasks.models.discovery import find
 from mltasks.models.engine import Engine
 from mltasks.models.fusion import FusionRule, Member, fuse
 from mltasks.models.history import window
 from mltasks.models.loaded import TypeOutput
+from mltasks.serving.inference import answer_batch
 from mltasks.state import ENCODER
 
 TESTS = Path(__file__).resolve().parent

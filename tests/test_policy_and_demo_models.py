@@ -10,6 +10,7 @@ import pytest
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Action
 from mltasks.errors import ModelError
+from mltasks.fallback.policy import PARAMS, decide, decide_history, logits, threat
 from mltasks.models.demo import (
     sample_windows,
     write_corrupt_model,
@@ -18,7 +19,6 @@ from mltasks.models.demo import (
 )
 from mltasks.models.family import FAMILY
 from mltasks.models.loaded import LoadedModel, load_model
-from mltasks.policy import PARAMS, decide, decide_history, logits, threat
 from mltasks.state import ENCODER, LAYOUT_NAMES, SEED, get_layout, sample_states
 
 # --------------------------------------------------------------------------- helpers

@@ -16,7 +16,7 @@ from kombu.serialization import loads
 
 from bridge.loop import Bridge
 from bridge.publish import Publisher
-from mltasks.celery_app import INFER_TASK
+from mltasks.broker.celery_app import INFER_TASK
 from mltasks.config import Config, DatabaseConfig
 from tests import game
 from tests.conftest import app_with_broker
@@ -147,7 +147,7 @@ def test_congested_tier_gathers_rows_until_the_queue_has_room(
 
 
 def test_broker_channel_keeps_one_client(celery_app: Celery) -> None:
-    """mltasks.broker: kombu's channel makes its Redis client once, not per command."""
+    """mltasks.broker.transport: kombu's channel makes its Redis client once, not per command."""
     with celery_app.connection_for_write() as conn:
         channel = conn.default_channel
         first = channel._create_client()

@@ -246,7 +246,7 @@ def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
 def test_redelivered_batch_writes_nothing_twice(
     config: Config, pg: psycopg.Connection[Any], worker: Any
 ) -> None:
-    from mltasks.tasks import infer_batch
+    from mltasks.serving.tasks import infer_batch
 
     rid = game.insert(pg, STATE)
     claim(pg, rid)
@@ -264,7 +264,7 @@ def test_a_batch_that_waited_past_the_deadline_is_not_inferred(
 ) -> None:
     import time
 
-    from mltasks.tasks import infer_batch
+    from mltasks.serving.tasks import infer_batch
 
     old, fresh = game.insert(pg, STATE), game.insert(pg, STATE, archetype="mage")
     claim(pg, old, fresh)

@@ -21,10 +21,11 @@ import psycopg
 import pytest
 import redis
 
-from mltasks import keys, status
+from mltasks import keys
 from mltasks.cache import stats_key, stats_scope
 from mltasks.config import Config
-from mltasks.fallback import LevelStore
+from mltasks.fallback.levels import LevelStore
+from mltasks.ops import status
 
 STATUS_DB = 15
 ALL_QUEUES = ["gpu", "cpu", "rules"]

@@ -219,7 +219,7 @@ def test_canary_verdicts(
 
 def test_answers_and_l3_keys_carry_the_version(config: Config, models: Path) -> None:
     from mltasks.cache import output_key
-    from mltasks.inference import answer_batch
+    from mltasks.serving.inference import answer_batch
     from mltasks.state import sample_states
 
     cfg = dataclasses.replace(config, models=dataclasses.replace(config.models, dir=models))
@@ -238,7 +238,7 @@ def test_answers_and_l3_keys_carry_the_version(config: Config, models: Path) -> 
 def test_a_nan_candidate_is_rolled_back_with_a_log_line_and_a_metric(
     config: Config, models: Path, tmp_path: Path, redis_cache: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mltasks.inference import answer_batch
+    from mltasks.serving.inference import answer_batch
     from mltasks.state import sample_states
 
     cfg = dataclasses.replace(config, models=dataclasses.replace(config.models, dir=models))

@@ -14,8 +14,8 @@ import pytest
 
 from mltasks import keys
 from mltasks.config import Config
-from mltasks.fallback import LevelStore
-from mltasks.worker import DatabaseCheck, Monitor, database_problem
+from mltasks.fallback.levels import LevelStore
+from mltasks.serving.worker import DatabaseCheck, Monitor, database_problem
 from tests.conftest import use_config
 
 
@@ -79,7 +79,7 @@ def test_the_cause_of_a_failed_connection_is_named() -> None:
 def test_a_missing_models_directory_stops_the_heartbeat_and_moves_the_level_to_5(
     config: Config, store: LevelStore, tmp_path: Path
 ) -> None:
-    from mltasks.health import Readings
+    from mltasks.fallback.probes import Readings
 
     missing = tmp_path / "absent"
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=missing)))

@@ -16,11 +16,11 @@ from typing import Any
 import redis
 from celery import Celery
 
-from mltasks.celery_app import settings_for, worker_command
+from mltasks.broker.celery_app import settings_for, worker_command
 from mltasks.config import Config
-from mltasks.dev import stop_all
-from mltasks.fallback import LevelStore
+from mltasks.fallback.levels import LevelStore
 from mltasks.keys import heartbeat
+from mltasks.ops.dev import stop_all
 from tests.conftest import BridgeThread, wait_for
 
 BROKER_DB, CACHE_DB = 13, 14

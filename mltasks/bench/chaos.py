@@ -41,7 +41,7 @@ from mltasks.bench.database import drop_database, recreate_database
 from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql, stof, stoi
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
 
 FAULTS = ("redis", "bridge", "cpu", "rules", "stop")

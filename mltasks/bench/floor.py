@@ -102,8 +102,8 @@ class ModelFloor(Floor):
     def drain(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
         import secrets
 
-        from mltasks.inference import answer_batch
-        from mltasks.responses import write_answers
+        from mltasks.serving.answers import write_answers
+        from mltasks.serving.inference import answer_batch
         from mltasks.sql import query
 
         total = 0

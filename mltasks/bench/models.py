@@ -119,9 +119,9 @@ def measure_levels(
     config: Config, archetype: str, batches: Sequence[int], repeats: int, budget_s: float
 ) -> dict[str, Any]:
     """{level: {"precision", "types", "ms": {batch: ms}}}: one batch through answer_batch."""
-    from mltasks.inference import answer_batch
     from mltasks.models.engine import Engine, level_plan
     from mltasks.models.fusion import rule_of
+    from mltasks.serving.inference import answer_batch
 
     layout = get_layout(config.state.layout)
     states = layout.sample(np.random.default_rng(8), max(batches), archetype)

@@ -43,7 +43,7 @@ import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, FallbackConfig, RedisConfig
 
 BROKER_DB = 9
@@ -270,7 +270,7 @@ class Service:
 
     def force_level(self) -> None:
         """Write the level asked for into Redis (the bridge routes on it)."""
-        from mltasks.fallback import LevelStore
+        from mltasks.fallback.levels import LevelStore
 
         if self.config is None:
             raise BenchError("the service was not started")
@@ -286,7 +286,7 @@ class Service:
 
     def level_now(self) -> int | None:
         """The level Redis holds now (None when unreadable)."""
-        from mltasks.fallback import LevelStore
+        from mltasks.fallback.levels import LevelStore
 
         if self.config is None:
             return None

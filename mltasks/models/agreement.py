@@ -24,11 +24,11 @@ import numpy as np
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
 from mltasks.errors import ModelError
+from mltasks.fallback.policy import decide, decide_history, threat
 from mltasks.models.discovery import find
 from mltasks.models.family import SEQUENCE_LEN
 from mltasks.models.fusion import Member, fuse, rule_of
 from mltasks.models.loaded import LoadedModel, TypeOutput, load_model
-from mltasks.policy import decide, decide_history, threat
 from mltasks.state import get_layout
 
 

@@ -6,8 +6,9 @@ identity (``versions.generation``, one ``stat``) with the last it saw; when a po
 the pointers of the models it serves. A version it already holds (a promoted candidate) is
 swapped in at once; another is loaded on a background thread while batches go on on the old
 version, and swapped in before a later batch. Swaps happen only here, between batches: a batch
-takes its fusion members once (`mltasks.inference`), so it runs start to finish on one version,
-and the old session is released when the last batch holding it is done (reference counting).
+takes its fusion members once (`mltasks.serving.inference`), so it runs start to finish on one
+version, and the old session is released when the last batch holding it is done
+(reference counting).
 
 The Celery remote control command ``mltasks_models`` (sent by ``mltasks models deploy`` and
 ``rollback``, and by a worker that promotes or rolls back) makes the next batch look at once
@@ -294,7 +295,7 @@ def run_shadows(jobs: Sequence[ShadowJob], models_dir: Path, config: CanaryConfi
     by every worker); promotion or rollback when the totals say so."""
     for job in jobs:
         n = int(job.states.shape[0])
-        t0 = time.thread_time()  # CPU seconds, as the active version's (mltasks.inference)
+        t0 = time.thread_time()  # CPU seconds, as the active version's (mltasks.serving.inference)
         errors = non_finite = agree = 0
         try:
             out = job.candidate.run(job.states, job.windows)
@@ -423,7 +424,7 @@ def _decide(
 
 def broadcast(model: str, version: str, action: str, reply: bool = False) -> list[Any]:
     """Tell every worker through Celery's remote control channel (``mltasks_models``)."""
-    from mltasks.celery_app import app
+    from mltasks.broker.celery_app import app
 
     try:
         replies = app.control.broadcast(
@@ -480,9 +481,9 @@ class ModelsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 def _live_workers() -> int:
     """Worker nodes with a fresh heartbeat on any queue (0 when Redis cannot say)."""
-    from mltasks.celery_app import QUEUES
+    from mltasks.broker.celery_app import QUEUES
     from mltasks.config import get_config
-    from mltasks.fallback import cache_client
+    from mltasks.fallback.levels import cache_client
 
     try:
         r = cache_client(get_config())

@@ -40,12 +40,12 @@ import numpy.typing as npt
 import onnx
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM
+from mltasks.fallback.policy import decide, decide_history, threat
 from mltasks.files import write_atomic
 from mltasks.models import phase11
 from mltasks.models.family import FAMILY, SEQUENCE_LEN
 from mltasks.models.graph import Graph, Mlp, Precision, io
 from mltasks.models.phase11 import Heads
-from mltasks.policy import decide, decide_history, threat
 from mltasks.state import DEFAULT_LAYOUT, Layout, get_layout
 
 FloatArray = npt.NDArray[np.float32]

@@ -30,7 +30,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 
 def _redis() -> Any:
-    from mltasks.fallback import cache_client
+    from mltasks.fallback.levels import cache_client
 
     return cache_client(get_config())
 

@@ -39,7 +39,7 @@ import pytest
 import redis
 
 from mltasks import keys
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, N_ACTIONS, TRADITIONAL_AI
 from mltasks.redisurl import client_from_url, with_db
 from mltasks.state import sample_states

@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 
 from bridge.loop import Bridge
-from mltasks.celery_app import settings_for
+from mltasks.broker.celery_app import settings_for
 from mltasks.config import Config
 from tests import game
 from tests.conftest import wait_for

@@ -3,7 +3,7 @@ partition) must not stop the worker from taking the next batch.
 
 kombu's Redis QoS forgets a delivery only after its Redis bookkeeping succeeded: with
 prefetch 1, one failed ack left the worker alive (heartbeats) but never consuming again,
-as tests/scale/test_partitions.py found. mltasks.broker.QoS frees the slot regardless.
+as tests/scale/test_partitions.py found. mltasks.broker.transport.QoS frees the slot regardless.
 Here on a real redis-server, made unresponsive with CLIENT PAUSE for longer than the
 socket timeout while the ack runs.
 """
@@ -36,7 +36,8 @@ def test_a_timed_out_ack_frees_the_prefetch_slot(server: RedisProc) -> None:
     queue = Queue("cpu", Exchange("cpu", type="direct"), routing_key="cpu")
     options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5, "visibility_timeout": 30}
     url = f"redis://{server.host}:{server.port}/1"
-    with Connection(url, transport="mltasks.broker:Transport", transport_options=options) as conn:
+    transport = "mltasks.broker.transport:Transport"
+    with Connection(url, transport=transport, transport_options=options) as conn:
         conn.Producer().publish(
             {"batch": 1}, exchange=queue.exchange, routing_key="cpu", declare=[queue]
         )

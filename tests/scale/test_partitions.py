@@ -36,7 +36,7 @@ import pytest
 import redis
 
 from mltasks import keys
-from mltasks.celery_app import worker_command
+from mltasks.broker.celery_app import worker_command
 from tests.conftest import wait_for
 from tests.faults.support import (
     BROKER_DB,

@@ -38,7 +38,7 @@ def has_auth(options: Any) -> bool:
 def require_auth(options: Any, environ: Mapping[str, str] = os.environ) -> None:
     """Give ``options`` our basic auth if they have none; ConfigError when there is none
     to give (the message of `mltasks flower`)."""
-    from mltasks.flowerconfig import ADDRESS_ENV, DEFAULT_ADDRESS, flower_options
+    from mltasks.ops.flowerconfig import ADDRESS_ENV, DEFAULT_ADDRESS, flower_options
 
     if not getattr(options, "address", ""):
         options.address = environ.get(ADDRESS_ENV, "").strip() or DEFAULT_ADDRESS

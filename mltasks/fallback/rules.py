@@ -1,4 +1,4 @@
-"""Level 4: the rule policy (mltasks.policy) behind the same interface as a model.
+"""Level 4: the rule policy (mltasks.fallback.policy) behind the same interface as a model.
 
 Used by `rules` workers, and by the bridge itself when it cannot publish a batch.
 """
@@ -10,8 +10,8 @@ from functools import cache
 
 import numpy as np
 
-from mltasks import policy
 from mltasks.contract import ARCHETYPES, N_ACTIONS
+from mltasks.fallback import policy
 from mltasks.models.family import Scores
 from mltasks.models.loaded import TypeOutput
 from mltasks.state import DEFAULT_LAYOUT, get_layout

@@ -1,6 +1,6 @@
 """The Celery application ``mltasks``: ``celery -A mltasks worker -Q cpu`` (or ``-Q gpu``).
 
-Settings come from our config when Celery first needs them (mltasks.celery_settings),
+Settings come from our config when Celery first needs them (mltasks.broker.celery_settings),
 not at import.
 """
 
@@ -12,16 +12,22 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from beat.schedule import SCHEDULE
 from mltasks.config import Config
 
 # One queue per tier of the fallback ladder.
 QUEUES = ("gpu", "cpu", "rules")
+# Task names: the bridge sends the first; beat (beat/schedule.py) the periodic ones.
 INFER_TASK = "mltasks.infer_batch"
+CLEANUP_TASK = "mltasks.cleanup"
+RECOVER_TASK = "mltasks.recover"
+CANARY_TASK = "mltasks.canary"
+# `celery -A mltasks beat` takes its schedule from the beat package's scheduler, named here
+# as Celery names pluggable classes, so the core never imports the processes built on it.
+BEAT_SCHEDULER = "beat.schedule:Scheduler"
 
 
 def _guard_flower() -> None:
-    from mltasks.flowerguard import install
+    from mltasks.ops.flowerguard import install
 
     install()
 
@@ -39,8 +45,9 @@ def settings_for(cfg: Config) -> dict[str, Any]:
     master = {"master_name": cfg.redis.sentinel_master} if sentinel else {}
     return {
         "broker_url": cfg.redis.db_url(cfg.redis.broker_db),
-        # kombu's Redis transport, minus a client object built per command (mltasks.broker).
-        "broker_transport": "mltasks.broker:" + ("SentinelTransport" if sentinel else "Transport"),
+        # kombu's Redis transport, minus a client object built per command (.transport).
+        "broker_transport": "mltasks.broker.transport:"
+        + ("SentinelTransport" if sentinel else "Transport"),
         "broker_transport_options": {
             **master,
             # A killed worker's unacked batch comes back after this, not the 1 h default.
@@ -67,7 +74,7 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         # Batches are short: one in flight per process keeps a slow one from holding others.
         "worker_prefetch_multiplier": cfg.worker.prefetch_multiplier,
         # Back on the broker within ~1 s of its return, not kombu's 2 s doubling to 30 s.
-        "worker_consumer": "mltasks.worker:QuickReconnectConsumer",
+        "worker_consumer": "mltasks.serving.worker:QuickReconnectConsumer",
         "worker_concurrency": cfg.worker.concurrency,
         "task_default_queue": "cpu",
         "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
@@ -81,12 +88,12 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
-        "beat_schedule": SCHEDULE,
+        "beat_scheduler": BEAT_SCHEDULER,
     }
 
 
-app = Celery("mltasks", include=["mltasks.tasks"])
-app.config_from_object("mltasks.celery_settings")
+app = Celery("mltasks", include=["mltasks.serving.tasks"])
+app.config_from_object("mltasks.broker.celery_settings")
 
 # `celery -A mltasks flower`, however it is called, never serves without authentication.
 _guard_flower()

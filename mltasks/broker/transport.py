@@ -6,7 +6,7 @@ redis-py 6 that constructor fills a dict of ~170 response callbacks: about 0.2 m
 each time on the benchmark machine, twice per task in the worker. The client holds no
 connection of its own (the pool does), so one per pool serves every call just the same.
 
-Selected with Celery's ``broker_transport`` (mltasks.celery_app): ``Transport`` for a
+Selected with Celery's ``broker_transport`` (mltasks.broker.celery_app): ``Transport`` for a
 ``redis://`` broker URL, ``SentinelTransport`` for a ``sentinel://`` list.
 """
 

@@ -24,8 +24,8 @@ from celery.worker.consumer import Consumer
 
 from mltasks import metrics
 from mltasks.config import Config, get_config
-from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore, worker_member
-from mltasks.health import Readings, Thresholds, Verdict, assess, read_probes
+from mltasks.fallback.levels import QUEUE_LEVELS, Level, LevelStore, worker_member
+from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
 
 log = logging.getLogger(__name__)
 

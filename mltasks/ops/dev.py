@@ -46,15 +46,15 @@ from mltasks import keys
 from mltasks.config import Config, get_config, set_config
 from mltasks.contract import TRADITIONAL_AI
 from mltasks.db import create_database_if_missing, init_schema
-from mltasks.embedded import (
+from mltasks.errors import MLTasksError
+from mltasks.ops.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
     child_env,
     postgres_answers,
 )
-from mltasks.errors import MLTasksError
 
-log = logging.getLogger("mltasks.dev")  # the same name when run as __main__
+log = logging.getLogger("mltasks.ops.dev")  # the same name when run as __main__
 
 STATE_FILE: Final = "dev.json"
 REFRESH_S: Final = 1.0
@@ -169,7 +169,7 @@ def _configured_servers(cfg: Config, opts: DevOptions) -> Servers:
 
 
 def _redis_where(cfg: Config) -> str:
-    from mltasks.status import _redis_target
+    from mltasks.ops.status import _redis_target
 
     return _redis_target(cfg)
 
@@ -258,7 +258,7 @@ class ModelWriter:
 
 
 def child_commands(queues: str, beat_dir: Path) -> dict[str, list[str]]:
-    from mltasks.celery_app import worker_command
+    from mltasks.broker.celery_app import worker_command
 
     py = sys.executable
     celery = [py, "-m", "celery", "-A", "mltasks"]
@@ -518,7 +518,7 @@ def _screen(cfg: Config, load: LoadRunner | None) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from mltasks.status import collect, render
+    from mltasks.ops.status import collect, render
 
     parts: list[Any] = [render(collect(cfg, window_s=60, timeout_s=1.0))]
     if load is not None:
@@ -735,7 +735,7 @@ def dev_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mltasks.dev`` (the same as ``mltasks dev``)."""
+    """``python -m mltasks.ops.dev`` (the same as ``mltasks dev``)."""
     parser = argparse.ArgumentParser(prog="mltasks")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["dev", *(sys.argv[1:] if argv is None else argv)])

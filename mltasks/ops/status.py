@@ -45,7 +45,7 @@ from mltasks import keys
 from mltasks.config import Config, get_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
-from mltasks.fallback import LEVEL_QUEUE, Level, LevelStore, route
+from mltasks.fallback.levels import LEVEL_QUEUE, Level, LevelStore, route
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
@@ -878,7 +878,7 @@ def _width(stream: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mltasks.status`` (the same as ``mltasks status``)."""
+    """``python -m mltasks.ops.status`` (the same as ``mltasks status``)."""
     parser = argparse.ArgumentParser(prog="mltasks")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["status", *(sys.argv[1:] if argv is None else argv)])

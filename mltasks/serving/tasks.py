@@ -21,22 +21,21 @@ from celery.signals import (
 )
 from psycopg_pool import ConnectionPool
 
-from beat.schedule import CANARY_TASK, CLEANUP_TASK, RECOVER_TASK
 from mltasks import keys, metrics
+from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, RECOVER_TASK, app
 from mltasks.cache import get_cache, reset_cache
-from mltasks.celery_app import INFER_TASK, app
 from mltasks.config import Config, get_config
 from mltasks.errors import DatabaseError
-from mltasks.fallback import QUEUE_LEVELS, Level, LevelStore
-from mltasks.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
+from mltasks.fallback.levels import QUEUE_LEVELS, Level, LevelStore
+from mltasks.fallback.rules import rules_engine
 from mltasks.logs import configure_logging
 from mltasks.models import canary as deploy_canary
 from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
-from mltasks.responses import valid_request_id, write_answers
-from mltasks.rules import rules_engine
+from mltasks.serving.answers import valid_request_id, write_answers
+from mltasks.serving.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
+from mltasks.serving.worker import ConsumingStep, MonitorStep, worker_queues
 from mltasks.sql import query
-from mltasks.worker import ConsumingStep, MonitorStep, worker_queues
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def _logging(**_: Any) -> None:
 
 def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) -> None:
     """Tell the fallback ladder how the batch went; never fails the batch itself."""
-    from mltasks.health import is_oom_error
+    from mltasks.fallback.probes import is_oom_error
 
     try:
         store = level_store()
@@ -324,7 +323,7 @@ def _pool_wait_s(cfg: Config, now: float, created: list[float] | None) -> float:
 @app.task(name=CANARY_TASK, ignore_result=True, acks_late=True)
 def canary(canary_id: str, level: int) -> bool:
     """A recovery probe: answer synthetic states at `level` and lift the level if all is well."""
-    from mltasks.recovery import canary_passed, canary_rows, finish_canary
+    from mltasks.fallback.recovery import canary_passed, canary_rows, finish_canary
 
     cfg = get_config()
     try:
@@ -353,7 +352,7 @@ def job_lock(job: str, ttl_s: float) -> Iterator[bool]:
 @app.task(name=RECOVER_TASK, ignore_result=True)
 def recover() -> str:
     """Beat: try one level up when the tier above has been healthy long enough."""
-    from mltasks.recovery import attempt
+    from mltasks.fallback.recovery import attempt
 
     cfg = get_config()
     with job_lock("recover", 10) as held:

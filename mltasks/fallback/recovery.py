@@ -20,8 +20,8 @@ import numpy as np
 
 from mltasks import keys
 from mltasks.config import Config
-from mltasks.fallback import BEST, LEVEL_QUEUE, LevelStore
-from mltasks.inference import Outcome
+from mltasks.fallback.levels import BEST, LEVEL_QUEUE, LevelStore
+from mltasks.serving.inference import Outcome
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ authentication is configured another way (``FLOWER_BASIC_AUTH``, ``FLOWER_AUTH``
 OAuth, or ``--basic-auth``/``--auth`` on the command line). Options given on Flower's
 command line win over this file.
 
-``python -m mltasks.flowerconfig`` checks the environment without starting Flower.
+``python -m mltasks.ops.flowerconfig`` checks the environment without starting Flower.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _options_or_exit(environ: Mapping[str, str], argv: Sequence[str]) -> dict[st
 
 
 def main() -> int:
-    """``python -m mltasks.flowerconfig``: say whether Flower would start, and how."""
+    """``python -m mltasks.ops.flowerconfig``: say whether Flower would start, and how."""
     options = _options_or_exit(os.environ, sys.argv[1:])
     auth = "basic auth" if "basic_auth" in options else "authentication set outside this file"
     print(f"flower: {options['address']}:{options['port']}, {auth}")
@@ -122,7 +122,7 @@ elif "__name__" not in globals():
     # Run by Flower (tornado executes the file in a bare namespace): set its options.
     globals().update(_options_or_exit(os.environ, sys.argv[1:]))
     # Flower's broker page picks its client by the URL's scheme, which names the transport
-    # class when one is configured (mltasks.broker): Flower itself takes kombu's own.
-    from mltasks.celery_app import app as _app
+    # class when one is configured (mltasks.broker.transport): Flower itself takes kombu's own.
+    from mltasks.broker.celery_app import app as _app
 
     _app.conf.broker_transport = None
