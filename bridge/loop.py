@@ -490,6 +490,7 @@ class Bridge:
 
 def main() -> None:
     from mltasks.logs import configure_logging
+    from mltasks.ops.exporter import start_bridge_metrics
 
     config = get_config()
     configure_logging(config.logging)
@@ -497,7 +498,7 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     m = config.monitoring
-    server = metrics.start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
+    server = start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
     try:
         Bridge(config).run(stop)
     finally:

@@ -2,6 +2,9 @@
 
 Why dataclasses rather than a dict: a typo in a key or a bad value must stop the
 service at start, with a message naming the key, not at the first request.
+
+One module because the schema is one tree of sections, read and checked in one pass; most of
+its length is the table of keys, defaults and bounds.
 """
 
 from __future__ import annotations

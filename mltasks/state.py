@@ -40,6 +40,9 @@ no target wanders when its mode allows random walk (59) and idles otherwise. The
 has no random-walk flag: there a monster wanders once its idle time passes its archetype's
 threshold. The encoder's pack HP is the monster's own HP (its "ally HP" slot repeats it), so
 a support monster heals when it is itself hurt while in a pack.
+
+One module because it is the one place that knows which index is what; most of its length is
+the two layouts' tables, slot by slot.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Redis cache layers (mltasks/cache.py) on a real Redis, and their behaviour when it dies."""
+"""The Redis cache layers (mltasks/cache/) on a real Redis, and their behaviour when it dies."""
 
 from __future__ import annotations
 
@@ -20,18 +20,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mltasks import keys
-from mltasks.cache import (
-    Cache,
-    CircuitBreaker,
+from mltasks.cache.breaker import CircuitBreaker
+from mltasks.cache.client import Cache
+from mltasks.cache.codec import (
     action_key,
     action_keys,
     format_value,
-    hit_rates,
     logits_key,
     parse_value,
-    read_stats,
     state_text,
 )
+from mltasks.cache.stats import hit_rates, read_stats
 from mltasks.config import Config
 from mltasks.contract import STATE_DIM
 from tests.conftest import wait_for

@@ -14,7 +14,7 @@ import psycopg
 import redis
 
 from bridge.loop import Bridge
-from mltasks.cache import action_keys
+from mltasks.cache.codec import action_keys
 from mltasks.config import Config
 from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX
 from tests import game

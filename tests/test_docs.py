@@ -20,7 +20,8 @@ from mltasks.config import Config, ModelsConfig
 from mltasks.contract import ARCHETYPES
 from mltasks.fallback.levels import Level
 from mltasks.metrics import METRIC_NAMES
-from mltasks.ops.status import best_reachable, expected_models
+from mltasks.ops.status import best_reachable
+from mltasks.ops.status_models import expected_models
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -126,7 +127,7 @@ def test_docs_give_the_bench_dbs_the_bench_uses() -> None:
 
 
 def test_metrics_port_0_picks_a_free_port_as_documented() -> None:
-    from mltasks.metrics import start_metrics_server
+    from mltasks.ops.exporter import start_metrics_server
 
     server = start_metrics_server("127.0.0.1", 0)
     try:

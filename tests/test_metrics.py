@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from mltasks import metrics
+from mltasks.ops import exporter
 from mltasks.serving.inference import Answer
 from tests.conftest import wait_for
 
@@ -58,7 +59,7 @@ def isolated() -> Iterator[metrics.Metrics]:
 
 def test_single_process_endpoint_moves(isolated: metrics.Metrics) -> None:
     assert isolated.registry is not None
-    server = metrics.start_metrics_server("127.0.0.1", 0, isolated.registry)
+    server = exporter.start_metrics_server("127.0.0.1", 0, isolated.registry)
     try:
         before = scrape(server.url)
         assert value(before, "ml_requests_total", outcome="model") == 0
@@ -126,7 +127,7 @@ def test_refresh_runs_at_each_scrape_and_a_failing_one_is_skipped(
         if redis_away[0]:
             raise RuntimeError("redis is away")
 
-    server = metrics.start_metrics_server(
+    server = exporter.start_metrics_server(
         "127.0.0.1", 0, isolated.registry, refresh=[cache_rates, depth]
     )
     caplog.set_level(logging.INFO, logger="mltasks.metrics")
@@ -174,7 +175,7 @@ def test_queue_stats_from_the_table(isolated: metrics.Metrics, pg: Any, config: 
 
     if "queue_stats" not in _queries():
         pytest.skip("sql/queries.sql has no queue_stats statement yet")
-    refresher = metrics.QueueStatsRefresher(config.database.conninfo)
+    refresher = exporter.QueueStatsRefresher(config.database.conninfo)
     try:
         assert refresher.read() == (0, 0.0)
         pg.execute(
@@ -201,8 +202,9 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import prometheus_client  # imported early, as some other module might
     from mltasks import metrics
+    from mltasks.ops import exporter
 
-    path = metrics.setup_multiprocess()
+    path = exporter.setup_multiprocess()
     r, w = os.pipe()
 
     # A pool child that stays alive until killed outright (no shutdown hook runs).
@@ -221,13 +223,13 @@ CHILD = textwrap.dedent(
     if hooked == 0:
         metrics.observe_answers({"rules": 1}, [0.05])
         metrics.set_models_loaded(50)
-        metrics.mark_process_dead(os.getpid())
+        exporter.mark_process_dead(os.getpid())
         os._exit(0)
 
     os.read(r, 1)
     os.waitpid(hooked, 0)
     metrics.observe_answers({"expired": 2}, [0.2, 0.2])  # the main process records too
-    server = metrics.start_metrics_server("127.0.0.1", 0)
+    server = exporter.start_metrics_server("127.0.0.1", 0)
     print(path, server.port, alive, hooked, flush=True)
     for line in sys.stdin:
         if line.strip() == "kill":
@@ -319,8 +321,8 @@ def test_setup_multiprocess_cleans_a_given_directory(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from mltasks import metrics; from prometheus_client import values;"
-            " print(metrics.setup_multiprocess(), values.ValueClass.__name__)",
+            "from mltasks.ops import exporter; from prometheus_client import values;"
+            " print(exporter.setup_multiprocess(), values.ValueClass.__name__)",
         ],
         cwd=REPO,
         env=env,
@@ -344,8 +346,8 @@ def test_a_zombie_counts_as_dead() -> None:
         if not stat.exists():
             pytest.skip("no procfs")
         wait_for(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", 10, "a zombie")
-        assert not metrics._alive(proc.pid)
-        assert metrics._alive(os.getpid())
+        assert not exporter._alive(proc.pid)
+        assert exporter._alive(os.getpid())
     finally:
         proc.wait()
-    assert not metrics._alive(proc.pid)
+    assert not exporter._alive(proc.pid)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mltasks.cache import Cache
+from mltasks.cache.client import Cache
 from mltasks.config import Config, load_config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, N_ACTIONS, STATE_DIM, Action
 from mltasks.errors import ConfigError

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from mltasks import keys
-from mltasks.cache import stats_key, stats_scope
+from mltasks.cache.stats import stats_key, stats_scope
 from mltasks.config import Config
 from mltasks.fallback.levels import LevelStore
 from mltasks.ops import status
@@ -186,7 +186,7 @@ def test_another_deployments_counters_do_not_count(
 ) -> None:
     """The cache db is the game's; another deployment writing it (another database, another
     broker db) keeps its hit counters apart, and status shows only this deployment's."""
-    from mltasks.cache import Cache
+    from mltasks.cache.client import Cache
 
     healthy_cpu_host(store, r, pg)
     bucket = int(time.time() // keys.STATS_BUCKET_S)

@@ -218,7 +218,7 @@ def test_canary_verdicts(
 
 
 def test_answers_and_l3_keys_carry_the_version(config: Config, models: Path) -> None:
-    from mltasks.cache import output_key
+    from mltasks.cache.codec import output_key
     from mltasks.serving.inference import answer_batch
     from mltasks.state import sample_states
 

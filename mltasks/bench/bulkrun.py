@@ -78,7 +78,7 @@ def ours_markers_for(conninfo: str, redis_url: str) -> tuple[str, ...]:
 def _scope(conninfo: str) -> str:
     """The hit counters' scope of the service the bench runs (mltasks.cache.stats_scope)."""
     from mltasks.bench.service import BROKER_DB
-    from mltasks.cache import stats_scope
+    from mltasks.cache.stats import stats_scope
     from mltasks.config import Config, DatabaseConfig, RedisConfig
 
     return stats_scope(
@@ -88,7 +88,7 @@ def _scope(conninfo: str) -> str:
 
 def _cache_counts(redis_url: str, conninfo: str) -> dict[str, dict[str, int]] | None:
     """Hits and misses per layer kept by the workers in the bench's cache db, so far."""
-    from mltasks.cache import read_stats
+    from mltasks.cache.stats import read_stats
 
     client = cache_redis(redis_url)
     try:
@@ -107,7 +107,7 @@ def _cache_figures(
     conninfo: str,
 ) -> dict[str, Any]:
     """Per layer: lookups, hits and hit rate of this run (after minus before)."""
-    from mltasks.cache import hit_rates
+    from mltasks.cache.stats import hit_rates
 
     layers: dict[str, Any] = {}
     if before is not None and after is not None:

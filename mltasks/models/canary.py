@@ -24,6 +24,9 @@ rows, rows whose top action matches the active version's, and both versions' sec
 first worker that sees a limit broken rolls the candidate back (`versions.reject`; a log line
 ``event=canary_rolled_back`` and ``ml_canary_rollbacks_total``); the first that sees enough
 rows within every limit promotes it (`versions.promote`, ``event=canary_promoted``).
+
+One module because the swaps and the canary share one per-process state (the swapper, the
+shadow thread, the engine they act on) and the one remote control command that wakes both.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def _configured_servers(cfg: Config, opts: DevOptions) -> Servers:
 
 
 def _redis_where(cfg: Config) -> str:
-    from mltasks.ops.status import _redis_target
+    from mltasks.ops.status_sources import _redis_target
 
     return _redis_target(cfg)
 

@@ -24,7 +24,7 @@ from mltasks.models.history import windows as history_windows
 from mltasks.models.loaded import TypeOutput
 
 if TYPE_CHECKING:
-    from mltasks.cache import BatchLookup
+    from mltasks.cache.client import BatchLookup
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,8 @@ class _Plan:
 
 def _plan(valid: list[_Valid], engine: Predictors, cache: BatchCache | None) -> _Plan:
     """Keys of the batch, and one cache round trip for L2, L3 and L1."""
-    from mltasks.cache import BatchLookup, action_keys, output_key, state_digests
+    from mltasks.cache.client import BatchLookup
+    from mltasks.cache.codec import action_keys, output_key, state_digests
 
     members = {a: engine.fusion(a) for a in {v.archetype for v in valid}}
     empty = BatchLookup([None] * len(valid), [], {})

@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from mltasks import keys, metrics
 from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, RECOVER_TASK, app
-from mltasks.cache import get_cache, reset_cache
+from mltasks.cache.client import get_cache, reset_cache
 from mltasks.config import Config, get_config
 from mltasks.errors import DatabaseError
 from mltasks.fallback.levels import QUEUE_LEVELS, Level, LevelStore
@@ -95,8 +95,10 @@ def predictors(config: Config, level: int) -> Predictors:
 @celeryd_init.connect
 def _metrics_endpoint(**_: Any) -> None:
     # The CLI worker's main process, before the fork: one /metrics for all its children.
+    from mltasks.ops.exporter import start_worker_metrics
+
     m = get_config().monitoring
-    metrics.start_worker_metrics(m.metrics_host, m.metrics_port)
+    start_worker_metrics(m.metrics_host, m.metrics_port)
 
 
 def preload() -> None:
@@ -125,7 +127,7 @@ def _initial_gauges(cfg: Config) -> None:
     """Every gauge a worker can give a value to has one from its first scrape: the
     deployment's cache hit rates (0 for a layer without lookups yet) and the shared level.
     ``ml_vram_usage_bytes`` is GPU-only: it appears where a probe reads a GPU."""
-    from mltasks.cache import LAYERS
+    from mltasks.cache.stats import LAYERS
 
     rates: dict[str, float] = dict.fromkeys(LAYERS, 0.0)
     try:
@@ -153,8 +155,10 @@ def _ready(sender: Any = None, **_: Any) -> None:
 
 @worker_process_shutdown.connect
 def _before_exit(**_: Any) -> None:
+    from mltasks.ops.exporter import mark_process_dead
+
     close_pool()
-    metrics.mark_process_dead(os.getpid())
+    mark_process_dead(os.getpid())
 
 
 @setup_logging.connect

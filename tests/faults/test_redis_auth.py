@@ -77,7 +77,7 @@ def test_the_service_runs_on_redis_acl_users_with_least_rights(
         )
         import numpy as np
 
-        from mltasks.cache import action_keys
+        from mltasks.cache.codec import action_keys
 
         key = action_keys(np.array([STATE], dtype=np.float32), [1002])[0]
         wait_for(lambda: gamer.get(key) is not None, 10, "the service's L2 write")

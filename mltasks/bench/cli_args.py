@@ -1,0 +1,142 @@
+"""The ``mltasks bench`` options several commands share, and their argument types."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mltasks.bench.database import DEFAULT_BENCH_URL
+from mltasks.bench.service import LEVELS, POOLS, Pool, default_pool
+from mltasks.state import DEFAULT_LAYOUT, LAYOUT_NAMES
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+
+def counts_arg(text: str) -> list[int]:
+    """``1,8,32``: positive counts."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,8,32, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("the numbers must be positive")
+    return counts
+
+
+def rates_arg(text: str) -> list[float]:
+    """``500,1000``: positive rates."""
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 500,1000, got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def _level(text: str) -> int:
+    levels = _levels(text)
+    if len(levels) != 1:
+        raise argparse.ArgumentTypeError(f"one level, got {text!r}")
+    return levels[0]
+
+
+def _levels(text: str) -> list[int]:
+    levels = counts_arg(text)
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"levels must be among {LEVELS}, got {bad}")
+    return levels
+
+
+def _pool(text: str) -> Pool:
+    for pool in POOLS:
+        if text == pool:
+            return pool
+    raise argparse.ArgumentTypeError(f"a pool is one of {POOLS}, got {text!r}")
+
+
+def _pools(text: str) -> list[Pool]:
+    return [_pool(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def common_options(p: argparse.ArgumentParser) -> None:
+    """Where a run reports, and the database, Redis and layout it uses."""
+    p.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
+    p.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
+    p.add_argument(
+        "--database-url",
+        default=DEFAULT_BENCH_URL,
+        help="benchmark database (dropped and recreated; its name must say bench)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="Redis server; every run flushes (empties) its db 9 (broker) and 10 (cache): "
+        "never the game's Redis",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout",
+        choices=LAYOUT_NAMES,
+        default=DEFAULT_LAYOUT,
+        help="state layout the emulated game sends and the service reads (default: %(default)s)",
+    )
+
+
+def service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
+    """How the service under test is deployed (one value, or a list to compare)."""
+    g = p.add_argument_group("service configuration")
+    g.add_argument(
+        "--pool",
+        type=_pools if level_list else _pool,
+        default=[default_pool()] if level_list else default_pool(),
+        help=f"Celery worker pool, one of {', '.join(POOLS)} (default: solo, "
+        "one solo worker per --concurrency)" + (", several as solo,prefork" if level_list else ""),
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="worker pool size; with --pool solo, the number of solo worker processes",
+    )
+    g.add_argument(
+        "--cache",
+        choices=("on", "off"),
+        default="on",
+        help="caching.enabled of the service",
+    )
+    g.add_argument(
+        "--level",
+        type=_levels if level_list else _level,
+        default=[None] if level_list else None,
+        help="fallback level forced and held: 3 cpu worker, 4 '-Q rules' worker, 5 bridge "
+        "only (answers 255)" + (", several as 3,4,5" if level_list else "") + "; default: "
+        "none forced, the service as deployed (its probes may move the level)",
+    )
+    g.add_argument(
+        "--degrade",
+        action="store_true",
+        help="with --level: still let the probes and failure counters move the level",
+    )
+
+
+def bulk_options(p: argparse.ArgumentParser) -> None:
+    """The open-loop load of ``bulk`` and ``cache``, and when a step holds."""
+    p.add_argument(
+        "--mobs",
+        type=int,
+        default=1,
+        help="with --states: mob ids per state, one drawn per request (L2 keys on the mob, "
+        "L3 on the archetype)",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per step")
+    p.add_argument("--tick-ms", type=float, default=5.0, help="one COPY batch per tick")
+    p.add_argument(
+        "--timeout-ms", type=int, default=100, help="the bridge's deadline (the game's timeout)"
+    )
+    p.add_argument("--p99-ms", type=float, default=50.0, help="a step holds with p99 within")
+    p.add_argument("--min-answered", type=float, default=0.99, help="... and this share answered")
+    p.add_argument(
+        "--drain-s", type=float, default=20.0, help="wait at most this for the last answers"
+    )
