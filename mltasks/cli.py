@@ -123,10 +123,9 @@ def _models_agreement(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    from bridge.loop import main
-
-    main()
-    return 0
+    # `python -m bridge` takes this process's place, as Celery does for worker and beat: the
+    # core never imports the processes built on it (tests/test_layout.py).
+    return _become([sys.executable, "-m", "bridge"])
 
 
 def _worker(args: argparse.Namespace) -> int:

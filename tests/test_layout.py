@@ -1,14 +1,17 @@
 """The source tree keeps its shape (issue 18): modules small enough to read unless they say
 why not, the core free of the processes built on it, and every folder a real package.
 
-Static checks over the files, no imports: a rule broken anywhere fails here, naming the file.
+Static checks over the files (no imports) fail naming the file; the last two tests check
+the entry points that keep the core free of bridge and beat.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +133,32 @@ def test_a_folder_without_init_is_found(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(f"{__name__}.REPO", tmp_path)
         assert folders_without_init(tmp_path / "pkg") == ["pkg/loose"]
+
+
+def test_mltasks_bridge_runs_the_bridge_in_its_own_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reaches the bridge as a process (``python -m bridge``), never by import."""
+    from mltasks import cli
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, cmd: ran.append(cmd))
+    assert cli.main(["bridge"]) == 0
+    assert ran == [[sys.executable, "-m", "bridge"]]
+
+
+def test_celery_beat_on_the_app_gets_the_beat_packages_schedule(
+    celery_app: Any, tmp_path: Path
+) -> None:
+    """``celery -A mltasks beat`` builds the app's ``beat_scheduler``: beat's schedule is in."""
+    from celery.utils.imports import symbol_by_name
+
+    from beat.schedule import SCHEDULE, Scheduler
+
+    cls = symbol_by_name(celery_app.conf.beat_scheduler)
+    assert cls is Scheduler
+    scheduler = cls(app=celery_app, schedule_filename=str(tmp_path / "schedule"), lazy=False)
+    try:
+        assert set(SCHEDULE) <= set(scheduler.schedule)
+        for name, entry in SCHEDULE.items():
+            assert scheduler.schedule[name].task == entry["task"]
+    finally:
+        scheduler.close()
