@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mltasks import metrics
 from mltasks.serving.inference import Answer
 from tests.conftest import wait_for
+from tests.skips import need
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,8 +173,7 @@ def test_unknown_outcome_is_refused(isolated: metrics.Metrics) -> None:
 def test_queue_stats_from_the_table(isolated: metrics.Metrics, pg: Any, config: Any) -> None:
     from mltasks.sql import _queries
 
-    if "queue_stats" not in _queries():
-        pytest.skip("sql/queries.sql has no queue_stats statement yet")
+    assert "queue_stats" in _queries(), "sql/queries.sql has no queue_stats statement"
     refresher = metrics.QueueStatsRefresher(config.database.conninfo)
     try:
         assert refresher.read() == (0, 0.0)
@@ -341,8 +341,7 @@ def test_a_zombie_counts_as_dead() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         stat = Path(f"/proc/{proc.pid}/stat")
-        if not stat.exists():
-            pytest.skip("no procfs")
+        need(stat.exists(), "no procfs")
         wait_for(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", 10, "a zombie")
         assert not metrics._alive(proc.pid)
         assert metrics._alive(os.getpid())
