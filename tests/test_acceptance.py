@@ -19,7 +19,7 @@ from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
 from mltasks.ops.dev import stop_all
 from tests import game
-from tests.conftest import wait_for
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_operator_commands_answer_the_game(
         _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
         return answer is not None and answer[0] != 255
 
-    wait_for(model_answers, 60, "the worker to come up")
+    wait_until(model_answers, 60, "the worker to come up")
     pg.execute("TRUNCATE ai_requests CASCADE")
     good = {a: game.insert(pg, [0.8, 0.5] + [0.0] * 62, archetype=a) for a in ARCHETYPES}
     bad = game.insert(pg, [0.1] * 63, archetype="tank")
@@ -109,7 +109,7 @@ def test_operator_commands_answer_the_game(
         assert all(p.poll() is None for p in service), "a service process died"
         return row is not None and row[0] == len(good) + 1
 
-    wait_for(all_answered, 60, "answers from the subprocess service")
+    wait_until(all_answered, 60, "answers from the subprocess service")
     for archetype, rid in good.items():
         answer = game.poll(pg, rid)
         assert answer is not None and 0 <= answer[0] <= 9, archetype
@@ -128,7 +128,7 @@ def test_metrics_move_with_real_traffic(
         _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
         return answer is not None and answer[0] != 255
 
-    wait_for(model_answers, 60, "the worker to come up")
+    wait_until(model_answers, 60, "the worker to come up")
     worker_url = f"http://127.0.0.1:{ports['worker']}/metrics"
     bridge_url = f"http://127.0.0.1:{ports['bridge']}/metrics"
     before = scrape(worker_url)
@@ -150,7 +150,7 @@ def test_metrics_move_with_real_traffic(
             else None
         )
 
-    after = wait_for(moved, 20, "the worker's counters to move")
+    after = wait_until(moved, 20, "the worker's counters to move")
     assert (value(after, "ml_requests_total", outcome="cache") or 0) >= 1
     assert value(after, "ml_models_loaded_total") == 24  # the level-3 fusion: 4 types x 6
     assert value(after, "ml_models_loaded_by_type", model_type="skill_dqn") == 6

@@ -38,19 +38,18 @@ from mltasks.bench.responders import Responder
 from mltasks.bench.service import ServiceSettings, bench_config, write_checked_config
 from mltasks.config import load_config
 from tests import conftest
-
-# One database per test session (several may run on this machine at once), on the tests'
-# PostgreSQL (tests/conftest.py set MLTASKS_TEST_PG before this module is imported).
-TEST_URL = make_conninfo(
-    os.environ["MLTASKS_TEST_PG"], dbname=f"mltasks_bench_test_{conftest.SESSION}"
-)
+from tests.skips import need_module
 
 
 @pytest.fixture
 def bench_db() -> Iterator[str]:
-    recreate_database(TEST_URL)
-    yield TEST_URL
-    drop_database(TEST_URL)
+    """A database of this session's own (several sessions may run on this machine at once)
+    on the session's PostgreSQL, the one the `config` fixture uses (the local server or the
+    embedded one tests/conftest.py started): never skipped, whichever it is."""
+    url = make_conninfo(conftest.ADMIN_URL, dbname=f"mltasks_bench_test_{conftest.SESSION}")
+    recreate_database(url)
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture
@@ -289,7 +288,7 @@ def _fake_run(responder: str, rate: float, p50: float, share: float = 1.0) -> di
 
 
 def test_report_writer(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib")
     runs = [
         _fake_run("floor", 500, 0.5),
         _fake_run("service L3", 500, 4.0),
@@ -387,8 +386,9 @@ def test_service_configurations(
     from mltasks.config import FallbackConfig
 
     settings = ServiceSettings(
-        database_url="postgresql://postgres@127.0.0.1/mltasks_bench",
-        redis_url="redis://127.0.0.1:6379",
+        # The session's servers, though nothing here connects: no live address in a test.
+        database_url=make_conninfo(conftest.ADMIN_URL, dbname="mltasks_bench"),
+        redis_url=os.environ["MLTASKS_TEST_REDIS_URL"],
         models_dir=tmp_path,
         work_dir=tmp_path,
         log_dir=tmp_path,

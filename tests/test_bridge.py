@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -29,6 +31,16 @@ def dead_broker_app(config: Config) -> Celery:
     return app_with_broker(config, "redis://127.0.0.1:1/0", "dead")
 
 
+@contextlib.contextmanager
+def bridge_on_dead_broker(config: Config) -> Iterator[Bridge]:
+    """A Bridge on `config` whose every publish fails, closed however the block ends."""
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
 def test_overdue_rows_are_answered_255_without_a_worker(
     config: Config, pg: psycopg.Connection[Any]
 ) -> None:
@@ -38,11 +50,8 @@ def test_overdue_rows_are_answered_255_without_a_worker(
         "WHERE request_id = %s",
         (old,),
     )
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         assert b.step() == 1
-    finally:
-        b.close()
     assert response(pg, old) == (255, 0.0, "deadline", "expired")
     assert game.poll(pg, old) == (255, 0.0)
 
@@ -52,12 +61,9 @@ def test_unpublishable_batch_is_answered_by_the_rules_in_the_bridge(
 ) -> None:
     rids = [game.insert(pg, STATE, archetype=a) for a in ("tank", "mage", "support")]
     bad = game.insert(pg, STATE[:10])
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         assert b.level == 3  # the cpu worker is alive: the bridge means to publish
         assert b.step() == 4
-    finally:
-        b.close()
     for rid in rids:
         action, confidence, reason, status = response(pg, rid) or ()
         assert 0 <= action <= 9 and 0.5 <= confidence <= 1
@@ -75,13 +81,10 @@ def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[A
         "created_at = created_at - interval '1 hour' WHERE request_id = %s",
         (rid,),
     )
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         assert b.step() == 0  # still leased as far as the claim is concerned
         b.housekeeping()
         assert b.step() == 1
-    finally:
-        b.close()
     assert response(pg, rid) == (255, 0.0, "deadline", "expired")
     assert pg.execute("SELECT attempts FROM ai_requests").fetchone() == (2,)
 
@@ -93,25 +96,19 @@ def test_live_lease_is_left_alone(config: Config, pg: psycopg.Connection[Any]) -
         "WHERE request_id = %s",
         (rid,),
     )
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         b.housekeeping()
         assert b.step() == 0
-    finally:
-        b.close()
     assert response(pg, rid) == (None, None, None, "processing")
 
 
 def test_rows_the_game_gave_up_on_get_one_255(config: Config, pg: psycopg.Connection[Any]) -> None:
     rid = game.insert(pg, STATE)
     game.mark_timeout(pg, rid)
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         b.housekeeping()
         b.housekeeping()
         assert b.step() == 0
-    finally:
-        b.close()
     assert response(pg, rid) == (255, 0.0, "game_timeout", "timeout")
     assert pg.execute("SELECT count(*) FROM ai_responses").fetchone() == (1,)
 
@@ -122,11 +119,8 @@ def test_highest_priority_is_claimed_first(config: Config, pg: psycopg.Connectio
     cfg = dataclasses.replace(
         config, inference=dataclasses.replace(config.inference, batch_size=32)
     )
-    b = Bridge(cfg, dead_broker_app(cfg))
-    try:
+    with bridge_on_dead_broker(cfg) as b:
         _, rows = b.claim()
-    finally:
-        b.close()
     assert rows[0][0] == high
     assert [r[0] for r in rows[1:]] == low[:31]
 
@@ -150,10 +144,7 @@ def test_a_lost_batch_the_game_gave_up_on_still_gets_its_one_answer(
         (fresh,),
     )
     game.mark_timeout(pg, fresh)  # still within its lease: its worker may yet answer
-    b = Bridge(config, dead_broker_app(config))
-    try:
+    with bridge_on_dead_broker(config) as b:
         b.housekeeping()
-    finally:
-        b.close()
     assert response(pg, rid) == (255, 0.0, "game_timeout", "timeout")
     assert response(pg, fresh) == (None, None, None, "timeout")

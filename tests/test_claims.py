@@ -19,6 +19,7 @@ from mltasks.config import Config
 from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX
 from tests import game
 from tests.conftest import app_with_broker
+from tests.decode import as_text
 from tests.game import TOKEN, claim
 
 STATE = [0.8, 0.5] + [0.0] * 62
@@ -113,9 +114,7 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
     assert pg.execute("SELECT count(*) FROM ai_responses").fetchone() == (0,)
     written = redis_cache.keys("*")
     assert not [
-        k
-        for k in written
-        if k.startswith((GAME_ACTION_PREFIX.encode(), WORKING_MEMORY_PREFIX.encode()))
+        k for k in written if as_text(k).startswith((GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX))
     ], written
 
     # The same batch with the right token answers the row claimed with it, and caches it.

@@ -97,7 +97,7 @@ def check_command(argv: Sequence[str], where: str) -> None:
     assert importlib.import_module("mltasks").app.main == "mltasks"
     sub, args = argv[3], list(argv[4:])
     if sub == "flower":
-        from flower.options import default_options  # type: ignore[import-untyped]
+        from flower.options import default_options
 
         known = {f"--{n}" for n in default_options._options} | {"--help"}
         known |= {k.replace("_", "-") for k in known}

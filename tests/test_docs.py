@@ -5,6 +5,7 @@ and the number of models a worker loads), and the README's operator steps."""
 
 from __future__ import annotations
 
+import argparse
 import operator
 import re
 import subprocess
@@ -305,9 +306,7 @@ def test_readme_introduces_every_operator_command() -> None:
 
     body = flat(README)
     parser = build_parser()
-    commands = next(
-        a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"
-    ).choices
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name in ("bridge", "worker", "beat", "dev", "status", "flower", "db", "bench"):
         assert name in commands, name
         assert f"mltasks {name}" in body, f"README does not introduce mltasks {name}"

@@ -177,7 +177,7 @@ def test_worker_beat_and_flower_hand_the_rest_of_the_line_to_celery(
     ran: list[list[str]] = []
     # The commands exec Celery in their own place: recorded here instead (an exec would
     # replace the test run itself).
-    monkeypatch.setattr(cli.os, "execv", lambda path, cmd: ran.append(cmd))
+    monkeypatch.setattr(os, "execv", lambda path, cmd: ran.append(cmd))  # cli.os is os
     assert cli.main(["worker", "--pool", "solo", "-Q", "gpu", "-n", "a@b"]) == 0
     assert cli.main(["beat", "-s", "/tmp/schedule"]) == 0
     assert cli.main(["flower", "--port=5556"]) == 0

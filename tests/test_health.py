@@ -10,8 +10,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
+import pynvml
 import pytest
 from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException as OrtRuntimeException
 
 from mltasks.errors import ModelError
 from mltasks.fallback import probes as health
@@ -79,11 +82,11 @@ def test_read_probes_with_a_simulated_gpu(
     fresh_nvml: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(health.pynvml, "nvmlInit", lambda: calls.append("init"))
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetCount", lambda: 2)
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetHandleByIndex", lambda i: f"gpu{i}")
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: f"gpu{i}")
     monkeypatch.setattr(
-        health.pynvml,
+        pynvml,
         "nvmlDeviceGetMemoryInfo",
         lambda h: SimpleNamespace(used=15 * GIB if h == "gpu1" else GIB, total=16 * GIB),
     )
@@ -97,21 +100,21 @@ def test_read_probes_with_a_simulated_gpu(
 
 
 def test_nvml_errors_never_escape(fresh_nvml: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(health.pynvml, "nvmlInit", lambda: None)
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetCount", lambda: 1)
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
 
     def lost(index: int) -> object:
         raise RuntimeError("GPU is lost")
 
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetHandleByIndex", lost)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lost)
     r = read_probes()
     assert r.gpu_present is False and "GPU is lost" in r.gpu_status
 
     def unsupported(handle: object) -> object:
         raise RuntimeError("Not Supported")
 
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetHandleByIndex", lambda i: "gpu0")
-    monkeypatch.setattr(health.pynvml, "nvmlDeviceGetMemoryInfo", unsupported)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: "gpu0")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", unsupported)
     monkeypatch.setattr(health._nvml, "next_try", 0.0)  # skip the re-init back-off
     r = read_probes()
     assert r.gpu_present is True and r.vram_used_bytes is None
@@ -282,7 +285,7 @@ def test_real_onnxruntime_allocation_failure() -> None:
     )
     try:
         session.run(None, {"shape": np.array([1 << 60], dtype=np.int64)})
-    except Exception as exc:  # onnxruntime's own class (Fail or RuntimeException)
+    except (OrtFail, OrtRuntimeException) as exc:  # onnxruntime's own classes
         assert is_oom_error(exc), str(exc)
         wrapped = ModelError("oom/model: inference failed")
         wrapped.__cause__ = exc

@@ -8,6 +8,7 @@ the entry points that keep the core free of bridge and beat.
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_mltasks_bridge_runs_the_bridge_in_its_own_place(monkeypatch: pytest.Mon
     from mltasks import cli
 
     ran: list[list[str]] = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, cmd: ran.append(cmd))
+    monkeypatch.setattr(os, "execv", lambda path, cmd: ran.append(cmd))
     assert cli.main(["bridge"]) == 0
     assert ran == [[sys.executable, "-m", "bridge"]]
 

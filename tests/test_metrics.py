@@ -26,6 +26,7 @@ from mltasks import metrics
 from mltasks.ops import exporter
 from mltasks.serving.inference import Answer
 from tests.conftest import wait_for
+from tests.skips import need
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,8 +174,7 @@ def test_unknown_outcome_is_refused(isolated: metrics.Metrics) -> None:
 def test_queue_stats_from_the_table(isolated: metrics.Metrics, pg: Any, config: Any) -> None:
     from mltasks.sql import _queries
 
-    if "queue_stats" not in _queries():
-        pytest.skip("sql/queries.sql has no queue_stats statement yet")
+    assert "queue_stats" in _queries(), "sql/queries.sql has no queue_stats statement"
     refresher = exporter.QueueStatsRefresher(config.database.conninfo)
     try:
         assert refresher.read() == (0, 0.0)
@@ -343,8 +343,7 @@ def test_a_zombie_counts_as_dead() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         stat = Path(f"/proc/{proc.pid}/stat")
-        if not stat.exists():
-            pytest.skip("no procfs")
+        need(stat.exists(), "no procfs")
         wait_for(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", 10, "a zombie")
         assert not exporter._alive(proc.pid)
         assert exporter._alive(os.getpid())

@@ -273,11 +273,11 @@ def test_a_type_that_hit_in_l3_is_not_run_again(
     engine = Wrapped(Engine(cfg, level=3).load())
     x = ENCODER.sample(np.random.default_rng(5), 4, "tank")
     rows = [[i + 1, "tank", None, s.tolist()] for i, s in enumerate(x)]  # no mob: no L2
-    first = answer_batch(rows, engine, cache)  # type: ignore[arg-type]
+    first = answer_batch(rows, engine, cache)
     first.remember()
     counts = [c.rows for c, _ in engine.fusion("tank")]
     assert counts == [4] * len(counts)
-    second = answer_batch(rows, engine, cache)  # type: ignore[arg-type]
+    second = answer_batch(rows, engine, cache)
     assert [c.rows for c, _ in engine.fusion("tank")] == counts  # nothing ran again
     assert {a.source for a in second.answers} == {"cache"}
     assert [a.action_id for a in second.answers] == [a.action_id for a in first.answers]

@@ -14,12 +14,13 @@ import redis
 from celery import Celery
 from kombu.serialization import loads
 
-from bridge.loop import Bridge
+from bridge.loop import CONGESTION_RECHECK_S, Bridge
 from bridge.publish import Publisher
 from mltasks.broker.celery_app import INFER_TASK
 from mltasks.config import Config, DatabaseConfig
 from tests import game
 from tests.conftest import app_with_broker
+from tests.waiting import wait_until
 
 STATE = [0.8, 0.5] + [0.0] * 62
 QUEUE = "cpu"
@@ -55,10 +56,10 @@ def test_message_is_the_one_send_task_writes(
     theirs = client.rpop(QUEUE)
     assert Publisher(app, client).publish(QUEUE, args, 1) == 1
     ours = client.rpop(QUEUE)
-    assert theirs is not None and ours is not None
+    assert isinstance(theirs, bytes) and isinstance(ours, bytes)
     assert _envelope(ours) == _envelope(theirs)
     body = json.loads(ours)
-    payload = loads(
+    payload = loads(  # type: ignore[no-untyped-call]  # kombu ships no annotations
         base64.b64decode(body["body"]),
         body["content-type"],
         body["content-encoding"],
@@ -95,15 +96,39 @@ def test_a_batch_taken_by_an_idle_worker_is_not_counted_as_waiting(
         )
 
     try:
-        deadline = time.monotonic() + 5
-        while not blocked():  # the "worker" waits in BRPOP
-            assert time.monotonic() < deadline, "the consumer never blocked"
-            time.sleep(0.01)
+        wait_until(blocked, 5, 'the consumer (the "worker") to wait in BRPOP')
         assert Publisher(app, client).publish(QUEUE, [[], 3, 0.0, []], 0) == 0
     finally:
         t.join(5)
         consumer.close()
     assert taken and taken[0] is not None
+
+
+class Clock:
+    """bridge.loop's `time` module with a monotonic clock that moves only when the test
+    moves it: the congestion intervals are asserted as behaviour, whatever this host's
+    scheduling does to a few milliseconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from bridge import loop
+
+    c = Clock()
+    monkeypatch.setattr(loop, "time", c)
+    return c
 
 
 def _congestion_bridge(config: Config, app: Celery) -> Bridge:
@@ -114,12 +139,13 @@ def _congestion_bridge(config: Config, app: Celery) -> Bridge:
 
 
 def test_congested_tier_gathers_rows_until_the_queue_has_room(
-    config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
+    config: Config,
+    pg: psycopg.Connection[Any],
+    quiet_broker: tuple[Celery, redis.Redis],
+    clock: Clock,
 ) -> None:
     """max_waiting_batches 1: a batch waiting for a worker holds the next rows back, and
     they leave together once a worker took it (the queue is looked at every few ms)."""
-    from bridge.loop import CONGESTION_RECHECK_S
-
     app, client = quiet_broker
     b = _congestion_bridge(config, app)
     status = "SELECT status FROM ai_requests WHERE request_id = %s"
@@ -130,14 +156,14 @@ def test_congested_tier_gathers_rows_until_the_queue_has_room(
         third = game.insert(pg, STATE)
         b.wait(0.0)
         assert b.drain() == 0  # the rows stay pending, gathering
-        time.sleep(CONGESTION_RECHECK_S * 2)  # the interval itself is under test
+        clock.advance(CONGESTION_RECHECK_S * 2)  # the interval itself is under test
         assert b.drain() == 0  # looked again: the batch still waits (a dead worker's queue
         assert client.llen(QUEUE) == 1  # is not flooded)
         assert pg.execute(status, (second,)).fetchone() == ("pending",)
 
         assert client.rpop(QUEUE) is not None  # a worker takes it
-        assert b.drain() == 0  # within the interval: not looked at yet
-        time.sleep(CONGESTION_RECHECK_S * 2)
+        assert b.drain() == 0  # within the interval (the clock stood still): not looked at yet
+        clock.advance(CONGESTION_RECHECK_S * 2)
         assert b.drain() == 2  # both rows in one batch
         assert pg.execute(status, (second,)).fetchone() == ("processing",)
         assert pg.execute(status, (third,)).fetchone() == ("processing",)
@@ -187,7 +213,10 @@ def test_a_route_change_drops_the_old_queues_congestion(
 
 
 def test_a_hold_back_never_outlasts_the_rows_deadline(
-    config: Config, pg: psycopg.Connection[Any], quiet_broker: tuple[Celery, redis.Redis]
+    config: Config,
+    pg: psycopg.Connection[Any],
+    quiet_broker: tuple[Celery, redis.Redis],
+    clock: Clock,
 ) -> None:
     """A full queue whose worker does not read (mingle after a reconnect, a huge batch)
     holds rows back for at most half their deadline; then they go to the next live tier
@@ -202,7 +231,8 @@ def test_a_hold_back_never_outlasts_the_rows_deadline(
         assert b.drain() == 1 and b.congested()
         held = game.insert(pg, STATE)
         assert b.drain() == 0
-        time.sleep(b.hold_back_s)
+        assert b.congested()  # not lapsed yet: the clock stood still
+        clock.advance(b.hold_back_s + 1e-6)  # just past the hold-back
         assert not b.congested()  # lapsed: claims again
         assert b.drain() == 1  # no live tier below: the rule policy answers here
         assert pg.execute(status, (held,)).fetchone() == ("completed",)
@@ -217,7 +247,7 @@ def test_a_hold_back_never_outlasts_the_rows_deadline(
         assert client.llen(QUEUE) == 1
 
         assert client.rpop(QUEUE) is not None  # the cpu worker reads again
-        time.sleep(0.01)
+        clock.advance(CONGESTION_RECHECK_S * 2)  # the queue is looked at again
         back = game.insert(pg, STATE)
         assert b.drain() == 1
         assert client.llen(QUEUE) == 1 and client.llen("rules") == 1, back

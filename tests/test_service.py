@@ -124,7 +124,7 @@ def test_500_requests_answered_exactly_once(config: Config, bridge: BridgeThread
         assert open_rows(pg) == 0
         claims = pg.execute("SELECT max(attempts), min(attempts) FROM ai_requests").fetchone()
         assert claims == (1, 1)
-        by_source = dict(
+        by_source: dict[str, int] = dict(
             pg.execute("SELECT source, count(*) FROM ai_responses GROUP BY source").fetchall()
         )
     assert by_source.get("model", 0) > 0

@@ -205,8 +205,8 @@ def test_another_deployments_counters_do_not_count(
         theirs.flush_stats()
     finally:
         theirs.close()
-    assert status.collect(cfg, count_files=lambda c: 54).cache == {"l2": 0.25, "l3": 0.5}
-    assert status.collect(other, count_files=lambda c: 54).cache["l2"] == 0.9
+    assert status.collect(cfg, count_files=lambda c, level: 54).cache == {"l2": 0.25, "l3": 0.5}
+    assert status.collect(other, count_files=lambda c, level: 54).cache["l2"] == 0.9
 
 
 def test_gpu_host_at_level_1_shows_vram(
@@ -230,7 +230,7 @@ def test_what_serves_each_level_is_said_truthfully(
     store.beat(ALL_QUEUES, 60_000, member="devhost:4242")
     store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
     store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
-    s = status.collect(cfg, count_files=lambda c: 54)
+    s = status.collect(cfg, count_files=lambda c, level: 54)
     table = {name: (value, state) for name, value, state in status.rows(s)}
     gpu_value, _ = table["levels 1-2 GPU"]
     assert gpu_value.startswith("nothing: 1 worker on queue gpu"), gpu_value
@@ -251,7 +251,9 @@ def test_what_serves_each_level_is_said_truthfully(
     store.beat(["gpu"], 60_000, member="gpuhost:2")
     store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
     store.set(1, "recovered")
-    table = {n: (v, st) for n, v, st in status.rows(status.collect(cfg, count_files=lambda c: 54))}
+    table = {
+        n: (v, st) for n, v, st in status.rows(status.collect(cfg, count_files=lambda c, level: 54))
+    }
     assert table["levels 1-2 GPU"][0].startswith("2 workers on queue gpu, heartbeat"), table
     assert table["levels 1-2 GPU"][1] == "ok"
 

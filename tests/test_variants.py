@@ -321,7 +321,7 @@ def test_gpu_providers_need_both_the_build_and_a_device(
     requested: str,
     expected: list[str],
 ) -> None:
-    monkeypatch.setattr(v.ort, "get_available_providers", lambda: list(available))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(available))
     monkeypatch.setattr(v, "gpu_count", lambda: gpus)
     chain = v.providers_for(requested, device_id=1)
     assert [p if isinstance(p, str) else p[0] for p in chain] == expected
@@ -332,7 +332,7 @@ def test_plan_keeps_the_gpu_precision_when_the_gpu_is_there(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(
-        v.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     monkeypatch.setattr(v, "gpu_count", lambda: 1)
     chain, precision = level_plan(Config(), 1)

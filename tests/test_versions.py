@@ -33,6 +33,8 @@ from mltasks.models.discovery import find
 from mltasks.models.engine import Engine
 from tests import game
 from tests.conftest import wait_for
+from tests.decode import as_text
+from tests.waiting import wait_until
 from tests.world import World
 
 MODEL = "aggressive/combat_dqn"
@@ -412,10 +414,15 @@ def test_a_good_version_goes_live_under_load_and_rollback_is_immediate(
         assert back.returncode == 0, back.stderr
         wait_for(lambda: served_by(pg, t_back, f"combat_dqn@{old}"), 10, "the old version again")
         t_old = time.time()
-        time.sleep(1.0)
+        # A window of answers past the rollback (after a 0.5 s grace): none by the new version.
+        wait_until(
+            lambda: served_by(pg, t_old + 0.5, f"combat_dqn@{old}") >= 50,
+            30,
+            "50 answers by the old version after the rollback",
+        )
         late_new = served_by(pg, t_old + 0.5, f"combat_dqn@{new}")
-    stats = world.redis.hgetall(keys.canary_stats(MODEL, new))
-    s = {k.decode(): float(v) for k, v in stats.items()}
+    canary_stats = world.redis.hgetall(keys.canary_stats(MODEL, new))
+    s = {as_text(k): float(v) for k, v in canary_stats.items()}
     final = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
     assert final is not None and final.candidate is not None and final.last_rollback is not None
     promoted_at = float(final.candidate["decided"])
@@ -480,9 +487,13 @@ def test_a_nan_version_is_rolled_back_and_a_broken_file_refused_while_the_active
             return bool(p and p.candidate and p.candidate["state"] == "rolled_back")
 
         wait_for(rolled_back, 60, "the automatic rollback")
-        print(f"\nNaN version rolled back {time.time() - t0:.1f}s after deploy")
-        time.sleep(1.0)
-        still = served_by(pg, t0, f"combat_dqn@{old}")
+        t_rolled = time.time()
+        print(f"\nNaN version rolled back {t_rolled - t0:.1f}s after deploy")
+        still = wait_until(
+            lambda: served_by(pg, t_rolled, f"combat_dqn@{old}"),
+            30,
+            "answers by the active version after the rollback",
+        )
     p = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
     assert p is not None and p.active_version == old
     assert p.last_rollback is not None and p.last_rollback["from"] == bad
@@ -551,7 +562,15 @@ def test_the_latency_cost_of_shadowing(
         p = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
         assert p is not None and p.canary is not None, p and p.last_rollback  # still shadowing
         assert cli(world, "models", "rollback", MODEL).returncode == 0
-        time.sleep(1.0)
+
+        def rollback_received() -> bool:
+            stats = world.app.control.inspect(timeout=1).stats() or {}
+            return bool(stats) and all(
+                any(f"rollback {MODEL}@" in line for line in s["mltasks_models"]["received"])
+                for s in stats.values()
+            )
+
+        wait_until(rollback_received, 30, "every worker to receive the rollback")
         t4 = time.time()
         time.sleep(window)
         t5 = time.time()
@@ -559,7 +578,7 @@ def test_the_latency_cost_of_shadowing(
     figures["shadowing"] = latency_ms(pg, t2, t3)
     figures["without again"] = latency_ms(pg, t4, t5)
     s = {
-        k.decode(): float(v) for k, v in world.redis.hgetall(keys.canary_stats(MODEL, new)).items()
+        as_text(k): float(v) for k, v in world.redis.hgetall(keys.canary_stats(MODEL, new)).items()
     }
     print(
         "\n"

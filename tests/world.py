@@ -122,7 +122,11 @@ class World:
         )
         self.procs.append(proc)
         for q in queues.split(","):
-            wait_for(lambda q=q: self.live(q) or proc.poll() is not None, 60, f"{q} heartbeat")
+
+            def up(q: str = q) -> bool:
+                return self.live(q) or proc.poll() is not None
+
+            wait_for(up, 60, f"{q} heartbeat")
             assert proc.poll() is None, "worker died at start"
         return proc
 

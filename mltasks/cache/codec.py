@@ -94,7 +94,7 @@ def action_keys(states: np.ndarray, mob_ids: Sequence[int]) -> list[str]:
     return out
 
 
-def format_value(action: int, confidence: float) -> str | None:
+def format_value(action: int | np.integer[Any], confidence: float | np.floating[Any]) -> str | None:
     """``"<action>:<confidence %.3f>"``, or None for anything the game must not read.
 
     The map server parses the value with std::stoi/std::stof and crashes on a throw, so

@@ -31,6 +31,7 @@ from tests.faults.support import (
     summary,
     warm_up,
 )
+from tests.waiting import WaitTimeout, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -62,16 +63,24 @@ def kill_while_publishing(
         for _ in range(tries):
             r.client_pause(900, all=False)
             try:
-                deadline = time.monotonic() + 0.7  # under the broker's 1 s socket timeout
-                while time.monotonic() < deadline:
-                    stuck = blocked_publishers(r, pid, server.port)
-                    if stuck:
-                        svc.kill(name)
-                        return stuck[0]
-                    time.sleep(0.003)
+                stuck = wait_until(
+                    lambda: blocked_publishers(r, pid, server.port),
+                    0.7,  # under the broker's 1 s socket timeout
+                    f"{name} to publish into the paused broker",
+                    interval=0.003,
+                )
+                svc.kill(name)
+                return stuck[0]
+            except WaitTimeout:
+                pass
             finally:
                 r.client_unpause()
-            time.sleep(0.3)
+            # Before the next pause: the bridge's writes flow again (none left blocked).
+            wait_until(
+                lambda: not blocked_publishers(r, pid, server.port),
+                5,
+                f"{name}'s publishes to go through after the pause",
+            )
     finally:
         r.close()
     raise AssertionError(f"{name} never published while the broker was paused ({tries} tries)")

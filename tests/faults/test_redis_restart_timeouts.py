@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -42,10 +43,10 @@ TIMEOUTS_WHEN_OVERSUBSCRIBED = 5
 
 
 def test_redis_restarts_cost_no_timeouts_and_no_row_is_held_past_its_deadline(
-    config: Config, redis_server: RedisServer, make_service: type[Service]
+    config: Config, redis_server: RedisServer, make_service: Callable[..., Service]
 ) -> None:
     s = Settings(max_latency_ms=DEADLINE_MS, lease_ms=1500)
-    svc = make_service(config.database.conninfo, redis_server.url, s)  # type: ignore[call-arg]
+    svc = make_service(config.database.conninfo, redis_server.url, s)
     svc.start_worker("cpu-1", "cpu", as_documented=True)
     svc.start_worker("rules-1", "rules", as_documented=True)
     svc.start_bridge()

@@ -9,6 +9,7 @@ worker stays up, so the service has a tier to move to.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from tests.faults.support import (
     settle,
     warm_up,
 )
+from tests.waiting import WaitTimeout, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -53,21 +55,52 @@ def freeze_with_a_batch_in_hand(
     Otherwise: thaw, and try again with a later batch.
     """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not broker.hlen("unacked"):
-            time.sleep(0.0005)
-            continue
+    while True:
+        try:
+            wait_until(
+                lambda: broker.hlen("unacked"),
+                max(0.0, deadline - time.monotonic()),
+                "a batch delivered to the worker",
+                interval=0.0005,
+            )
+        except WaitTimeout:
+            break
         procs = victims()
         for p in procs:
             p.send_signal(signal.SIGSTOP)
         rids = [rid for rids in in_flight(broker).values() for rid in rids]
         if rids and unanswered(pg, rids):
-            time.sleep(0.05)  # an answer already on its way to PostgreSQL lands by now
+            # An answer the worker sent before the freeze lands once PostgreSQL has run it.
+            wait_until(
+                functools.partial(statements_finished, pg, procs),
+                10,
+                "the frozen worker's statements in PostgreSQL to finish",
+            )
             if unanswered(pg, rids):
                 return rids, procs
         for p in procs:
             p.send_signal(signal.SIGCONT)
     raise AssertionError(f"no unanswered batch caught in the worker's hands within {timeout}s")
+
+
+def statements_finished(pg: psycopg.Connection[Any], procs: list[psutil.Process]) -> bool:
+    """Whether no session of `procs` (frozen: they send nothing new) still has a statement
+    running in PostgreSQL: an answer written before the freeze has landed by then."""
+    port = pg.info.port
+    ports = [
+        c.laddr.port
+        for p in procs
+        for c in p.net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port
+    ]
+    if not ports:
+        return True
+    row = pg.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE client_port = ANY(%s) AND state = 'active' AND pid <> pg_backend_pid()",
+        (ports,),
+    ).fetchone()
+    return not (row and row[0])
 
 
 def unanswered(pg: psycopg.Connection[Any], rids: list[int]) -> int:

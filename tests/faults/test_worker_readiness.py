@@ -23,6 +23,7 @@ from mltasks.config import Config, DatabaseConfig
 from mltasks.db import init_schema
 from tests import game
 from tests.conftest import wait_for
+from tests.decode import as_text
 from tests.faults.support import REPO, PostgresServer, RedisServer, Service, Settings
 
 pytestmark = pytest.mark.faults
@@ -119,7 +120,7 @@ def test_a_missing_models_directory_takes_the_level_to_5_and_names_the_directory
 
         wait_for(lambda: level() == 5, 0.5 + 1.0, "level 5 within a probe interval")
         assert time.monotonic() - seen < 1.5
-        reason = (svc.cache.hget(keys.LEVEL, "reason") or b"").decode()
+        reason = as_text(svc.cache.hget(keys.LEVEL, "reason") or b"")
         assert str(missing) in reason, reason
         assert not svc.beating("cpu")
         log = svc.log_text("cpu-1")
