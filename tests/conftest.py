@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from psycopg import sql
 if TYPE_CHECKING:
     from celery import Celery
 
-    from mltasks.ops.embedded import TestServices
+    from tests.servers import TestServices
 
 TESTS = Path(__file__).resolve().parent
 os.environ["MLTASKS_CONFIG"] = str(TESTS / "config" / "test.yaml")
@@ -52,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global ADMIN_URL, SERVICES
     from psycopg.conninfo import make_conninfo
 
-    from mltasks.ops.embedded import start_test_services
+    from tests.servers import start_test_services
 
     data = Path(tempfile.mkdtemp(prefix="mltasks-test-servers-"))
     services = SERVICES = start_test_services(data)
@@ -64,16 +63,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["MLTASKS_DATABASE_URL"] = make_conninfo(ADMIN_URL, dbname=NO_DATABASE)
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float = 20.0, what: str = "condition"
+) -> T:
     """Poll a condition until it holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+    from mltasks.ops.processes import wait_until
+
+    return wait_until(predicate, timeout, what, error=AssertionError)
 
 
 def app_with_broker(config: Config, broker_url: str, name: str = "test") -> Celery:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
 from mltasks.ops.dev import stop_all
+from mltasks.ops.processes import free_port
 from tests import game
 from tests.waiting import wait_until
 
@@ -43,12 +43,6 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
         MLTASKS_REDIS_URL=config.redis.url,
         MLTASKS_MODELS_DIR=str(models_dir),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

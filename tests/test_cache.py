@@ -7,7 +7,6 @@ import hashlib
 import logging
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from mltasks.cache.codec import (
 from mltasks.cache.stats import hit_rates, read_stats
 from mltasks.config import Config
 from mltasks.contract import STATE_DIM
+from mltasks.ops.processes import free_port
 from tests.conftest import wait_for
 from tests.skips import need
 
@@ -438,13 +438,6 @@ def test_circuit_breaker_states(caplog: pytest.LogCaptureFixture) -> None:
 
 
 # --- an outage on a private redis-server ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class PrivateRedis:

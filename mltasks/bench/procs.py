@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import psutil
@@ -22,6 +20,7 @@ import psutil
 from mltasks.bench import BenchError
 from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql
 from mltasks.bench.queries import bench_query
+from mltasks.ops.processes import log_tail, spawn, stop_process
 
 STOP_TIMEOUT_S = 15.0
 
@@ -44,7 +43,6 @@ class ManagedProcess:
         self.env = env
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -53,17 +51,7 @@ class ManagedProcess:
         return self.proc.pid
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn(self.argv, log_path=self.log_path, env=self.env, cwd=self.cwd)
 
     def check(self) -> None:
         """Raise BenchError, with the end of its log, if the process has exited."""
@@ -94,35 +82,12 @@ class ManagedProcess:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
         if self.proc is None:
             return None
-        descendants: list[psutil.Process] = []
-        if self.proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                descendants = psutil.Process(self.proc.pid).children(recursive=True)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
-        # Children that outlived their parent were still ours: psutil checks that a pid
-        # was not reused before it signals.
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        psutil.wait_procs(descendants, timeout=timeout_s)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s).code
 
 
 def tail(path: Path, lines: int = 30) -> str:
     """The last lines of a log file, for an error message."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    return log_tail(path, lines, missing="(no log)")
 
 
 def stop_all(procs: Sequence[ManagedProcess]) -> dict[str, int | None]:

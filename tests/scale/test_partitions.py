@@ -21,13 +21,14 @@ a request made after it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,25 +270,50 @@ def cut_while_busy(c: Cluster, host: Host, timeout: float = 10.0) -> bool:
     return False
 
 
+@dataclasses.dataclass
+class Partition:
+    """A cable pulled for CUT_S under load: what the cut returned, and when (wall, database
+    and monotonic clocks) the cable came back; `rows`, the audited table, once it is over."""
+
+    load: GameLoad
+    cut: Any
+    wall: float = 0.0
+    db: float = 0.0
+    at: float = 0.0
+    rows: dict[int, Outcome] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def partition(
+    c: Cluster, host: Host, seed: int, cut: Callable[[], Any], *, strict_bound: bool
+) -> Iterator[Partition]:
+    """Under the game's load: `cut()` pulls `host`'s cable, CUT_S later it is plugged back;
+    the body measures the recovery, then 20 more decisions and the audit (`check`)."""
+    with game_load(c, seed=seed) as load:
+        load.wait_decisions(30)
+        p = Partition(load, cut())
+        load.keep_going(CUT_S)
+        c.net.restore(host)
+        p.wall, p.db, p.at = time.time(), db_now(c.conn), time.monotonic()
+        yield p
+        load.wait_decisions(20)
+    p.rows = check(c, load, strict_bound=strict_bound)
+
+
 def test_a_worker_host_cut_off_for_5s_under_load(cluster: Cluster) -> None:
     c = cluster
     w1 = c.workers[0]
-    with game_load(c, seed=21) as load:
-        load.wait_decisions(30)
-        holding = cut_while_busy(c, w1)
-        load.keep_going(CUT_S)
-        c.net.restore(w1)
-        restored_wall, restored_db, restored = time.time(), db_now(c.conn), time.monotonic()
+    with partition(c, w1, 21, lambda: cut_while_busy(c, w1), strict_bound=True) as cut:
         wait_for(
-            lambda: c.last_beat("worker1") > restored_wall,
+            lambda: c.last_beat("worker1") > cut.wall,
             RECOVERY_LIMIT_S,
             "worker1's heartbeat after the cable is back",
         )
-        beat_s = time.monotonic() - restored
+        beat_s = time.monotonic() - cut.at
         # Its first statement may be the answer of the batch it held, delivered late by
         # TCP (and ignored: answered already); a second one is a batch taken after.
         first = wait_for(
-            lambda: (t := c.last_statement(w1)) > restored_db and t,
+            lambda: (t := c.last_statement(w1)) > cut.db and t,
             RECOVERY_LIMIT_S,
             "worker1's first statement after the cable is back",
         )
@@ -296,15 +322,13 @@ def test_a_worker_host_cut_off_for_5s_under_load(cluster: Cluster) -> None:
             RECOVERY_LIMIT_S,
             "worker1 to answer a new batch",
         )
-        serving_s = time.monotonic() - restored
-        load.wait_decisions(20)
-    rows = check(c, load, strict_bound=True)
+        serving_s = time.monotonic() - cut.at
     c.recoveries["worker cut: heartbeat"] = beat_s
     c.recoveries["worker cut: answering"] = serving_s
     note(
-        f"worker host cut {CUT_S:.0f}s {'holding' if holding else 'maybe not holding'}"
+        f"worker host cut {CUT_S:.0f}s {'holding' if cut.cut else 'maybe not holding'}"
         f" a batch: heartbeat back {beat_s:.2f}s and answers"
-        f" written again {serving_s:.2f}s after the cable; {summary(rows)}"
+        f" written again {serving_s:.2f}s after the cable; {summary(cut.rows)}"
     )
 
 
@@ -344,42 +368,41 @@ def cut_while_publishing(c: Cluster, tries: int = 15) -> dict[str, Any]:
 
 def test_the_bridge_host_cut_off_while_holding_claimed_rows(cluster: Cluster) -> None:
     c = cluster
-    with game_load(c, seed=22) as load:
-        load.wait_decisions(30)
+
+    def cut_and_count() -> tuple[dict[str, Any], Any]:
         held = cut_while_publishing(c)
         processing = c.conn.execute(
             "SELECT count(*) FROM ai_requests WHERE status = 'processing'"
         ).fetchone()
-        load.keep_going(CUT_S)
-        c.net.restore(c.bridges)
-        restored_db, restored = db_now(c.conn), time.monotonic()
+        return held, processing
+
+    with partition(c, c.bridges, 22, cut_and_count, strict_bound=False) as cut:
 
         def model_answer() -> float | None:
-            return first_worker_answer(c.conn, restored_db)
+            return first_worker_answer(c.conn, cut.db)
 
         wait_for(model_answer, RECOVERY_LIMIT_S, "a model answer after the cable is back")
         first = model_answer()
         assert first is not None
-        serving_s = first - restored_db
+        serving_s = first - cut.db
         wait_for(
             lambda: (
                 not c.conn.execute(
                     "SELECT 1 FROM ai_requests WHERE status IN ('pending', 'processing')"
                     " AND created_at < to_timestamp(%s)",
-                    (restored_db,),
+                    (cut.db,),
                 ).fetchone()
             ),
             RECOVERY_LIMIT_S,
             "every row of the cut to be answered",
         )
-        settled_s = time.monotonic() - restored
-        load.wait_decisions(20)
-    rows = check(c, load, strict_bound=False)
+        settled_s = time.monotonic() - cut.at
+    held, processing = cut.cut
     c.recoveries["bridge cut: answering"] = serving_s
     c.recoveries["bridge cut: backlog settled"] = settled_s
     note(
         f"bridge host cut {CUT_S:.0f}s holding a publish ({held.get('addr')},"
         f" {processing[0] if processing else '?'} rows processing): model answers again"
         f" {serving_s:.2f}s and every earlier row answered {settled_s:.2f}s after the cable;"
-        f" {summary(rows)}"
+        f" {summary(cut.rows)}"
     )

@@ -70,8 +70,9 @@ class Trio:
         self.sentinel.start()
 
     def master_port(self) -> int:
-        _host, port = self.sentinel.client().sentinel_get_master_addr_by_name(MASTER)
-        return int(port)
+        addr = self.sentinel.client().sentinel_get_master_addr_by_name(MASTER)
+        assert isinstance(addr, tuple), addr
+        return int(addr[1])
 
     def replica_known(self) -> bool:
         try:
@@ -138,7 +139,7 @@ def test_broker_and_cache_through_sentinel_survive_a_failover(
             ) as load:
                 load.wait_decisions(10)
                 old = trio.master_port()
-                trio.sentinel.client().execute_command("SENTINEL", "FAILOVER", MASTER)
+                trio.sentinel.client().sentinel_failover(MASTER)
                 failed_over = time.monotonic()
                 wait_for(lambda: trio.master_port() != old, 20, "the sentinel's failover")
                 assert trio.master_port() == trio.replica.port
