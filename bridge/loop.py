@@ -24,23 +24,16 @@ from celery import Celery
 
 from bridge.publish import Publisher
 from mltasks import metrics
-from mltasks.broker.celery_app import QUEUES
 from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
-from mltasks.fallback.levels import (
-    LEVEL_QUEUE,
-    LEVEL_READ_TIMEOUT_S,
-    Level,
-    LevelState,
-    LevelStore,
-    cache_client,
-    route,
-)
+from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
+from mltasks.fallback.levels import LEVEL_READ_TIMEOUT_S, LevelState, LevelStore, cache_client
 from mltasks.fallback.rules import rules_engine
 from mltasks.redisurl import client_from_url
 from mltasks.serving.answers import expire, write_answers
-from mltasks.serving.inference import answer_rows, traditional
+from mltasks.serving.inference import answer_rows
+from mltasks.serving.records import Claimed, Row, claimed, traditional
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
@@ -79,9 +72,7 @@ class Bridge:
 
             app = default_app
         self.app = app
-        self.store = LevelStore(
-            self.config, cache_client(self.config, timeout_s=LEVEL_READ_TIMEOUT_S)
-        )
+        self.store = LevelStore(self.config, cache_client(self.config, LEVEL_READ_TIMEOUT_S))
         self.state = self.store.last
         self.live: dict[str, bool] = {}
         # The level batches are served at: the shared one, or lower when its tier is empty.
@@ -137,11 +128,11 @@ class Bridge:
 
     # -- one round ----------------------------------------------------------------------
 
-    def claim(self) -> tuple[str, list[tuple[Any, ...]]]:
+    def claim(self) -> tuple[str, list[Claimed]]:
         """Claim a batch under a fresh random token: (token, rows).
 
         Rows the claim itself answered `invalid` (a state that is not 64 values) come
-        back without their state and with the reason in their last column.
+        back without their state and with the reason in ``invalid``.
         """
         inf = self.config.inference
         token = secrets.token_hex(16)
@@ -157,7 +148,7 @@ class Bridge:
                 },
                 binary=True,
             )
-            return token, cur.fetchall()
+            return token, claimed(cur.fetchall())
 
     def step(self) -> int:
         """Claim one batch and send it; returns how many rows were claimed."""
@@ -165,25 +156,23 @@ class Bridge:
         if not rows:
             return 0
         self.claimed += len(rows)
-        invalid = [r for r in rows if r[7] is not None]
+        invalid = [r for r in rows if r.invalid is not None]
         if invalid:
             self.answered_here += len(invalid)
             metrics.observe_answers(
-                {"invalid": len(invalid)}, metrics.seconds_since(r[6] for r in invalid)
+                {"invalid": len(invalid)}, metrics.seconds_since(r.created_epoch for r in invalid)
             )
-            rows = [r for r in rows if r[7] is None]
-        # A row travels as [request_id, archetype, mob_id, state_vector, monster_id].
-        overdue = [r for r in rows if r[5]]
-        fresh = [r for r in rows if not r[5]]
+            rows = [r for r in rows if r.invalid is None]
+        overdue = [r for r in rows if r.overdue]
+        fresh = [r for r in rows if not r.overdue]
         if overdue:
-            self._expire([r[0] for r in overdue], "deadline", [r[6] for r in overdue])
+            created = [r.created_epoch for r in overdue]
+            self._expire([r.request_id for r in overdue], "deadline", created)
         if fresh:
-            self.dispatch([list(r[:5]) for r in fresh], [r[6] for r in fresh], token)
+            self.dispatch([r.row() for r in fresh], [r.created_epoch for r in fresh], token)
         return len(rows) + len(invalid)
 
-    def dispatch(
-        self, rows: Sequence[Sequence[Any]], created: Sequence[float] = (), token: str = ""
-    ) -> None:
+    def dispatch(self, rows: Sequence[Row], created: Sequence[float] = (), token: str = "") -> None:
         """Send a batch to the queue of the current level; level 5 is answered here.
 
         ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics;
@@ -232,7 +221,7 @@ class Bridge:
         self.sent += len(rows)
         oldest = min(created, default=time.time())
         due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
-        self._in_flight.append((due, [int(r[0]) for r in rows]))
+        self._in_flight.append((due, [int(r.request_id) for r in rows]))
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again (for at
             # most hold_back_s from when it was first found full).
@@ -244,7 +233,7 @@ class Bridge:
 
     def answer_here(
         self,
-        rows: Sequence[Sequence[Any]],
+        rows: Sequence[Row],
         *,
         rules: bool,
         reason: str,
@@ -256,7 +245,7 @@ class Bridge:
             answers = answer_rows(rows, rules_engine(self.config.state.layout))
             answers = [a if a.reason else dataclasses.replace(a, reason=reason) for a in answers]
         else:
-            answers = [traditional(int(r[0]), reason) for r in rows]
+            answers = [traditional(int(r.request_id), reason) for r in rows]
         with self._errors("answering"):
             write_answers(self._connection(), answers, token)
         self.answered_here += len(answers)

@@ -13,9 +13,9 @@ from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from mltasks.config import Config
+from mltasks.fallback.ladder import LEVEL_QUEUE, Level
+from mltasks.fallback.ladder import QUEUES as QUEUES  # one queue per tier of the ladder
 
-# One queue per tier of the fallback ladder.
-QUEUES = ("gpu", "cpu", "rules")
 # Task names: the bridge sends the first; beat (beat/schedule.py) the periodic ones.
 INFER_TASK = "mltasks.infer_batch"
 CLEANUP_TASK = "mltasks.cleanup"
@@ -76,7 +76,7 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         # Back on the broker within ~1 s of its return, not kombu's 2 s doubling to 30 s.
         "worker_consumer": "mltasks.serving.worker:QuickReconnectConsumer",
         "worker_concurrency": cfg.worker.concurrency,
-        "task_default_queue": "cpu",
+        "task_default_queue": LEVEL_QUEUE[Level.CPU],
         "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
         "task_soft_time_limit": 10,
         "task_time_limit": 20,

@@ -1,18 +1,12 @@
-"""The five fallback levels, their shared state in Redis, and routing on it.
+"""The fallback level's shared state in Redis.
 
-| level | mode                | served by        |
-| ----- | ------------------- | ---------------- |
-| 1     | GPU FP16            | queue ``gpu``    |
-| 2     | GPU INT8            | queue ``gpu``    |
-| 3     | CPU (INT8 or fp32)  | queue ``cpu``    |
-| 4     | rule-based policy   | queue ``rules``  |
-| 5     | traditional AI: 255 | the bridge       |
-
-The level is one hash in Redis, shared by every bridge and worker. Workers push it down
-(failures, probes); beat's recovery job lifts it one step at a time after a canary.
-Routing additionally skips a tier that has no live consumer (heartbeat keys), so a
-missing worker never leaves requests waiting for a timeout. When Redis cannot be read,
-a reader keeps its last known level.
+The five levels, what serves each, and routing on them are `mltasks.fallback.ladder`'s
+(re-exported here: ``Level``, ``BEST``, ``LEVEL_QUEUE``, ``QUEUE_LEVELS``, ``route``). The
+level is one hash in Redis, shared by every bridge and worker. Workers push it down
+(failures, probes); beat's recovery job lifts it one step at a time after a canary. Routing
+additionally skips a tier that has no live consumer (heartbeat keys), so a missing worker
+never leaves requests waiting for a timeout. When Redis cannot be read, a reader keeps its
+last known level.
 """
 
 from __future__ import annotations
@@ -24,28 +18,28 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 import redis
 
 from mltasks import keys
 from mltasks.config import Config
+from mltasks.fallback.ladder import BEST, LEVEL_QUEUE, QUEUE_LEVELS, Level, route
+
+__all__ = [
+    "BEST",
+    "LEVEL_QUEUE",
+    "LEVEL_READ_TIMEOUT_S",
+    "QUEUE_LEVELS",
+    "Level",
+    "LevelState",
+    "LevelStore",
+    "cache_client",
+    "route",
+    "worker_member",
+]
 
 log = logging.getLogger(__name__)
-
-
-class Level(IntEnum):
-    GPU_FP16 = 1
-    GPU_INT8 = 2
-    CPU = 3
-    RULES = 4
-    TRADITIONAL = 5
-
-
-BEST = Level.GPU_FP16
-LEVEL_QUEUE: dict[int, str] = {1: "gpu", 2: "gpu", 3: "cpu", 4: "rules"}
-QUEUE_LEVELS: dict[str, tuple[int, ...]] = {"gpu": (1, 2), "cpu": (3,), "rules": (4,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +47,6 @@ class LevelState:
     level: int
     reason: str
     since: float
-
-
-def route(level: int, live: Mapping[str, bool]) -> int:
-    """The level a batch is served at: ``level`` or the next lower one with a live consumer."""
-    for candidate in range(max(int(level), BEST), Level.TRADITIONAL):
-        if live.get(LEVEL_QUEUE[candidate], False):
-            return candidate
-    return Level.TRADITIONAL
 
 
 # Lower the level (a larger number) only if it is not already as low: two workers

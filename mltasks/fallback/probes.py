@@ -18,14 +18,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import psutil
 import pynvml  # ctypes only, no NVML call: importing it in a probe cost ~10 ms
 
-Tier = Literal["gpu_fp16", "gpu_int8", "cpu"]
-TIERS: Final[tuple[Tier, ...]] = ("gpu_fp16", "gpu_int8", "cpu")
-"""In fallback order: level 1, 2, 3."""
+from mltasks.fallback.ladder import LADDER
+from mltasks.fallback.ladder import ProbeTier as Tier
+
+TIERS: Final[tuple[Tier, ...]] = tuple(r.probe for r in LADDER if r.probe is not None)
+"""In fallback order: level 1, 2, 3 (the ladder's probed levels)."""
 
 NO_GPU: Final = "no GPU"
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from mltasks import keys
 from mltasks.config import Config
-from mltasks.fallback.levels import BEST, LEVEL_QUEUE, LevelStore
+from mltasks.fallback.ladder import BEST, LEVEL_QUEUE
+from mltasks.fallback.levels import LevelStore
 from mltasks.serving.inference import Outcome
 
 log = logging.getLogger(__name__)

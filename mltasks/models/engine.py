@@ -20,6 +20,7 @@ from typing import cast
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
+from mltasks.fallback.ladder import Level
 from mltasks.models.discovery import find
 from mltasks.models.loaded import LoadedModel, load_model
 from mltasks.models.variants import (
@@ -41,7 +42,8 @@ _PROVIDERS = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
 
 
 def level_plan(config: Config, level: int) -> tuple[list[ProviderSpec], Precision]:
-    """(providers, precision) of a model level as this host can run it.
+    """(providers, precision) of a model level as this host can run it: its
+    ``fallback.levelN`` (`mltasks.fallback.ladder`), degraded to what the host has.
 
     A GPU level that finds no GPU runs like the CPU level, precision included: FP16 on
     the CPU would be the slowest choice of all.
@@ -51,14 +53,14 @@ def level_plan(config: Config, level: int) -> tuple[list[ProviderSpec], Precisio
         provider = "cpu"
     chain = providers_for(_PROVIDERS[provider], config.hardware.gpu_device_id)
     if chain[0] == CPU and provider != "cpu":
-        precision = config.fallback.level_profile(3)[1]
+        precision = config.fallback.level_profile(Level.CPU)[1]
     return chain, cast(Precision, precision)
 
 
 class Engine:
     """The models of one process at one fallback level, keyed by (archetype, model_type)."""
 
-    def __init__(self, config: Config, level: int = 3) -> None:
+    def __init__(self, config: Config, level: int = Level.CPU) -> None:
         self.config = config
         self.level = level
         self.weights = config.models.fusion.for_level(level)
@@ -167,7 +169,7 @@ _engines: dict[int, Engine] = {}
 _lock = threading.Lock()
 
 
-def get_engine(config: Config, level: int = 3) -> Engine:
+def get_engine(config: Config, level: int = Level.CPU) -> Engine:
     """This process's engine for a model level (1-3), loaded on first use."""
     with _lock:
         engine = _engines.get(level)

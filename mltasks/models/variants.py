@@ -30,8 +30,12 @@ tensor 21 of the 54 demo models fell below 99% agreement, per channel 1 does.
 The remaining error comes from quantising the input state itself (uint8 steps
 of 1/255 against the policy's sharp thresholds).
 
-The fallback levels (``LEVELS``) pair an execution provider with the precision
-that is fastest on it; ``providers_for`` only hands out GPU providers when
+Which precision each model level asks for is the configuration's
+(``fallback.level1..3``; the ladder, `mltasks.fallback.ladder`, holds the
+defaults: FP16 on CUDA, INT8 on TensorRT, INT8 on the CPU) and `resolve` turns it
+into a file: the variant when accepted, else the master.  So level 3 runs the
+INT8 variant of every model that agrees, and the master (FP32, or an exporter's
+FP16) of any that does not.  ``providers_for`` only hands out GPU providers when
 onnxruntime has them and NVML sees a device, and otherwise degrades to the CPU.
 """
 

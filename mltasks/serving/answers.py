@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import psycopg
 
 from mltasks.db import wrap_errors
-from mltasks.serving.inference import Answer
+from mltasks.serving.records import Answer
 from mltasks.sql import query
 
 # request_id is a PostgreSQL integer: an id outside it can name no row.

@@ -11,26 +11,26 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
 from mltasks import metrics
-from mltasks.contract import ARCHETYPES, STATE_DIM, TRADITIONAL_AI
+from mltasks.contract import ARCHETYPES, STATE_DIM
 from mltasks.errors import ModelError
 from mltasks.models.family import Scores
-from mltasks.models.fusion import FusionRule, Member, fuse, model_name
+from mltasks.models.fusion import Fused, FusionRule, Member, fuse, model_name
 from mltasks.models.history import windows as history_windows
 from mltasks.models.loaded import TypeOutput
+from mltasks.serving.records import Answer as Answer
+from mltasks.serving.records import Row as Row
+from mltasks.serving.records import Source, as_row, as_rows
+from mltasks.serving.records import traditional as traditional
 
 if TYPE_CHECKING:
     from mltasks.cache.client import BatchLookup
 
 log = logging.getLogger(__name__)
-
-# A claimed row as the bridge sends it: [request_id, archetype, mob_id, state_vector,
-# monster_id] (the last may be absent).
-Row = Sequence[Any]
 
 
 class Predictor(Protocol):
@@ -72,25 +72,9 @@ class Predictors(Protocol):
     def fusion(self, archetype: str) -> Sequence[tuple[Predictor, float]]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    request_id: int
-    action_id: int
-    confidence: float
-    source: str  # model | rules | cache | bridge
-    status: str  # completed | invalid
-    model: str | None = None
-    reason: str | None = None
-
-
-def traditional(request_id: int, reason: str, status: str = "completed") -> Answer:
-    """255: the game uses its own AI for this decision; the reason is recorded."""
-    return Answer(request_id, TRADITIONAL_AI, 0.0, "bridge", status, None, reason)
-
-
-def validate(row: Row) -> tuple[str, np.ndarray] | str:
+def validate(row: Sequence[Any]) -> tuple[str, np.ndarray] | str:
     """(archetype, state float32[64]) for a usable row, else the reason it is not."""
-    return validate_rows([row])[0]
+    return validate_rows([as_row(row)])[0]
 
 
 def _plain_numbers(state: Sequence[Any]) -> bool:
@@ -103,23 +87,23 @@ def validate_rows(rows: Sequence[Row]) -> list[tuple[str, np.ndarray] | str]:
     plain: list[int] = []
     for i, row in enumerate(rows):
         reason = _shape_reason(row)
-        if reason is None and _plain_numbers(row[3]):
+        if reason is None and _plain_numbers(row.state_vector):
             plain.append(i)
             out.append("")  # filled below
         else:
             out.append(reason if reason is not None else _slow_validate(row))
     if plain:
-        wide = np.array([rows[i][3] for i in plain], dtype=np.float64)
+        wide = np.array([rows[i].state_vector for i in plain], dtype=np.float64)
         with np.errstate(over="ignore"):
             vecs = wide.astype(np.float32)
         finite = np.asarray(np.isfinite(vecs).all(axis=1))  # NaN, inf, beyond float32's range
         for k, i in enumerate(plain):
-            out[i] = (rows[i][1], vecs[k]) if finite[k] else "state_not_finite"
+            out[i] = (rows[i].archetype, vecs[k]) if finite[k] else "state_not_finite"
     return out
 
 
 def _shape_reason(row: Row) -> str | None:
-    archetype, state = row[1], row[3]
+    archetype, state = row.archetype, row.state_vector
     if archetype is None:
         return "archetype_null"
     if archetype not in ARCHETYPES:
@@ -135,7 +119,7 @@ def _shape_reason(row: Row) -> str | None:
 
 def _slow_validate(row: Row) -> tuple[str, np.ndarray] | str:
     """A state that is not all plain numbers: the exact reason, or its vector."""
-    archetype, state = row[1], row[3]
+    archetype, state = row.archetype, row.state_vector
     if any(v is None for v in state):  # numpy would silently turn None into NaN
         return "state_element_null"
     try:
@@ -212,14 +196,9 @@ class _Valid:
     monster_id: int | None
 
 
-def answer_rows(rows: Sequence[Row], engine: Predictors) -> list[Answer]:
+def answer_rows(rows: Sequence[Sequence[Any]], engine: Predictors) -> list[Answer]:
     """One answer per row, in any order; a bad row never fails the others."""
     return answer_batch(rows, engine).answers
-
-
-def _optional_int(row: Row, i: int) -> int | None:
-    v = row[i] if len(row) > i else None
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 @dataclass(slots=True)
@@ -357,8 +336,20 @@ def _tag(member: Predictor) -> str:
     return f"{member.model_type}@{version}" if version else member.model_type
 
 
+@dataclass(slots=True)
+class _Results:
+    """What a batch gathers on its way: its answers, and what goes to the ladder and cache."""
+
+    answers: list[Answer]
+    failures: list[ModelError] = field(default_factory=list)
+    fresh: list[tuple[str, int, float]] = field(default_factory=list)  # L2: key, action, conf
+    computed: list[tuple[str | None, Any]] = field(default_factory=list)  # L3: key, output
+    fused: dict[str, int] = field(default_factory=lambda: {"single": 0, "fused": 0})
+    shadow: list[Any] = field(default_factory=list)
+
+
 def answer_batch(
-    rows: Sequence[Row],
+    rows: Sequence[Sequence[Any]],
     engine: Predictors,
     cache: BatchCache | None = None,
     rule: FusionRule | None = None,
@@ -371,101 +362,117 @@ def answer_batch(
     written back by ``Outcome.remember``, after the caller has stored the answers.
     """
     rule = rule or FusionRule()
-    failures: list[ModelError] = []
-    answers: list[Answer] = []
+    refused, valid = _validated(as_rows(rows))
+    if not valid:
+        return Outcome(refused, [])
+    plan = _plan(valid, engine, cache)
+    res = _Results(refused)
+    for group in _cache_misses(plan, res.answers).values():
+        _answer_group(plan, group, engine, rule, res)
+    outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
+    if cache is not None:
+        states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
+        fresh, computed = res.fresh, res.computed
+        outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)
+    return outcome
+
+
+def _validated(rows: Sequence[Row]) -> tuple[list[Answer], list[_Valid]]:
+    """255 ``invalid`` (with the reason) for the rows that cannot be answered; the others."""
+    refused: list[Answer] = []
     valid: list[_Valid] = []
     for row, checked in zip(rows, validate_rows(rows), strict=True):
-        request_id = int(row[0])
+        request_id = int(row.request_id)
         if isinstance(checked, str):
-            answers.append(traditional(request_id, checked, status="invalid"))
+            refused.append(traditional(request_id, checked, status="invalid"))
             continue
-        valid.append(
-            _Valid(request_id, checked[0], checked[1], _optional_int(row, 2), _optional_int(row, 4))
-        )
-    if not valid:
-        return Outcome(answers, failures)
-    plan = _plan(valid, engine, cache)
+        valid.append(_Valid(request_id, checked[0], checked[1], row.mob_id, row.monster_id))
+    return refused, valid
 
+
+def _cache_misses(plan: _Plan, answers: list[Answer]) -> dict[str, _Group]:
+    """Answer the rows L2 holds an answer for; group the others by archetype."""
     groups: dict[str, _Group] = {}
-    for i, v in enumerate(valid):
+    for i, v in enumerate(plan.valid):
         hit = plan.found.actions[i]
         if hit is not None:
             answers.append(Answer(v.request_id, hit[0], hit[1], "cache", "completed", "cache"))
         else:
             groups.setdefault(v.archetype, _Group(v.archetype, [])).rows.append(i)
+    return groups
 
-    fresh: list[tuple[str, int, float]] = []
-    computed: list[tuple[str | None, Any]] = []
-    fused_counts = {"single": 0, "fused": 0}
-    shadow_jobs: list[Any] = []
-    for archetype, group in groups.items():
-        members = plan.members[archetype]
-        idxs = group.rows
-        if not members:
-            answers.extend(traditional(valid[i].request_id, "no_model") for i in idxs)
+
+def _answer_group(
+    plan: _Plan, group: _Group, engine: Predictors, rule: FusionRule, res: _Results
+) -> None:
+    """One archetype's missed rows: its fusion's members run (or read L3), fused, answered."""
+    members = plan.members[group.archetype]
+    if not members:
+        res.answers.extend(traditional(plan.valid[i].request_id, "no_model") for i in group.rows)
+        return
+    voices = _voices(plan, group, engine, res)
+    fused = fuse(voices, len(group.rows), rule)
+    _assemble(plan, group, fused, res)
+
+
+def _voices(plan: _Plan, group: _Group, engine: Predictors, res: _Results) -> list[Member]:
+    """Each member's say on the group's rows (with its canary candidate's shadow run)."""
+    members = plan.members[group.archetype]
+    n = len(group.rows)
+    group.failed = np.zeros(n, dtype=np.bool_)
+    group.non_finite = np.zeros(n, dtype=np.bool_)
+    group.ran = np.zeros(n, dtype=np.bool_)
+    states = np.stack([plan.valid[i].vec for i in group.rows])
+    windows = None
+    if any(m.sequence for m, _ in members):
+        monsters = [plan.valid[i].monster_id for i in group.rows]
+        windows = history_windows(states, monsters, plan.found.histories)
+    offered = getattr(engine, "shadows", None)
+    candidates = offered(group.archetype) if offered is not None else {}
+    voices = []
+    for member, weight in members:
+        cand = candidates.get(member.model_type)
+        out, ok = _member_output(
+            plan,
+            group,
+            member,
+            states,
+            windows,
+            res.failures,
+            res.computed,
+            None if cand is None else (cand, res.shadow),
+        )
+        voices.append(Member(member.model_type, weight, member.scores_kind, out, ok))
+    return voices
+
+
+def _assemble(plan: _Plan, group: _Group, fused: Fused, res: _Results) -> None:
+    """The group's answers from the fusion: an action where it answered, else 255 and why."""
+    members = plan.members[group.archetype]
+    # ai_responses.model names each type with the version that answered: <type>@<version>.
+    tagged = {m.model_type: _tag(m) for m, _ in members}
+    actions, probs = fused.choice()
+    source = cast(Source, members[0][0].source)  # "model" (ONNX) or "rules"
+    for k, i in enumerate(group.rows):
+        rid = plan.valid[i].request_id
+        if not fused.answered[k]:
+            res.answers.append(traditional(rid, _unanswered_reason(group, k)))
             continue
-        n = len(idxs)
-        group.failed = np.zeros(n, dtype=np.bool_)
-        group.non_finite = np.zeros(n, dtype=np.bool_)
-        group.ran = np.zeros(n, dtype=np.bool_)
-        states = np.stack([valid[i].vec for i in idxs])
-        windows = None
-        if any(m.sequence for m, _ in members):
-            windows = history_windows(
-                states, [valid[i].monster_id for i in idxs], plan.found.histories
-            )
-        voices = []
-        offered = getattr(engine, "shadows", None)
-        candidates = offered(archetype) if offered is not None else {}
-        for member, weight in members:
-            cand = candidates.get(member.model_type)
-            out, ok = _member_output(
-                plan,
-                group,
-                member,
-                states,
-                windows,
-                failures,
-                computed,
-                None if cand is None else (cand, shadow_jobs),
-            )
-            voices.append(Member(member.model_type, weight, member.scores_kind, out, ok))
-        # ai_responses.model names each type with the version that answered: <type>@<version>.
-        tagged = {m.model_type: _tag(m) for m, _ in members}
-        fused = fuse(voices, n, rule)
-        actions, probs = fused.choice()
-        source = members[0][0].source
-        for k, i in enumerate(idxs):
-            rid = valid[i].request_id
-            if not fused.answered[k]:
-                reason = (
-                    "model_error"
-                    if group.failed[k]
-                    else "model_output_not_finite"
-                    if group.non_finite[k]
-                    else "no_model"
-                )
-                answers.append(traditional(rid, reason))
-                continue
-            action, conf = int(actions[k]), as_confidence(float(probs[k]))
-            used = fused.used[k]
-            fused_counts["fused" if len(used) > 1 else "single"] += 1
-            answers.append(
-                Answer(
-                    rid,
-                    action,
-                    conf,
-                    source if group.ran[k] else "cache",
-                    "completed",
-                    model_name(archetype, [tagged[t] for t in used]),
-                )
-            )
-            name = plan.action_names[i]
-            if name is not None:
-                fresh.append((name, action, conf))
+        action, conf = int(actions[k]), as_confidence(float(probs[k]))
+        used = fused.used[k]
+        res.fused["fused" if len(used) > 1 else "single"] += 1
+        model = model_name(group.archetype, [tagged[t] for t in used])
+        answered_by: Source = source if group.ran[k] else "cache"
+        res.answers.append(Answer(rid, action, conf, answered_by, "completed", model))
+        name = plan.action_names[i]
+        if name is not None:
+            res.fresh.append((name, action, conf))
 
-    outcome = Outcome(answers, failures, fused=fused_counts, shadow=shadow_jobs)
-    if cache is not None:
-        states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
-        outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)
-    return outcome
+
+def _unanswered_reason(group: _Group, k: int) -> str:
+    """Why no member could speak for the group's row ``k``."""
+    if group.failed[k]:
+        return "model_error"
+    if group.non_finite[k]:
+        return "model_output_not_finite"
+    return "no_model"

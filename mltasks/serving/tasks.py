@@ -26,14 +26,16 @@ from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, REC
 from mltasks.cache.client import get_cache, reset_cache
 from mltasks.config import Config, get_config
 from mltasks.errors import DatabaseError
-from mltasks.fallback.levels import QUEUE_LEVELS, Level, LevelStore
+from mltasks.fallback.ladder import QUEUE_LEVELS, Level
+from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.rules import rules_engine
 from mltasks.logs import configure_logging
 from mltasks.models import canary as deploy_canary
 from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
 from mltasks.serving.answers import valid_request_id, write_answers
-from mltasks.serving.inference import Answer, Outcome, Predictors, Row, answer_batch, traditional
+from mltasks.serving.inference import Outcome, Predictors, answer_batch
+from mltasks.serving.records import Answer, Row, as_row, traditional
 from mltasks.serving.worker import ConsumingStep, MonitorStep, worker_queues
 from mltasks.sql import query
 
@@ -209,7 +211,7 @@ def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) ->
 )
 def infer_batch(
     self: Task,
-    rows: list[Row],
+    rows: list[Any],
     level: int = Level.CPU,
     sent_at: float = 0.0,
     created: list[float] | None = None,
@@ -224,26 +226,26 @@ def infer_batch(
     now = time.time()
     lag_s = now - sent_at if sent_at else None
     cfg = get_config()
-    rows, created = _well_formed(rows, created)
+    batch, created = _well_formed(rows, created)
     stale: list[Answer] = []
-    if created and len(created) == len(rows):
+    if created and len(created) == len(batch):
         # The game has given up on these: answering them would only delay the live ones.
         limit = cfg.inference.max_latency_ms / 1000
         keep = [i for i, c in enumerate(created) if now - c <= limit]
-        if len(keep) < len(rows):
+        if len(keep) < len(batch):
             kept = set(keep)
             stale = [
-                traditional(int(r[0]), "deadline", status="expired")
-                for i, r in enumerate(rows)
+                traditional(r.request_id, "deadline", status="expired")
+                for i, r in enumerate(batch)
                 if i not in kept
             ]
-            rows = [rows[i] for i in keep]
+            batch = [batch[i] for i in keep]
             created = [created[i] for i in keep]
     cache = get_cache(cfg) if level <= Level.CPU and cfg.caching.enabled else None
     engine = predictors(cfg, level)
     if isinstance(engine, Engine):
         deploy_canary.refresh(engine)  # between batches: deployed versions swap in here
-    outcome = answer_batch(rows, engine, cache, rule_of(cfg))
+    outcome = answer_batch(batch, engine, cache, rule_of(cfg))
     try:
         with _db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
             accepted = write_answers(conn, [*outcome.answers, *stale], claim)
@@ -270,7 +272,7 @@ def infer_batch(
         deploy_canary.submit_shadows(
             outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis
         )
-    metrics.observe_batch(len(rows))
+    metrics.observe_batch(len(batch))
     metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(
         metrics.count_outcomes(outcome.answers), metrics.seconds_since(created or ())
@@ -283,10 +285,12 @@ def infer_batch(
 
 
 def _well_formed(rows: Any, created: list[float] | None) -> tuple[list[Row], list[float] | None]:
-    """The rows that can be answered at all: a list with a request_id a row can have.
+    """The rows that can be answered at all (a list with a request_id a row can have), as
+    ``Row`` records: msgpack hands the task plain lists, typed here, at the boundary.
 
     Anything else in a broker message (an id out of integer range, a row that is not a
-    list) is dropped here, alone: it never costs the other rows their answer.
+    list) is dropped here, alone: it never costs the other rows their answer. What a row
+    holds beyond its id is validated later (255 with a reason, never a crash).
     """
     if not isinstance(rows, list) or len(rows) > MAX_BATCH_ROWS:
         if isinstance(rows, list):  # no bridge sends that much: its rows get their lease
@@ -310,9 +314,8 @@ def _well_formed(rows: Any, created: list[float] | None) -> tuple[list[Row], lis
             extra={"event": "rows_malformed"},
         )
         aligned = created is not None and len(created) == len(rows)
-        rows = [rows[i] for i in keep]
         created = [created[i] for i in keep] if aligned and created is not None else None
-    return rows, created
+    return [as_row(rows[i]) for i in keep], created
 
 
 def _pool_wait_s(cfg: Config, now: float, created: list[float] | None) -> float:

@@ -24,7 +24,8 @@ from celery.worker.consumer import Consumer
 
 from mltasks import metrics
 from mltasks.config import Config, get_config
-from mltasks.fallback.levels import QUEUE_LEVELS, Level, LevelStore, worker_member
+from mltasks.fallback.ladder import QUEUE_LEVELS, RUNGS, Level
+from mltasks.fallback.levels import LevelStore, worker_member
 from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,12 @@ def worker_queues() -> list[str]:
     return [q for q in os.environ.get(QUEUES_ENV, "").split(",") if q]
 
 
-_TIER_OF_LEVEL = {1: "gpu_fp16", 2: "gpu_int8", 3: "cpu"}
-
-
 def tier_health(verdict: Verdict, level: int) -> tuple[bool, str]:
     """(healthy, reason) of a level; the rule tier has no probe, only its own failures."""
-    tier = _TIER_OF_LEVEL.get(level)
-    if tier is None:
+    rung = RUNGS.get(level)
+    if rung is None or rung.probe is None:
         return True, ""
-    th = verdict[tier]  # type: ignore[index]
+    th = verdict[rung.probe]
     return th.healthy, th.reason or ""
 
 

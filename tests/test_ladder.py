@@ -1,0 +1,48 @@
+"""The fallback ladder is one table (mltasks.fallback.ladder): everyone reads it, the
+configuration's defaults and keys agree with it."""
+
+from __future__ import annotations
+
+from mltasks.broker.celery_app import QUEUES, settings_for
+from mltasks.config import Config
+from mltasks.fallback import levels, probes
+from mltasks.fallback.ladder import (
+    BEST,
+    LADDER,
+    LEVEL_QUEUE,
+    MODEL_LEVELS,
+    QUEUE_LEVELS,
+    Level,
+    rung,
+)
+
+
+def test_the_ladder_has_five_levels_in_order() -> None:
+    assert [r.level for r in LADDER] == list(Level) == [1, 2, 3, 4, 5]
+    assert BEST == Level.GPU_FP16 and MODEL_LEVELS == (1, 2, 3)
+    assert [r.tier for r in LADDER] == ["gpu", "gpu", "cpu", "rules", "none"]
+    assert LEVEL_QUEUE == {1: "gpu", 2: "gpu", 3: "cpu", 4: "rules"}
+    assert QUEUE_LEVELS == {"gpu": (1, 2), "cpu": (3,), "rules": (4,)}
+    assert rung(Level.TRADITIONAL).queue is None  # the bridge answers 255 itself
+
+
+def test_every_reader_takes_its_levels_from_the_ladder() -> None:
+    assert QUEUES == ("gpu", "cpu", "rules")
+    assert levels.Level is Level and levels.LEVEL_QUEUE is LEVEL_QUEUE
+    assert probes.TIERS == ("gpu_fp16", "gpu_int8", "cpu")
+    declared = [q.name for q in settings_for(Config())["task_queues"]]
+    assert declared == list(QUEUES)
+
+
+def test_configuration_defaults_and_keys_are_the_ladders() -> None:
+    cfg = Config()
+    for level in MODEL_LEVELS:
+        r = rung(level)
+        assert r.profile_key == f"fallback.level{level}"
+        assert r.fusion_key == f"models.fusion.level{level}"
+        assert getattr(cfg.fallback, r.profile_key.split(".")[-1]) == r.default_profile
+        assert cfg.fallback.level_profile(level) == (r.provider, r.precision)
+        fusion = getattr(cfg.models.fusion, r.fusion_key.split(".")[-1])
+        assert dict(cfg.models.fusion.for_level(level)) == dict(fusion)
+    for level in (Level.RULES, Level.TRADITIONAL):
+        assert rung(level).profile_key is None and rung(level).fusion_key is None
