@@ -59,7 +59,8 @@ def test_an_oversized_state_is_answered_invalid_by_the_claim_and_never_leaves_po
     by_id = {r[0]: r for r in rows}
     assert by_id[huge][3] is None and by_id[huge][7] == "state_length_250000"
     assert by_id[square][3] is None and by_id[square][7] == "state_length_8"
-    assert by_id[good][3] is not None and len(by_id[good][3]) == 64 and by_id[good][7] is None
+    good_state = by_id[good][3]
+    assert good_state is not None and len(good_state) == 64 and by_id[good][7] is None
     assert response(pg, huge) == (255, 0.0, "bridge", "state_length_250000", "invalid")
     assert response(pg, square) == (255, 0.0, "bridge", "state_length_8", "invalid")
     assert response(pg, good) == (None, None, None, None, "processing")

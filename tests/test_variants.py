@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from mltasks.config import Config
 from mltasks.contract import N_ACTIONS, STATE_DIM
+from mltasks.models import timings
 from mltasks.models import variants as v
 from mltasks.models.engine import level_plan
 from mltasks.state import sample_states
@@ -345,25 +346,25 @@ def test_plan_keeps_the_gpu_precision_when_the_gpu_is_there(
 
 def test_time_precisions_reports_every_cell(masters: list[Path]) -> None:
     models = masters[0].parent.parent
-    result = v.time_precisions(models, batch_sizes=(1, 8), repeats=3, warmup=1)
+    result = timings.time_precisions(models, batch_sizes=(1, 8), repeats=3, warmup=1)
     assert result["models"] == len(masters) and result["batch_sizes"] == [1, 8]
     for precision in v.PRECISIONS:
         for batch in (1, 8):
             assert result["median_us"][precision][batch] > 0
     assert result["ratio_to_fp32"]["fp32"] == {1: 1.0, 8: 1.0}
-    assert v.fastest_precision(result, 8) in v.PRECISIONS
+    assert timings.fastest_precision(result, 8) in v.PRECISIONS
     with pytest.raises(ValueError, match="not measured"):
-        v.fastest_precision(result, 64)
+        timings.fastest_precision(result, 64)
 
 
 def test_time_precisions_needs_models(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        v.time_precisions(tmp_path)
+        timings.time_precisions(tmp_path)
 
 
 def test_time_precisions_takes_the_exporters_fp16_masters(models_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "m"
     shutil.copytree(models_dir / "mage", root / "mage")
-    result = v.time_precisions(root, batch_sizes=(1,), repeats=2, warmup=1)
+    result = timings.time_precisions(root, batch_sizes=(1,), repeats=2, warmup=1)
     assert result["models"] == 5  # the state-input types of one archetype
     assert all(result["median_us"][p][1] > 0 for p in v.PRECISIONS)

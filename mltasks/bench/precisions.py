@@ -1,6 +1,6 @@
 """``mltasks bench precisions``: fp32, int8 and fp16 inference time on the CPU.
 
-A thin shell around ``mltasks.models.variants.time_precisions`` (median time per
+A thin shell around ``mltasks.models.timings.time_precisions`` (median time per
 ``session.run`` over the demo models, one thread per session as the workers run,
 precisions interleaved so that other load falls on all of them alike), written as a
 table, JSON and a bar chart.
@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 
 def measure(models_dir: Path, batch_sizes: list[int], repeats: int, threads: int) -> dict[str, Any]:
     """The timings, JSON-ready (batch sizes as string keys, as JSON has them)."""
-    from mltasks.models.variants import time_precisions
+    from mltasks.models.timings import time_precisions
 
     load_before = os.getloadavg()
     t = time_precisions(models_dir, batch_sizes, repeats, intra_op_threads=threads)
