@@ -17,7 +17,7 @@ PREFIX: Final = "mltasks:"
 # with a TTL are evicted. Every cache key has one; Celery's queues and unacked batches none.
 MAXMEMORY_POLICY: Final = "volatile-lru"
 
-# --- Cache (mltasks/cache.py) -------------------------------------------------------------
+# --- Cache (mltasks/cache/) ---------------------------------------------------------------
 
 # L2: the game's action cache, shared with the map server. Key: GAME_ACTION_PREFIX + md5 hex;
 # value "<action_id>:<confidence>". The game writes it with a 10 s SETEX; we use

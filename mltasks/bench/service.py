@@ -44,6 +44,7 @@ from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, FallbackConfig, RedisConfig
+from mltasks.fallback.ladder import LEVEL_QUEUE
 from mltasks.ops.processes import free_port
 
 BROKER_DB = 9
@@ -53,7 +54,6 @@ MB = 1024 * 1024
 Pool = Literal["prefork", "threads", "solo"]
 POOLS: tuple[Pool, ...] = ("prefork", "threads", "solo")
 LEVELS = (3, 4, 5)
-LEVEL_QUEUE = {3: "cpu", 4: "rules"}
 LEVEL5_REASON = "fallback_level_5"
 
 # Thresholds the probes and failure counters cannot reach while the level is held.

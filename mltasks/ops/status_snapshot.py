@@ -12,7 +12,7 @@ HEALTHY: Final = 0
 DEGRADED: Final = 1
 UNREACHABLE: Final = 2
 
-QUEUES: Final[tuple[str, ...]] = ("gpu", "cpu", "rules")
+# How `mltasks status` names each level (shorter than the ladder's modes).
 LEVEL_NAMES: Final[dict[int, str]] = {
     1: "GPU FP16",
     2: "GPU INT8",

@@ -21,8 +21,9 @@ from mltasks import keys
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
+from mltasks.fallback.ladder import QUEUES
 from mltasks.fallback.levels import LevelStore
-from mltasks.ops.status_snapshot import QUEUES, GpuInfo, LatencyInfo, QueueInfo
+from mltasks.ops.status_snapshot import GpuInfo, LatencyInfo, QueueInfo
 from mltasks.sql import query
 
 # The status module's logger, as before this part moved here: log filters know it.
