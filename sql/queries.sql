@@ -54,21 +54,38 @@ ORDER BY priority DESC, created_at;
 -- release_stale --
 -- Give back rows whose lease ran out (a worker died or a batch was lost), so that a
 -- bridge claims them again (and, if they are past their deadline, expires them).
-UPDATE ai_requests
+-- The bridge's statements that touch many rows never wait for a row lock (SKIP LOCKED):
+-- a locked row is being answered by a worker right now, and a bridge that waited could
+-- deadlock with that worker's answer_batch, which locks its rows in another order. A
+-- deadlock stalls both for PostgreSQL's deadlock_timeout (1 s): 66 times the game's
+-- timeout, and under load it happened every few seconds (docs/PERFORMANCE.md).
+WITH stale AS (
+    SELECT request_id FROM ai_requests
+    WHERE status = 'processing'
+      AND claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s)
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ai_requests AS r
 SET status = 'pending'
-WHERE status = 'processing'
-  AND claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s);
+FROM stale
+WHERE r.request_id = stale.request_id;
 
 -- answer_game_timeouts --
 -- Rows the game marked 'timeout' that have no response: never claimed, or claimed in a
 -- batch that was lost (past the lease). Each gets its one 255 answer.
-WITH gave_up AS (
-    UPDATE ai_requests
-    SET answered_at = clock_timestamp(), claimed_at = coalesce(claimed_at, clock_timestamp())
+-- Never waits for a row lock (see release_stale).
+WITH target AS (
+    SELECT request_id FROM ai_requests
     WHERE status = 'timeout' AND answered_at IS NULL
       AND (claimed_at IS NULL
            OR claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s))
-    RETURNING request_id, claimed_at
+    FOR UPDATE SKIP LOCKED
+), gave_up AS (
+    UPDATE ai_requests AS r
+    SET answered_at = clock_timestamp(), claimed_at = coalesce(r.claimed_at, clock_timestamp())
+    FROM target
+    WHERE r.request_id = target.request_id
+    RETURNING r.request_id, r.claimed_at
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
 SELECT request_id, 255, 0, 'bridge', 'game_timeout' FROM gave_up
@@ -77,10 +94,17 @@ ON CONFLICT (request_id) DO NOTHING;
 -- expire_batch --
 -- Answer claimed rows 255 without sending them (past the deadline, or no broker).
 -- Only rows still 'processing' are touched, so a redelivery writes nothing twice.
-WITH expired AS (
+-- Never waits for a row lock (see release_stale): a row a worker is answering right now
+-- gets that answer instead (the bridge's rescue of a batch that looked lost).
+WITH target AS (
+    SELECT request_id FROM ai_requests
+    WHERE request_id = ANY(%(request_ids)s::integer[]) AND status = 'processing'
+    FOR UPDATE SKIP LOCKED
+), expired AS (
     UPDATE ai_requests AS r
     SET status = 'expired', answered_at = clock_timestamp()
-    WHERE r.request_id = ANY(%(request_ids)s::integer[]) AND r.status = 'processing'
+    FROM target
+    WHERE r.request_id = target.request_id
     RETURNING r.request_id
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)

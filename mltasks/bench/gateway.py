@@ -267,16 +267,21 @@ def _decision(
         if answer is not None:
             break
         time.sleep(max(0.0, min(poll_s, deadline - monotonic())))
-    seen = monotonic()
-    out.latencies_ms.append((seen - t0) * 1000.0)
+    latency_ms = (monotonic() - t0) * 1000.0
     if answer is None:
-        if spec.literal_sql:
-            cur.execute(_timeout_literal(request_id), prepare=False)
-        else:
-            cur.execute(bench_query("mark_timeout"), by_id, prepare=True)
-        out.outcomes.append(TIMEOUT)
-        out.actions.append(-1)
+        # Recorded even when marking the row fails (the error reaches the caller): latencies
+        # and outcomes stay the same length.
+        try:
+            if spec.literal_sql:
+                cur.execute(_timeout_literal(request_id), prepare=False)
+            else:
+                cur.execute(bench_query("mark_timeout"), by_id, prepare=True)
+        finally:
+            out.latencies_ms.append(latency_ms)
+            out.outcomes.append(TIMEOUT)
+            out.actions.append(-1)
         return
+    out.latencies_ms.append(latency_ms)
     try:
         action_id, confidence = stoi(answer[0]), stof(answer[1])
     except ValueError as exc:
