@@ -435,10 +435,14 @@ class Bridge:
                     self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
                 claimed = self.drain()
                 self.rescue()
-                full = LEVEL_QUEUE.get(self.level) in self._held
-                if claimed and not full:
+                if LEVEL_QUEUE.get(self.level) in self._held:
+                    # Holding rows back on purpose: nothing to be woken for (and no reason
+                    # to have the game's inserts notify); look at the queue again soon.
+                    stop.wait(min(CONGESTION_RECHECK_S, self._next_rescue_s()))
+                    continue
+                if claimed:
                     continue  # busy: claim again; sleep (and have inserts notify) when idle
-                timeout = min(CONGESTION_RECHECK_S if full else poll_s, self._next_rescue_s())
+                timeout = min(poll_s, self._next_rescue_s())
                 self.wait(min(timeout, max(0.0, self._next_housekeeping - time.monotonic())))
                 backoff = 0.1
             except DatabaseError as exc:
