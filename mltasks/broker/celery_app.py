@@ -61,6 +61,9 @@ def settings_for(cfg: Config) -> dict[str, Any]:
             # A consumer whose BRPOP connection went silent (a partition: no FIN, no RST)
             # reconnects within brpop_timeout + 2 x this, not kombu's 51 s (tests/scale).
             "health_check_interval": 2,
+            # infer_batch skips kombu's unacked bookkeeping: two round trips per batch whose
+            # only use is a redelivery long after the deadline (.transport).
+            "untracked_tasks": (INFER_TASK,),
         },
         "broker_connection_retry_on_startup": True,
         "broker_pool_limit": 10,

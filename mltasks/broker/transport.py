@@ -1,10 +1,19 @@
-"""kombu's Redis transport, with one client object per channel instead of one per command.
+"""kombu's Redis transport, with one client object per channel instead of one per command,
+and no unacked bookkeeping for the tasks that do not want it.
 
 kombu builds a new ``redis.Redis`` around its connection pool for every publish, every
 unacked-message bookkeeping step and every ack (``Channel._create_client``). With
 redis-py 6 that constructor fills a dict of ~170 response callbacks: about 0.2 ms of CPU
 each time on the benchmark machine, twice per task in the worker. The client holds no
 connection of its own (the pool does), so one per pool serves every call just the same.
+
+kombu's ack emulation records every delivered message in Redis (a MULTI/EXEC writing the
+``unacked`` hash and its index) and removes it on the ack (another MULTI/EXEC), so that a
+message lost with its worker comes back after the visibility timeout. For ``infer_batch`` that
+is two round trips on the path to every answer, bought to redeliver a batch whose rows the
+game gave up on thousands of times earlier: a lost batch is answered by the bridge (255
+``lost``) and its rows claimed again after their lease. The messages of the tasks named in the
+transport option ``untracked_tasks`` skip both; every other task (cleanup, canary) keeps them.
 
 Selected with Celery's ``broker_transport`` (mltasks.broker.celery_app): ``Transport`` for a
 ``redis://`` broker URL, ``SentinelTransport`` for a ``sentinel://`` list.
@@ -15,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.transport.virtual import base as virtual_base
 
 
@@ -31,13 +41,36 @@ class QoS(kombu_redis.QoS):
     answered again, which the idempotent answer write makes harmless.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Delivery tags of messages kept only in this process (their task is untracked).
+        self._untracked: set[Any] = set()
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        if message.headers.get("task") in self.channel.untracked_tasks:
+            self._untracked.add(delivery_tag)
+            virtual_base.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
     def ack(self, delivery_tag: Any) -> None:
+        if delivery_tag in self._untracked:
+            self._untracked.discard(delivery_tag)
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         try:
             self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
         finally:
             virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if delivery_tag in self._untracked:
+            self._untracked.discard(delivery_tag)
+            if requeue:  # back on its queue from this process's copy (Redis has none)
+                restore: Any = virtual.Channel._restore
+                restore(self.channel, self._delivered[delivery_tag])
+            virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         try:
             super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
         except Exception:
@@ -46,10 +79,12 @@ class QoS(kombu_redis.QoS):
 
 
 class _OneClient:
-    """The channel's synchronous client, made once per connection pool."""
+    """The channel's synchronous client, made once per connection pool; and the channel's
+    ``untracked_tasks`` (a transport option, read by ``QoS``)."""
 
     _mltasks_client: Any = None
     pool: Any
+    untracked_tasks: frozenset[str] | tuple[str, ...] = ()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         base: Any = super()
@@ -64,6 +99,7 @@ class _OneClient:
 
 class Channel(_OneClient, kombu_redis.Channel):
     QoS = QoS
+    from_transport_options: Any = (*kombu_redis.Channel.from_transport_options, "untracked_tasks")
 
 
 class Transport(kombu_redis.Transport):
@@ -75,6 +111,10 @@ class SentinelChannel(_OneClient, kombu_redis.SentinelChannel):
     the master through the sentinels and follows a failover."""
 
     QoS = QoS
+    from_transport_options: Any = (
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "untracked_tasks",
+    )
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
