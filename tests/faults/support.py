@@ -10,6 +10,7 @@ clients. Every process and server a helper starts, it also stops.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,10 +55,32 @@ from tests.servers import CACHE_DB, PostgresServer, RedisServer, missing, pg_bin
 # What the fault and scale tests import from here: the servers (tests/servers.py) and the
 # audit (tests/faults/audit.py) live in modules of their own.
 __all__ = [
-    "BROKER_DB", "CACHE_DB", "HEALTHY_HOST", "REPO", "Decision", "GameLoad", "Outcome",
-    "PostgresServer", "RedisServer", "Service", "Settings", "audit", "batch_request_ids",
-    "db_now", "first_worker_answer", "free_port", "in_flight", "missing", "outcomes",
-    "pg_bindir", "redis_server", "report", "settle", "summary", "unsettled", "warm_up",
+    "BROKER_DB",
+    "CACHE_DB",
+    "HEALTHY_HOST",
+    "REPO",
+    "Decision",
+    "GameLoad",
+    "Outcome",
+    "PostgresServer",
+    "RedisServer",
+    "Service",
+    "Settings",
+    "audit",
+    "batch_request_ids",
+    "db_now",
+    "first_worker_answer",
+    "free_port",
+    "missing",
+    "outcomes",
+    "pg_bindir",
+    "queued",
+    "redis_server",
+    "report",
+    "settle",
+    "summary",
+    "unsettled",
+    "warm_up",
 ]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -402,23 +425,22 @@ def warm_up(conn: psycopg.Connection[Any], timeout: float = 60.0) -> None:
 
 
 def batch_request_ids(raw: bytes) -> list[int]:
-    """The request ids of an `infer_batch` message as kombu keeps it in its `unacked`
-    hash: JSON [message, exchange, routing key], the body msgpack, base64-encoded."""
-    message = json.loads(raw)[0]
+    """The request ids of an `infer_batch` message as kombu pushes it on a queue: JSON, the
+    body msgpack, base64-encoded."""
+    message = json.loads(raw)
     body = base64.b64decode(message["body"])
     args = msgpack.unpackb(body, raw=False)[0]
     return [int(row[0]) for row in args[0]]
 
 
-def in_flight(broker: redis.Redis) -> dict[bytes, list[int]]:
-    """Batches delivered to a worker and not acknowledged: delivery tag -> request ids."""
-    found: dict[bytes, list[int]] = {}
-    unacked: dict[bytes, bytes] = broker.hgetall("unacked")  # type: ignore[assignment]
-    for tag, raw in unacked.items():
-        try:
-            found[tag] = batch_request_ids(raw)
-        except (ValueError, KeyError, IndexError, TypeError):
-            found[tag] = []
+def queued(broker: redis.Redis, queues: tuple[str, ...] = ("gpu", "cpu", "rules")) -> set[int]:
+    """Request ids in the batches waiting on the queues (not yet taken by a worker)."""
+    found: set[int] = set()
+    for queue in queues:
+        raws: list[bytes] = broker.lrange(queue, 0, -1)  # type: ignore[assignment]
+        for raw in raws:
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                found.update(batch_request_ids(raw))
     return found
 
 

@@ -1,9 +1,9 @@
 """kill -9 a prefork Celery worker in the middle of a batch, under the game's load.
 
-The batch is caught in the worker's hands for certain: the worker is frozen (SIGSTOP) the
-moment the broker shows a delivered, unacknowledged batch, the freeze is kept only if
-the batch is still unacknowledged, and then the worker is killed (SIGKILL). A `rules`
-worker stays up, so the service has a tier to move to.
+The batch is caught in the worker's hands: the worker is frozen (SIGSTOP) while rows claimed
+a while ago are unanswered, the freeze is kept only if some of them are in no queue and
+still unanswered once its statements have finished, and then the worker is killed (SIGKILL).
+A `rules` worker stays up, so the service has a tier to move to.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.faults.support import (
     Settings,
     audit,
     db_now,
-    in_flight,
+    queued,
     report,
     settle,
     warm_up,
@@ -49,18 +49,20 @@ def freeze_with_a_batch_in_hand(
 ) -> tuple[list[int], list[psutil.Process]]:
     """SIGSTOP `victims` while they hold a batch not yet answered; its request ids.
 
-    The worker consumes with prefetch 1, so an entry in kombu's `unacked` hash is the batch
-    this worker holds. Once frozen it can neither write nor acknowledge, so a second look
-    (still unacknowledged, and some of its rows still without an answer) is the proof.
-    Otherwise: thaw, and try again with a later batch.
+    A worker that took an `infer_batch` message leaves no trace of it in Redis (the
+    transport keeps no unacked entry for it), so the batch is found by elimination. Rows
+    claimed a while before the freeze (the bridge publishes a batch as soon as it has claimed
+    it) that are still unanswered once the frozen worker's statements in PostgreSQL have
+    finished, and are in no batch waiting on a queue, are in the worker's hands: it is the
+    only consumer of their queue. Otherwise: thaw, and try again with a later batch.
     """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            wait_until(
-                lambda: broker.hlen("unacked"),
+            claimed = wait_until(
+                lambda: claimed_unanswered(pg),
                 max(0.0, deadline - time.monotonic()),
-                "a batch delivered to the worker",
+                "rows claimed for a while and not answered",
                 interval=0.0005,
             )
         except WaitTimeout:
@@ -68,19 +70,31 @@ def freeze_with_a_batch_in_hand(
         procs = victims()
         for p in procs:
             p.send_signal(signal.SIGSTOP)
-        rids = [rid for rids in in_flight(broker).values() for rid in rids]
-        if rids and unanswered(pg, rids):
-            # An answer the worker sent before the freeze lands once PostgreSQL has run it.
-            wait_until(
-                functools.partial(statements_finished, pg, procs),
-                10,
-                "the frozen worker's statements in PostgreSQL to finish",
-            )
-            if unanswered(pg, rids):
-                return rids, procs
+        # An answer the worker sent before the freeze lands once PostgreSQL has run it.
+        wait_until(
+            functools.partial(statements_finished, pg, procs),
+            10,
+            "the frozen worker's statements in PostgreSQL to finish",
+        )
+        waiting = queued(broker)
+        held = [rid for rid in claimed if rid not in waiting]
+        if held and unanswered(pg, held) == len(held):
+            return held, procs
         for p in procs:
             p.send_signal(signal.SIGCONT)
     raise AssertionError(f"no unanswered batch caught in the worker's hands within {timeout}s")
+
+
+def claimed_unanswered(pg: psycopg.Connection[Any], age_ms: float = 3.0) -> list[int]:
+    """Rows claimed at least `age_ms` ago (long since published) and not answered."""
+    rows = pg.execute(
+        "SELECT r.request_id FROM ai_requests r"
+        " WHERE r.status = 'processing'"
+        " AND r.claimed_at < clock_timestamp() - make_interval(secs => %s)"
+        " AND NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)",
+        (age_ms / 1000,),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def statements_finished(pg: psycopg.Connection[Any], procs: list[psutil.Process]) -> bool:
@@ -174,9 +188,10 @@ def test_a_worker_killed_mid_batch_leaves_every_request_one_answer_in_time(
         problems += [f"after the kill: {p}" for p in first]
         assert set(caught) <= set(rows), "the killed batch names requests that do not exist"
 
-        # infer_batch is acknowledged on receipt (tasks.py): the killed worker's batch is
-        # never redelivered. Its rows were answered by the bridge (255 `lost`, at 80% of the
-        # deadline) or by the lease; nothing waits for the visibility timeout.
+        # infer_batch leaves no unacked entry (mltasks.broker.transport): the killed
+        # worker's batch is never redelivered. Its rows were answered by the bridge (255
+        # `lost`, at 80% of the deadline) or by the lease; nothing waits for the visibility
+        # timeout.
         assert not broker.hlen("unacked"), "a batch task left unacknowledged"
         del killed_at_mono
 
