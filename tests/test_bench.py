@@ -7,6 +7,7 @@ benchmark's own parts run, against a database of their own, without a Celery wor
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
@@ -419,3 +420,27 @@ def test_service_configurations(
     else:
         assert "pool" not in settings.describe()
     assert settings.label().startswith("service" if level is None else f"service L{level}")
+
+
+def test_set_adds_keys_to_the_services_config(tmp_path: Path) -> None:
+    """``bench gateway --set section.key=value``: the key reaches the service's config."""
+    from mltasks.bench.cli_args import _override
+
+    override = _override("inference.max_waiting_batches=2")
+    assert override == ("inference", "max_waiting_batches", 2)
+    settings = ServiceSettings(
+        database_url=make_conninfo(conftest.ADMIN_URL, dbname="mltasks_bench"),
+        redis_url=os.environ["MLTASKS_TEST_REDIS_URL"],
+        models_dir=tmp_path,
+        work_dir=tmp_path,
+        log_dir=tmp_path,
+        overrides=(override,),
+    )
+    path = tmp_path / "c.yaml"
+    write_checked_config(path, bench_config(settings))
+    cfg = load_config(path, environ={})
+    assert cfg.inference.max_waiting_batches == 2
+    assert cfg.inference.max_latency_ms == 100  # the run's own keys stay
+    assert settings.describe()["set"] == {"inference.max_waiting_batches": 2}
+    with pytest.raises(argparse.ArgumentTypeError, match=r"SECTION\.KEY=VALUE"):
+        _override("max_waiting_batches=2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from mltasks.bench.database import DEFAULT_BENCH_URL
 from mltasks.bench.service import LEVELS, POOLS, Pool, default_pool
@@ -84,6 +85,17 @@ def common_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, the value as YAML reads it)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not (sep and dot and section and key):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.KEY=VALUE")
+    return section, key, yaml.safe_load(value)
+
+
 def service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
     """How the service under test is deployed (one value, or a list to compare)."""
     g = p.add_argument_group("service configuration")
@@ -113,6 +125,16 @@ def service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:
         help="fallback level forced and held: 3 cpu worker, 4 '-Q rules' worker, 5 bridge "
         "only (answers 255)" + (", several as 3,4,5" if level_list else "") + "; default: "
         "none forced, the service as deployed (its probes may move the level)",
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="one more key of the service's config (YAML value), e.g. "
+        "inference.max_waiting_batches=2; repeatable",
     )
     g.add_argument(
         "--degrade",

@@ -78,6 +78,7 @@ def _settings(
         layout=args.layout,
         bridges=getattr(args, "bridges", 1),
         workers=getattr(args, "workers", None),
+        overrides=tuple(getattr(args, "overrides", ())),
     )
 
 

@@ -80,6 +80,8 @@ class ServiceSettings:
     layout: str = "encoder"
     bridges: int = 1  # `python -m bridge` processes (they never double-claim)
     workers: int | None = None  # worker processes; None: solo `concurrency`, else one
+    # More config keys (bench --set): (section, key, value), applied last.
+    overrides: tuple[tuple[str, str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -115,6 +117,8 @@ class ServiceSettings:
         d["bridges"] = self.bridges
         if self.level is not None:
             d["level_held"] = self.hold_level
+        if self.overrides:
+            d["set"] = {f"{sec}.{key}": value for sec, key, value in self.overrides}
         return d
 
     def label(self) -> str:
@@ -167,7 +171,7 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
         fallback["start_level"] = s.level
         if s.hold_level:
             fallback.update(_HELD_FALLBACK)
-    return {
+    doc: dict[str, Any] = {
         "models": {"dir": str(s.models_dir), "preload": "all"},
         "state": {"layout": s.layout},
         "inference": {"max_latency_ms": max(5, s.timeout_ms)},
@@ -179,6 +183,9 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
         "monitoring": _monitoring(),
         "logging": {"level": "WARNING"},
     }
+    for section, key, value in s.overrides:
+        doc.setdefault(section, {})[key] = value
+    return doc
 
 
 # Keys the benchmark sets when the service's code has them; one it does not know (an older
