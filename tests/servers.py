@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NoReturn
 
-import pytest
 import redis
 
 from mltasks.ops import processes
@@ -33,6 +32,7 @@ from mltasks.ops.embedded import (
     redis_answers,
 )
 from mltasks.ops.processes import free_port
+from tests.skips import need
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,9 @@ CACHE_DB: Final = 0  # the product's default: a private Redis server is ours alo
 
 
 def missing(what: str) -> NoReturn:
-    """Skip, or fail where CI promised the server binaries (MLTASKS_TEST_REQUIRE_SERVERS=1)."""
-    if os.environ.get("MLTASKS_TEST_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"{what} (MLTASKS_TEST_REQUIRE_SERVERS=1)")
-    pytest.skip(what)
+    """Skip, or fail where CI promised the server binaries (tests.skips.need)."""
+    need(False, what)
+    raise AssertionError("not reached: need(False, ...) skips or fails")
 
 
 # -- the session's servers --------------------------------------------------------------------

@@ -32,8 +32,8 @@ from mltasks.cache.codec import (
 from mltasks.cache.stats import hit_rates, read_stats
 from mltasks.config import Config
 from mltasks.contract import STATE_DIM
-from mltasks.ops.processes import free_port
 from tests.conftest import wait_for
+from tests.servers import RedisServer
 from tests.skips import need
 
 # What std::stoi / std::stof accept at the start of a string (they ignore what follows).
@@ -440,55 +440,10 @@ def test_circuit_breaker_states(caplog: pytest.LogCaptureFixture) -> None:
 # --- an outage on a private redis-server ------------------------------------------------------
 
 
-class PrivateRedis:
-    """A throwaway redis-server on its own port; always stopped at teardown."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        exe = need(shutil.which("redis-server"), "redis-server is not installed")
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        probe = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        try:
-            wait_for(self._up(probe), timeout=10, what="the private redis-server")
-        finally:
-            probe.close()
-
-    def _up(self, probe: redis.Redis) -> Callable[[], bool]:
-        def check() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
-            try:
-                return bool(probe.ping())
-            except redis.ConnectionError:
-                return False
-
-        return check
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on its own port; always stopped at teardown."""
+    server = RedisServer(tmp_path)
     server.start()
     try:
         yield server
@@ -498,7 +453,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 def test_outage_turns_the_cache_off_and_it_resumes_by_itself(
     base_config: Config,
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -34,6 +34,7 @@ from mltasks.ops.embedded import (
 from tests import game
 from tests.conftest import wait_for
 from tests.servers import start_test_services
+from tests.skips import need
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSED_PG = "postgresql://ml_user@127.0.0.1:1/ragnarok_ml"
@@ -116,11 +117,10 @@ def test_the_session_runs_on_its_own_redis(base_config: Any) -> None:
 
     services = conftest.SERVICES
     assert services is not None
-    if services.redis is None:
-        pytest.skip("MLTASKS_TEST_REDIS_URL names the tests' Redis")
-    assert base_config.redis.url == services.redis.url
-    assert services.redis.port != 6379
-    assert os.environ["MLTASKS_REDIS_URL"] == services.redis.url
+    redis = need(services.redis, "MLTASKS_TEST_REDIS_URL names the tests' Redis")
+    assert base_config.redis.url == redis.url
+    assert redis.port != 6379
+    assert os.environ["MLTASKS_REDIS_URL"] == redis.url
     assert conftest.NO_DATABASE in os.environ["MLTASKS_DATABASE_URL"]
 
 

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import psutil
 import psycopg
-import redis
 
 from mltasks.bench import BenchError
 from mltasks.bench.database import drop_database, recreate_database
@@ -42,7 +41,7 @@ from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
 from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
-from mltasks.ops.processes import free_port
+from mltasks.ops.processes import RedisServer
 
 FAULTS = ("redis", "bridge", "cpu", "rules", "stop")
 REDIS_DOWN_S = 1.0
@@ -160,40 +159,12 @@ class _Game:
             t.join(10)
 
 
-class _Redis:
+def _redis(work: Path) -> RedisServer:
     """A private redis-server, no persistence: killed, it comes back empty."""
-
-    def __init__(self, work: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise BenchError("redis-server is not installed (the chaos run kills its own)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(work)]  # fmt: skip
-        self.proc = ManagedProcess("redis", argv, log_path=work / "logs" / "redis.log")
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.proc.start()
-        client = redis.Redis(port=self.port, socket_timeout=0.2, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                self.proc.check()
-                with contextlib.suppress(redis.RedisError, OSError):
-                    if client.ping():
-                        return
-                if time.monotonic() > deadline:
-                    raise BenchError("the private redis-server did not answer")
-                time.sleep(0.01)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc.proc is not None:
-            self.proc.proc.send_signal(signal.SIGKILL)
-            self.proc.proc.wait(10)
-        self.proc.stop()
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError("redis-server is not installed (the chaos run kills its own)")
+    return RedisServer(work / "logs", exe)
 
 
 def _yaml(opts: ChaosOptions) -> str:
@@ -214,7 +185,7 @@ class ChaosRun:
         self.work = work
         self.say = say
         self.rng = random.Random(opts.seed)
-        self.redis = _Redis(work)
+        self.redis = _redis(work)
         config = work / "chaos.yaml"
         config.write_text(_yaml(opts))
         import os
@@ -285,7 +256,7 @@ class ChaosRun:
         stop_all(list(self.procs.values()))
         self.procs.clear()
         with contextlib.suppress(Exception):
-            self.redis.proc.stop()
+            self.redis.stop()
 
     # -- faults -----------------------------------------------------------------------------
 
@@ -293,7 +264,7 @@ class ChaosRun:
         now = time.monotonic()
         if kind == "redis":
             self.faults.append(Fault(now, kind, "redis"))
-            self.redis.kill()
+            self.redis.stop(signal.SIGKILL)
             time.sleep(REDIS_DOWN_S)
             self.redis.start()
             return

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from typing import NoReturn
 
-import pytest
+from tests.skips import need
 
 # Lines for the terminal summary (tests/scale/conftest.py): what was not emulated, and
 # the recovery times measured.
@@ -40,11 +40,10 @@ NETNS_DIR = "/var/run/netns"
 
 
 def unavailable(what: str) -> NoReturn:
-    """Skip, or fail where CI promised the capability (CI=true or
-    MLTASKS_TEST_REQUIRE_SERVERS=1): the scale suite must not pass by not running."""
-    if os.environ.get("MLTASKS_TEST_REQUIRE_SERVERS") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(f"{what} (CI=true / MLTASKS_TEST_REQUIRE_SERVERS=1: required here)")
-    pytest.skip(what)
+    """Skip, or fail where CI promised the capability: the scale suite must not pass by not
+    running (tests.skips.need)."""
+    need(False, what)
+    raise AssertionError("not reached: need(False, ...) skips or fails")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

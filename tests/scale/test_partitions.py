@@ -49,6 +49,7 @@ from tests.faults.support import (
     audit,
     db_now,
     first_worker_answer,
+    queued,
     report,
     settle,
     summary,
@@ -242,15 +243,19 @@ def check(c: Cluster, load: GameLoad, *, strict_bound: bool) -> dict[int, Outcom
     return rows
 
 
-def worker_busy(r: redis.Redis, ip: str) -> bool:
-    """A batch is delivered and not acknowledged, and the worker at `ip` is not waiting in
-    a BRPOP: it holds that batch (one in flight per process, prefetch 1)."""
-    if not r.hlen("unacked"):
-        return False
+def worker_busy(c: Cluster, r: redis.Redis, ip: str) -> bool:
+    """The solo worker at `ip` is not waiting in a BRPOP (it runs a batch in its consumer),
+    and a batch is in a worker's hands: rows claimed a while ago, unanswered, in no queue.
+    (An `infer_batch` message leaves no unacked entry to look at: mltasks.broker.transport.)"""
     mine = [cl for cl in r.client_list() if str(cl["addr"]).rsplit(":", 1)[0] == ip]
-    return bool(mine) and not any(
-        cl.get("cmd") == "brpop" and "b" in str(cl.get("flags", "")) for cl in mine
-    )
+    if not mine or any(cl.get("cmd") == "brpop" and "b" in str(cl.get("flags", "")) for cl in mine):
+        return False
+    rows = c.conn.execute(
+        "SELECT r.request_id FROM ai_requests r WHERE r.status = 'processing'"
+        " AND r.claimed_at < clock_timestamp() - interval '3 milliseconds'"
+        " AND NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)"
+    ).fetchall()
+    return bool({int(row[0]) for row in rows} - queued(r))
 
 
 def cut_while_busy(c: Cluster, host: Host, timeout: float = 10.0) -> bool:
@@ -260,7 +265,7 @@ def cut_while_busy(c: Cluster, host: Host, timeout: float = 10.0) -> bool:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if worker_busy(r, host.ip):
+            if worker_busy(c, r, host.ip):
                 c.net.cut(host)
                 return True
             time.sleep(0.001)
