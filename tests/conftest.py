@@ -37,6 +37,18 @@ SESSION = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
 SERVICES: TestServices | None = None  # set by pytest_configure
 T = TypeVar("T")
 
+# Probe readings of a healthy host without a GPU: the test host's own load must not move
+# the fallback level (the workers read them from the file PROBE_FILE_ENV names).
+HEALTHY_HOST: dict[str, Any] = {
+    "gpu_present": False,
+    "vram_used_bytes": None,
+    "vram_total_bytes": None,
+    "cpu_load_per_core": 0.5,
+    "ram_used_fraction": 0.3,
+    "queue_lag_s": None,
+    "gpu_status": "absent",
+}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """The session's own servers, before any fixture or test module reads them.
@@ -244,19 +256,7 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
     # Healthy probe readings: this busy test host's own load must not move the level of
     # the tests (the monitor reads the variable once, at the worker's start).
     drill = Path(tempfile.mkdtemp(prefix="mltasks-probes-")) / "probes.json"
-    drill.write_text(
-        json.dumps(
-            {
-                "gpu_present": False,
-                "vram_used_bytes": None,
-                "vram_total_bytes": None,
-                "cpu_load_per_core": 0.5,
-                "ram_used_fraction": 0.3,
-                "queue_lag_s": None,
-                "gpu_status": "absent",
-            }
-        )
-    )
+    drill.write_text(json.dumps(HEALTHY_HOST))
     previous = os.environ.get(PROBE_FILE_ENV)
     os.environ[PROBE_FILE_ENV] = str(drill)
     with start_worker(

@@ -371,6 +371,19 @@ def test_check_report_names_what_is_wrong() -> None:
 # -- service configurations ----------------------------------------------------------------
 
 
+def service_settings(tmp_path: Path, **options: Any) -> ServiceSettings:
+    """A bench run's settings on the session's servers, though nothing here connects: no
+    live address in a test."""
+    return ServiceSettings(
+        database_url=make_conninfo(conftest.ADMIN_URL, dbname="mltasks_bench"),
+        redis_url=os.environ["MLTASKS_TEST_REDIS_URL"],
+        models_dir=tmp_path,
+        work_dir=tmp_path,
+        log_dir=tmp_path,
+        **options,
+    )
+
+
 @pytest.mark.parametrize(
     ("level", "pool", "queue", "concurrency"),
     [
@@ -386,14 +399,9 @@ def test_service_configurations(
 ) -> None:
     from mltasks.config import FallbackConfig
 
-    settings = ServiceSettings(
-        # The session's servers, though nothing here connects: no live address in a test.
-        database_url=make_conninfo(conftest.ADMIN_URL, dbname="mltasks_bench"),
-        redis_url=os.environ["MLTASKS_TEST_REDIS_URL"],
-        models_dir=tmp_path,
-        work_dir=tmp_path,
-        log_dir=tmp_path,
-        pool=pool or "prefork",  # type: ignore[arg-type]
+    settings = service_settings(
+        tmp_path,
+        pool=pool or "prefork",
         level=level,
         caching=level != 4,
     )
@@ -428,14 +436,7 @@ def test_set_adds_keys_to_the_services_config(tmp_path: Path) -> None:
 
     override = _override("inference.max_waiting_batches=2")
     assert override == ("inference", "max_waiting_batches", 2)
-    settings = ServiceSettings(
-        database_url=make_conninfo(conftest.ADMIN_URL, dbname="mltasks_bench"),
-        redis_url=os.environ["MLTASKS_TEST_REDIS_URL"],
-        models_dir=tmp_path,
-        work_dir=tmp_path,
-        log_dir=tmp_path,
-        overrides=(override,),
-    )
+    settings = service_settings(tmp_path, overrides=(override,))
     path = tmp_path / "c.yaml"
     write_checked_config(path, bench_config(settings))
     cfg = load_config(path, environ={})

@@ -21,18 +21,18 @@ from mltasks.config import Config
 from mltasks.fallback.levels import LevelStore
 from mltasks.keys import heartbeat
 from mltasks.ops.dev import stop_all
+from tests import conftest
 from tests.conftest import BridgeThread, wait_for
 
 BROKER_DB, CACHE_DB = 13, 14
-HEALTHY_HOST: dict[str, Any] = {
-    "gpu_present": True,
-    "vram_used_bytes": 1 << 30,
-    "vram_total_bytes": 8 << 30,
-    "cpu_load_per_core": 0.5,
-    "ram_used_fraction": 0.3,
-    "queue_lag_s": None,
-    "gpu_status": "ok",
-}
+# A healthy host with a GPU (1 of 8 GiB used), so every tier of the ladder can serve.
+HEALTHY_HOST: dict[str, Any] = dict(
+    conftest.HEALTHY_HOST,
+    gpu_present=True,
+    vram_used_bytes=1 << 30,
+    vram_total_bytes=8 << 30,
+    gpu_status="ok",
+)
 
 
 class World:

@@ -41,21 +41,18 @@ class QoS(kombu_redis.QoS):
     answered again, which the idempotent answer write makes harmless.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        # Delivery tags of messages kept only in this process (their task is untracked).
-        self._untracked: set[Any] = set()
+    def _untracked(self, message: Any) -> bool:
+        """Whether ``message`` (None: not delivered here) is kept only in this process."""
+        return message is not None and message.headers.get("task") in self.channel.untracked_tasks
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        if message.headers.get("task") in self.channel.untracked_tasks:
-            self._untracked.add(delivery_tag)
+        if self._untracked(message):
             virtual_base.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
             return
         super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
 
     def ack(self, delivery_tag: Any) -> None:
-        if delivery_tag in self._untracked:
-            self._untracked.discard(delivery_tag)
+        if self._untracked(self._delivered.get(delivery_tag)):
             virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
             return
         try:
@@ -64,11 +61,11 @@ class QoS(kombu_redis.QoS):
             virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        if delivery_tag in self._untracked:
-            self._untracked.discard(delivery_tag)
+        message = self._delivered.get(delivery_tag)
+        if self._untracked(message):
             if requeue:  # back on its queue from this process's copy (Redis has none)
                 restore: Any = virtual.Channel._restore
-                restore(self.channel, self._delivered[delivery_tag])
+                restore(self.channel, message)
             virtual_base.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
             return
         try:

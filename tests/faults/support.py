@@ -37,7 +37,7 @@ from mltasks.ops.processes import exited, free_port, kill_tree, spawn, stop_proc
 from mltasks.redisurl import client_from_url, with_db
 from mltasks.state import sample_states
 from tests import game
-from tests.conftest import wait_for
+from tests.conftest import HEALTHY_HOST, wait_for
 from tests.faults.audit import (
     Decision,
     Outcome,
@@ -68,6 +68,7 @@ __all__ = [
     "Settings",
     "audit",
     "batch_request_ids",
+    "claimed_unanswered",
     "db_now",
     "first_worker_answer",
     "free_port",
@@ -130,17 +131,6 @@ class Settings:
             "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
             "logging:\n  level: WARNING\n"
         )
-
-
-HEALTHY_HOST: dict[str, Any] = {
-    "gpu_present": False,
-    "vram_used_bytes": None,
-    "vram_total_bytes": None,
-    "cpu_load_per_core": 0.5,
-    "ram_used_fraction": 0.3,
-    "queue_lag_s": None,
-    "gpu_status": "absent",
-}
 
 
 class Service:
@@ -431,6 +421,18 @@ def batch_request_ids(raw: bytes) -> list[int]:
     body = base64.b64decode(message["body"])
     args = msgpack.unpackb(body, raw=False)[0]
     return [int(row[0]) for row in args[0]]
+
+
+def claimed_unanswered(pg: psycopg.Connection[Any], age_ms: float = 3.0) -> list[int]:
+    """Rows claimed at least `age_ms` ago (long since published) and not answered."""
+    rows = pg.execute(
+        "SELECT r.request_id FROM ai_requests r"
+        " WHERE r.status = 'processing'"
+        " AND r.claimed_at < clock_timestamp() - make_interval(secs => %s)"
+        " AND NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)",
+        (age_ms / 1000,),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def queued(broker: redis.Redis, queues: tuple[str, ...] = ("gpu", "cpu", "rules")) -> set[int]:

@@ -30,6 +30,7 @@ from tests.faults.support import (
     Service,
     Settings,
     audit,
+    claimed_unanswered,
     db_now,
     queued,
     report,
@@ -83,18 +84,6 @@ def freeze_with_a_batch_in_hand(
         for p in procs:
             p.send_signal(signal.SIGCONT)
     raise AssertionError(f"no unanswered batch caught in the worker's hands within {timeout}s")
-
-
-def claimed_unanswered(pg: psycopg.Connection[Any], age_ms: float = 3.0) -> list[int]:
-    """Rows claimed at least `age_ms` ago (long since published) and not answered."""
-    rows = pg.execute(
-        "SELECT r.request_id FROM ai_requests r"
-        " WHERE r.status = 'processing'"
-        " AND r.claimed_at < clock_timestamp() - make_interval(secs => %s)"
-        " AND NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)",
-        (age_ms / 1000,),
-    ).fetchall()
-    return [int(r[0]) for r in rows]
 
 
 def statements_finished(pg: psycopg.Connection[Any], procs: list[psutil.Process]) -> bool:

@@ -47,6 +47,7 @@ from tests.faults.support import (
     Service,
     Settings,
     audit,
+    claimed_unanswered,
     db_now,
     first_worker_answer,
     queued,
@@ -250,12 +251,7 @@ def worker_busy(c: Cluster, r: redis.Redis, ip: str) -> bool:
     mine = [cl for cl in r.client_list() if str(cl["addr"]).rsplit(":", 1)[0] == ip]
     if not mine or any(cl.get("cmd") == "brpop" and "b" in str(cl.get("flags", "")) for cl in mine):
         return False
-    rows = c.conn.execute(
-        "SELECT r.request_id FROM ai_requests r WHERE r.status = 'processing'"
-        " AND r.claimed_at < clock_timestamp() - interval '3 milliseconds'"
-        " AND NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)"
-    ).fetchall()
-    return bool({int(row[0]) for row in rows} - queued(r))
+    return bool(set(claimed_unanswered(c.conn)) - queued(r))
 
 
 def cut_while_busy(c: Cluster, host: Host, timeout: float = 10.0) -> bool:
