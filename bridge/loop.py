@@ -52,11 +52,9 @@ PUBLISH_PAUSE_S = 1.0
 # answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
 # hold-back: the ones before it were claimed.)
 HOLD_BACK_SHARE = 0.5
-# A row sent to a worker and still unanswered this far into its deadline is answered 255
-# here (`rescue`): its batch was lost on the way (Redis killed with it in a list, a worker
-# killed or frozen with it in hand). The game then reads a 255 in time instead of timing
-# out; a worker that answers after all finds the row answered (one answer per row).
-RESCUE_SHARE = 0.8
+# A batch sent to a worker and still unanswered at `InferenceConfig.rescue_after_s` (80% of
+# its oldest row's deadline) is answered 255 here (`rescue`); a worker that answers after
+# all finds the rows answered (one answer per row).
 # Rescues are looked for at most this often (one UPDATE on primary keys; none when no
 # batch is due).
 RESCUE_EVERY_S = 0.005
@@ -92,7 +90,7 @@ class Bridge:
         self.diverted = 0
         # Batches sent to a worker: (when to look for lost rows (monotonic), request ids).
         self._in_flight: collections.deque[tuple[float, list[int]]] = collections.deque()
-        self.rescue_after_s = self.config.inference.max_latency_ms / 1000 * RESCUE_SHARE
+        self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).

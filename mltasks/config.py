@@ -47,10 +47,13 @@ def _all_types() -> dict[str, float]:
 
 
 def _cpu_types() -> dict[str, float]:
-    # The cheap state-input types (MODELS.md: about 4.4 MFLOP each for the two big MLPs,
-    # 0.2M parameters for skill_dqn, 0.15M for the threat MLPs): what two CPU cores can
-    # afford inside the game's 15 ms, at the Phase 11 sizes.
-    return {"combat_dqn": 1.0, "movement_ppo": 1.0, "skill_dqn": 0.5, "threat_assessment": 1.0}
+    # The cheap state-input types, chosen from the cost table (docs/PERFORMANCE.md): a batch
+    # of mixed archetypes reads every archetype's weights, and with movement_ppo as well the
+    # set's INT8 weights (40 MB over six archetypes) overflow a CPU's last-level cache
+    # (32 MB here): 5.4 ms a sweep of the six archetypes against 3.3 ms without it, and
+    # the same models in one process answered 60-70% of 8 map servers in time against
+    # 80-85%. combat_dqn stays: it is the seed's one model, the fusion's reference.
+    return {"combat_dqn": 1.0, "skill_dqn": 0.5, "threat_assessment": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,18 @@ class InferenceConfig:
     # Batches allowed to wait in a tier's queue before the bridge holds back and lets rows
     # gather into a larger batch (0: never hold back).
     max_waiting_batches: int = 1
+
+    # A row sent to a worker and still unanswered this far into its deadline is answered 255
+    # by the bridge (`rescue`): its batch was lost on the way (Redis killed with it in a
+    # list, a worker killed or frozen with it in hand). The game then reads a 255 in time
+    # instead of timing out. A worker handed a batch already past this point answers it 255
+    # at once: the bridge is answering it, and inference on it would be wasted.
+    RESCUE_SHARE: ClassVar[float] = 0.8
+
+    @property
+    def rescue_after_s(self) -> float:
+        """Seconds after a batch's oldest row was created that the bridge rescues it."""
+        return self.max_latency_ms / 1000 * self.RESCUE_SHARE
 
     def __post_init__(self) -> None:
         _range("inference.batch_size", self.batch_size, 32, 128)

@@ -146,7 +146,7 @@ def test_metrics_move_with_real_traffic(
 
     after = wait_until(moved, 20, "the worker's counters to move")
     assert (value(after, "ml_requests_total", outcome="cache") or 0) >= 1
-    assert value(after, "ml_models_loaded_total") == 24  # the level-3 fusion: 4 types x 6
+    assert value(after, "ml_models_loaded_total") == 18  # the level-3 fusion: 3 types x 6
     assert value(after, "ml_models_loaded_by_type", model_type="skill_dqn") == 6
     assert (value(after, "ml_fusion_answers_total", kind="fused") or 0) >= 6
     assert (value(after, "ml_batch_size_count") or 0) > (value(before, "ml_batch_size_count") or 0)

@@ -23,12 +23,7 @@ def test_shipped_file_matches_the_game_defaults() -> None:
     assert cfg.database.user == "ml_user"
     assert cfg.database.password == "s3cret"
     assert "s3cret" not in repr(cfg)  # never in a log line that prints the config
-    assert set(cfg.models.fusion.level3) == {
-        "combat_dqn",
-        "movement_ppo",
-        "skill_dqn",
-        "threat_assessment",
-    }
+    assert set(cfg.models.fusion.level3) == {"combat_dqn", "skill_dqn", "threat_assessment"}
     assert 32 <= cfg.inference.batch_size <= 128
     assert cfg.redis.cache_db == 0  # the game's own cache lives in db 0
 

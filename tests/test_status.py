@@ -38,7 +38,7 @@ CPU_HOST: dict[str, Any] = {
     "queue_lag_s": None,
     "taken_at": 0.0,
     "gpu_status": "no GPU",
-    "models_loaded": 24,  # the default level-3 fusion: 4 types x 6 archetypes
+    "models_loaded": 18,  # the default level-3 fusion: 3 types x 6 archetypes
 }
 GPU_HOST = dict(
     CPU_HOST,
@@ -146,8 +146,8 @@ def test_healthy_cpu_host_table_json_and_exit_0(
     code, text = run_command(cfg, monkeypatch)
     assert code == status.HEALTHY, text
     assert "mltasks status: healthy" in text
-    assert "24/24 (workers)" in text
-    assert "combat_dqn 1, movement_ppo 1, skill_dqn 0.5, threat_assessment 1" in text
+    assert "18/18 (workers)" in text
+    assert "combat_dqn 1, skill_dqn 0.5, threat_assessment 1" in text
     assert "3 CPU" in text and "best reachable 3" in text
     assert "l2 25%, l3 50%" in text
     assert "41 answers, 1 of them 255" in text
@@ -160,14 +160,9 @@ def test_healthy_cpu_host_table_json_and_exit_0(
     assert doc["problems"] == []
     assert doc["postgres"]["reachable"] and doc["redis"]["reachable"]
     models = doc["models"]
-    assert (models["loaded"], models["expected"], models["source"]) == (24, 24, "workers")
+    assert (models["loaded"], models["expected"], models["source"]) == (18, 18, "workers")
     assert models["level"] == 3 and len(models["fusion"]["1"]) == 9
-    assert models["fusion"]["3"] == {
-        "combat_dqn": 1.0,
-        "movement_ppo": 1.0,
-        "skill_dqn": 0.5,
-        "threat_assessment": 1.0,
-    }
+    assert models["fusion"]["3"] == {"combat_dqn": 1.0, "skill_dqn": 0.5, "threat_assessment": 1.0}
     assert doc["level"]["level"] == 3 and doc["level"]["serving"] == 3
     assert doc["level"]["ceiling"] == 3 and doc["level"]["since"] is not None
     assert doc["cache"] == {"l2": 0.25, "l3": 0.5}
@@ -291,7 +286,7 @@ def _queue_lag(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
 
 
 def _missing_models(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
-    store.publish_health("cpu", {3: (True, "")}, dict(CPU_HOST, models_loaded=18))
+    store.publish_health("cpu", {3: (True, "")}, dict(CPU_HOST, models_loaded=12))
 
 
 @pytest.mark.parametrize(
@@ -302,7 +297,7 @@ def _missing_models(store: LevelStore, pg: psycopg.Connection[Any]) -> None:
         (_worse_than_reachable, "level 4 is worse than the reachable level 3", "fallback level"),
         (_slow_answers, "above the 2000 ms deadline", "latency (5 min)"),
         (_queue_lag, "queue lag", "queue"),
-        (_missing_models, "18/24 models load (workers)", "models loaded"),
+        (_missing_models, "12/18 models load (workers)", "models loaded"),
     ],
 )
 def test_each_degraded_rule_exits_1_and_marks_its_row(
@@ -343,7 +338,7 @@ def test_no_worker_at_all_is_degraded_not_a_crash(
     assert s.models is not None and s.models.loaded is None
     assert s.gpu is not None and s.gpu.present is None
     shown = {name: value for name, value, _ in status.rows(s)}
-    assert shown["models loaded"] == "-/24 (no live model worker)"
+    assert shown["models loaded"] == "-/18 (no live model worker)"
     assert shown["fusion level 1"].count(" 1") == 9
     assert shown["latency (5 min)"] == "no answers in the window"
 
@@ -354,16 +349,16 @@ def test_workers_that_do_not_report_models_are_checked_against_the_files(
     store.set(3, "test")
     store.beat(ALL_QUEUES, 60_000)
     s = status.collect(cfg)
-    # Served at level 3: its fusion's four types, from the files.
-    assert s.models is not None and (s.models.loaded, s.models.source) == (24, "files")
+    # Served at level 3: its fusion's three types, from the files.
+    assert s.models is not None and (s.models.loaded, s.models.source) == (18, "files")
     assert s.models.level == 3 and s.models.by_type == dict.fromkeys(s.models.fusion[3], 6)
     shown = {name: value for name, value, _ in status.rows(s)}
-    assert shown["models of level 3"].startswith("combat_dqn 6/6, movement_ppo 6/6")
+    assert shown["models of level 3"].startswith("combat_dqn 6/6, skill_dqn 6/6")
     assert s.exit_code == status.HEALTHY, s.problems
     empty = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, dir=tmp_path))
     s = status.collect(empty)
     assert s.models is not None and (s.models.loaded, s.models.source) == (0, "files")
-    assert s.problems == ["0/24 models load (files)"]
+    assert s.problems == ["0/18 models load (files)"]
 
 
 def test_garbage_in_redis_is_shown_as_unknown(

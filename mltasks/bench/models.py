@@ -6,10 +6,10 @@ variant, its INT8 variant: built and verified as the service builds them), per i
 thread count and per batch size: the median milliseconds of one batched call, as the worker
 makes it (`LoadedModel.run`: sequence windows, critics over the 10 actions), and rows/s.
 
-Per fallback level: one worker's answering path for a batch of one archetype without cache
-(`inference.answer_batch`: validation, every fusion member, fusion), with the level's
-precision and the configured threads, and the resident memory of a process that loaded the
-level's models (a fresh interpreter per level).
+Per fallback level: one worker's answering path for a batch without cache
+(`inference.answer_batch`: validation, every fusion member, fusion), of one archetype and of
+the six in turn, with the level's precision and the configured threads, and the resident
+memory of a process that loaded the level's models (a fresh interpreter per level).
 
 A GPU is measured only where onnxruntime has CUDA and NVML sees a device; otherwise the
 report says "not measured: no GPU".
@@ -118,33 +118,38 @@ def _agreement(master: Path, precision: str) -> float | None:
 def measure_levels(
     config: Config, archetype: str, batches: Sequence[int], repeats: int, budget_s: float
 ) -> dict[str, Any]:
-    """{level: {"precision", "types", "ms": {batch: ms}}}: one batch through answer_batch."""
+    """{level: {"precision", "types", "ms": {batch: ms}, "ms_mixed": {batch: ms}}}: one
+    batch through answer_batch, of one archetype, and of the six taking turns (what a
+    server under mixed load sends: each archetype's weights are read once per batch, so
+    the set's weights against the CPU's cache decide its cost)."""
     from mltasks.models.engine import Engine, level_plan
     from mltasks.models.fusion import rule_of
     from mltasks.serving.inference import answer_batch
 
     layout = get_layout(config.state.layout)
-    states = layout.sample(np.random.default_rng(8), max(batches), archetype)
+    n = max(batches)
+    states = layout.sample(np.random.default_rng(8), n, archetype)
     rows = [[i + 1, archetype, None, s.tolist()] for i, s in enumerate(states)]
+    kinds = sorted(ARCHETYPES)
+    each = {a: layout.sample(np.random.default_rng(9), n, a) for a in kinds}
+    mixed = [[i + 1, kinds[i % 6], None, each[kinds[i % 6]][i].tolist()] for i in range(n)]
+    rule = rule_of(config)
     out: dict[str, Any] = {}
     for level in LEVELS:
         engine = Engine(config, level).load()
         chain, precision = level_plan(config, level)
+
+        def timed(batch: list[list[Any]], e: Engine = engine) -> float:
+            return round(
+                _median_ms(lambda: answer_batch(batch, e, None, rule), repeats, budget_s), 3
+            )
+
         out[str(level)] = {
             "precision": precision,
             "provider": chain[0] if isinstance(chain[0], str) else chain[0][0],
             "types": [m.model_type for m, _ in engine.fusion(archetype)],
-            "ms": {
-                str(b): round(
-                    _median_ms(
-                        lambda b=b, e=engine: answer_batch(rows[:b], e, None, rule_of(config)),
-                        repeats,
-                        budget_s,
-                    ),
-                    3,
-                )
-                for b in batches
-            },
+            "ms": {str(b): timed(rows[:b]) for b in batches},
+            "ms_mixed": {str(b): timed(mixed[:b]) for b in batches},
         }
     return out
 
@@ -242,6 +247,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {level} | {entry['precision']} | {'+'.join(entry['types'])} | "
             + " | ".join(cells)
             + f" | {rss} |"
+        )
+    lines += [
+        "",
+        "The same, with the batch's rows from the six archetypes in turn (row i of archetype",
+        "i mod 6): each archetype present reads its own weights, so a level whose weights",
+        "do not fit the CPU's cache costs far more here than above.",
+        "",
+        "| level | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "| --- | " + " | ".join("---:" for _ in batches) + " |",
+    ]
+    for level, entry in r["levels"].items():
+        mixed = entry.get("ms_mixed", {})
+        lines.append(
+            f"| {level} | "
+            + " | ".join(f"{mixed[b]:.2f}" if b in mixed else "-" for b in batches)
+            + " |"
         )
     if report.get("plots"):
         lines += ["", *[f"![{p}]({p})" for p in report["plots"]]]

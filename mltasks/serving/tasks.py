@@ -229,8 +229,9 @@ def infer_batch(
     batch, created = _well_formed(rows, created)
     stale: list[Answer] = []
     if created and len(created) == len(batch):
-        # The game has given up on these: answering them would only delay the live ones.
-        limit = cfg.inference.max_latency_ms / 1000
+        # Past the bridge's rescue point the bridge answers these 255 (and the game soon
+        # gives up on them): inferring them would only delay the live ones.
+        limit = cfg.inference.rescue_after_s
         keep = [i for i, c in enumerate(created) if now - c <= limit]
         if len(keep) < len(batch):
             kept = set(keep)
