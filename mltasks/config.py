@@ -259,9 +259,17 @@ class RedisConfig:
 class CachingConfig:
     enabled: bool = True
     action_ttl_s: int = 10
+    # Model levels whose workers look L2 and L3 up before inferring. Not level 3 by
+    # default: the game looked L2 up itself just before it wrote the request (CONTRACT.md
+    # 4), and level 3's models cost less than the round trip (docs/PERFORMANCE.md). L1
+    # histories are read at every level whose fusion has a sequence type; answers, outputs
+    # and states are written at every level.
+    lookup_levels: tuple[int, ...] = (1, 2)
 
     def __post_init__(self) -> None:
         _range("caching.action_ttl_s", self.action_ttl_s, 1, 3600)
+        for level in self.lookup_levels:
+            _range("caching.lookup_levels", level, 1, 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +481,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             _coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
             for k, v in value.items()
         }
+    if origin is tuple:
+        item, rest = typing.get_args(tp)
+        if rest is not Ellipsis:
+            raise ConfigError(f"{key}: unsupported type")  # not used by Config
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(item, v, key) for v in value)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

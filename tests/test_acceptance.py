@@ -32,6 +32,8 @@ def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, s
         "  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
         # this busy test host's own load must not move the level (issue 11: it does now)
         "fallback:\n  cpu_load_per_core: 1000\n"
+        # level 3 looks the cache up here too: this test follows a hit through the service
+        "caching:\n  lookup_levels: [1, 2, 3]\n"
         "worker:\n  concurrency: 2\n"
         "monitoring:\n  metrics_port: ${MLTASKS_METRICS_PORT:-0}\n"
         "  bridge_metrics_port: ${MLTASKS_BRIDGE_METRICS_PORT:-0}\n"

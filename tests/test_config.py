@@ -24,6 +24,7 @@ def test_shipped_file_matches_the_game_defaults() -> None:
     assert cfg.database.password == "s3cret"
     assert "s3cret" not in repr(cfg)  # never in a log line that prints the config
     assert set(cfg.models.fusion.level3) == {"combat_dqn", "skill_dqn", "threat_assessment"}
+    assert cfg.caching.lookup_levels == (1, 2)
     assert 32 <= cfg.inference.batch_size <= 128
     assert cfg.redis.cache_db == 0  # the game's own cache lives in db 0
 
@@ -79,6 +80,9 @@ def test_mltasks_config_env_selects_the_file(tmp_path: Path) -> None:
         ("models:\n  serve_model_type: chess\n", "models.serve_model_type"),
         ("models:\n  fusion:\n    level3: {chess: 1}\n", "models.fusion.level3.chess"),
         ("caching:\n  enabled: maybe\n", "caching.enabled"),
+        ("caching:\n  lookup_levels: [1, 4]\n", "caching.lookup_levels"),
+        ("caching:\n  lookup_levels: 3\n", "caching.lookup_levels"),
+        ("caching:\n  lookup_levels: [x]\n", "caching.lookup_levels"),
         ("redis:\n  url: http://x\n", "redis.url"),
         ("database:\n  port: 70000\n", "database.port"),
         ("logging: 3\n", "logging"),

@@ -284,6 +284,42 @@ def test_a_type_that_hit_in_l3_is_not_run_again(
     assert all("+" in (a.model or "") for a in second.answers)
 
 
+def test_without_lookup_the_types_run_and_the_answers_are_still_written(
+    models_dir: Path, tmp_path: Path, cache: Cache
+) -> None:
+    """A level outside caching.lookup_levels reads neither L2 nor L3 (the game has just
+    looked L2 up itself), but writes both: the game's next identical state is its hit."""
+    from mltasks.cache.codec import action_keys
+
+    cfg = make_config(tmp_path, f"models:\n  dir: {models_dir}\n")
+    engine = Wrapped(Engine(cfg, level=3).load())
+    x = ENCODER.sample(np.random.default_rng(6), 4, "tank")
+    rows = [[i + 1, "tank", 1002, s.tolist()] for i, s in enumerate(x)]
+    first = answer_batch(rows, engine, cache, lookup=False)
+    first.remember()
+    written = cache.lookup_actions(action_keys(x, [1002] * 4))
+    assert [w and w[0] for w in written] == [a.action_id for a in first.answers]
+    counts = [c.rows for c, _ in engine.fusion("tank")]
+    second = answer_batch(rows, engine, cache, lookup=False)
+    assert [c.rows for c, _ in engine.fusion("tank")] == [2 * n for n in counts]  # ran again
+    assert {a.source for a in second.answers} == {"model"}
+    assert [a.action_id for a in second.answers] == [a.action_id for a in first.answers]
+    third = answer_batch(rows, engine, cache)  # a level that looks up: the L2 hit
+    assert {a.source for a in third.answers} == {"cache"}
+
+
+def test_without_lookup_sequence_types_still_read_their_history(
+    seq_engine: Engine, cache: Cache
+) -> None:
+    now = ENCODER.state("aggressive", hp=0.3, target_distance=0.05)
+    for step in range(9):
+        hp = 0.9 + (0.3 - 0.9) * step / 9
+        cache.remember_states([(1, now), (2, ENCODER.with_hp(now[None], hp)[0])])
+    outcome = answer_batch([_row(10, now, 1), _row(11, now, 2)], seq_engine, cache, lookup=False)
+    got = {a.request_id: a for a in outcome.answers}
+    assert (got[10].action_id, got[11].action_id) == (Action.ATTACK, Action.FLEE)
+
+
 # -- configuration -------------------------------------------------------------------------
 
 

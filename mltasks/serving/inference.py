@@ -212,8 +212,11 @@ class _Plan:
     found: BatchLookup
 
 
-def _plan(valid: list[_Valid], engine: Predictors, cache: BatchCache | None) -> _Plan:
-    """Keys of the batch, and one cache round trip for L2, L3 and L1."""
+def _plan(
+    valid: list[_Valid], engine: Predictors, cache: BatchCache | None, lookup: bool = True
+) -> _Plan:
+    """Keys of the batch, and one cache round trip for L2, L3 and L1 (without ``lookup``:
+    for L1 alone, and none where no member reads a history)."""
     from mltasks.cache.client import BatchLookup
     from mltasks.cache.codec import action_keys, output_key, state_digests
 
@@ -242,7 +245,12 @@ def _plan(valid: list[_Valid], engine: Predictors, cache: BatchCache | None) -> 
                 outputs[(i, member.model_type)] = out_key
             if member.sequence and v.monster_id is not None:
                 monsters.add(v.monster_id)
-    looked = cache.lookup(names, list(outputs.values()), sorted(monsters))
+    if lookup:
+        looked = cache.lookup(names, list(outputs.values()), sorted(monsters))
+    elif monsters:
+        looked = cache.lookup([None] * len(valid), [], sorted(monsters))
+    else:
+        looked = empty
     return _Plan(valid, members, names, outputs, looked)
 
 
@@ -353,9 +361,13 @@ def answer_batch(
     engine: Predictors,
     cache: BatchCache | None = None,
     rule: FusionRule | None = None,
+    lookup: bool = True,
 ) -> Outcome:
     """Validate, look the batch up (one cache round trip), run each archetype's fusion
     members on what the cache missed, fuse, and answer every row exactly once.
+
+    ``lookup`` False (a level outside ``caching.lookup_levels``): L2 and L3 are not read,
+    only L1 histories where a member needs them; everything is still written.
 
     With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
     sequence members their history windows; the fresh answers, outputs and states are
@@ -365,7 +377,7 @@ def answer_batch(
     refused, valid = _validated(as_rows(rows))
     if not valid:
         return Outcome(refused, [])
-    plan = _plan(valid, engine, cache)
+    plan = _plan(valid, engine, cache, lookup)
     res = _Results(refused)
     for group in _cache_misses(plan, res.answers).values():
         _answer_group(plan, group, engine, rule, res)

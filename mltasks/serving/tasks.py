@@ -246,7 +246,8 @@ def infer_batch(
     engine = predictors(cfg, level)
     if isinstance(engine, Engine):
         deploy_canary.refresh(engine)  # between batches: deployed versions swap in here
-    outcome = answer_batch(batch, engine, cache, rule_of(cfg))
+    lookup = level in cfg.caching.lookup_levels
+    outcome = answer_batch(batch, engine, cache, rule_of(cfg), lookup)
     try:
         with _db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
             accepted = write_answers(conn, [*outcome.answers, *stale], claim)
