@@ -445,3 +445,39 @@ def test_set_adds_keys_to_the_services_config(tmp_path: Path) -> None:
     assert settings.describe()["set"] == {"inference.max_waiting_batches": 2}
     with pytest.raises(argparse.ArgumentTypeError, match=r"SECTION\.KEY=VALUE"):
         _override("max_waiting_batches=2")
+
+
+def test_reset_tables_retries_a_deadlock_with_the_running_responder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reset after a warm-up runs beside the service: its TRUNCATE may be the side
+    PostgreSQL cancels in a deadlock (seen once in a gateway run); it tries again."""
+    import psycopg
+
+    from mltasks.bench import database
+
+    calls: list[str] = []
+
+    class Conn:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+
+        def __enter__(self) -> Conn:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+        def execute(self, text: str) -> None:
+            calls.append(text)
+            if len(calls) <= self.failures:
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    monkeypatch.setattr(psycopg, "connect", lambda *a, **k: Conn(2))
+    database.reset_tables("postgresql://fake")
+    assert len(calls) == 3 and all("TRUNCATE" in c for c in calls)
+    calls.clear()
+    monkeypatch.setattr(psycopg, "connect", lambda *a, **k: Conn(99))
+    with pytest.raises(psycopg.errors.DeadlockDetected):
+        database.reset_tables("postgresql://fake", attempts=3)
+    assert len(calls) == 3

@@ -56,10 +56,21 @@ def drop_database(conninfo: str) -> None:
         raise DatabaseError(f"cannot drop database {name!r}: {exc}") from exc
 
 
-def reset_tables(conninfo: str) -> None:
-    """Empty both tables so that each run starts on a fresh table with ids from 1."""
+def reset_tables(conninfo: str, attempts: int = 5) -> None:
+    """Empty both tables so that each run starts on a fresh table with ids from 1.
+
+    The responder may be running (the reset after its warm-up): the TRUNCATE's table locks
+    can then deadlock with its claim or answer, and PostgreSQL cancels one side; the
+    responder retries its statement, and so does this.
+    """
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(bench_query("reset_tables"))
+        for attempt in range(attempts):
+            try:
+                conn.execute(bench_query("reset_tables"))
+                return
+            except psycopg.errors.DeadlockDetected:
+                if attempt == attempts - 1:
+                    raise
 
 
 def run_stats(conninfo: str) -> dict[str, Any]:
