@@ -210,6 +210,8 @@ class _Plan:
     action_names: list[str | None]
     output_names: dict[tuple[int, str], str]  # (row, model type) -> L3 key
     found: BatchLookup
+    # (row, model type) -> its place in found.outputs: made once, read by every member
+    output_index: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
 def _plan(
@@ -251,7 +253,8 @@ def _plan(
         looked = cache.lookup([None] * len(valid), [], sorted(monsters))
     else:
         looked = empty
-    return _Plan(valid, members, names, outputs, looked)
+    index = {k: j for j, k in enumerate(outputs)}
+    return _Plan(valid, members, names, outputs, looked, index)
 
 
 @dataclass(slots=True)
@@ -281,9 +284,8 @@ def _member_output(
     packed = np.zeros((n, member.packed_width), dtype=np.float32)
     have = np.zeros(n, dtype=np.bool_)
     if member.cacheable:
-        index = {k: j for j, k in enumerate(plan.output_names)}
         for k, i in enumerate(group.rows):
-            j = index.get((i, member.model_type))
+            j = plan.output_index.get((i, member.model_type))
             hit = plan.found.outputs[j] if j is not None and plan.found.outputs else None
             if hit is not None and hit.shape == (member.packed_width,):
                 packed[k], have[k] = hit, True
