@@ -132,7 +132,8 @@ def measure_levels(
     rows = [[i + 1, archetype, None, s.tolist()] for i, s in enumerate(states)]
     kinds = sorted(ARCHETYPES)
     each = {a: layout.sample(np.random.default_rng(9), n, a) for a in kinds}
-    mixed = [[i + 1, kinds[i % 6], None, each[kinds[i % 6]][i].tolist()] for i in range(n)]
+    turn = [kinds[i % len(kinds)] for i in range(n)]
+    mixed = [[i + 1, a, None, each[a][i].tolist()] for i, a in enumerate(turn)]
     rule = rule_of(config)
     out: dict[str, Any] = {}
     for level in LEVELS:
