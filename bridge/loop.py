@@ -403,22 +403,19 @@ class Bridge:
         notify only then: a NOTIFY serialises the commits of every inserting map server
         (sql/schema.sql). Going on record, the bridge waits for the inserts that looked
         before it did, then looks for pending rows once more: no row is left unnoticed.
+        It goes off the record in its next claim (claim_batch), which follows at once.
         """
         with self._errors("waiting"):
             conn = self._connection()
             conn.execute(query("bridge_sleeps"))
-            try:
-                conn.execute(query("bridge_settles"))
-                row = conn.execute(query("has_pending")).fetchone()
-                if row is not None and row[0]:
-                    return
-                for _ in conn.notifies(timeout=timeout_s, stop_after=1):
-                    pass
-                for _ in conn.notifies(timeout=0):
-                    pass
-            finally:
-                if not conn.closed:
-                    conn.execute(query("bridge_wakes"))
+            conn.execute(query("bridge_settles"))
+            row = conn.execute(query("has_pending")).fetchone()
+            if row is not None and row[0]:
+                return
+            for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+                pass
+            for _ in conn.notifies(timeout=0):
+                pass
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -454,6 +451,11 @@ class Bridge:
                 self.close()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+        if self._conn is not None and not self._conn.closed:
+            # Off the sleepers' record (a claim would have done it; else the other
+            # bridges' forget_gone_bridges does once this connection is gone).
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute(query("bridge_wakes"))
         self.close()
         self._broker.close()
         self.store.redis.close()

@@ -5,8 +5,11 @@
 -- The floor: the least a responder can do per request. Claims up to %(limit)s pending
 -- rows in the bridge's order, closes them and answers them with a fixed action, all in
 -- one statement (one round trip, one commit). Whatever the service costs on top of this
--- is the price of routing, batching and inference.
-WITH picked AS (
+-- is the price of routing, batching and inference. Like claim_batch, it takes the
+-- floor off the sleepers' record (`woke`) in the same round trip.
+WITH woke AS (
+    DELETE FROM ai_bridges_waiting WHERE pid = pg_backend_pid()
+), picked AS (
     SELECT request_id
     FROM ai_requests
     WHERE status = 'pending'

@@ -83,7 +83,8 @@ class Floor:
                         pass
                     for _ in conn.notifies(timeout=0):
                         pass
-                conn.execute(query("bridge_wakes"))
+                # Off the record in the next claim's own statement (floor_answer,
+                # claim_batch), as the bridge does.
 
 
 class ModelFloor(Floor):
