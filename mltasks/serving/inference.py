@@ -281,63 +281,113 @@ def _member_output(
     """One member's output for the group's rows, from L3 where it hit, else run once for
     the rest; and the rows it may speak for."""
     n = len(group.rows)
-    packed = np.zeros((n, member.packed_width), dtype=np.float32)
     have = np.zeros(n, dtype=np.bool_)
-    if member.cacheable:
+    cached: np.ndarray | None = None  # [n, packed_width], the rows L3 answered
+    if member.cacheable and plan.output_index and plan.found.outputs:
         for k, i in enumerate(group.rows):
             j = plan.output_index.get((i, member.model_type))
-            hit = plan.found.outputs[j] if j is not None and plan.found.outputs else None
+            hit = plan.found.outputs[j] if j is not None else None
             if hit is not None and hit.shape == (member.packed_width,):
-                packed[k], have[k] = hit, True
-    need = np.flatnonzero(~have)
-    if len(need):
-        # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
-        # compared with these, and neither counts time spent waiting for a busy CPU.
-        t0 = time.thread_time()
-        try:
-            with metrics.time_inference():
-                out = member.run(states[need], None if windows is None else windows[need])
-        except Exception as exc:  # a model or the rule policy broke: it drops out
-            err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
-            log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
-            failures.append(err)
-            group.failed[need] = True
-        else:
-            if shadow is not None:  # the candidate runs on these rows after the answers
-                from mltasks.models.canary import ShadowJob
-
-                candidate, jobs = shadow
-                jobs.append(
-                    ShadowJob(
-                        group.archetype,
-                        member.model_type,
-                        candidate,
-                        states[need],
-                        None if windows is None else windows[need],
-                        out.scores,
-                        time.thread_time() - t0,
-                    )
-                )
-            fresh = out.packed()
-            packed[need] = fresh
-            finite = np.asarray(np.isfinite(fresh).all(axis=1))
-            if not finite.all():
-                log.error(
-                    "%s returned non-finite values for %d rows",
-                    member.name,
-                    int((~finite).sum()),
-                    extra={"event": "inference_non_finite", "model": member.name},
-                )
-                group.non_finite[need[~finite]] = True
-            have[need[finite]] = True
-            group.ran[need[finite]] = True
-            if member.cacheable:
-                for pos, k in enumerate(need.tolist()):
-                    if finite[pos]:
-                        l3_key = plan.output_names.get((group.rows[k], member.model_type))
-                        computed.append((l3_key, fresh[pos]))
+                if cached is None:
+                    cached = np.zeros((n, member.packed_width), dtype=np.float32)
+                cached[k], have[k] = hit, True
+    # The rows to run: all of them (the usual case, no L3 hit: no copies), or the misses.
+    need = np.arange(n) if cached is None else np.flatnonzero(~have)
+    out = _run_member(group, member, states, windows, need, cached is None, failures, shadow)
+    if out is None or not len(need):
+        packed = np.zeros((n, member.packed_width), dtype=np.float32) if cached is None else cached
+        return member.unpack(packed), have
+    out = _float32(out)  # as the cache's packed form would hold it
+    finite = _finite_rows(out)
+    if not finite.all():
+        log.error(
+            "%s returned non-finite values for %d rows",
+            member.name,
+            int((~finite).sum()),
+            extra={"event": "inference_non_finite", "model": member.name},
+        )
+        group.non_finite[need[~finite]] = True
+    have[need[finite]] = True
+    group.ran[need[finite]] = True
+    if member.cacheable and plan.output_names:  # the outputs L3 will keep
+        fresh = out.packed()
+        for pos, k in enumerate(need.tolist()):
+            l3_key = plan.output_names.get((group.rows[k], member.model_type))
+            if l3_key is not None and finite[pos]:
+                computed.append((l3_key, fresh[pos]))
+    if cached is None and finite.all():  # every row ran and is finite: no copies
+        return out, have
+    packed = np.zeros((n, member.packed_width), dtype=np.float32) if cached is None else cached
+    packed[need] = out.packed()
     packed = np.where(have[:, None], packed, 0.0).astype(np.float32)
     return member.unpack(packed), have
+
+
+def _run_member(
+    group: _Group,
+    member: Predictor,
+    states: np.ndarray,
+    windows: np.ndarray | None,
+    need: np.ndarray,
+    every_row: bool,
+    failures: list[ModelError],
+    shadow: tuple[Any, list[Any]] | None,
+) -> TypeOutput | None:
+    """``member`` on the rows ``need`` (``every_row``: all of them, passed as they are);
+    None when it failed (its rows are marked, the failure recorded)."""
+    if not len(need):
+        return None
+    if not every_row:
+        states = states[need]
+        windows = None if windows is None else windows[need]
+    # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
+    # compared with these, and neither counts time spent waiting for a busy CPU.
+    t0 = time.thread_time() if shadow is not None else 0.0
+    try:
+        with metrics.time_inference():
+            out = member.run(states, windows)
+    except Exception as exc:  # a model or the rule policy broke: it drops out
+        err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
+        log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
+        failures.append(err)
+        group.failed[need] = True
+        return None
+    if shadow is not None:  # the candidate runs on these rows after the answers
+        from mltasks.models.canary import ShadowJob
+
+        candidate, jobs = shadow
+        jobs.append(
+            ShadowJob(
+                group.archetype,
+                member.model_type,
+                candidate,
+                states,
+                windows,
+                out.scores,
+                time.thread_time() - t0,
+            )
+        )
+    return out
+
+
+def _float32(out: TypeOutput) -> TypeOutput:
+    """``out`` in float32, as the cache's packed form holds it (a copy only where needed)."""
+
+    def f32(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a.astype(np.float32, copy=False)
+
+    return TypeOutput(f32(out.scores), f32(out.value), f32(out.threat))
+
+
+def _finite_rows(out: TypeOutput) -> np.ndarray:
+    """Per row: every value the model gave is finite (one check per output, no copy)."""
+    finite: np.ndarray | None = None
+    for a in (out.scores, out.threat, out.value):
+        if a is not None:
+            ok = np.isfinite(a)
+            rows = ok if ok.ndim == 1 else np.asarray(ok.all(axis=1))
+            finite = rows if finite is None else finite & rows
+    return np.ones(out.rows(), dtype=np.bool_) if finite is None else finite
 
 
 def _tag(member: Predictor) -> str:
