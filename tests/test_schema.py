@@ -98,6 +98,36 @@ def test_insert_notifies_only_while_a_bridge_sleeps(
     wait_for(forgotten, 10, "the gone bridge's record to be dropped")
 
 
+def test_a_claim_takes_its_bridge_off_the_sleepers_record(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    """A woken bridge needs no statement of its own to stop the inserts notifying: its next
+    claim (claim_batch) drops its record; another bridge's record stays."""
+    from mltasks.sql import query
+
+    def on_record(conn: psycopg.Connection[Any]) -> bool:
+        row = pg.execute(
+            "SELECT count(*) FROM ai_bridges_waiting WHERE pid = %s", (conn.info.backend_pid,)
+        ).fetchone()
+        return row == (1,)
+
+    params = {"limit": 8, "deadline_s": 0.015, "token": "t"}
+    with (
+        psycopg.connect(config.database.conninfo, autocommit=True) as bridge,
+        psycopg.connect(config.database.conninfo, autocommit=True) as other,
+    ):
+        bridge.execute(query("bridge_sleeps"))
+        other.execute(query("bridge_sleeps"))
+        assert on_record(bridge) and on_record(other)
+        rid = game.insert(pg, STATE)
+        claimed = bridge.execute(query("claim_batch"), params).fetchall()
+        assert [r[0] for r in claimed] == [rid]
+        assert not on_record(bridge) and on_record(other)
+        bridge.execute(query("claim_batch"), params)  # off already: nothing to drop
+        assert not on_record(bridge)
+        other.execute(query("bridge_wakes"))
+
+
 def test_a_bridge_going_to_sleep_waits_for_inserts_that_looked_before_it(
     config: Config, pg: psycopg.Connection[Any]
 ) -> None:
