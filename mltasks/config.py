@@ -262,8 +262,8 @@ class CachingConfig:
     # Model levels whose workers look L2 and L3 up before inferring. Not level 3 by
     # default: the game looked L2 up itself just before it wrote the request (CONTRACT.md
     # 4), and level 3's models cost less than the round trip (docs/PERFORMANCE.md). L1
-    # histories are read at every level whose fusion has a sequence type; answers, outputs
-    # and states are written at every level.
+    # histories are read at every level whose fusion has a sequence type; answers and
+    # states are written at every level, L3 outputs only at these (their only readers).
     lookup_levels: tuple[int, ...] = (1, 2)
 
     def __post_init__(self) -> None:

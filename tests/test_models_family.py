@@ -288,8 +288,9 @@ def test_without_lookup_the_types_run_and_the_answers_are_still_written(
     models_dir: Path, tmp_path: Path, cache: Cache
 ) -> None:
     """A level outside caching.lookup_levels reads neither L2 nor L3 (the game has just
-    looked L2 up itself), but writes both: the game's next identical state is its hit."""
-    from mltasks.cache.codec import action_keys
+    looked L2 up itself), but writes L2: the game's next identical state is its hit. It
+    keeps no L3 output (only a level that reads L3 does)."""
+    from mltasks.cache.codec import action_keys, output_key, state_digests
 
     cfg = make_config(tmp_path, f"models:\n  dir: {models_dir}\n")
     engine = Wrapped(Engine(cfg, level=3).load())
@@ -306,6 +307,22 @@ def test_without_lookup_the_types_run_and_the_answers_are_still_written(
     assert [a.action_id for a in second.answers] == [a.action_id for a in first.answers]
     third = answer_batch(rows, engine, cache)  # a level that looks up: the L2 hit
     assert {a.source for a in third.answers} == {"cache"}
+
+    def l3_names(x: np.ndarray) -> list[str | None]:
+        members = [m for m, _ in engine.fusion("tank") if m.cacheable]
+        return [
+            output_key("tank", m.model_type, d, getattr(m, "version", ""))
+            for d in state_digests(x)
+            for m in members
+        ]
+
+    names = l3_names(x)
+    assert names and cache.lookup([None] * 4, names).outputs == [None] * len(names)
+    y = ENCODER.sample(np.random.default_rng(7), 4, "tank")
+    answer_batch(
+        [[i + 1, "tank", 1002, s.tolist()] for i, s in enumerate(y)], engine, cache
+    ).remember()
+    assert all(o is not None for o in cache.lookup([None] * 4, l3_names(y)).outputs)
 
 
 def test_without_lookup_sequence_types_still_read_their_history(

@@ -218,7 +218,7 @@ def _plan(
     valid: list[_Valid], engine: Predictors, cache: BatchCache | None, lookup: bool = True
 ) -> _Plan:
     """Keys of the batch, and one cache round trip for L2, L3 and L1 (without ``lookup``:
-    for L1 alone, and none where no member reads a history)."""
+    no L3 key at all, and a round trip for L1 alone where a member reads a history)."""
     from mltasks.cache.client import BatchLookup
     from mltasks.cache.codec import action_keys, output_key, state_digests
 
@@ -235,16 +235,19 @@ def _plan(
         )
         for i, key in zip(with_mob, found, strict=True):
             names[i] = key
-    digests = state_digests(np.stack([v.vec for v in valid]))
+    # L3 keys only where L3 is read: an output kept by a level that never looks it up
+    # would serve only a level that does, were it to come back within L3's TTL (10 s),
+    # and would give it another precision's numbers (INT8 on the CPU, FP16 on a GPU).
+    digests = state_digests(np.stack([v.vec for v in valid])) if lookup else []
     outputs: dict[tuple[int, str], str] = {}
     monsters: set[int] = set()
     for i, v in enumerate(valid):
         for member, _ in members[v.archetype]:
-            out_key = output_key(
-                v.archetype, member.model_type, digests[i], getattr(member, "version", "")
-            )
-            if member.cacheable and out_key is not None:
-                outputs[(i, member.model_type)] = out_key
+            if lookup and member.cacheable:
+                version = getattr(member, "version", "")
+                out_key = output_key(v.archetype, member.model_type, digests[i], version)
+                if out_key is not None:
+                    outputs[(i, member.model_type)] = out_key
             if member.sequence and v.monster_id is not None:
                 monsters.add(v.monster_id)
     if lookup:
@@ -419,7 +422,8 @@ def answer_batch(
     members on what the cache missed, fuse, and answer every row exactly once.
 
     ``lookup`` False (a level outside ``caching.lookup_levels``): L2 and L3 are not read,
-    only L1 histories where a member needs them; everything is still written.
+    only L1 histories where a member needs them; L2 answers and L1 states are still
+    written (the game's next hits, the next histories), L3 outputs are not.
 
     With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
     sequence members their history windows; the fresh answers, outputs and states are
