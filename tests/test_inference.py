@@ -20,8 +20,8 @@ from mltasks.serving.inference import (
     answer_rows,
     as_confidence,
     softmax_choice,
-    validate,
 )
+from mltasks.serving.validation import validate
 
 GOOD = [0.5] * 64
 

@@ -32,7 +32,7 @@ class Row(NamedTuple):
     state_vector, monster_id]`` on the wire.
 
     ``archetype`` and ``state_vector`` are as claimed, not yet validated (a bad one is
-    answered 255 with its reason, `mltasks.serving.inference.validate_rows`); ``mob_id``
+    answered 255 with its reason, `mltasks.serving.validation.validate_rows`); ``mob_id``
     and ``monster_id`` are ints or None (`as_row` drops anything else).
     """
 
