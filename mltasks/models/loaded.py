@@ -59,8 +59,15 @@ class TypeOutput:
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def finite(self) -> npt.NDArray[np.bool_]:
-        """Per row: every value this model gave is finite."""
-        return np.asarray(np.isfinite(self.packed()).all(axis=1))
+        """Per row: every value this model gave is finite, in float32 as `packed` holds
+        it (one check per output: no packed copy on the answering path)."""
+        finite: npt.NDArray[np.bool_] | None = None
+        for a in (self.scores, self.threat, self.value):
+            if a is not None:
+                ok = np.isfinite(a.astype(np.float32, copy=False))
+                rows = ok if ok.ndim == 1 else np.asarray(ok.all(axis=1))
+                finite = rows if finite is None else finite & rows
+        return np.ones(self.rows(), dtype=np.bool_) if finite is None else finite
 
 
 @dataclass(frozen=True, slots=True)

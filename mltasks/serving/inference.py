@@ -233,12 +233,12 @@ def _member_output(
                 cached[k], have[k] = hit, True
     # The rows to run: all of them (the usual case, no L3 hit: no copies), or the misses.
     need = np.arange(n) if cached is None else np.flatnonzero(~have)
-    out = _run_member(group, member, states, windows, need, cached is None, failures, shadow)
-    if out is None or not len(need):
+    out = _run_member(group, member, states, windows, need, failures, shadow)
+    if out is None:
         packed = np.zeros((n, member.packed_width), dtype=np.float32) if cached is None else cached
         return member.unpack(packed), have
     out = _float32(out)  # as the cache's packed form would hold it
-    finite = _finite_rows(out)
+    finite = out.finite()
     if not finite.all():
         log.error(
             "%s returned non-finite values for %d rows",
@@ -269,15 +269,14 @@ def _run_member(
     states: np.ndarray,
     windows: np.ndarray | None,
     need: np.ndarray,
-    every_row: bool,
     failures: list[ModelError],
     shadow: tuple[Any, list[Any]] | None,
 ) -> TypeOutput | None:
-    """``member`` on the rows ``need`` (``every_row``: all of them, passed as they are);
-    None when it failed (its rows are marked, the failure recorded)."""
+    """``member`` on the rows ``need`` (all of them: passed as they are, no copy); None
+    when there are none, or it failed (its rows are marked, the failure recorded)."""
     if not len(need):
         return None
-    if not every_row:
+    if len(need) < len(states):
         states = states[need]
         windows = None if windows is None else windows[need]
     # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
@@ -317,17 +316,6 @@ def _float32(out: TypeOutput) -> TypeOutput:
         return None if a is None else a.astype(np.float32, copy=False)
 
     return TypeOutput(f32(out.scores), f32(out.value), f32(out.threat))
-
-
-def _finite_rows(out: TypeOutput) -> np.ndarray:
-    """Per row: every value the model gave is finite (one check per output, no copy)."""
-    finite: np.ndarray | None = None
-    for a in (out.scores, out.threat, out.value):
-        if a is not None:
-            ok = np.isfinite(a)
-            rows = ok if ok.ndim == 1 else np.asarray(ok.all(axis=1))
-            finite = rows if finite is None else finite & rows
-    return np.ones(out.rows(), dtype=np.bool_) if finite is None else finite
 
 
 def _tag(member: Predictor) -> str:
