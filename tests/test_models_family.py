@@ -24,7 +24,8 @@ from mltasks.errors import ConfigError
 from mltasks.models.demo import write_corrupt_model, write_demo_models
 from mltasks.models.discovery import find
 from mltasks.models.engine import Engine
-from mltasks.models.fusion import FusionRule, Member, fuse
+from mltasks.models.family import Scores
+from mltasks.models.fusion import FusionRule, Member, fuse, fuse_groups
 from mltasks.models.history import window
 from mltasks.models.loaded import TypeOutput
 from mltasks.serving.inference import answer_batch
@@ -169,6 +170,55 @@ def test_a_bad_state_value_also_leans_to_retreat() -> None:
 def test_threat_alone_answers_nothing() -> None:
     danger = _member("t", 1.0, TypeOutput(threat=np.array([0.9], dtype=np.float32)))
     assert not fuse([danger], 1, FusionRule()).answered[0]
+
+
+def _random_group(rng: np.random.Generator, n: int, weights: list[float]) -> list[Member]:
+    """Members of one archetype's fusion on n rows: an actor with logits, one with
+    Q-values, a threat and a value head; rows missing at random, and NaN and infinities
+    in rows that may not speak (as inference hands them over)."""
+
+    def member(t: str, w: float, kind: Scores, scores: bool, value: bool, threat: bool) -> Member:
+        out = TypeOutput(
+            rng.normal(0, 3, (n, 10)).astype(np.float32) if scores else None,
+            rng.normal(0, 3, n).astype(np.float32) if value else None,
+            rng.random(n).astype(np.float32) if threat else None,
+        )
+        ok = rng.random(n) > 0.2
+        for a in (out.scores, out.value, out.threat):
+            if a is not None:
+                a[~ok] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
+        return Member(t, w, kind, out, ok)
+
+    return [
+        member("combat_dqn", weights[0], "q_values", True, False, False),
+        member("skill_dqn", weights[1], "logits", True, False, False),
+        member("threat_assessment", weights[2], "logits", False, False, True),
+        member("movement_ppo", 1.0, "logits", True, True, False),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fusing_archetypes_together_changes_no_bit(seed: int) -> None:
+    """fuse_groups stacks the archetypes whose members line up into one call: each
+    group's probabilities, answered rows and types are exactly one call's per group.
+    Groups that do not line up (other weights, a member short) are fused apart."""
+    rng = np.random.default_rng(seed)
+    rule = FusionRule(q_temperature=float(rng.choice([0.5, 1.0, 2.0])))
+    groups: list[tuple[list[Member], int]] = []
+    for _ in range(int(rng.integers(2, 7))):
+        n = int(rng.integers(1, 6))
+        weights = [1.0, 0.5, 1.0] if rng.random() < 0.7 else [0.0, 2.0, 1.0]
+        members = _random_group(rng, n, weights)
+        if rng.random() < 0.2:
+            members = members[:2]
+        groups.append((members, n))
+    together = fuse_groups(groups, rule)
+    assert len(together) == len(groups)
+    for (members, n), got in zip(groups, together, strict=True):
+        alone = fuse(members, n, rule)
+        assert got.probs.tobytes() == alone.probs.tobytes()
+        assert got.answered.tolist() == alone.answered.tolist()
+        assert got.used == alone.used
 
 
 # -- working memory ------------------------------------------------------------------------

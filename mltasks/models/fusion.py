@@ -134,6 +134,82 @@ def fuse(members: Sequence[Member], n: int, rule: FusionRule) -> Fused:
     return Fused(probs.astype(np.float32), answered, names)
 
 
+def fuse_groups(groups: Sequence[tuple[Sequence[Member], int]], rule: FusionRule) -> list[Fused]:
+    """`fuse` of each (members, N) group, in order: the groups whose members line up (the
+    same types, weights and outputs: every archetype of a level, usually) go through one
+    call on their rows stacked, then are split again.
+
+    The rule is row by row, so the result is the same, bit for bit, as one call per group;
+    the cost is not: numpy's cost on a few rows is per call, and a batch of 4 rows of 4
+    archetypes made 4 calls of about 60 microseconds each.
+    """
+    if len(groups) == 1:  # one archetype: nothing to line up
+        return [fuse(groups[0][0], groups[0][1], rule)]
+    fused: list[Fused | None] = [None] * len(groups)
+    alike: dict[tuple[object, ...], list[int]] = {}
+    for g, (members, _) in enumerate(groups):
+        alike.setdefault(_line_up(members), []).append(g)
+    for same in alike.values():
+        if len(same) == 1:
+            members, n = groups[same[0]]
+            fused[same[0]] = fuse(members, n, rule)
+            continue
+        sizes = [groups[g][1] for g in same]
+        stacked = [
+            _stacked([groups[g][0][col] for g in same]) for col in range(len(groups[same[0]][0]))
+        ]
+        whole = fuse(stacked, sum(sizes), rule)
+        start = 0
+        for g, n in zip(same, sizes, strict=True):
+            end = start + n
+            fused[g] = Fused(
+                whole.probs[start:end], whole.answered[start:end], whole.used[start:end]
+            )
+            start = end
+    return [f for f in fused if f is not None]
+
+
+def _line_up(members: Sequence[Member]) -> tuple[object, ...]:
+    """What must be equal for groups to be fused together: per member its type, weight and
+    kind, and the dtype and width of each output it gave (None: no such output)."""
+
+    def form(a: npt.NDArray[np.floating] | None) -> tuple[str, tuple[int, ...]] | None:
+        return None if a is None else (a.dtype.str, a.shape[1:])
+
+    return tuple(
+        (
+            m.model_type,
+            m.weight,
+            m.scores_kind,
+            form(m.out.scores),
+            form(m.out.value),
+            form(m.out.threat),
+        )
+        for m in members
+    )
+
+
+def _stacked(members: Sequence[Member]) -> Member:
+    """One member of several groups (lined up by `_line_up`), their rows one after another."""
+
+    def cat(arrays: list[npt.NDArray[np.floating] | None]) -> npt.NDArray[np.floating] | None:
+        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    first = members[0]
+    out = TypeOutput(
+        cat([m.out.scores for m in members]),
+        cat([m.out.value for m in members]),
+        cat([m.out.threat for m in members]),
+    )
+    return Member(
+        first.model_type,
+        first.weight,
+        first.scores_kind,
+        out,
+        np.concatenate([m.ok for m in members]),
+    )
+
+
 def _finite_or_zero(x: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
     """NaN as 0, what ``np.nan_to_num`` does before a clip to a finite range (infinities
     are clipped like the largest floats), at a fraction of its cost on a few rows."""

@@ -18,7 +18,7 @@ import numpy as np
 from mltasks import metrics
 from mltasks.errors import ModelError
 from mltasks.models.family import Scores
-from mltasks.models.fusion import Fused, FusionRule, Member, fuse, model_name
+from mltasks.models.fusion import Fused, FusionRule, Member, fuse_groups, model_name
 from mltasks.models.history import windows as history_windows
 from mltasks.models.loaded import TypeOutput
 from mltasks.serving.records import Answer as Answer
@@ -360,8 +360,18 @@ def answer_batch(
         return Outcome(refused, [])
     plan = _plan(valid, engine, cache, lookup)
     res = _Results(refused)
+    voiced: list[tuple[_Group, list[Member]]] = []
     for group in _cache_misses(plan, res.answers).values():
-        _answer_group(plan, group, engine, rule, res)
+        if not plan.members[group.archetype]:
+            res.answers.extend(
+                traditional(plan.valid[i].request_id, "no_model") for i in group.rows
+            )
+            continue
+        voiced.append((group, _voices(plan, group, engine, res)))
+    # One fusion for all the archetypes whose members line up (fusion.fuse_groups).
+    fused = fuse_groups([(voices, len(group.rows)) for group, voices in voiced], rule)
+    for (group, _), one in zip(voiced, fused, strict=True):
+        _assemble(plan, group, one, res)
     outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
     if cache is not None:
         states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
@@ -393,19 +403,6 @@ def _cache_misses(plan: _Plan, answers: list[Answer]) -> dict[str, _Group]:
         else:
             groups.setdefault(v.archetype, _Group(v.archetype, [])).rows.append(i)
     return groups
-
-
-def _answer_group(
-    plan: _Plan, group: _Group, engine: Predictors, rule: FusionRule, res: _Results
-) -> None:
-    """One archetype's missed rows: its fusion's members run (or read L3), fused, answered."""
-    members = plan.members[group.archetype]
-    if not members:
-        res.answers.extend(traditional(plan.valid[i].request_id, "no_model") for i in group.rows)
-        return
-    voices = _voices(plan, group, engine, res)
-    fused = fuse(voices, len(group.rows), rule)
-    _assemble(plan, group, fused, res)
 
 
 def _voices(plan: _Plan, group: _Group, engine: Predictors, res: _Results) -> list[Member]:
