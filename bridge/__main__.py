@@ -1,7 +1,29 @@
 """``python -m bridge``: run one bridge until SIGINT or SIGTERM."""
 
-from bridge.loop import main
-from mltasks.config import config_or_exit
+import signal
+import threading
+
+from bridge.loop import Bridge
+from mltasks.config import config_or_exit, get_config
+
+
+def main() -> None:
+    from mltasks.logs import configure_logging
+    from mltasks.ops.exporter import start_bridge_metrics
+
+    config = get_config()
+    configure_logging(config.logging)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    m = config.monitoring
+    server = start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
+    try:
+        Bridge(config).run(stop)
+    finally:
+        if server is not None:
+            server.close()
+
 
 if __name__ == "__main__":
     config_or_exit("bridge")  # an invalid configuration: one line naming file and key, exit 2

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -238,12 +237,23 @@ class Bridge:
         created: Sequence[float] = (),
         token: str = "",
     ) -> None:
-        """Answer in this process: the rule policy where allowed, else 255."""
+        """Answer in this process: the rule policy where allowed, else 255.
+
+        A row already past its deadline gets 255 ``deadline`` instead of a rule action
+        (a publish that hung until the broker's timeout, seconds): the game has given up
+        on it and an action that late could only be read as an answer to a later one.
+        """
+        late: set[int] = set()
+        if rules and len(created) == len(rows):
+            limit = time.time() - self.config.inference.max_latency_ms / 1000
+            late = {int(r.request_id) for r, c in zip(rows, created, strict=True) if c < limit}
+        live = [r for r in rows if int(r.request_id) not in late] if late else rows
         if rules:
-            answers = answer_rows(rows, rules_engine(self.config.state.layout))
+            answers = answer_rows(live, rules_engine(self.config.state.layout))
             answers = [a if a.reason else dataclasses.replace(a, reason=reason) for a in answers]
         else:
-            answers = [traditional(int(r.request_id), reason) for r in rows]
+            answers = [traditional(int(r.request_id), reason) for r in live]
+        answers += [traditional(rid, "deadline", status="expired") for rid in sorted(late)]
         with self._errors("answering"):
             write_answers(self._connection(), answers, token)
         self.answered_here += len(answers)
@@ -479,21 +489,3 @@ class Bridge:
         except psycopg.Error as exc:
             self.close()
             raise DatabaseError(f"{what}: {exc}") from exc
-
-
-def main() -> None:
-    from mltasks.logs import configure_logging
-    from mltasks.ops.exporter import start_bridge_metrics
-
-    config = get_config()
-    configure_logging(config.logging)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    m = config.monitoring
-    server = start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
-    try:
-        Bridge(config).run(stop)
-    finally:
-        if server is not None:
-            server.close()

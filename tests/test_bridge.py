@@ -73,6 +73,30 @@ def test_unpublishable_batch_is_answered_by_the_rules_in_the_bridge(
     assert sources == {"rules", "bridge"}
 
 
+def test_rows_past_their_deadline_when_the_publish_gives_up_get_255_not_a_rule_action(
+    config: Config, pg: psycopg.Connection[Any], worker: Any
+) -> None:
+    """A publish that hangs (a broker cut off: seconds, until the socket's timeout) must
+    not end in rule actions for rows the game gave up on meanwhile."""
+    rids = [game.insert(pg, STATE, archetype=a) for a in ("tank", "mage")]
+    with bridge_on_dead_broker(config) as b:
+        token, claimed = b.claim()
+        assert sorted(c.request_id for c in claimed) == sorted(rids)
+        hung = config.inference.max_latency_ms / 1000 + 1  # how long the publish hung
+        created = [c.created_epoch - (hung if c.request_id == rids[0] else 0) for c in claimed]
+        b.answer_here(
+            [c.row() for c in claimed],
+            rules=True,
+            reason="broker_unavailable",
+            created=created,
+            token=token,
+        )
+    assert response(pg, rids[0]) == (255, 0.0, "deadline", "expired")
+    action, confidence, reason, status = response(pg, rids[1]) or ()
+    assert 0 <= action <= 9 and 0.5 <= confidence <= 1
+    assert (reason, status) == ("broker_unavailable", "completed")
+
+
 def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[Any]) -> None:
     rid = game.insert(pg, STATE)
     pg.execute(
