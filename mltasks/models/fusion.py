@@ -73,14 +73,6 @@ class Fused:
         return actions, self.probs[np.arange(len(actions)), actions]
 
 
-def softmax(z: npt.NDArray[np.floating], temperature: float = 1.0) -> FloatArray:
-    x = z.astype(np.float64) / max(temperature, 1e-6)
-    x -= x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    out: FloatArray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
 def fuse(members: Sequence[Member], n: int, rule: FusionRule) -> Fused:
     """The fused distribution of N rows (see the module's rule).
 
