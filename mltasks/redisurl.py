@@ -68,16 +68,14 @@ def client_from_url(url: str, *, master_name: str = "mymaster", **kwargs: Any) -
         client: redis.Redis = redis.Redis.from_url(url, **kwargs)
         return client
     addresses, db, username, password = sentinel_parts(url)
-    timeouts = {k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kwargs}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        addresses, sentinel_kwargs=dict(timeouts), **timeouts
-    )
+    timeouts: dict[str, Any] = {
+        k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kwargs
+    }
+    sentinel = Sentinel(addresses, sentinel_kwargs=dict(timeouts), **timeouts)
     node_kwargs = {k: v for k, v in kwargs.items() if k not in timeouts}
     if username:
         node_kwargs["username"] = username
     if password:
         node_kwargs["password"] = password
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        master_name, db=db, **timeouts, **node_kwargs
-    )
+    master: redis.Redis = sentinel.master_for(master_name, db=db, **timeouts, **node_kwargs)
     return master

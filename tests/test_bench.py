@@ -36,7 +36,12 @@ from mltasks.bench.gateway import GatewaySpec, run_gateway, stof, stoi
 from mltasks.bench.procs import wait_until_answering
 from mltasks.bench.report import machine, summarize
 from mltasks.bench.responders import Responder
-from mltasks.bench.service import ServiceSettings, bench_config, write_checked_config
+from mltasks.bench.service import (
+    ServiceSettings,
+    bench_config,
+    worker_argv,
+    write_checked_config,
+)
 from mltasks.config import load_config
 from tests import conftest
 from tests.skips import need_module
@@ -408,7 +413,7 @@ def test_service_configurations(
     assert settings.queue == queue
     path = tmp_path / "c.yaml"
     # Checked as the children will read it: every key one the service knows.
-    write_checked_config(path, bench_config(settings))
+    written = write_checked_config(path, bench_config(settings))
     cfg = load_config(path, environ={})
     assert cfg.caching.enabled == (level != 4)
     assert cfg.redis.broker_db == 9 and cfg.redis.cache_db == 10
@@ -422,8 +427,11 @@ def test_service_configurations(
         assert cfg.fallback.cpu_load_per_core > 1000
     if queue is not None:
         assert cfg.worker.concurrency == concurrency
-        # Celery takes the configured pool over a "--pool prefork" on the command line.
-        assert getattr(cfg.worker, "pool", settings.pool) == settings.pool
+        # Each worker runs the chosen pool, from its command line: this service's config
+        # has no pool key, so the benchmark's optional one is dropped before the run.
+        argv = worker_argv(settings, "w@%h")
+        assert argv[argv.index("--pool") + 1] == settings.pool, argv
+        assert "pool" not in written["worker"], written
         assert settings.describe()["pool"] == settings.pool
     else:
         assert "pool" not in settings.describe()

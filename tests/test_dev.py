@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -311,7 +312,8 @@ def test_dev_use_configured_says_so_and_uses_them(tmp_path: Path) -> None:
         assert proc.wait(60) == 1
         text = log.read_text()
         assert "--use-configured: PostgreSQL" in text and "Redis 127.0.0.1:1" in text, text
-        assert f"created database {name}" in text or name in text, text
+        # Its own line, naming the new database (the DSN printed elsewhere names it too).
+        assert re.search(rf"^created database \S*/{name}\b", text, re.M), text
         assert "Redis does not answer" in text, text
         with psycopg.connect(ADMIN_URL) as conn:
             row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()

@@ -285,8 +285,19 @@ def readme_blocks(lang: str) -> Iterator[str]:
 def test_readme_opens_with_its_two_commands() -> None:
     first = next(readme_blocks("sh"))
     lines = [ln for ln in first.splitlines() if ln.strip()]
-    assert lines[0].startswith("pip install -e . && mltasks dev"), lines
-    assert lines[1].startswith("pip install -e '.[test]' && python -m pytest"), lines
+    # Both install from the lock (uv.lock), never whatever the registry serves today.
+    assert " uv run --locked mltasks dev " in lines[0], lines
+    assert " uv run --locked --extra test python -m pytest " in lines[1], lines
+
+
+def test_ci_runs_the_readmes_test_command_on_the_lock() -> None:
+    first = next(readme_blocks("sh"))
+    test_command = first.splitlines()[1].split("#")[0].split("&&")[-1].strip()
+    assert test_command.startswith("python3 -m uv run --locked"), test_command
+    ci = text(REPO / ".ci" / "run")
+    assert test_command.removeprefix("python3 -m uv ") in ci, test_command
+    assert '"$UV" sync --locked --extra dev' in ci
+    assert "pip install -e" not in ci  # no install that resolves afresh
 
 
 def test_readme_manual_test_connects_and_waits_for_its_answer() -> None:

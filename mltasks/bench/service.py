@@ -225,6 +225,27 @@ def write_checked_config(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     raise BenchError("the service rejects the benchmark's configuration")
 
 
+def worker_argv(s: ServiceSettings, node: str) -> list[str]:
+    """One worker's command line. The pool is chosen here, never in the config: the
+    config has no pool key, and Celery cannot tell a configured ``--pool prefork`` from
+    its default."""
+    assert s.queue is not None
+    return worker_command(
+        s.queue,
+        "-n",
+        node,
+        "--concurrency",
+        str(s.worker_concurrency),
+        "--pool",
+        s.pool,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "WARNING",
+    )
+
+
 def cache_redis(redis_url: str) -> redis.Redis:
     """A client on the benchmark's cache db (hit counters, the fallback level)."""
     return redis.Redis.from_url(RedisConfig(url=redis_url).db_url(CACHE_DB), socket_timeout=5)
@@ -317,20 +338,7 @@ class Service:
                 name = f"{self.label}-worker" + (f"{i + 1}" if count > 1 else "")
                 worker = ManagedProcess(
                     name,
-                    worker_command(
-                        s.queue,
-                        "-n",
-                        f"{name}-{i + 1}@%h",
-                        "--concurrency",
-                        str(s.worker_concurrency),
-                        "--pool",
-                        s.pool,
-                        "--without-gossip",
-                        "--without-mingle",
-                        "--without-heartbeat",
-                        "-l",
-                        "WARNING",
-                    ),
+                    worker_argv(s, f"{name}-{i + 1}@%h"),
                     log_path=logs / f"{name}.log",
                     env=env,
                     cwd=s.work_dir,
