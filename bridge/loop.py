@@ -30,6 +30,7 @@ from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
 from mltasks.fallback.levels import LEVEL_READ_TIMEOUT_S, LevelState, LevelStore, cache_client
 from mltasks.fallback.rules import rules_engine
 from mltasks.redisurl import client_from_url
+from mltasks.serving import owner
 from mltasks.serving.answers import expire, write_answers
 from mltasks.serving.inference import answer_rows
 from mltasks.serving.records import Claimed, Row, claimed, traditional
@@ -87,10 +88,11 @@ class Bridge:
         self._looked: dict[str, float] = {}
         self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
         self.diverted = 0
-        # Batches sent to a worker: (when to look for lost rows (monotonic), request ids).
-        self._in_flight: collections.deque[tuple[float, list[int]]] = collections.deque()
+        # Sent batches: (when to look for lost rows (monotonic), claim token, request ids).
+        self._in_flight: collections.deque[tuple[float, str, list[int]]] = collections.deque()
         self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
+        self.left_to_workers = 0  # rows of due batches a worker had started: not rescued
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = client_from_url(
@@ -218,7 +220,7 @@ class Bridge:
         self.sent += len(rows)
         oldest = min(created, default=time.time())
         due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
-        self._in_flight.append((due, [int(r.request_id) for r in rows]))
+        self._in_flight.append((due, token, [int(r.request_id) for r in rows]))
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again (for at
             # most hold_back_s from when it was first found full).
@@ -308,11 +310,18 @@ class Bridge:
         self.level = level
 
     def rescue(self) -> int:
-        """Answer 255 the rows of sent batches that are due and still unanswered."""
+        """Answer 255 the rows of sent batches that are due and still unanswered, unless a
+        worker has started the batch (mltasks/serving/owner.py): it answers them itself."""
         now = time.monotonic()
-        ids: list[int] = []
+        due: list[tuple[str, list[int]]] = []
         while self._in_flight and self._in_flight[0][0] <= now:
-            ids.extend(self._in_flight.popleft()[1])
+            due.append(self._in_flight.popleft()[1:])
+        if not due:
+            return 0
+        tokens = [token for token, _ in due if token]
+        won = dict(zip(tokens, owner.take_all(self.store.redis, tokens, owner.BRIDGE), strict=True))
+        ids = [rid for token, batch in due if won.get(token, True) for rid in batch]
+        self.left_to_workers += sum(len(batch) for token, batch in due if not won.get(token, True))
         if not ids:
             return 0
         with self._errors("rescuing"):

@@ -177,6 +177,14 @@ class DatabaseConfig:
     # answers, which the lease then hands out again. The game's inserts keep their setting.
     synchronous_commit: bool = False
 
+    # The queue table goes from empty to millions of rows and back, so its statistics are
+    # always wrong, and a plan made on an empty table (psycopg prepares a statement after 5
+    # runs; PostgreSQL then keeps one generic plan) seq-scans it for ever: a claim on 100k
+    # rows went from 0.3 ms to minutes (docs/PERFORMANCE.md, "Plans that do not depend on
+    # the table's statistics"). Every statement of the service has an index to use: with
+    # seq scans priced out, each plan takes it whatever the statistics say.
+    PLAN_SETTINGS: ClassVar[tuple[str, ...]] = ("enable_seqscan=off",)
+
     def __post_init__(self) -> None:
         _range("database.port", self.port, 1, 65535)
 
@@ -196,10 +204,11 @@ class DatabaseConfig:
                 password=self.password or None,
                 connect_timeout=self.connect_timeout_s,
             )
-        if self.synchronous_commit:
-            return base
+        settings = [] if self.synchronous_commit else ["synchronous_commit=off"]
+        settings += self.PLAN_SETTINGS
         options = str(conninfo_to_dict(base).get("options") or "")
-        return make_conninfo(base, options=f"{options} -c synchronous_commit=off".strip())
+        extra = " ".join(f"-c {s}" for s in settings)
+        return make_conninfo(base, options=f"{options} {extra}".strip())
 
     @property
     def safe_dsn(self) -> str:

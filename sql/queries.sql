@@ -59,6 +59,8 @@ ORDER BY priority DESC, created_at;
 -- release_stale --
 -- Give back rows whose lease ran out (a worker died or a batch was lost), so that a
 -- bridge claims them again (and, if they are past their deadline, expires them).
+-- A time bound in a WHERE clause is statement_timestamp() here and below, never the
+-- volatile clock_timestamp(): only a stable value can bound an index scan.
 -- The bridge's statements that touch many rows never wait for a row lock (SKIP LOCKED):
 -- a locked row is being answered by a worker right now, and a bridge that waited could
 -- deadlock with that worker's answer_batch, which locks its rows in another order. A
@@ -67,7 +69,7 @@ ORDER BY priority DESC, created_at;
 WITH stale AS (
     SELECT request_id FROM ai_requests
     WHERE status = 'processing'
-      AND claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s)
+      AND claimed_at < statement_timestamp() - make_interval(secs => %(lease_s)s)
     FOR UPDATE SKIP LOCKED
 )
 UPDATE ai_requests AS r
@@ -83,7 +85,7 @@ WITH target AS (
     SELECT request_id FROM ai_requests
     WHERE status = 'timeout' AND answered_at IS NULL
       AND (claimed_at IS NULL
-           OR claimed_at < clock_timestamp() - make_interval(secs => %(lease_s)s))
+           OR claimed_at < statement_timestamp() - make_interval(secs => %(lease_s)s))
     FOR UPDATE SKIP LOCKED
 ), gave_up AS (
     UPDATE ai_requests AS r
@@ -156,7 +158,7 @@ WHERE request_id IN (
     SELECT request_id
     FROM ai_requests
     WHERE status IN ('completed', 'invalid', 'expired', 'timeout')
-      AND created_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+      AND created_at < statement_timestamp() - make_interval(secs => %(retention_s)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 );
@@ -192,7 +194,7 @@ SELECT count(*) AS answered,
        max(extract(epoch FROM s.created_at - r.created_at)::float8) AS max_s
 FROM ai_requests AS r
 JOIN ai_responses AS s ON s.request_id = r.request_id
-WHERE r.created_at >= clock_timestamp() - make_interval(secs => %(window_s)s);
+WHERE r.created_at >= statement_timestamp() - make_interval(secs => %(window_s)s);
 
 -- bridge_sleeps --
 -- This bridge is about to sleep until a NOTIFY: from now on the game's INSERTs notify.

@@ -57,7 +57,7 @@ def test_env_overrides_win(tmp_path: Path) -> None:
         "host": "h",
         "port": "1",
         "dbname": "d",
-        "options": "-c synchronous_commit=off",
+        "options": "-c synchronous_commit=off -c enable_seqscan=off",
     }
     assert cfg.redis.db_url(3) == "redis://other:6380/3"
     assert cfg.models.dir == Path("/srv/models")

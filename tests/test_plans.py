@@ -1,0 +1,125 @@
+"""Plans that do not depend on the queue table's statistics.
+
+The bench empties and ANALYZEs the tables before each run, as a fresh install or a cleaned
+table has them; the service then makes its plans while the table is nearly empty, and keeps
+them (psycopg prepares a statement after 5 runs, PostgreSQL then settles on one generic
+plan; PL/pgSQL keeps its trigger's). Each of those plans must still use an index once the
+table holds many rows: a seq scan there grows with the table, per statement.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+
+from mltasks.config import Config
+from mltasks.sql import query
+
+# Each hot statement with its parameter types (in order of appearance) and sample values.
+STATEMENTS: dict[str, tuple[dict[str, str], str]] = {
+    "claim_batch": ({"limit": "int", "token": "text", "deadline_s": "float8"}, "64, 'x', 0.015"),
+    "answer_batch": (
+        {
+            "request_ids": "int[]",
+            "action_ids": "int[]",
+            "confidences": "real[]",
+            "sources": "text[]",
+            "models": "text[]",
+            "reasons": "text[]",
+            "statuses": "text[]",
+            "token": "text",
+        },
+        "'{1,2}', '{1,1}', '{0.5,0.5}', '{model,model}', '{m,m}', '{NULL,NULL}',"
+        " '{completed,completed}', 'x'",
+    ),
+    "expire_batch": ({"request_ids": "int[]", "reason": "text"}, "'{1,2}', 'lost'"),
+    "release_stale": ({"lease_s": "float8"}, "1.0"),
+    "answer_game_timeouts": ({"lease_s": "float8"}, "1.0"),
+    "has_pending": ({}, ""),
+    "queue_stats": ({}, ""),
+    "delete_finished": ({"retention_s": "float8", "limit": "int"}, "60, 1000"),
+}
+
+
+def prepare(conn: psycopg.Connection[Any], name: str) -> str:
+    """PREPARE the named statement with positional parameters; returns its EXECUTE."""
+    params, args = STATEMENTS[name]
+    text = query(name)
+    for i, p in enumerate(params, 1):
+        text = re.sub(rf"%\({p}\)[sb]", f"${i}", text)
+    signature = f"({', '.join(params.values())})" if params else ""
+    conn.execute(f"PREPARE {name}{signature} AS {text}")
+    return f"EXECUTE {name}({args})" if args else f"EXECUTE {name}"
+
+
+def fill(conn: psycopg.Connection[Any], rows: int) -> None:
+    conn.execute(
+        "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at,"
+        " answered_at) SELECT g, 'aggressive', array_fill(0.5::real, ARRAY[64]), 'completed',"
+        " now(), now() FROM generate_series(1, %s) AS g",
+        (rows,),
+    )
+
+
+def analyzed_empty(config: Config) -> None:
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("TRUNCATE ai_responses, ai_requests")
+        conn.execute("ANALYZE ai_requests")
+        conn.execute("ANALYZE ai_responses")
+
+
+def test_plans_made_on_an_empty_table_use_the_indexes_on_a_full_one(config: Config) -> None:
+    """Every hot statement, planned (generic plans forced) on the empty, analyzed table
+    through the service's own connection settings, reads no row by a seq scan once the
+    table holds 20,000: an index bounds each one."""
+    analyzed_empty(config)
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        run = {name: prepare(conn, name) for name in STATEMENTS}
+        for execute in run.values():
+            conn.execute(execute)  # planned now, on the empty table
+        fill(conn, 20_000)
+        seq = {}
+        for name, execute in run.items():
+            plan = "\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {execute}"))
+            seq[name] = re.findall(r"Seq Scan on ai_requests\b.*", plan)
+    assert not any(seq.values()), seq
+
+
+def test_the_same_plans_without_the_services_settings_do_seq_scan(config: Config) -> None:
+    """What the settings prevent (and what the test above would catch): a plain session's
+    generic plans, made on the empty table, seq-scan the queue."""
+    analyzed_empty(config)
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = on")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        execute = prepare(conn, "claim_batch")
+        conn.execute(execute)
+        fill(conn, 20_000)
+        plan = "\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {execute}"))
+    assert "Seq Scan on ai_requests" in plan, plan
+
+
+def test_the_games_inserts_free_a_reused_id_through_the_primary_key(config: Config) -> None:
+    """The id-reuse trigger runs its DELETE for every insert of the game, with the plan
+    PL/pgSQL kept from the first inserts into an empty table: that plan must be the
+    primary key's, not a scan of the whole table per insert."""
+    analyzed_empty(config)
+    with psycopg.connect(config.database.conninfo, autocommit=True) as game:
+        # The game's own session: none of the service's settings.
+        game.execute("SET enable_seqscan = on")
+        fill(game, 50)  # the trigger's plan is made (and kept) on a near-empty table
+        fill(game, 5_000)
+        game.execute("LOAD 'auto_explain'")
+        game.execute("SET auto_explain.log_min_duration = 0")
+        game.execute("SET auto_explain.log_nested_statements = on")
+        game.execute("SET auto_explain.log_level = notice")
+        notes: list[str] = []
+        game.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
+        fill(game, 1)
+    deletes = [n for n in notes if "DELETE FROM ai_requests" in n]
+    assert deletes, notes
+    assert all("Index Scan using ai_requests_pkey" in n for n in deletes), deletes
+    assert not any("Seq Scan" in n for n in deletes), deletes
