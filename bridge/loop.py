@@ -30,7 +30,6 @@ from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
 from mltasks.fallback.levels import LEVEL_READ_TIMEOUT_S, LevelState, LevelStore, cache_client
 from mltasks.fallback.rules import rules_engine
 from mltasks.redisurl import client_from_url
-from mltasks.serving import owner
 from mltasks.serving.answers import expire, write_answers
 from mltasks.serving.inference import answer_rows
 from mltasks.serving.records import Claimed, Row, claimed, traditional
@@ -52,11 +51,8 @@ PUBLISH_PAUSE_S = 1.0
 # answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
 # hold-back: the ones before it were claimed.)
 HOLD_BACK_SHARE = 0.5
-# A batch sent to a worker and still unanswered at `InferenceConfig.rescue_after_s` (80% of
-# its oldest row's deadline) is answered 255 here (`rescue`); a worker that answers after
-# all finds the rows answered (one answer per row).
-# Rescues are looked for at most this often (one UPDATE on primary keys; none when no
-# batch is due).
+# A batch still waiting in its queue at `InferenceConfig.rescue_after_s` (80% of its oldest
+# row's deadline) is taken back and answered 255 here (`rescue`), at most this often.
 RESCUE_EVERY_S = 0.005
 
 
@@ -88,11 +84,12 @@ class Bridge:
         self._looked: dict[str, float] = {}
         self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
         self.diverted = 0
-        # Sent batches: (when to look for lost rows (monotonic), claim token, request ids).
-        self._in_flight: collections.deque[tuple[float, str, list[int]]] = collections.deque()
+        # Sent batches: (when to rescue them (monotonic), queue, message, request ids).
+        self._in_flight: collections.deque[tuple[float, str, bytes, list[int]]]
+        self._in_flight = collections.deque()
         self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
-        self.left_to_workers = 0  # rows of due batches a worker had started: not rescued
+        self.left_to_workers = 0  # rows of due batches a worker had taken: not rescued
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = client_from_url(
@@ -220,7 +217,8 @@ class Bridge:
         self.sent += len(rows)
         oldest = min(created, default=time.time())
         due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
-        self._in_flight.append((due, token, [int(r.request_id) for r in rows]))
+        sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
+        self._in_flight.append(sent)
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again (for at
             # most hold_back_s from when it was first found full).
@@ -310,18 +308,20 @@ class Bridge:
         self.level = level
 
     def rescue(self) -> int:
-        """Answer 255 the rows of sent batches that are due and still unanswered, unless a
-        worker has started the batch (mltasks/serving/owner.py): it answers them itself."""
+        """Answer 255 the rows of due batches no worker has taken, taken back off their
+        queue first (`Publisher.withdraw`). A batch a worker took is its to answer; if the
+        worker dies with it, the lease gives its rows back (`release_stale`)."""
         now = time.monotonic()
-        due: list[tuple[str, list[int]]] = []
+        due: list[tuple[float, str, bytes, list[int]]] = []
         while self._in_flight and self._in_flight[0][0] <= now:
-            due.append(self._in_flight.popleft()[1:])
+            due.append(self._in_flight.popleft())
         if not due:
             return 0
-        tokens = [token for token, _ in due if token]
-        won = dict(zip(tokens, owner.take_all(self.store.redis, tokens, owner.BRIDGE), strict=True))
-        ids = [rid for token, batch in due if won.get(token, True) for rid in batch]
-        self.left_to_workers += sum(len(batch) for token, batch in due if not won.get(token, True))
+        back = self.publisher.withdraw([(queue, message) for _, queue, message, _ in due])
+        ids = [rid for (*_, batch), ours in zip(due, back, strict=True) if ours for rid in batch]
+        self.left_to_workers += sum(
+            len(d[3]) for d, ours in zip(due, back, strict=True) if not ours
+        )
         if not ids:
             return 0
         with self._errors("rescuing"):

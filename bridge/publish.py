@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -69,6 +69,7 @@ class Publisher:
     def __init__(self, app: Celery, broker: redis.Redis) -> None:
         self.app = app
         self.broker = broker
+        self.last_message = b""  # what the last publish pushed (`withdraw` takes it back)
 
     def publish(self, queue: str, args: Sequence[Any], rows: int) -> int:
         """Push one batch; returns how many batches wait in the queue right after.
@@ -77,6 +78,7 @@ class Publisher:
         restart); anything else reaches the caller, which answers the rows itself.
         """
         data = task_message(self.app, queue, args, f"(batch of {rows})")
+        self.last_message = data
         try:
             return self._push(queue, data)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -88,3 +90,21 @@ class Publisher:
         pipe.llen(queue)
         _, waiting = pipe.execute()
         return int(waiting)
+
+    def withdraw(self, sent: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """Take messages back off their queues, in one pipeline: True for each that was
+        still waiting (no worker will see it now), False for one a worker has taken.
+
+        Redis runs an LREM and a worker's BRPOP one after the other, so exactly one of
+        them gets the message. When Redis does not answer, every message counts as taken
+        back: its rows are answered by the caller, and PostgreSQL keeps one answer a row.
+        """
+        if not sent:
+            return []
+        try:
+            pipe = self.broker.pipeline(transaction=False)
+            for queue, data in sent:
+                pipe.lrem(queue, 1, cast(Any, data))  # bytes, as pushed
+            return [int(n) > 0 for n in pipe.execute()]
+        except (redis.RedisError, OSError):
+            return [True] * len(sent)

@@ -133,11 +133,11 @@ class InferenceConfig:
     # gather into a larger batch (0: never hold back).
     max_waiting_batches: int = 1
 
-    # A row sent to a worker and still unanswered this far into its deadline is answered 255
-    # by the bridge (`rescue`): its batch was lost on the way (Redis killed with it in a
-    # list, a worker killed or frozen with it in hand). The game then reads a 255 in time
-    # instead of timing out. A worker handed a batch already past this point answers it 255
-    # at once: the bridge is answering it, and inference on it would be wasted.
+    # A batch still waiting in its queue this far into its oldest row's deadline is taken
+    # back off the queue and answered 255 by the bridge (`rescue`): the game then reads a
+    # 255 in time instead of timing out. A batch a worker has taken is left to it (no row
+    # is paid for twice); a worker handed a batch already past this point answers it 255
+    # at once, and one that dies with a batch in hand leaves its rows to the lease.
     RESCUE_SHARE: ClassVar[float] = 0.8
 
     @property

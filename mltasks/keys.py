@@ -93,12 +93,6 @@ DEPLOY_CANARY: Final = PREFIX + "deploy:canary:"
 # Held while a beat job runs, so two beats never run it twice at once.
 JOB_LOCK: Final = PREFIX + "lock:{job}"
 
-# Who answers a batch the bridge sent (mltasks/serving/owner.py): the worker that starts it
-# or the bridge's rescue, whichever SETs this key (NX) first. Key: BATCH_OWNER + the claim's
-# token; the TTL outlives every way the batch can still be worked on (the lease is < 10 s).
-BATCH_OWNER: Final = PREFIX + "batch:"
-BATCH_OWNER_TTL_S: Final = 30
-
 
 def heartbeat(queue: str) -> str:
     return HEARTBEAT.format(queue=queue)
@@ -138,7 +132,3 @@ def job_lock(job: str) -> str:
 
 def canary_stats(model: str, version: str) -> str:
     return f"{DEPLOY_CANARY}{model}@{version}"
-
-
-def batch_owner(token: str) -> str:
-    return BATCH_OWNER + token

@@ -33,7 +33,6 @@ from mltasks.logs import configure_logging
 from mltasks.models import canary as deploy_canary
 from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
-from mltasks.serving import owner
 from mltasks.serving.answers import valid_request_id, write_answers
 from mltasks.serving.inference import Outcome, Predictors, answer_batch
 from mltasks.serving.records import Answer, Row, as_row, traditional
@@ -227,13 +226,6 @@ def infer_batch(
     now = time.time()
     lag_s = now - sent_at if sent_at else None
     cfg = get_config()
-    if claim and not owner.take(level_store().redis, str(claim), owner.WORKER):
-        # The bridge's rescue took it first (255 `lost`): its rows are answered already.
-        log.debug(
-            "batch left to the bridge's rescue",
-            extra={"event": "batch_rescued_before_start", "task_id": self.request.id},
-        )
-        return 0
     batch, created = _well_formed(rows, created)
     stale: list[Answer] = []
     if created and len(created) == len(batch):
