@@ -1,4 +1,4 @@
-"""``mltasks bench``: gateway, bulk, cache and precisions benchmarks.
+"""``mltasks bench``: gateway, bulk, cache, precisions and shadow benchmarks.
 
 - ``gateway``: emulated map servers (the game's exact statements, closed loop) against
   the service and, with ``--floor``, against the floor, alternating at each client count.
@@ -7,6 +7,7 @@
 - ``cache``: bulk load drawn from a small pool of states (repeats), cache on then off,
   with the hit rate of each cache layer.
 - ``precisions``: fp32 / int8 / fp16 inference time on the CPU.
+- ``shadow``: the game's latency without a candidate model, while one shadows, after rollback.
 
 Every run starts its responder fresh, on emptied tables and flushed Redis databases
 (9 broker, 10 cache: whatever else they hold is lost, so give --redis-url a Redis that is
@@ -33,6 +34,7 @@ from mltasks.bench.cli_measure import (
     inserts_command,
     models_command,
     precisions_command,
+    shadow_command,
 )
 from mltasks.bench.database import DEFAULT_BENCH_URL
 from mltasks.bench.service import POOLS, default_pool
@@ -254,3 +256,31 @@ def add_parser(subparsers: Any) -> None:
     )
     ins.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     ins.set_defaults(func=inserts_command)
+
+    from mltasks.bench import shadow as shadow_mod
+
+    sh = sub.add_parser(
+        "shadow",
+        help="the game's latency without a candidate model, while one shadows, after rollback",
+        description=shadow_mod.__doc__,
+        formatter_class=raw,
+    )
+    sh.add_argument("--window-s", type=float, default=10.0, help="seconds of load per window")
+    sh.add_argument("--clients", type=int, default=4, help="emulated map servers")
+    sh.add_argument(
+        "--timeout-ms", type=int, default=15, help="the game's timeout (ml_max_latency_ms)"
+    )
+    sh.add_argument("--workers", type=int, default=2, help="solo -Q cpu worker processes")
+    sh.add_argument(
+        "--model",
+        default=shadow_mod.DEFAULT_MODEL,
+        help="<archetype>/<type> the candidate is deployed for; the clients decide only "
+        "this archetype",
+    )
+    sh.add_argument(
+        "--candidate",
+        type=Path,
+        help="the version to deploy (default: the model's demo model fitted with another seed)",
+    )
+    common_options(sh)
+    sh.set_defaults(func=shadow_command)

@@ -117,3 +117,32 @@ def chaos_command(args: argparse.Namespace) -> int:
     print(chaos_mod.summary(report))
     say(f"report written to {out}/chaos.json and chaos.txt")
     return 0 if chaos_mod.passed(report) else 1
+
+
+# -- shadow -------------------------------------------------------------------------------
+
+
+def shadow_command(args: argparse.Namespace) -> int:
+    from mltasks.bench import shadow as shadow_mod
+
+    started = datetime.now().astimezone()
+    out = out_dir(args, started)
+    with workspace(args) as (work, models_dir):
+        if args.models_dir is not None:  # a deploy writes versions and pointers: a copy
+            models_dir = Path(shutil.copytree(models_dir, work / "models"))
+        opts = shadow_mod.ShadowOptions(
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            models_dir=models_dir,
+            window_s=args.window_s,
+            clients=args.clients,
+            timeout_ms=args.timeout_ms,
+            workers=args.workers,
+            model=args.model,
+            candidate=args.candidate,
+            seed=args.seed,
+            layout=args.layout,
+        )
+        body = shadow_mod.run_shadow(opts, work, out / "logs", say)
+    report = report_head("shadow", started, schema_version=shadow_mod.SCHEMA_VERSION, **body)
+    return finish(report, out, shadow_mod.write)
