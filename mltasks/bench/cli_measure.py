@@ -130,19 +130,7 @@ def shadow_command(args: argparse.Namespace) -> int:
     with workspace(args) as (work, models_dir):
         if args.models_dir is not None:  # a deploy writes versions and pointers: a copy
             models_dir = Path(shutil.copytree(models_dir, work / "models"))
-        opts = shadow_mod.ShadowOptions(
-            database_url=args.database_url,
-            redis_url=args.redis_url,
-            models_dir=models_dir,
-            window_s=args.window_s,
-            clients=args.clients,
-            timeout_ms=args.timeout_ms,
-            workers=args.workers,
-            model=args.model,
-            candidate=args.candidate,
-            seed=args.seed,
-            layout=args.layout,
-        )
+        opts = shadow_mod.ShadowOptions.from_args(args, models_dir)
         body = shadow_mod.run_shadow(opts, work, out / "logs", say)
     report = report_head("shadow", started, schema_version=shadow_mod.SCHEMA_VERSION, **body)
     return finish(report, out, shadow_mod.write)

@@ -20,6 +20,8 @@ a batch's answers are written: what it can cost the game is the CPU the next bat
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import re
@@ -91,6 +93,12 @@ class ShadowOptions:
     @property
     def archetype(self) -> str:
         return versions.parse_model(self.model)[0]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, models_dir: Path) -> ShadowOptions:
+        """The options of ``mltasks bench shadow`` (one per field, by the field's name)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"models_dir"}
+        return cls(models_dir=models_dir, **{n: getattr(args, n) for n in names})
 
 
 # -- pure parts: the figures ------------------------------------------------------------
