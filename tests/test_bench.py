@@ -489,3 +489,112 @@ def test_reset_tables_retries_a_deadlock_with_the_running_responder(
     with pytest.raises(psycopg.errors.DeadlockDetected):
         database.reset_tables("postgresql://fake", attempts=3)
     assert len(calls) == 3
+
+
+# -- bench shadow ---------------------------------------------------------------------------
+
+
+def _window(name: str, p50: float, p99: float) -> dict[str, Any]:
+    return {
+        "window": name,
+        "decisions": 1000,
+        "decisions_per_s": 100.0,
+        "latency_ms": {"p50": p50, "p99": p99},
+        "share_255": 0.01,
+        "timeouts": 3,
+        "load_average_before": 1.5,
+        "others_cpu_share": 0.2,
+    }
+
+
+def test_bench_shadow_figures_and_report(tmp_path: Path) -> None:
+    from mltasks.bench import shadow
+
+    before = {"rows": 10.0, "batches": 5.0, "agree": 10.0, "candidate_s": 0.01, "active_s": 0.01}
+    after = {
+        "rows": 410.0,
+        "batches": 205.0,
+        "errors": 0.0,
+        "agree": 402.0,
+        "candidate_s": 0.07,
+        "active_s": 0.05,
+    }
+    figures = shadow.shadow_figures(before, after)  # over the window only: after - before
+    assert figures == {
+        "rows": 400,
+        "batches": 200,
+        "errors": 0,
+        "non_finite": 0,
+        "agreement": 0.98,
+        "candidate_ms_per_batch": 0.3,
+        "active_ms_per_batch": 0.2,
+        "candidate_over_active": 1.5,
+    }
+    idle = shadow.shadow_figures(after, after)  # nothing shadowed: no division by zero
+    assert idle["rows"] == 0 and idle["agreement"] is None
+    assert idle["candidate_ms_per_batch"] is None and idle["candidate_over_active"] is None
+
+    windows = [_window("without", 4.0, 10.0), _window("shadowing", 4.5, 12.5)]
+    windows.append(_window("after rollback", 3.9, 9.0))
+    assert shadow.cost(windows) == {
+        "p99_shadowing_over_without": 1.25,
+        "p99_after_rollback_over_without": 0.9,
+        "p50_shadowing_minus_without_ms": 0.5,
+    }
+    # A window without decisions has no percentiles: no ratio, not a crash.
+    empty = [_window("without", 4.0, 10.0), _window("shadowing", 4.0, 10.0)]
+    empty[0]["latency_ms"] = {"p50": None, "p99": None}
+    assert set(shadow.cost(empty).values()) == {None}
+
+    assert shadow.told("abc\n2 worker(s) told (others read the pointer)\n") == 2
+    assert shadow.told("no reply") is None
+    report = {
+        "command": "mltasks bench shadow --window-s 5",
+        "settings": {
+            "model": "aggressive/combat_dqn",
+            "clients": 4,
+            "timeout_ms": 15,
+            "window_s": 5.0,
+            "workers": 2,
+        },
+        "windows": windows,
+        "shadow": figures,
+        "shadow_after_rollback": idle,
+        "cost": shadow.cost(windows),
+        "deploy": {"version": "11d4ebb3e90a", "told": 2},
+        "rollback": {"told": 1},
+    }
+    md = shadow.write(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert (tmp_path / "report.md").read_text() == md
+    assert "| shadowing | 1,000 | 100.0 | 4.50 | 12.50 | 1.0% | 3 | 1.50 | 20% |" in md
+    assert "400 rows in 200 batches, candidate 0.30 ms/batch, active 0.20 ms/batch" in md
+    assert "p99 shadowing / without: 1.25" in md
+    assert "told 2 of 2 workers; rollback told 1" in md
+
+
+def test_bench_shadow_parses_its_options(tmp_path: Path) -> None:
+    from mltasks.bench import BenchError, shadow
+    from mltasks.bench.cli_measure import shadow_command
+    from mltasks.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            *("bench", "shadow", "--window-s", "5", "--clients", "3"),
+            *("--redis-url", "redis://127.0.0.1:1/0"),
+            *("--database-url", "postgresql://postgres@127.0.0.1:1/mltasks_bench_x"),
+            *("--models-dir", str(tmp_path)),
+        ]
+    )
+    assert args.func is shadow_command
+    assert (args.window_s, args.clients, args.timeout_ms, args.workers) == (5.0, 3, 15, 2)
+    assert args.model == "aggressive/combat_dqn" and args.candidate is None
+    assert args.redis_url == "redis://127.0.0.1:1/0" and args.models_dir == tmp_path
+    opts = dict(database_url=args.database_url, redis_url=args.redis_url, models_dir=tmp_path)
+    assert shadow.ShadowOptions(**opts, model="tank/skill_dqn").archetype == "tank"
+    with pytest.raises(BenchError, match="--model"):
+        shadow.ShadowOptions(**opts, model="tank")
+    with pytest.raises(BenchError, match="--candidate"):
+        shadow.ShadowOptions(**opts, candidate=tmp_path / "missing.onnx")
+    with pytest.raises(BenchError, match="--window-s"):
+        shadow.ShadowOptions(**opts, window_s=0)

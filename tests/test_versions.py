@@ -520,78 +520,89 @@ def test_a_worker_started_after_a_deploy_serves_the_active_version(
     assert row is not None and f"combat_dqn@{new}" in row[0]
 
 
-def latency_ms(pg: psycopg.Connection[Any], t0: float, t1: float) -> tuple[int, float, float]:
-    """(answers, p50, p99) of created_at to answer, for the requests made in [t0, t1)."""
-    lat = "extract(epoch FROM s.created_at - r.created_at)"
+def canary_rows(world: World, version: str) -> int:
+    """Rows the candidate shadowed so far, every worker's (the canary's hash in Redis)."""
+    return int(world.redis.hget(keys.canary_stats(MODEL, version), "rows") or 0)
+
+
+def unanswered(pg: psycopg.Connection[Any]) -> int:
     row = pg.execute(
-        f"SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY {lat}),"
-        f" percentile_cont(0.99) WITHIN GROUP (ORDER BY {lat})"
-        " FROM ai_requests r JOIN ai_responses s USING (request_id)"
-        " WHERE r.created_at >= to_timestamp(%s) AND r.created_at < to_timestamp(%s)",
-        (t0, t1),
+        "SELECT count(*) FROM ai_requests r"
+        " WHERE NOT EXISTS (SELECT 1 FROM ai_responses s WHERE s.request_id = r.request_id)"
     ).fetchone()
-    assert row is not None and row[0]
-    return int(row[0]), 1000 * float(row[1]), 1000 * float(row[2])
+    return int(row[0]) if row else -1
 
 
-def test_the_latency_cost_of_shadowing(
+def tasks_run(world: World, nodes: int) -> dict[str, int]:
+    """Tasks each worker has run, once all ``nodes`` answer `inspect stats` (a loaded worker
+    can miss one: control messages expire after the timeout)."""
+    seen: dict[str, int] = {}
+
+    def read() -> bool:
+        stats = world.app.control.inspect(timeout=1).stats() or {}
+        seen.clear()
+        seen.update({n: sum(s.get("total", {}).values()) for n, s in stats.items()})
+        return len(seen) == nodes
+
+    wait_until(read, 60, f"inspect stats from {nodes} workers")
+    return dict(seen)
+
+
+def each_ran(world: World, base: dict[str, int], more: int) -> None:
+    """Until every worker in ``base`` has run ``more`` tasks since."""
+
+    def ran() -> bool:
+        now = tasks_run(world, len(base))
+        return all(now[n] >= base[n] + more for n in base)
+
+    wait_until(ran, 60, f"{more} batches on every worker")
+
+
+# Its waits are conditions, not sleeps, but on an oversubscribed host (load average 25 on
+# 2 cores) the workers' starts and the two commands take most of a minute.
+@pytest.mark.timeout(240)
+def test_a_candidate_shadows_under_load_and_its_rollback_reaches_every_worker(
     world: World, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    """The same game load without a candidate, with one shadowing every batch (it never
-    reaches min_rows here), and without again: the answers' latency in each window."""
-    world.config_file.write_text(
-        world.config_file.read_text() + "  min_rows: 10000000\n"  # stays in canary
-    )
-    window = float(os.environ.get("MLTASKS_SHADOW_WINDOW_S", "8"))
+    """A good candidate held in its canary (min_rows out of reach) shadows the live batches
+    while the game gets its answers from the active version, none 255; once each of the two
+    workers has run batches after the rollback, nothing shadows any more; every request has
+    its answer. What shadowing costs the game's latency is a benchmark's figure, not a
+    test's: `mltasks bench shadow` (docs/PERFORMANCE.md, section The cost of shadowing)."""
+    text = world.config_file.read_text()
+    assert "heartbeat_ttl_ms: 800\n" in text
+    # A worker that stops beating is the fallback tests' subject, not this one's: on an
+    # oversubscribed host 800 ms lapse, and the bridge answers 255 for want of a live tier.
+    text = text.replace("heartbeat_ttl_ms: 800\n", "heartbeat_ttl_ms: 5000\n")
+    world.config_file.write_text(text + "  min_rows: 10000000\n")  # stays in canary
+    old = versions.version_of(world.models_dir / "aggressive" / "combat_dqn_fp16.onnx")
     world.start_worker("cpu")
-    figures = {}
-    with world.bridge(), GameLoad(world.cfg.database.conninfo):
-        wait_for(lambda: served_by(pg, 0, "combat_dqn@") > 50, 60, "answers under load")
-        t0 = time.time()
-        time.sleep(window)
-        t1 = time.time()
+    world.start_worker("cpu")
+    with world.bridge(), GameLoad(world.cfg.database.conninfo, servers=2) as load:
+        wait_for(lambda: served_by(pg, 0, "combat_dqn@") > 20, 60, "answers under load")
         done = cli(
             world, "models", "deploy", str(good_version(tmp_path / "g.onnx")), "--model", MODEL
         )
         assert done.returncode == 0, done.stderr
         new = done.stdout.split()[0]
-        wait_for(lambda: world.redis.hget(keys.canary_stats(MODEL, new), "rows"), 30, "shadowing")
-        t2 = time.time()
-        time.sleep(window)
-        t3 = time.time()
+        wait_for(lambda: canary_rows(world, new) > 0, 30, "shadowing")
+        t_shadowing, shadowed = time.time(), canary_rows(world, new)
+        wait_for(lambda: canary_rows(world, new) >= shadowed + 30, 30, "30 more shadowed rows")
+        during = served_by(pg, t_shadowing, f"combat_dqn@{old}")
         p = versions.read_pointer(world.models_dir, "aggressive", "combat_dqn")
         assert p is not None and p.canary is not None, p and p.last_rollback  # still shadowing
         assert cli(world, "models", "rollback", MODEL).returncode == 0
-
-        def rollback_received() -> bool:
-            stats = world.app.control.inspect(timeout=1).stats() or {}
-            return bool(stats) and all(
-                any(f"rollback {MODEL}@" in line for line in s["mltasks_models"]["received"])
-                for s in stats.values()
-            )
-
-        wait_until(rollback_received, 30, "every worker to receive the rollback")
-        t4 = time.time()
-        time.sleep(window)
-        t5 = time.time()
-    figures["without"] = latency_ms(pg, t0, t1)
-    figures["shadowing"] = latency_ms(pg, t2, t3)
-    figures["without again"] = latency_ms(pg, t4, t5)
-    s = {
-        as_text(k): float(v) for k, v in world.redis.hgetall(keys.canary_stats(MODEL, new)).items()
-    }
-    print(
-        "\n"
-        + "; ".join(
-            f"{k}: {n} answers, p50 {a:.2f} ms, p99 {b:.2f} ms" for k, (n, a, b) in figures.items()
-        )
-    )
-    print(
-        f"shadow: {s['rows']:.0f} rows in {s['batches']:.0f} batches, candidate"
-        f" {1000 * s['candidate_s'] / s['batches']:.3f} ms/batch, active"
-        f" {1000 * s['active_s'] / s['batches']:.3f} ms/batch"
-    )
-    assert answers_255(pg) == 0
-    # The candidate runs after the batch's answers are written: the game does not wait for
-    # it. Loose bound for a shared 2-core host.
-    assert figures["shadowing"][1] < 2 * max(figures["without"][1], figures["without again"][1]) + 5
+        # Whether or not a worker got the control command, the pointer is read before its
+        # next batch: two batches each (the one in flight at the rollback, one after).
+        each_ran(world, tasks_run(world, 2), 2)
+        stopped_at = canary_rows(world, new)
+        each_ran(world, tasks_run(world, 2), 2)
+        after = canary_rows(world, new)
+    assert during > 0, "no answer while the candidate shadowed"
+    assert after == stopped_at, f"{after - stopped_at} rows shadowed after the rollback"
+    assert served_by(pg, 0, f"combat_dqn@{new}") == 0  # a candidate never answers the game
+    assert answers_255(pg) == 0, pg.execute(
+        "SELECT source, reason, count(*) FROM ai_responses WHERE action_id = 255 GROUP BY 1, 2"
+    ).fetchall()
+    assert load.results and all(a is not None for _, _, a in load.results)
+    assert unanswered(pg) == 0

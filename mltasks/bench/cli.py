@@ -1,4 +1,4 @@
-"""``mltasks bench``: gateway, bulk, cache and precisions benchmarks.
+"""``mltasks bench``: gateway, bulk, cache, precisions and shadow benchmarks.
 
 - ``gateway``: emulated map servers (the game's exact statements, closed loop) against
   the service and, with ``--floor``, against the floor, alternating at each client count.
@@ -7,6 +7,7 @@
 - ``cache``: bulk load drawn from a small pool of states (repeats), cache on then off,
   with the hit rate of each cache layer.
 - ``precisions``: fp32 / int8 / fp16 inference time on the CPU.
+- ``shadow``: the game's latency without a candidate model, while one shadows, after rollback.
 
 Every run starts its responder fresh, on emptied tables and flushed Redis databases
 (9 broker, 10 cache: whatever else they hold is lost, so give --redis-url a Redis that is
@@ -24,6 +25,7 @@ from mltasks.bench.cli_args import (
     bulk_options,
     common_options,
     counts_arg,
+    game_options,
     rates_arg,
     service_options,
 )
@@ -33,13 +35,25 @@ from mltasks.bench.cli_measure import (
     inserts_command,
     models_command,
     precisions_command,
+    shadow_command,
 )
 from mltasks.bench.database import DEFAULT_BENCH_URL
 from mltasks.bench.service import POOLS, default_pool
 
 
+def _documented(sub: Any, name: str, module: Any, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose description is its module's docstring, as written."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
 def add_parser(subparsers: Any) -> None:
-    """Add ``bench gateway|bulk|cache|precisions`` to the ``mltasks`` command."""
+    """Add ``bench gateway|bulk|cache|precisions|models|chaos|inserts|shadow`` to ``mltasks``."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks (they recreate their database and flush Redis dbs 9 and 10)",
@@ -161,11 +175,8 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--degrade", action="store_true", help="with --level: let it move")
     cache.set_defaults(func=cache_command)
 
-    prec = sub.add_parser(
-        "precisions",
-        help="fp32 / int8 / fp16 inference time on the CPU",
-        description=precisions_mod.__doc__,
-        formatter_class=raw,
+    prec = _documented(
+        sub, "precisions", precisions_mod, "fp32 / int8 / fp16 inference time on the CPU"
     )
     prec.add_argument("--batch", type=counts_arg, default=[1, 32, 128], help="batch sizes")
     prec.add_argument("--repeats", type=int, default=100, help="calls per model and batch")
@@ -174,11 +185,11 @@ def add_parser(subparsers: Any) -> None:
     prec.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
     prec.set_defaults(func=precisions_command)
 
-    mod = sub.add_parser(
+    mod = _documented(
+        sub,
         "models",
-        help="cost of each model type and each level's fusion (CPU; GPU where present)",
-        description=models_mod.__doc__,
-        formatter_class=raw,
+        models_mod,
+        "cost of each model type and each level's fusion (CPU; GPU where present)",
     )
     mod.add_argument("--models-dir", type=Path, help="default: the config's models.dir")
     mod.add_argument(
@@ -204,15 +215,14 @@ def add_parser(subparsers: Any) -> None:
 
     from mltasks.bench import chaos as chaos_mod
 
-    ch = sub.add_parser(
+    ch = _documented(
+        sub,
         "chaos",
-        help="the whole service under kill -9 and SIGSTOP faults, bounded in time",
-        description=chaos_mod.__doc__,
-        formatter_class=raw,
+        chaos_mod,
+        "the whole service under kill -9 and SIGSTOP faults, bounded in time",
     )
     ch.add_argument("--duration", type=float, default=120.0, help="seconds of load and faults")
-    ch.add_argument("--clients", type=int, default=4, help="emulated map servers")
-    ch.add_argument("--timeout-ms", type=int, default=100, help="the game's timeout (deadline)")
+    game_options(ch, timeout_ms=100)
     ch.add_argument("--fault-every", type=float, default=5.0, help="seconds between faults")
     ch.add_argument("--stop-s", type=float, default=3.0, help="how long SIGSTOP lasts")
     ch.add_argument(
@@ -238,11 +248,11 @@ def add_parser(subparsers: Any) -> None:
     ch.add_argument("--seed", type=int, default=0)
     ch.set_defaults(func=chaos_command)
 
-    ins = sub.add_parser(
+    ins = _documented(
+        sub,
         "inserts",
-        help="the game's INSERT rate and latency with and without the NOTIFY trigger",
-        description=inserts_mod.__doc__,
-        formatter_class=raw,
+        inserts_mod,
+        "the game's INSERT rate and latency with and without the NOTIFY trigger",
     )
     ins.add_argument("--clients", type=counts_arg, default=[8, 32], help="(default: 8,32)")
     ins.add_argument("--duration", type=float, default=5.0, help="seconds per run (default: 5)")
@@ -254,3 +264,23 @@ def add_parser(subparsers: Any) -> None:
     )
     ins.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     ins.set_defaults(func=inserts_command)
+
+    from mltasks.bench import shadow as shadow_mod
+
+    sh = _documented(sub, "shadow", shadow_mod, "the game's latency with and without a canary")
+    sh.add_argument("--window-s", type=float, default=10.0, help="seconds of load per window")
+    game_options(sh, timeout_ms=15)
+    sh.add_argument("--workers", type=int, default=2, help="solo -Q cpu worker processes")
+    sh.add_argument(
+        "--model",
+        default=shadow_mod.DEFAULT_MODEL,
+        help="<archetype>/<type> the candidate is deployed for; the clients decide only "
+        "this archetype",
+    )
+    sh.add_argument(
+        "--candidate",
+        type=Path,
+        help="the version to deploy (default: the model's demo model fitted with another seed)",
+    )
+    common_options(sh)
+    sh.set_defaults(func=shadow_command)

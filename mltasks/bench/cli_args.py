@@ -85,6 +85,17 @@ def common_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def game_options(p: argparse.ArgumentParser, *, timeout_ms: int) -> None:
+    """The emulated map servers of the service-wide runs (chaos, shadow)."""
+    p.add_argument("--clients", type=int, default=4, help="emulated map servers")
+    p.add_argument(
+        "--timeout-ms",
+        type=int,
+        default=timeout_ms,
+        help="the game's timeout (ml_max_latency_ms), the bridge's deadline",
+    )
+
+
 def _override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, the value as YAML reads it)."""
     import yaml

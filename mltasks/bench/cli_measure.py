@@ -117,3 +117,20 @@ def chaos_command(args: argparse.Namespace) -> int:
     print(chaos_mod.summary(report))
     say(f"report written to {out}/chaos.json and chaos.txt")
     return 0 if chaos_mod.passed(report) else 1
+
+
+# -- shadow -------------------------------------------------------------------------------
+
+
+def shadow_command(args: argparse.Namespace) -> int:
+    from mltasks.bench import shadow as shadow_mod
+
+    started = datetime.now().astimezone()
+    out = out_dir(args, started)
+    with workspace(args) as (work, models_dir):
+        if args.models_dir is not None:  # a deploy writes versions and pointers: a copy
+            models_dir = Path(shutil.copytree(models_dir, work / "models"))
+        opts = shadow_mod.ShadowOptions.from_args(args, models_dir)
+        body = shadow_mod.run_shadow(opts, work, out / "logs", say)
+    report = report_head("shadow", started, schema_version=shadow_mod.SCHEMA_VERSION, **body)
+    return finish(report, out, shadow_mod.write)

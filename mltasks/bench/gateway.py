@@ -66,10 +66,14 @@ class GatewaySpec:
     # PQexec in the C++; False: prepared, so the Python client costs less.
     literal_sql: bool = False
     layout: str = "encoder"
+    # The archetypes the decisions cycle through (one: every batch is that archetype's).
+    archetypes: tuple[str, ...] = ARCHETYPES
 
     def __post_init__(self) -> None:
         if self.clients < 1:
             raise ValueError("clients must be at least 1")
+        if not self.archetypes or set(self.archetypes) - set(ARCHETYPES):
+            raise ValueError(f"archetypes must be among {ARCHETYPES}, got {self.archetypes}")
         if self.duration_s <= 0 or self.timeout_ms <= 0 or self.poll_ms <= 0:
             raise ValueError("duration, timeout and poll interval must be positive")
 
@@ -218,7 +222,7 @@ def _client(
             sql = insert_sql(
                 monster_id=110_000_000 + client_idx * 100_000 + k % 100_000,
                 mob_id=1002 + (client_idx * 31 + k) % 97,
-                archetype=ARCHETYPES[(client_idx + k) % len(ARCHETYPES)],
+                archetype=spec.archetypes[(client_idx + k) % len(spec.archetypes)],
                 array=array,
                 hp=hp,
                 sp=sp,

@@ -111,8 +111,9 @@ def wait_until_answering(
     attempt_s: float = 5.0,
     reject_sources: Sequence[str] = ("bridge",),
     accept_reasons: Sequence[str] = (),
+    archetype: str = "aggressive",
 ) -> float:
-    """Send warm-up requests until one is answered by the responder itself.
+    """Send warm-up requests (of ``archetype``) until one is answered by the responder itself.
 
     An answer from a source in ``reject_sources`` (the bridge's 255 when no worker took
     the batch in time) does not count, unless its reason is in ``accept_reasons`` (the
@@ -135,7 +136,7 @@ def wait_until_answering(
                 insert_sql(
                     monster_id=999_000_000 + attempt,
                     mob_id=1002,
-                    archetype="aggressive",
+                    archetype=archetype,
                     array=array,
                     hp=hp,
                     sp=sp,

@@ -261,7 +261,15 @@ class Service:
         self.worker: ManagedProcess | None = None  # the first of ``workers``
         self.workers: list[ManagedProcess] = []
         self.config: Config | None = None
+        self.config_path: Path | None = None  # the run's config file, once started
         self.exit_codes: dict[str, int | None] = {}
+
+    def command_env(self) -> dict[str, str]:
+        """The environment of the service's processes: an operator's command (``mltasks
+        models deploy``) run with it acts on this service, its Redis and its models."""
+        if self.config_path is None:
+            raise BenchError("the service was not started")
+        return self._env(self.config_path)
 
     def _env(self, config_path: Path) -> dict[str, str]:
         s = self.settings
@@ -322,6 +330,7 @@ class Service:
         s.work_dir.mkdir(parents=True, exist_ok=True)
         config_path = s.work_dir / f"mltasks-bench-{self.label}.yaml"
         write_checked_config(config_path, bench_config(s))  # a bad key stops here
+        self.config_path = config_path
         # What this process needs of it: where the level lives.
         self.config = Config(
             redis=RedisConfig(url=s.redis_url, broker_db=BROKER_DB, cache_db=CACHE_DB),
