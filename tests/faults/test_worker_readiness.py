@@ -71,6 +71,15 @@ def test_a_worker_with_a_wrong_database_password_never_gets_a_batch_and_status_s
             assert "authentication failed" in why, why
             right.start_bridge()
             with psycopg.connect(server.url("game"), autocommit=True) as pg:
+                # Up and idle (on the sleepers' record) before the game's first decision: a
+                # bridge still importing on a busy host would let it time out.
+                wait_for(
+                    lambda: (
+                        pg.execute("SELECT count(*) FROM ai_bridges_waiting").fetchone() != (0,)
+                    ),
+                    60,
+                    "the bridge to wait for work",
+                )
                 for _ in range(5):  # a batch sent to it would wait for ever: none is
                     rid, answer = game.decide(pg, STATE, timeout_ms=5000)
                     assert answer == (255, 0.0)
