@@ -358,7 +358,7 @@ class ExperienceConfig:
     hold_s: int = 3600
     # A round that takes longer is cancelled by PostgreSQL and retried at the next one.
     statement_timeout_ms: int = 5000
-    metrics_port: int = 9092  # the recorder's /metrics (monitoring.metrics_host); 0: free port
+    metrics_port: int = 9094  # the recorder's /metrics (monitoring.metrics_host); 0: free port
 
     def __post_init__(self) -> None:
         for name, lo, hi in (

@@ -13,7 +13,11 @@ SELECT pg_try_advisory_xact_lock(827102) AS held;
 -- (every answer of the window, or its 255, is written by then), at most `window_s` long so
 -- that a recorder catching up after an outage moves in bounded statements. A first round
 -- (no mark yet) starts at its own end: recording begins now, not an hour in the past.
-SELECT lo, greatest(lo, least(hi, lo + make_interval(secs => %(window_s)s))) AS hi
+-- behind_s: how far the window's end is from where it could be (a recorder catching up
+-- runs its next round at once).
+SELECT lo, greatest(lo, least(hi, lo + make_interval(secs => %(window_s)s))) AS hi,
+       extract(epoch FROM hi - greatest(lo, least(hi, lo + make_interval(secs => %(window_s)s))))::float8
+           AS behind_s
 FROM (
     SELECT coalesce(recorded_to, clock_timestamp() - make_interval(secs => %(settle_s)s)) AS lo,
            clock_timestamp() - make_interval(secs => %(settle_s)s) AS hi
@@ -27,7 +31,8 @@ FROM (
 -- under its reason. Each good row is paired with the next good row of the same monster_id
 -- (LEAD over the monster's rows by time): that row's state is its next_state. A monster's
 -- last row waits in ai_experience_waiting for its next (the next rounds), and is dropped,
--- counted 'unpaired', when none came within `pair_wait_s`.
+-- counted 'unpaired', when none came within `pair_wait_s`. Only the waiting rows of the
+-- monsters in the window are read (by primary key), however many monsters wait.
 -- Returns (what, reason, n): recorded per source, rejected per reason, dropped unpaired.
 WITH fresh AS (
     SELECT r.request_id, r.monster_id, r.archetype, r.state_vector AS state, r.status,
@@ -50,6 +55,7 @@ WITH fresh AS (
     SELECT request_id, monster_id, archetype, state, status, requested_at, action_id,
            confidence, source, model, reason, latency_ms, false AS fresh
     FROM ai_experience_waiting
+    WHERE monster_id IN (SELECT monster_id FROM fresh WHERE rejected IS NULL)
     UNION ALL
     SELECT request_id, monster_id, archetype, state, status, requested_at, action_id,
            confidence, source, model, reason, latency_ms, true AS fresh

@@ -114,7 +114,10 @@ CREATE OR REPLACE TRIGGER ai_requests_notify
 -- for the next model, moved here from ai_requests/ai_responses by `mltasks experience record`
 -- (sql/experience.sql), a process of its own: nothing here is on the answer path, and the
 -- game's tables get no trigger, index or column for it.
-CREATE TABLE IF NOT EXISTS ai_experience (
+-- UNLOGGED (both tables of rows): they write no WAL, so the game's INSERTs, which commit
+-- with a WAL flush, never flush the recorder's rows too, and recording costs less. The price:
+-- a PostgreSQL crash (not a clean restart) empties them; it is training data, not the game's.
+CREATE UNLOGGED TABLE IF NOT EXISTS ai_experience (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- order of recording
     request_id   integer     NOT NULL,
     monster_id   bigint      NOT NULL,
@@ -136,7 +139,7 @@ CREATE INDEX IF NOT EXISTS ai_experience_requested_brin
     ON ai_experience USING brin (requested_at);
 
 -- Each monster's last recorded decision, waiting for its next state (one row a monster_id).
-CREATE TABLE IF NOT EXISTS ai_experience_waiting (
+CREATE UNLOGGED TABLE IF NOT EXISTS ai_experience_waiting (
     monster_id   bigint PRIMARY KEY,
     request_id   integer     NOT NULL,
     archetype    text        NOT NULL,
@@ -151,7 +154,8 @@ CREATE TABLE IF NOT EXISTS ai_experience_waiting (
     requested_at timestamptz NOT NULL
 );
 
--- The recorder's high-water mark: requests created up to recorded_to have been read.
+-- The recorder's high-water mark: requests created up to recorded_to have been read. Logged:
+-- after a crash, recording goes on from where it was (the rows before it are lost).
 CREATE TABLE IF NOT EXISTS ai_experience_mark (
     only_row    boolean PRIMARY KEY DEFAULT true CONSTRAINT ai_experience_mark_one CHECK (only_row),
     recorded_to timestamptz,  -- NULL: never ran; the first round starts from its own time

@@ -7,6 +7,7 @@ and Celery worker of tests/conftest.py beside a recorder that cannot write."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,19 @@ def test_rows_older_than_the_first_round_are_not_recorded(pg: psycopg.Connection
     decision(pg, 2, 4)
     record_round(pg, FAST)
     assert transitions(pg) == []
+
+
+def test_a_recorder_behind_catches_up_in_bounded_windows(pg: psycopg.Connection[Any]) -> None:
+    cfg = dataclasses.replace(FAST, window_s=30.0)
+    started(pg, cfg)
+    pg.execute("UPDATE ai_experience_mark SET recorded_to = recorded_to - interval '100 s'")
+    decision(pg, 1, 3)
+    decision(pg, 2, 3)
+    rounds = [record_round(pg, cfg) for _ in range(4)]
+    assert [r.behind_s > 0 for r in rounds] == [True, True, True, False]
+    assert [r.total for r in rounds] == [0, 0, 0, 1]
+    assert all(r.hi is not None and r.lo is not None for r in rounds)
+    assert rounds[0].hi - rounds[0].lo == dt.timedelta(seconds=30)  # type: ignore[operator]
 
 
 def test_a_failing_round_changes_nothing_and_the_next_one_records_it_all(

@@ -43,6 +43,7 @@ class Round:
     outcome: Literal["recorded", "locked"]
     lo: datetime | None = None
     hi: datetime | None = None
+    behind_s: float = 0.0  # the window stopped this short of now - settle_s (catching up)
     recorded: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
@@ -61,8 +62,9 @@ def record_round(conn: Connection, cfg: ExperienceConfig) -> Round:
         window = conn.execute(
             query("experience_window"), {"settle_s": cfg.settle_s, "window_s": cfg.window_s}
         ).fetchone()
-        assert window is not None, "ai_experience_mark has no row: apply sql/schema.sql"
-        lo, hi = window
+        if window is None:
+            raise psycopg.errors.NoDataFound("ai_experience_mark has no row: run mltasks db init")
+        lo, hi, behind_s = window
         counts: dict[str, dict[str, int]] = {"recorded": {}, "rejected": {}, "dropped": {}}
         for what, reason, n in conn.execute(
             query("experience_record"),
@@ -80,7 +82,15 @@ def record_round(conn: Connection, cfg: ExperienceConfig) -> Round:
         capped = conn.execute(query("experience_trim_cap"), {**limit, "max_rows": cfg.max_rows})
         counts["dropped"].update(retention=aged.rowcount, cap=capped.rowcount)
         conn.execute(query("experience_advance"), {"hi": hi})
-    return Round("recorded", lo, hi, counts["recorded"], counts["rejected"], counts["dropped"])
+    return Round(
+        "recorded",
+        lo,
+        hi,
+        float(behind_s),
+        counts["recorded"],
+        counts["rejected"],
+        counts["dropped"],
+    )
 
 
 def recorder_conninfo(config: Config) -> str:
@@ -113,7 +123,7 @@ class Recorder:
             if self.conn is None or self.conn.closed:
                 self.conn = psycopg.connect(recorder_conninfo(self.config), autocommit=True)
             done = record_round(self.conn, self.config.experience)
-        except psycopg.Error as exc:
+        except Exception as exc:  # any failure costs this round only, never the process
             self._failed(exc)
             return None
         m.rounds.labels(outcome=done.outcome).inc()
@@ -137,7 +147,7 @@ class Recorder:
         self._gauges()
         return done
 
-    def _failed(self, exc: psycopg.Error) -> None:
+    def _failed(self, exc: Exception) -> None:
         self.metrics.rounds.labels(outcome="failed").inc()
         self.close()
         # The first failure of a streak is a warning; the rest would repeat it every round.
@@ -148,6 +158,7 @@ class Recorder:
             "experience round skipped: %s",
             " ".join(str(exc).split()),
             extra={"event": "experience_round_failed", "error": type(exc).__name__},
+            exc_info=not isinstance(exc, psycopg.Error) and level == logging.WARNING,
         )
 
     def _gauges(self) -> None:
@@ -164,11 +175,13 @@ class Recorder:
             self.metrics.lag.set(lag_s)
 
     def run(self, stop: threading.Event) -> None:
-        """Rounds until ``stop`` is set."""
+        """Rounds until ``stop`` is set; back to back while catching up after an outage."""
         interval = self.config.experience.interval_s
         while not stop.is_set():
             t0 = time.monotonic()
-            self.run_once()
+            done = self.run_once()
+            if done is not None and done.behind_s > 0:
+                continue
             stop.wait(max(0.0, interval - (time.monotonic() - t0)))
 
     def close(self) -> None:
