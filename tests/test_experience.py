@@ -446,3 +446,21 @@ def test_a_bad_config_is_one_line_from_the_experience_commands(
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert run.returncode == 2, run
     assert len(lines) == 1 and "experience.max_rowz: unknown key" in lines[0], lines
+
+
+def test_dev_runs_the_recorder_only_when_enabled(tmp_path: Path) -> None:
+    from mltasks.ops.dev import child_commands
+
+    assert "experience" not in child_commands("cpu", tmp_path)
+    assert child_commands("cpu", tmp_path, experience=True)["experience"][1:] == [
+        "-m",
+        "mltasks.experience",
+    ]
+
+
+def test_statement_names_are_unique_across_the_sql_files() -> None:
+    from mltasks.sql import QUERY_FILES, SQL_DIR, parse_queries, query
+
+    names = [n for f in QUERY_FILES for n in parse_queries((SQL_DIR / f).read_text())]
+    assert len(names) == len(set(names))
+    assert query("experience_record") and query("claim_batch")  # one loader, both files
