@@ -1,4 +1,5 @@
-"""The mltasks command: db init, models init, bridge, worker, beat, flower, dev, status, bench.
+"""The mltasks command: db init, models init, bridge, worker, beat, flower, dev, status, bench,
+experience.
 
 Every command reads config/mltasks.yaml (or --config, or $MLTASKS_CONFIG); an invalid one
 stops it with one line naming the file and the key.
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dev(sub)
     add_status(sub)
+    from mltasks.experience.cli import add_parser as add_experience
+
+    add_experience(sub)
     _plain_everywhere(p)
     return p
 

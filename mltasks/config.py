@@ -343,6 +343,51 @@ class CleanupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExperienceConfig:
+    """Experience recording (mltasks/experience/): answered decisions kept as transitions
+    for the next model, by a process of its own, never on the answer path."""
+
+    # Off in the built-in defaults (a deployment opts in); on in config/mltasks.yaml (dev).
+    enabled: bool = False
+    interval_s: float = 2.0  # one round of the recorder this often
+    # A round reads requests at least this old: their answers (or 255s) are all in by then.
+    # An answer written later is not recorded: keep it above inference.lease_ms.
+    settle_s: float = 2.0
+    # ... and at most this much of the game's time, so a recorder catching up after an
+    # outage moves in bounded statements.
+    window_s: float = 30.0
+    # A monster's last decision waits this long for its next state, then is dropped.
+    pair_wait_s: float = 600.0
+    # Bounds of ai_experience: older rows go first, then the oldest beyond the cap.
+    retention_s: int = 7 * 86400
+    max_rows: int = 1_000_000
+    trim_limit: int = 50_000  # rows one round deletes at most, per bound
+    # Cleanup keeps a finished request the recorder has not read yet this much longer
+    # than cleanup.retention_s (a recorder that is down for good does not hold them forever).
+    hold_s: int = 3600
+    # A round that takes longer is cancelled by PostgreSQL and retried at the next one.
+    statement_timeout_ms: int = 5000
+    metrics_port: int = 9094  # the recorder's /metrics (monitoring.metrics_host); 0: free port
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (
+            ("interval_s", 0.05, 3600.0),
+            ("settle_s", 0.0, 3600.0),
+            ("window_s", 0.1, 86400.0),
+            ("pair_wait_s", 0.0, 7 * 86400.0),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise ConfigError(f"experience.{name}: {value!r} is outside {lo:g}..{hi:g}")
+        _range("experience.retention_s", self.retention_s, 60, 365 * 86400)
+        _range("experience.max_rows", self.max_rows, 1, 1_000_000_000)
+        _range("experience.trim_limit", self.trim_limit, 1, 10_000_000)
+        _range("experience.hold_s", self.hold_s, 0, 30 * 86400)
+        _range("experience.statement_timeout_ms", self.statement_timeout_ms, 100, 600_000)
+        _range("experience.metrics_port", self.metrics_port, 0, 65535)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     # The pool is chosen on the worker's command line (``--pool solo`` or Celery's default,
     # prefork): Celery cannot tell an explicit ``--pool prefork`` from a configured one.
@@ -422,7 +467,16 @@ class Config:
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    experience: ExperienceConfig = field(default_factory=ExperienceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        port = self.experience.metrics_port
+        if port and port in (self.monitoring.metrics_port, self.monitoring.bridge_metrics_port):
+            raise ConfigError(
+                "experience.metrics_port: must differ from monitoring.metrics_port and "
+                "monitoring.bridge_metrics_port"
+            )
 
     @property
     def archetypes(self) -> tuple[str, ...]:

@@ -26,13 +26,23 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+# Files of named statements, one concern each; a name is unique across all of them.
+QUERY_FILES = ("queries.sql", "experience.sql")
+
+
 @cache
 def _queries() -> dict[str, str]:
-    return parse_queries((SQL_DIR / "queries.sql").read_text())
+    queries: dict[str, str] = {}
+    for name in QUERY_FILES:
+        for key, statement in parse_queries((SQL_DIR / name).read_text()).items():
+            if key in queries:
+                raise ValueError(f"duplicate query name {key!r} in sql/{name}")
+            queries[key] = statement
+    return queries
 
 
 def query(name: str) -> str:
-    """The statement called ``name`` in sql/queries.sql.
+    """The statement called ``name`` in sql/queries.sql (or another of ``QUERY_FILES``).
 
     The text comes from our own file, never from input: it is as literal as code.
     """

@@ -26,3 +26,8 @@ GRANT USAGE ON SCHEMA public TO {runtime};
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ai_requests, ai_responses TO {runtime};
 GRANT SELECT, INSERT, DELETE ON TABLE ai_bridges_waiting TO {runtime};
 GRANT USAGE, SELECT ON SEQUENCE ai_requests_request_id_seq TO {runtime};
+-- The experience recorder (sql/experience.sql) runs as the runtime role too: it reads the
+-- game's two tables (granted above) and keeps its own three; cleanup reads the mark.
+GRANT SELECT, INSERT, DELETE ON TABLE ai_experience TO {runtime};
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ai_experience_waiting TO {runtime};
+GRANT SELECT, UPDATE ON TABLE ai_experience_mark TO {runtime};

@@ -133,3 +133,56 @@ CREATE OR REPLACE TRIGGER ai_requests_reuse_id
 CREATE OR REPLACE TRIGGER ai_requests_notify
     AFTER INSERT ON ai_requests
     FOR EACH STATEMENT EXECUTE FUNCTION ai_requests_notify();
+
+-- Experience (issue 29): answered decisions kept as transitions (state, action, next state)
+-- for the next model, moved here from ai_requests/ai_responses by `mltasks experience record`
+-- (sql/experience.sql), a process of its own: nothing here is on the answer path, and the
+-- game's tables get no trigger, index or column for it.
+-- UNLOGGED (both tables of rows): they write no WAL, so the game's INSERTs, which commit
+-- with a WAL flush, never flush the recorder's rows too, and recording costs less. The price:
+-- a PostgreSQL crash (not a clean restart) empties them; it is training data, not the game's.
+CREATE UNLOGGED TABLE IF NOT EXISTS ai_experience (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- order of recording
+    request_id   integer     NOT NULL,
+    monster_id   bigint      NOT NULL,
+    archetype    text        NOT NULL,
+    state        real[]      NOT NULL,  -- 64 finite values (checked when recorded)
+    action_id    integer     NOT NULL,  -- 0-9, or 255: the game used its own AI
+    next_state   real[]      NOT NULL,  -- the state of the same monster_id's next request
+    source       text        NOT NULL,  -- ai_responses.source: model | rules | cache | bridge
+    model        text,                  -- ai_responses.model: types and versions that answered
+    reason       text,                  -- ai_responses.reason: why a 255
+    confidence   real        NOT NULL,
+    status       text        NOT NULL,  -- completed | expired | timeout (the game gave up)
+    latency_ms   real        NOT NULL,  -- answer written - request inserted
+    requested_at timestamptz NOT NULL,
+    next_at      timestamptz NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS ai_experience_requested_brin
+    ON ai_experience USING brin (requested_at);
+
+-- Each monster's last recorded decision, waiting for its next state (one row a monster_id).
+CREATE UNLOGGED TABLE IF NOT EXISTS ai_experience_waiting (
+    monster_id   bigint PRIMARY KEY,
+    request_id   integer     NOT NULL,
+    archetype    text        NOT NULL,
+    state        real[]      NOT NULL,
+    action_id    integer     NOT NULL,
+    source       text        NOT NULL,
+    model        text,
+    reason       text,
+    confidence   real        NOT NULL,
+    status       text        NOT NULL,
+    latency_ms   real        NOT NULL,
+    requested_at timestamptz NOT NULL
+);
+
+-- The recorder's high-water mark: requests created up to recorded_to have been read. Logged:
+-- after a crash, recording goes on from where it was (the rows before it are lost).
+CREATE TABLE IF NOT EXISTS ai_experience_mark (
+    only_row    boolean PRIMARY KEY DEFAULT true CONSTRAINT ai_experience_mark_one CHECK (only_row),
+    recorded_to timestamptz,  -- NULL: never ran; the first round starts from its own time
+    updated_at  timestamptz
+);
+INSERT INTO ai_experience_mark DEFAULT VALUES ON CONFLICT DO NOTHING;

@@ -142,3 +142,28 @@ def test_the_deadline_is_the_games_and_the_lease_follows_it(tmp_path: Path) -> N
         load_config(write(tmp_path, "inference:\n  lease_ms: 50\n"), environ={})
     explicit = "inference:\n  max_latency_ms: 300\n  lease_ms: 200\n"
     assert load_config(write(tmp_path, explicit), environ={}).inference.lease_ms == 200
+
+
+def test_experience_is_on_in_dev_and_off_unless_a_deployment_says_so(tmp_path: Path) -> None:
+    assert load_config(DEFAULT_CONFIG_PATH, environ={}).experience.enabled
+    assert not load_config(write(tmp_path, ""), environ={}).experience.enabled
+    deploy = DEFAULT_CONFIG_PATH.parent.parent / "deploy" / "config" / "mltasks.yaml"
+    assert not load_config(deploy, environ={}).experience.enabled
+    assert load_config(deploy, environ={"MLTASKS_EXPERIENCE": "true"}).experience.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("experience:\n  max_rows: 0\n", "experience.max_rows: 0 is outside"),
+        ("experience:\n  interval_s: .nan\n", "experience.interval_s: nan is outside"),
+        ("experience:\n  retention: 5\n", "experience.retention: unknown key"),
+        (
+            "experience:\n  metrics_port: 9091\n",
+            "experience.metrics_port: must differ from monitoring.metrics_port",
+        ),
+    ],
+)
+def test_bad_experience_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, text), environ={})

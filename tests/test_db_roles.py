@@ -156,3 +156,45 @@ def test_db_init_takes_a_legacy_schema_from_the_runtime_role(
     assert set(owners(names).values()) == {names.runtime}
     db_init(names, capsys)
     assert_least_rights(names)
+
+
+def test_the_runtime_role_records_and_exports_experience_and_no_more(
+    names: Names, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    """The recorder and the export run as the runtime role (issue 29); it may add and drop
+    transitions but not rewrite them, and owns none of the experience tables."""
+    from mltasks.config import ExperienceConfig
+    from mltasks.experience.export import export
+    from mltasks.experience.recorder import record_round
+
+    db_init(names, capsys)
+    cfg = ExperienceConfig(enabled=True, settle_s=0.0, max_rows=1)
+    with psycopg.connect(names.runtime_url, autocommit=True) as rt:
+        record_round(rt, cfg)
+        for i in range(3):
+            rid = game.insert(rt, [i / 10] + [0.5] * 63)
+            rt.execute(
+                "INSERT INTO ai_responses (request_id, action_id, confidence, source)"
+                " VALUES (%s, 1, 0.5, 'rules')",
+                (rid,),
+            )
+            rt.execute("UPDATE ai_requests SET status = 'completed' WHERE request_id = %s", (rid,))
+        done = record_round(rt, cfg)
+        assert done.total == 2 and done.dropped["cap"] == 1
+        assert export(rt, tmp_path) == {"aggressive": 1}
+        rt.execute(query("delete_finished_recorded"), {"retention_s": 0, "limit": 100, "hold_s": 0})
+        for stmt in (
+            "UPDATE ai_experience SET action_id = 0",
+            "TRUNCATE ai_experience",
+            "DROP TABLE ai_experience_waiting",
+            "DELETE FROM ai_experience_mark",
+            "INSERT INTO ai_experience_mark DEFAULT VALUES",
+        ):
+            with pytest.raises(errors.InsufficientPrivilege):
+                rt.execute(stmt)
+    with psycopg.connect(make_conninfo(ADMIN_URL, dbname=names.database)) as conn:
+        owned = conn.execute(
+            "SELECT DISTINCT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner"
+            " WHERE c.relname LIKE 'ai_experience%%'"
+        ).fetchall()
+    assert owned == [(names.owner,)]

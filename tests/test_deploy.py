@@ -29,6 +29,7 @@ UNITS = (
     "mltasks-worker@.service",
     "mltasks-beat.service",
     "mltasks-flower.service",
+    "mltasks-experience.service",
 )
 
 

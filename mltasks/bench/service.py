@@ -181,6 +181,8 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
         **({"fallback": fallback} if fallback else {}),
         "worker": _worker(s),
         "monitoring": _monitoring(),
+        # Off unless --set experience.enabled=true; its /metrics on a free port either way.
+        "experience": {"metrics_port": free_port()},
         "logging": {"level": "WARNING"},
     }
     for section, key, value in s.overrides:
@@ -195,6 +197,7 @@ OPTIONAL_KEYS = {
     ("monitoring", "metrics_port"),
     ("monitoring", "bridge_metrics_port"),
     ("monitoring", "metrics_host"),
+    ("experience", "metrics_port"),
 }
 _CHECK = "import sys; from mltasks.config import load_config; load_config(sys.argv[1], environ={})"
 _UNKNOWN = re.compile(r"(\w+)\.(\w+): unknown key")
@@ -223,6 +226,15 @@ def write_checked_config(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
         last = done.stderr.strip().splitlines()[-1:] or ["no message"]
         raise BenchError(f"the service rejects the benchmark's configuration: {last[0]}")
     raise BenchError("the service rejects the benchmark's configuration")
+
+
+def experience_enabled(s: ServiceSettings) -> bool:
+    """``--set experience.enabled=true``: the run has the experience recorder, as a
+    deployment that records runs it beside the service (off by default, as built in)."""
+    return any(
+        (section, key) == ("experience", "enabled") and value in (True, "true", "1", "yes")
+        for section, key, value in s.overrides
+    )
 
 
 def worker_argv(s: ServiceSettings, node: str) -> list[str]:
@@ -368,6 +380,16 @@ class Service:
             )
             self.procs.append(bridge)
             bridge.start()
+        if experience_enabled(s):
+            recorder = ManagedProcess(
+                f"{self.label}-experience",
+                [sys.executable, "-m", "mltasks.experience"],
+                log_path=logs / f"{self.label}-experience.log",
+                env=env,
+                cwd=s.work_dir,
+            )
+            self.procs.append(recorder)
+            recorder.start()
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until the configuration answers a warm-up request itself, workers idle.

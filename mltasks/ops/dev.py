@@ -8,7 +8,8 @@ live ones). ``--use-configured`` runs it on the configured PostgreSQL and Redis 
 database if missing, and writes the cache into the configured ``redis.cache_db`` (db 0:
 the game's). Then it applies the schema, writes the demo models if the models folder has
 none (in a thread, while the servers start), and runs a bridge, a worker (queues gpu, cpu
-and rules) and beat as child processes, which read the servers from
+and rules), beat and, with ``experience.enabled`` (on in config/mltasks.yaml), the
+experience recorder as child processes, which read the servers from
 ``MLTASKS_DATABASE_URL`` / ``MLTASKS_REDIS_URL``.
 ``--load`` adds the emulated game load; a terminal shows the status table, refreshed
 every second. Ctrl-C (or SIGTERM) stops every process it started: the load, the
@@ -65,31 +66,39 @@ STATE_FILE: Final = "dev.json"
 # --- children -----------------------------------------------------------------------------
 
 
-def child_commands(queues: str, beat_dir: Path) -> dict[str, list[str]]:
+def child_commands(queues: str, beat_dir: Path, experience: bool = False) -> dict[str, list[str]]:
     from mltasks.broker.celery_app import worker_command
 
     py = sys.executable
     celery = [py, "-m", "celery", "-A", "mltasks"]
-    return {
+    commands = {
         "bridge": [py, "-m", "bridge"],
         "worker": worker_command(
             queues, "--loglevel", "INFO", "--without-gossip", "--without-mingle"
         ),
         "beat": [*celery, "beat", "--loglevel", "WARNING", "-s", str(beat_dir / "schedule")],
     }
+    if experience:  # experience.enabled: the recorder (mltasks experience record)
+        commands["experience"] = [py, "-m", "mltasks.experience"]
+    return commands
 
 
 def start_children(
-    env: dict[str, str], queues: str, data_dir: Path, log_dir: Path | None
+    env: dict[str, str],
+    queues: str,
+    data_dir: Path,
+    log_dir: Path | None,
+    experience: bool = False,
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """Bridge, worker and beat; their output goes to ``log_dir`` when given, else here.
+    """Bridge, worker, beat (and the experience recorder); their output goes to ``log_dir``
+    when given, else here.
 
     In dev's own process group: a Ctrl-C at the terminal reaches them too."""
     beat_dir = data_dir / "beat"
     beat_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name, cmd in child_commands(queues, beat_dir).items():
+        for name, cmd in child_commands(queues, beat_dir, experience).items():
             log_path = None if log_dir is None else log_dir / f"{name}.log"
             procs[name] = spawn(cmd, log_path=log_path, env=env, own_session=False)
     except BaseException:
@@ -229,7 +238,13 @@ def run_dev(
                 writer.wait()
             env = child_env(os.environ, servers.database_url, servers.redis_url)
             env["MLTASKS_MODELS_DIR"] = str(mdir)
-            procs = start_children(env, opts.queues, data_dir, data_dir / "logs" if live else None)
+            procs = start_children(
+                env,
+                opts.queues,
+                data_dir,
+                data_dir / "logs" if live else None,
+                experience=cfg.experience.enabled,
+            )
             stack.callback(stop_all, list(procs.values()))
             state = DevState(
                 pid=os.getpid(),

@@ -380,6 +380,12 @@ def recover() -> str:
 def cleanup() -> int:
     """Beat: delete finished rows past the retention, batch by batch; returns rows deleted."""
     cfg = get_config().cleanup
+    # While experience is recorded, rows the recorder has not read yet wait for it
+    # (at most experience.hold_s longer).
+    experience = get_config().experience
+    statement, hold = "delete_finished", {}
+    if experience.enabled:
+        statement, hold = "delete_finished_recorded", {"hold_s": experience.hold_s}
     total = 0
     with job_lock("cleanup", 300) as held:
         if not held:
@@ -387,8 +393,8 @@ def cleanup() -> int:
         with _db_pool().connection(timeout=DB_WAIT_MAX_S) as conn:
             while True:
                 cur = conn.execute(
-                    query("delete_finished"),
-                    {"retention_s": cfg.retention_s, "limit": cfg.batch_limit},
+                    query(statement),
+                    {"retention_s": cfg.retention_s, "limit": cfg.batch_limit, **hold},
                 )
                 total += cur.rowcount
                 if cur.rowcount < cfg.batch_limit:
