@@ -115,7 +115,7 @@ WITH oldest AS (
 DELETE FROM ai_experience AS e
 USING oldest AS o
 WHERE e.id = o.id
-  AND o.requested_at < clock_timestamp() - make_interval(secs => %(retention_s)s);
+  AND o.requested_at < statement_timestamp() - make_interval(secs => %(retention_s)s);
 
 -- experience_trim_cap --
 -- The size cap: the oldest transitions beyond the newest `max_rows` go, `limit` at most.
@@ -169,9 +169,9 @@ WHERE request_id IN (
     SELECT request_id
     FROM ai_requests
     WHERE status IN ('completed', 'invalid', 'expired', 'timeout')
-      AND created_at < clock_timestamp() - make_interval(secs => %(retention_s)s)
+      AND created_at < statement_timestamp() - make_interval(secs => %(retention_s)s)
       AND (created_at <= (SELECT recorded_to FROM ai_experience_mark)
-           OR created_at < clock_timestamp() - make_interval(secs => %(retention_s)s + %(hold_s)s))
+           OR created_at < statement_timestamp() - make_interval(secs => %(retention_s)s + %(hold_s)s))
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 );
