@@ -168,7 +168,8 @@ WHERE datname = current_database() AND backend_type = 'client backend'
 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 
 -- statements_snapshot --
--- Calls and execution time so far of every statement run in this database.
+-- Calls and execution time so far of every statement run in this database, but this one.
 SELECT queryid, calls, total_exec_time, query
 FROM pg_stat_statements
-WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database());
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND position('pg_stat_statements' IN query) = 0;

@@ -197,6 +197,26 @@ def test_statements_unavailable_without_the_preload(monkeypatch: pytest.MonkeyPa
     )
 
 
+def test_statements_per_decision_from_two_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = iter(
+        [
+            {1: (10, 5.0, "a"), 2: (3, 1.0, "b")},
+            {1: (30, 25.0, "a"), 2: (3, 1.0, "b"), 3: (10, 2.0, "c  d")},
+        ]
+    )
+    monkeypatch.setattr(
+        cpucost.StatementsMeter, "_snapshot", lambda self, create=False: next(snapshots)
+    )
+    assert cpucost.StatementsMeter("postgresql://fake").per_decision(10) == {
+        "available": True,
+        "ms_per_decision": 2.2,
+        "top": [  # costliest first; b ran no more during the run
+            {"query": "a", "ms_per_decision": 2.0, "calls_per_decision": 2.0},
+            {"query": "c d", "ms_per_decision": 0.2, "calls_per_decision": 1.0},
+        ],
+    }
+
+
 # -- measured ------------------------------------------------------------------------------
 
 

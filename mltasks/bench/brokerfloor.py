@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +26,7 @@ import psycopg
 import redis
 from celery import Celery
 
-from mltasks.bench.floor import Floor
+from mltasks.bench.floor import Floor, run_until_signalled
 from mltasks.bench.queries import bench_query
 
 QUEUE = "bench_broker_floor"
@@ -121,10 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--broker-url", required=True, help="redis://host:port/db of the broker")
     p.add_argument("--batch", type=int, default=BATCH)
     args = p.parse_args(argv)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    BrokerFloorBridge(args.database_url, args.broker_url, batch=args.batch).run(stop)
+    run_until_signalled(BrokerFloorBridge(args.database_url, args.broker_url, batch=args.batch))
 
 
 if __name__ == "__main__":

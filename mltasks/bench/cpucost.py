@@ -222,4 +222,20 @@ def cpu_lines(runs: list[dict[str, Any]], *, key: str, key_label: str) -> list[s
         if not (r["per_decision"].get("statements") or {}).get("available", True)
     }
     lines += [f"\nstatements: unavailable ({reason})" for reason in sorted(map(str, reasons))]
-    return lines
+    return lines + _statement_lines(measured)
+
+
+def _statement_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The costliest statements of each responder's first run, where they were measured."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if (r["per_decision"].get("statements") or {}).get("available"):
+            firsts.setdefault(r["responder"], r)
+    out = []
+    for name, r in firsts.items():
+        out += ["", f"Costliest statements of {name} (ms and calls per decision):", ""]
+        out += [
+            f"- {s['ms_per_decision']:.4f} ms, {s['calls_per_decision']} calls: `{s['query']}`"
+            for s in r["per_decision"]["statements"]["top"][:3]
+        ]
+    return out
