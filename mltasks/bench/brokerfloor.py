@@ -100,6 +100,7 @@ class BrokerFloorBridge(Floor):
         while True:
             if int(self.queue.llen(QUEUE)) >= 1:  # a batch already waits: don't claim yet
                 time.sleep(HOLD_S)
+                self.answered += total
                 return total or 1  # busy: Floor.run comes back without sleeping
             params = {"limit": self.batch}
             rows = conn.execute(bench_query("broker_floor_claim"), params, prepare=True).fetchall()
