@@ -201,7 +201,7 @@ def test_statements_per_decision_from_two_snapshots(monkeypatch: pytest.MonkeyPa
     snapshots = iter(
         [
             {1: (10, 5.0, "a"), 2: (3, 1.0, "b")},
-            {1: (30, 25.0, "a"), 2: (3, 1.0, "b"), 3: (10, 2.0, "c  d")},
+            {1: (30, 25.0, "a"), 2: (3, 1.0, "b"), 3: (10, 2.0, "-- what c does\nc  d")},
         ]
     )
     monkeypatch.setattr(

@@ -44,7 +44,11 @@ app.conf.update(
     accept_content=["msgpack"],
     result_backend=None,
     task_ignore_result=True,
+    # One batch at a time per solo worker, as the service's: a solo worker's concurrency
+    # defaults to the cores, and it would then take a second batch while the other idles.
+    worker_concurrency=1,
     worker_prefetch_multiplier=1,
+    worker_disable_rate_limits=True,
     task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True,
     # The service's transport, minus kombu's unacked bookkeeping for this task, as for

@@ -159,7 +159,7 @@ class StatementsMeter:
         for qid, (calls, ms, text) in after.items():
             c0, ms0, _ = self._before.get(qid, (0, 0.0, ""))
             if calls > c0:
-                rows.append((ms - ms0, calls - c0, " ".join(text.split())[:100]))
+                rows.append((ms - ms0, calls - c0, _statement(text)))
         rows.sort(reverse=True)
         return {
             "available": True,
@@ -173,6 +173,12 @@ class StatementsMeter:
                 for ms, c, q in rows[:TOP_STATEMENTS]
             ],
         }
+
+
+def _statement(text: str) -> str:
+    """A statement on one line, without the comment lines of its sql/ block, cut short."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    return " ".join(" ".join(lines).split())[:100]
 
 
 def total_ms(cpu_ms: dict[str, float]) -> float:
