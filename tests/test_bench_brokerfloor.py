@@ -217,6 +217,37 @@ def test_statements_per_decision_from_two_snapshots(monkeypatch: pytest.MonkeyPa
     }
 
 
+def test_bridge_holds_back_while_a_batch_waits(bench_db: str) -> None:
+    """No claim while the queue holds a batch (no worker here takes it); claims again once
+    it is empty, and a publish that finds its batch still waiting holds back again."""
+    import os
+
+    from mltasks.bench.brokerfloor import QUEUE, BrokerFloorBridge
+    from mltasks.bench.service import BROKER_DB
+    from mltasks.config import RedisConfig
+
+    broker = RedisConfig(url=os.environ["MLTASKS_TEST_REDIS_URL"]).db_url(BROKER_DB)
+    bridge = BrokerFloorBridge(bench_db, broker)
+    bridge.queue.delete(QUEUE)
+    with psycopg.connect(bench_db, autocommit=True) as conn:
+        insert = "INSERT INTO ai_requests (monster_id, state_vector) VALUES (1, %s::real[])"
+        conn.execute(insert, ([0.5] * 64,))
+        bridge.queue.rpush(QUEUE, b"a batch nobody took")
+        bridge.held = True
+        assert bridge.drain(conn) == 1  # busy, but nothing claimed
+        status = "SELECT array_agg(status ORDER BY request_id) FROM ai_requests"
+        assert conn.execute(status).fetchone() == (["pending"],)
+        bridge.queue.delete(QUEUE)
+        assert bridge.drain(conn) == 1  # claimed and sent
+        assert conn.execute(status).fetchone() == (["processing"],)
+        assert bridge.held and bridge.queue.llen(QUEUE) == 1  # its batch waits: held
+        conn.execute(insert, ([0.5] * 64,))
+        assert bridge.drain(conn) == 1
+        assert conn.execute(status).fetchone() == (["processing", "pending"],)
+    bridge.queue.delete(QUEUE)
+    bridge.queue.close()
+
+
 # -- measured ------------------------------------------------------------------------------
 
 

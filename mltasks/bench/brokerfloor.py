@@ -3,7 +3,9 @@ write) with nothing else in it.
 
 A minimal bridge claims pending rows (sql/bench.sql ``broker_floor_claim``, states as
 ``array_send`` bytes: no Python floats) and sends each batch as one msgpack Celery task to
-its own queue, holding back while a batch already waits there (LLEN >= 1). Solo workers
+its own queue, holding back while a batch already waits there (LLEN >= 1 after a
+publish, re-checked every 0.5 ms). Its sessions are the service's (synchronous_commit
+off). Solo workers
 (``celery -A mltasks.bench.brokerfloor -b URL worker -Q bench_broker_floor --pool solo``)
 decode the states with numpy, run a fixed 64x10 matmul, take the argmax and answer the
 whole batch in one statement (``broker_floor_answer``). No cache, fusion, ladder, leases
@@ -28,6 +30,7 @@ from celery import Celery
 
 from mltasks.bench.floor import Floor, run_until_signalled
 from mltasks.bench.queries import bench_query
+from mltasks.config import DatabaseConfig
 
 QUEUE = "bench_broker_floor"
 TASK = "mltasks.bench.broker_floor_answer"
@@ -61,6 +64,11 @@ WEIGHTS = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
 _conn: psycopg.Connection[tuple[Any, ...]] | None = None
 
 
+def sessions(url: str) -> str:
+    """The URL with the service's session settings (synchronous_commit off), as its own."""
+    return DatabaseConfig(url=url).conninfo
+
+
 def decide(states: Sequence[bytes | None]) -> tuple[list[int], list[float]]:
     """Actions and confidences of the fixed tiny model; 255 for a state that is not 64 values."""
     ok = [i for i, s in enumerate(states) if s is not None and len(s) == STATE_BYTES]
@@ -83,7 +91,7 @@ def answer(request_ids: list[int], states: list[bytes | None]) -> int:
     """Answer a batch and close its rows in one statement; the number answered."""
     global _conn
     if _conn is None or _conn.closed:
-        _conn = psycopg.connect(os.environ[DATABASE_ENV], autocommit=True)
+        _conn = psycopg.connect(sessions(os.environ[DATABASE_ENV]), autocommit=True)
     actions, confidences = decide(states)
     params = {"ids": request_ids, "actions": actions, "confs": confidences, "source": SOURCE}
     cur = _conn.execute(bench_query("broker_floor_answer"), params, prepare=True)
@@ -94,23 +102,28 @@ class BrokerFloorBridge(Floor):
     """Claims and publishes; sleeps on the schema's NOTIFY like the floor (Floor.run)."""
 
     def __init__(self, conninfo: str, broker_url: str, *, batch: int = BATCH) -> None:
-        super().__init__(conninfo, batch=batch)
+        super().__init__(sessions(conninfo), batch=batch)
         app.conf.broker_url = broker_url
         self.queue = redis.Redis.from_url(broker_url, socket_timeout=5)
+        self.held = False  # the last look (LLEN after a publish) found a batch waiting
 
     def drain(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
-        """Claim and send batches until one comes back short; first wait for the queue."""
+        """Claim and send batches until one comes back short, holding back while a batch
+        waits in the queue. LLEN is asked after each publish (a worker blocked in BRPOP
+        has taken the batch by then), and again while held: not before every claim."""
         total = 0
         while True:
-            if int(self.queue.llen(QUEUE)) >= 1:  # a batch already waits: don't claim yet
-                time.sleep(HOLD_S)
+            if self.held and int(self.queue.llen(QUEUE)) >= 1:
+                time.sleep(HOLD_S)  # don't claim yet
                 self.answered += total
                 return total or 1  # busy: Floor.run comes back without sleeping
+            self.held = False
             params = {"limit": self.batch}
             rows = conn.execute(bench_query("broker_floor_claim"), params, prepare=True).fetchall()
             if rows:
                 ids = [int(r[0]) for r in rows]
                 app.send_task(TASK, args=(ids, [r[1] for r in rows]), queue=QUEUE)
+                self.held = int(self.queue.llen(QUEUE)) >= 1
             total += len(rows)
             if len(rows) < self.batch:
                 self.answered += total
