@@ -136,7 +136,7 @@ def test_bulk_ratios_against_both_floors() -> None:
 
 
 def test_sustained_summary_says_service_over_broker_floor() -> None:
-    sustained = {
+    sustained: dict[str, dict[str, Any]] = {
         "floor": {"rate": 8000.0},
         "broker floor": {"rate": 4000.0},
         "service": {"rate": 1000.0},
@@ -146,6 +146,10 @@ def test_sustained_summary_says_service_over_broker_floor() -> None:
         "broker floor held 4000/s, floor held 8000/s: broker floor / floor 0.5x",
         "service held 1000/s, floor held 8000/s: service / floor 0.125x",
         "service held 1000/s, broker floor held 4000/s: service / broker floor 0.25x",
+    ]
+    sustained = {"broker floor": {"rate": 60.0}, "service": {"rate": None}}
+    assert bulkreport.sustained_summary(sustained) == [
+        "service held no rate, broker floor held 60/s: service / broker floor n/a"
     ]
 
 

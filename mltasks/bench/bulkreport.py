@@ -147,10 +147,10 @@ def sustained_summary(sustained: dict[str, dict[str, Any]]) -> list[str]:
         floor = sustained.get(against, {}).get("rate")
         for name, ratio in sustained_ratios(sustained, against).items():
             rate = sustained[name].get("rate")
-            held = "none held" if rate is None else f"{rate:.0f}/s"
+            held = "no rate" if rate is None else f"{rate:.0f}/s"
+            shown = "n/a" if ratio is None else f"{ratio}x"
             out.append(
-                f"{name} held {held}, {against} held {floor:.0f}/s: "
-                f"{name} / {against} {fmt(ratio)}x"
+                f"{name} held {held}, {against} held {floor:.0f}/s: {name} / {against} {shown}"
             )
     return out
 
