@@ -27,6 +27,45 @@ INSERT INTO ai_responses (request_id, action_id, confidence, source)
 SELECT request_id, %(action_id)s, 1, 'floor' FROM closed
 ON CONFLICT (request_id) DO NOTHING;
 
+-- broker_floor_claim --
+-- The broker floor's bridge (mltasks/bench/brokerfloor.py): claim_batch's SKIP LOCKED
+-- claim and nothing else. States leave as array_send bytes, decoded by the worker with
+-- numpy: no Python float is built. Like claim_batch it takes the bridge off the
+-- sleepers' record (`woke`) in the same round trip.
+WITH woke AS (
+    DELETE FROM ai_bridges_waiting WHERE pid = pg_backend_pid()
+), picked AS (
+    SELECT request_id
+    FROM ai_requests
+    WHERE status = 'pending'
+    ORDER BY priority DESC, created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ai_requests AS r
+SET status = 'processing', claimed_at = clock_timestamp(), attempts = r.attempts + 1
+FROM picked
+WHERE r.request_id = picked.request_id
+RETURNING r.request_id, array_send(r.state_vector);
+
+-- broker_floor_answer --
+-- The broker floor's worker: a whole batch answered and its rows closed in one statement
+-- (a row the game gave up on keeps its 'timeout'). Arrays in binary, as answer_batch.
+WITH answer AS (
+    SELECT *
+    FROM unnest(%(ids)b::integer[], %(actions)b::integer[], %(confs)b::real[])
+         AS a(request_id, action_id, confidence)
+), closed AS (
+    UPDATE ai_requests AS r
+    SET status = CASE WHEN r.status = 'processing' THEN 'completed' ELSE r.status END,
+        answered_at = clock_timestamp()
+    FROM answer AS a
+    WHERE r.request_id = a.request_id
+)
+INSERT INTO ai_responses (request_id, action_id, confidence, source)
+SELECT request_id, action_id, confidence, %(source)s FROM answer
+ON CONFLICT (request_id) DO NOTHING;
+
 -- poll_response --
 -- The game's poll (CONTRACT.md section 1) with the id bound instead of formatted in, so
 -- it can be prepared: the benchmark's Python client must cost as little as it can.
@@ -115,3 +154,22 @@ FROM ai_responses AS s
 WHERE s.action_id = 255
 GROUP BY 1
 ORDER BY 2 DESC;
+
+-- run_backends --
+-- The backends serving the run's database (mltasks/bench/cpucost.py reads their CPU time)
+-- and whose they are: a responder's processes connect as 'mltasks-bench <name>'.
+SELECT pid, application_name
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+  AND pid <> pg_backend_pid();
+
+-- statements_enable --
+-- In the bench database only; it works without the preload (the view then refuses).
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+
+-- statements_snapshot --
+-- Calls and execution time so far of every statement run in this database, but this one.
+SELECT queryid, calls, total_exec_time, query
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND position('pg_stat_statements' IN query) = 0;

@@ -344,12 +344,14 @@ def test_report_writer(tmp_path: Path) -> None:
     assert saved["plots"] == ["latency_cdf.png", "load.png"]
     assert saved["ratios"][0] == {
         "responder": "service L3",
+        "against": "floor",
         "rate": 500,
         "answered_per_s_ratio": 1.0,
         "answered_share_ratio": 1.0,
         "p50_ratio": 8.0,
         "p99_ratio": 8.0,
         "p50_diff_ms": 3.5,
+        "cpu_per_decision_ratio": None,  # these runs measured no CPU per decision
         "floor_load_average": 0.5,
         "load_average": 0.5,
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mltasks.bench import plots
+from mltasks.bench.cpucost import cpu_lines
 from mltasks.bench.report import code_line, fmt, level_moved, memory_lines
 
 SCHEMA_VERSION = 1
@@ -85,42 +86,73 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
 
+AGAINST = ("floor", "broker floor")  # the floors every other responder is measured against
+
+
+def cpu_ratio(run: dict[str, Any], floor: dict[str, Any]) -> float | None:
+    """The run's CPU per decision (its processes, backends, Redis) over the floor's."""
+    a, b = ((x.get("per_decision") or {}).get("cpu_ms_total") for x in (run, floor))
+    return _ratio(a, b)
+
+
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each service run against the floor run at the same rate (the same run's)."""
-    floors = {r["rate"]: r for r in runs if r["responder"] == "floor" and "failed" not in r}
+    """Each run against each floor run at the same rate (the same run's); the plain
+    floor is measured against nothing, the broker floor against the plain floor."""
     out = []
-    for r in runs:
-        if r["responder"] == "floor" or "failed" in r or r["rate"] not in floors:
-            continue
-        f = floors[r["rate"]]
-        lat, flat = r["latency_ms"], f["latency_ms"]
-        out.append(
-            {
-                "responder": r["responder"],
-                "rate": r["rate"],
-                "answered_per_s_ratio": _ratio(r["answered_per_s"], f["answered_per_s"]),
-                "answered_share_ratio": _ratio(r["answered_share"], f["answered_share"]),
-                "p50_ratio": _ratio(lat["p50"], flat["p50"], 1),
-                "p99_ratio": _ratio(lat["p99"], flat["p99"], 1),
-                "p50_diff_ms": (
-                    round(lat["p50"] - flat["p50"], 2)
-                    if lat["p50"] is not None and flat["p50"] is not None
-                    else None
-                ),
-                "floor_load_average": f["load_average_before"][0],
-                "load_average": r["load_average_before"][0],
-            }
-        )
+    for against in AGAINST:
+        floors = {r["rate"]: r for r in runs if r["responder"] == against and "failed" not in r}
+        for r in runs:
+            if r["responder"] in (against, "floor") or "failed" in r or r["rate"] not in floors:
+                continue
+            f = floors[r["rate"]]
+            lat, flat = r["latency_ms"], f["latency_ms"]
+            out.append(
+                {
+                    "responder": r["responder"],
+                    "against": against,
+                    "rate": r["rate"],
+                    "answered_per_s_ratio": _ratio(r["answered_per_s"], f["answered_per_s"]),
+                    "answered_share_ratio": _ratio(r["answered_share"], f["answered_share"]),
+                    "p50_ratio": _ratio(lat["p50"], flat["p50"], 1),
+                    "p99_ratio": _ratio(lat["p99"], flat["p99"], 1),
+                    "p50_diff_ms": (
+                        round(lat["p50"] - flat["p50"], 2)
+                        if lat["p50"] is not None and flat["p50"] is not None
+                        else None
+                    ),
+                    "cpu_per_decision_ratio": cpu_ratio(r, f),
+                    "floor_load_average": f["load_average_before"][0],
+                    "load_average": r["load_average_before"][0],
+                }
+            )
     return out
 
 
-def sustained_ratios(sustained: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    floor = sustained.get("floor", {}).get("rate")
+def sustained_ratios(
+    sustained: dict[str, dict[str, Any]], against: str = "floor"
+) -> dict[str, float | None]:
+    """Each responder's sustained rate over the floor's (``against``)."""
+    floor = sustained.get(against, {}).get("rate")
     return {
         name: _ratio(v.get("rate"), floor)
         for name, v in sustained.items()
-        if name != "floor" and floor
+        if name not in (against, "floor") and floor
     }
+
+
+def sustained_summary(sustained: dict[str, dict[str, Any]]) -> list[str]:
+    """``service held X/s, broker floor held Y/s: 0.26x`` for each responder and floor."""
+    out = []
+    for against in AGAINST:
+        floor = sustained.get(against, {}).get("rate")
+        for name, ratio in sustained_ratios(sustained, against).items():
+            rate = sustained[name].get("rate")
+            held = "no rate" if rate is None else f"{rate:.0f}/s"
+            shown = "n/a" if ratio is None else f"{ratio}x"
+            out.append(
+                f"{name} held {held}, {against} held {floor:.0f}/s: {name} / {against} {shown}"
+            )
+    return out
 
 
 def _pct(share: float) -> str:
@@ -231,12 +263,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [_run_line(r) for r in report["runs"]]
     if report["sustained"]:
         sr = sustained_ratios(report["sustained"])
+        broker = "broker floor" in report["sustained"]
+        br = sustained_ratios(report["sustained"], "broker floor")
         lines += [
             "",
             "Sustained rate (highest step that held):",
             "",
-            "| responder | sustained/s | first failed/s | steps | of the floor's |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| responder | sustained/s | first failed/s | steps | of the floor's |"
+            + (" of the broker floor's |" if broker else ""),
+            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if broker else ""),
         ]
         for name, v in report["sustained"].items():
             rate = v.get("rate")
@@ -247,19 +282,26 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {shown} | {fmt(None if ff is None else round(ff))} "
                 f"| {v['steps']} | {fmt(sr.get(name)) if name != 'floor' else '1'} |"
+                + (f" {fmt(br.get(name))} |" if broker else "")
             )
+        summary = sustained_summary(report["sustained"])
+        if summary:
+            lines += ["", *summary]
     if report["ratios"]:
         lines += [
             "",
-            "Against the floor at the same rate (same run):",
+            "Against the floors at the same rate (same run; CPU: CPU per decision, see below):",
             "",
-            "| responder | rate/s | answered/s ratio | p50 ratio | p50 diff ms | p99 ratio |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| responder | against | rate/s | answered/s ratio | p50 ratio | p50 diff ms "
+            "| p99 ratio | CPU ratio |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for q in report["ratios"]:
             lines.append(
-                f"| {q['responder']} | {q['rate']:.0f} | {fmt(q['answered_per_s_ratio'])} "
-                f"| {fmt(q['p50_ratio'])} | {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} |"
+                f"| {q['responder']} | {q.get('against', 'floor')} | {q['rate']:.0f} "
+                f"| {fmt(q['answered_per_s_ratio'])} | {fmt(q['p50_ratio'])} "
+                f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} "
+                f"| {fmt(q.get('cpu_per_decision_ratio'))} |"
             )
     cached = [r for r in report["runs"] if "failed" not in r and r.get("cache")]
     if cached or report["kind"] == "cache":
@@ -272,7 +314,7 @@ def markdown(report: dict[str, Any]) -> str:
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in report["runs"]:
-            if "failed" in r or r["responder"] == "floor":
+            if "failed" in r or r["responder"] in AGAINST:
                 continue
             layers = (r.get("cache") or {}).get("layers", {})
             off = not r["config"].get("caching", True)
@@ -280,6 +322,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['responder']} | {r['rate']:.0f} | {' | '.join(cells)} | {_sources(r)} |"
             )
+    cpu = cpu_lines(report["runs"], key="rate", key_label="rate/s")
+    if cpu:
+        lines += ["", *cpu]
     notes = _notes(report["runs"])
     if notes:
         lines += ["", "Notes:", "", *notes]

@@ -28,6 +28,8 @@ import redis
 from mltasks.bench import BenchError
 from mltasks.bench.bulk import BulkSpec, RowSource, bulk_reset, drain, offer_load, read_rows
 from mltasks.bench.bulk import summarize_rows as summarize_bulk
+from mltasks.bench.capacity import OpsMeter
+from mltasks.bench.cpucost import total_ms
 from mltasks.bench.database import run_stats
 from mltasks.bench.report import CpuMeter, OthersMeter
 from mltasks.bench.responders import Responder
@@ -156,11 +158,17 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         machine_cpu = CpuMeter()
         others = OthersMeter(ours_markers(opts))
         responder_cpu = running.cpu_seconds()
-        load = offer_load(spec, source)
-        responder_cpu = running.cpu_seconds() - responder_cpu
-        machine_busy = machine_cpu.busy_share()
-        others_share = others.share()
-        drained_s, left = drain(opts.conninfo, opts.drain_s)
+        ops = OpsMeter(opts.conninfo, opts.redis_url, running.procs)
+        try:
+            load = offer_load(spec, source)
+            responder_cpu = running.cpu_seconds() - responder_cpu
+            machine_busy = machine_cpu.busy_share()
+            others_share = others.share()
+            drained_s, left = drain(opts.conninfo, opts.drain_s)
+            # From the first request written until the last one answered.
+            per_decision = ops.per_decision(load.rows)
+        finally:
+            ops.close()
         if svc is not None:
             level_after = svc.level_now()
         if caching:
@@ -189,6 +197,7 @@ def bulk_step(responder: Responder, rate: float, opts: StepOptions) -> dict[str,
         "others_cpu_share": others_share,
         "load_average_before": [round(x, 2) for x in load_before],
         "database": run_stats(opts.conninfo),
+        "per_decision": per_decision,
         **running.info,
     }
     if level_after is not None:
@@ -228,12 +237,18 @@ def _say_run(run: dict[str, Any]) -> None:
     lat = run["latency_ms"]
     loader = run["loader"]
     note = " LOADER BEHIND" if loader["behind"] else ""
+    cpu = run["per_decision"]["cpu_ms"]
+    cpu_note = (
+        f", CPU {total_ms(cpu):.3f} ms/decision (bridge {cpu.get('bridge', 0):.3f}, workers "
+        f"{cpu.get('worker', 0):.3f}, postgres {cpu.get('postgres', 0):.3f}, redis "
+        f"{cpu.get('redis', 0):.3f})"
+    )
     say(
         f"{run['responder']:>28} @ {run['rate']:>8.0f}/s: offered {run['offered_per_s']}/s, "
         f"answered {run['answered_share'] * 100:6.2f}% ({run['answered_per_s']}/s in the window), "
         f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, 255 {run['share_255'] * 100:.1f}%, "
         f"{'held' if run['held'] else 'FAILED'}, load {run['load_average_before'][0]}, "
-        f"others {run['others_cpu_share'] * 100:.0f}%{note}"
+        f"others {run['others_cpu_share'] * 100:.0f}%{cpu_note}{note}"
     )
 
 

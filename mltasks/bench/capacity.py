@@ -3,7 +3,8 @@
 Measured around a gateway run of the service (``mltasks bench gateway``):
 
 - CPU seconds of the bridges and of the workers, each per decision (psutil, the processes
-  and their children);
+  and their children), of the responder's PostgreSQL backends and of the run's Redis
+  server, and the statements' execution time (mltasks.bench.cpucost);
 - Redis commands per decision, by command (``INFO commandstats`` of the run's Redis: the
   run must have that server to itself, as the benchmark's own Redis does);
 - PostgreSQL transactions and rows per decision (``pg_stat_database`` of the run's
@@ -20,6 +21,8 @@ from typing import Any
 
 import psutil
 import psycopg
+
+from mltasks.bench.cpucost import BackendCpu, StatementsMeter, redis_process, total_ms
 
 _PG_FIELDS = (
     "xact_commit",
@@ -87,6 +90,22 @@ class OpsMeter:
         self.cpu = cpu_by_role(procs)
         self.redis = self._redis()
         self.pg = _pg_counts(conninfo)
+        self.statements = StatementsMeter(conninfo)
+        self.redis_server = redis_process(redis_url)
+        self.redis_cpu = self._redis_cpu()
+        self.backends = BackendCpu(conninfo)
+
+    def close(self) -> None:
+        """Stop the backends' sampling (done by ``per_decision``; for a run that failed)."""
+        self.backends.close()
+
+    def _redis_cpu(self) -> float | None:
+        if self.redis_server is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            t = self.redis_server.cpu_times()
+            return float(t.user + t.system)
+        return None
 
     def _redis(self) -> dict[str, int]:
         if not self.redis_url:
@@ -97,6 +116,12 @@ class OpsMeter:
 
     def per_decision(self, decisions: int) -> dict[str, Any]:
         cpu = cpu_by_role(self.procs)
+        cpu_ms = {k: (v - self.cpu.get(k, 0.0)) * 1000 for k, v in cpu.items()}
+        cpu_ms.update({k: v * 1000 for k, v in self.backends.seconds().items()})
+        redis_cpu = self._redis_cpu()
+        if redis_cpu is not None and self.redis_cpu is not None:
+            cpu_ms["redis"] = (redis_cpu - self.redis_cpu) * 1000
+        statements = self.statements.per_decision(decisions)
         time.sleep(1.2)  # let PostgreSQL publish the backends' counters
         redis_now = self._redis()
         pg_now = _pg_counts(self.conninfo)
@@ -106,9 +131,12 @@ class OpsMeter:
             for k, v in redis_now.items()
             if v - self.redis.get(k, 0) > 0 and k not in ("info", "ping", "client|list")
         }
+        cpu_per = {k: round(v / n, 3) for k, v in cpu_ms.items()}
         return {
             "decisions": decisions,
-            "cpu_ms": {k: round((v - self.cpu.get(k, 0.0)) * 1000 / n, 3) for k, v in cpu.items()},
+            "cpu_ms": cpu_per,
+            "cpu_ms_total": total_ms(cpu_per),
+            "statements": statements,
             "redis_commands": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
             "redis_commands_total": round(sum(commands.values()), 3),
             "postgres": {k: round((pg_now[k] - self.pg.get(k, 0)) / n, 3) for k in pg_now},

@@ -25,6 +25,7 @@ from mltasks.bench.cli_args import (
     bulk_options,
     common_options,
     counts_arg,
+    floor_option,
     game_options,
     rates_arg,
     service_options,
@@ -72,14 +73,7 @@ def add_parser(subparsers: Any) -> None:
     gw.add_argument("--clients", type=counts_arg, default=[1, 8, 32], help="e.g. 1,8,32")
     gw.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     gw.add_argument("--timeout-ms", type=int, default=100, help="the game's ml_max_latency_ms")
-    gw.add_argument(
-        "--floor",
-        nargs="?",
-        const="plain",
-        choices=("plain", "model", "both"),
-        help="also run a floor: plain (a fixed answer in one statement; the default), model "
-        "(the same models and fusion in one process, no broker), or both",
-    )
+    floor_option(gw)
     gw.add_argument("--no-service", action="store_true", help="skip the service runs")
     gw.add_argument(
         "--bridges", type=int, default=1, help="bridge processes of the service (default: 1)"
@@ -130,14 +124,7 @@ def add_parser(subparsers: Any) -> None:
         help="run a failed step again this often; it holds if any attempt held",
     )
     bulk.add_argument("--max-rate", type=float, default=40000.0, help="stop climbing here")
-    bulk.add_argument(
-        "--floor",
-        nargs="?",
-        const="plain",
-        choices=("plain", "model", "both"),
-        help="also run a floor, alternating: plain (the default), model (the same models in "
-        "one process, no broker; compared to the plain floor like a service), or both",
-    )
+    floor_option(bulk)
     bulk.add_argument("--no-service", action="store_true", help="skip the service runs")
     bulk.add_argument(
         "--states",

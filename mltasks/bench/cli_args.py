@@ -35,6 +35,40 @@ def rates_arg(text: str) -> list[float]:
     return rates
 
 
+FLOORS = ("plain", "model", "broker")
+FLOOR_HELP = (
+    "also run floors, alternating with the service: plain (a fixed answer in one "
+    "statement; the default), model (the same models and fusion in one process, no "
+    "broker), broker (a minimal bridge, Celery through the same Redis, 2 solo workers, "
+    "a tiny model); several as plain,broker; both: plain,model"
+)
+
+
+def floors_arg(text: str) -> tuple[str, ...]:
+    """``plain``, ``model``, ``broker``, several as ``plain,broker``; ``both`` is
+    ``plain,model`` (its meaning before the broker floor)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    out: list[str] = []
+    for name in names:
+        for floor in ("plain", "model") if name == "both" else (name,):
+            if floor not in FLOORS:
+                raise argparse.ArgumentTypeError(
+                    f"a floor is one of {', '.join(FLOORS)} or both, got {name!r}"
+                )
+            if floor not in out:
+                out.append(floor)
+    if not out:
+        raise argparse.ArgumentTypeError("name at least one floor")
+    return tuple(out)
+
+
+def floor_option(p: argparse.ArgumentParser) -> None:
+    """``--floor [KINDS]`` of gateway and bulk."""
+    p.add_argument(
+        "--floor", nargs="?", type=floors_arg, const=("plain",), default=(), help=FLOOR_HELP
+    )
+
+
 def _level(text: str) -> int:
     levels = _levels(text)
     if len(levels) != 1:

@@ -43,8 +43,10 @@ from mltasks.bench.report import (
     summarize,
 )
 from mltasks.bench.responders import (
+    FLOOR_NAMES,
     Responder,
     Running,
+    broker_floor_responder,
     floor_responder,
     model_floor_responder,
     service_responder,
@@ -82,6 +84,19 @@ def _settings(
     )
 
 
+def _floors(args: argparse.Namespace, settings: ServiceSettings, logs: Path) -> list[Responder]:
+    """The floors asked for (``--floor``), in a fixed order: plain, model, broker."""
+    kinds = args.floor or ()
+    out: list[Responder] = []
+    if "plain" in kinds:
+        out.append(floor_responder(args.database_url, logs))
+    if "model" in kinds:
+        out.append(model_floor_responder(settings, logs))
+    if "broker" in kinds:
+        out.append(broker_floor_responder(args.database_url, args.redis_url, logs))
+    return out
+
+
 # -- gateway ------------------------------------------------------------------------------
 
 
@@ -90,6 +105,7 @@ def _one_run(
     start: Callable[[], AbstractContextManager[Running]],
     spec: GatewaySpec,
     markers: tuple[str, ...] = (),
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Start a responder, run the clients on an empty table, read what the table saw."""
     reset_tables(spec.conninfo)
@@ -99,11 +115,13 @@ def _one_run(
         machine_cpu = CpuMeter()
         others = OthersMeter(markers)
         responder_cpu = running.cpu_seconds()
-        svc = running.service
-        ops = OpsMeter(spec.conninfo, svc.settings.redis_url if svc else None, running.procs)
-        result = run_gateway(spec)
-        responder_cpu = running.cpu_seconds() - responder_cpu
-        per_decision = ops.per_decision(len(result.latencies_ms))
+        ops = OpsMeter(spec.conninfo, redis_url, running.procs)
+        try:
+            result = run_gateway(spec)
+            responder_cpu = running.cpu_seconds() - responder_cpu
+            per_decision = ops.per_decision(len(result.latencies_ms))
+        finally:
+            ops.close()
         machine_busy = machine_cpu.busy_share()
         others_share = others.share()
         stats = run_stats(spec.conninfo)
@@ -131,7 +149,8 @@ def _one_run(
         f"{run['in_time_share'] * 100:5.1f}% in time, p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
         f"255 {run['share_255'] * 100:.1f}%, parse failures {run['parse_failures']}, "
         f"errors {run['errors']}, load {run['load_average_before']}, "
-        f"others {run['others_cpu_share'] * 100:.0f}%"
+        f"others {run['others_cpu_share'] * 100:.0f}%, "
+        f"CPU {per_decision['cpu_ms_total']:.3f} ms/decision"
     )
     return run
 
@@ -141,10 +160,11 @@ def _guarded_run(
     start: Callable[[], AbstractContextManager[Running]],
     spec: GatewaySpec,
     markers: tuple[str, ...] = (),
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """A run that fails is reported as failed; the other runs still count."""
     try:
-        return _one_run(responder, start, spec, markers)
+        return _one_run(responder, start, spec, markers, redis_url)
     except (MLTasksError, psycopg.Error, redis.RedisError, OSError) as exc:
         say(f"{responder:>7} x{spec.clients:<3} FAILED: {exc}")
         return {"responder": responder, "clients": spec.clients, "failed": str(exc)}
@@ -164,11 +184,7 @@ def gateway_command(args: argparse.Namespace) -> int:
         settings = _settings(
             args, work, models_dir, logs, level=args.level, caching=args.cache == "on"
         )
-        responders: list[Responder] = []
-        if args.floor in ("plain", "both"):
-            responders.append(floor_responder(url, logs))
-        if args.floor in ("model", "both"):
-            responders.append(model_floor_responder(settings, logs))
+        responders = _floors(args, settings, logs)
         if not args.no_service:
             responders.append(service_responder(settings))
         for clients in args.clients:
@@ -183,10 +199,9 @@ def gateway_command(args: argparse.Namespace) -> int:
                 layout=args.layout,
             )
             for r in responders:
-                name = r.name if r.name in ("floor", "model floor") else "service"
-                runs.append(
-                    _guarded_run(name, r.start, spec, ours_markers_for(url, args.redis_url))
-                )
+                name = r.name if r.name in FLOOR_NAMES else "service"
+                markers = ours_markers_for(url, args.redis_url)
+                runs.append(_guarded_run(name, r.start, spec, markers, args.redis_url))
     report: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
         "command": command_line(),
@@ -280,12 +295,10 @@ def bulk_command(args: argparse.Namespace) -> int:
     logs = out / "logs"
     recreate_database(args.database_url)
     with workspace(args) as (work, models_dir):
-        responders: list[Responder] = []
-        if args.floor in ("plain", "both"):
-            responders.append(floor_responder(args.database_url, logs))
-        if args.floor in ("model", "both"):
-            first = _settings(args, work, models_dir, logs, level=args.level[0], caching=False)
-            responders.append(model_floor_responder(first, logs))
+        first = _settings(
+            args, work, models_dir, logs, level=args.level[0], caching=False, pool=args.pool[0]
+        )
+        responders = _floors(args, first, logs)
         if not args.no_service:
             seen: set[str] = set()
             for level in args.level:
@@ -315,6 +328,8 @@ def bulk_command(args: argparse.Namespace) -> int:
                 ladder=args.rate if len(args.rate) > 1 else (),
                 retries=args.retries,
             )
+            for line in bulkreport.sustained_summary(sustained):
+                say(line)
         else:
             runs = fixed_rates(responders, args.rate, step)
     report = _bulk_report("bulk", args, started, load_start, responders, runs, sustained)

@@ -137,17 +137,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mltasks.config import get_config
 
         conninfo = get_config().database.conninfo
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     floor: Floor
     if args.model:
         floor = ModelFloor(conninfo, level=args.level, batch=min(args.batch, 128))
     else:
         floor = Floor(conninfo, action_id=args.action_id, batch=args.batch)
+    run_until_signalled(floor)
+
+
+def run_until_signalled(floor: Floor) -> None:
+    """Run a floor (or the broker floor's bridge) until SIGINT or SIGTERM; log its count."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     floor.run(stop)
-    log.info("floor stopped: %d requests answered", floor.answered)
+    log.info(
+        "%s stopped: %d requests handled",
+        type(floor).__name__,
+        floor.answered,
+        extra={"event": "floor_stopped"},
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 
 from mltasks.bench import BenchError
+from mltasks.bench.cpucost import app_name
 from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql
 from mltasks.bench.queries import bench_query
 from mltasks.ops.processes import log_tail, spawn, stop_process
@@ -51,7 +52,10 @@ class ManagedProcess:
         return self.proc.pid
 
     def start(self) -> None:
-        self.proc = spawn(self.argv, log_path=self.log_path, env=self.env, cwd=self.cwd)
+        """Start it; its PostgreSQL connections say whose they are (mltasks.bench.cpucost)."""
+        env = dict(os.environ if self.env is None else self.env)
+        env["PGAPPNAME"] = app_name(self.name)
+        self.proc = spawn(self.argv, log_path=self.log_path, env=env, cwd=self.cwd)
 
     def check(self) -> None:
         """Raise BenchError, with the end of its log, if the process has exited."""

@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 
 from mltasks.bench.bulk import cdf_points
+from mltasks.bench.cpucost import cpu_lines
 from mltasks.bench.gateway import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
 from mltasks.contract import TRADITIONAL_AI
 
@@ -227,7 +228,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for clients in sorted({r["clients"] for r in runs}):
         svc = by_key.get(("service", clients))
-        for floor in ("floor", "model floor"):
+        for floor in ("floor", "model floor", "broker floor"):
             flo = by_key.get((floor, clients))
             if svc is None or flo is None:
                 continue
@@ -243,6 +244,10 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         else None
                     ),
                     "p99_ratio": _ratio(s_lat["p99"], f_lat["p99"]),
+                    "cpu_per_decision_ratio": _ratio(
+                        (svc.get("per_decision") or {}).get("cpu_ms_total"),
+                        (flo.get("per_decision") or {}).get("cpu_ms_total"),
+                    ),
                 }
             )
     return out
@@ -370,15 +375,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "| clients | against | decisions/s service/floor | p50 service - floor (ms) "
-            "| p99 service/floor |",
-            "| ---: | --- | ---: | ---: | ---: |",
+            "| p99 service/floor | CPU per decision service/floor |",
+            "| ---: | --- | ---: | ---: | ---: | ---: |",
         ]
         for q in report["ratios"]:
             lines.append(
                 f"| {q['clients']} | {q.get('floor', 'floor')} "
                 f"| {fmt(q['decisions_per_s_ratio'])} "
-                f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} |"
+                f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} "
+                f"| {fmt(q.get('cpu_per_decision_ratio'))} |"
             )
+    cpu = cpu_lines(report["runs"], key="clients", key_label="clients")
+    if cpu:
+        lines += ["", *cpu]
     lines += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, "

@@ -117,6 +117,65 @@ def model_floor_responder(settings: ServiceSettings, log_dir: Path) -> Responder
     )
 
 
+BROKER_FLOOR_WORKERS = 2
+FLOOR_NAMES = ("floor", "model floor", "broker floor")
+
+
+@contextmanager
+def broker_floor(url: str, redis_url: str, log_dir: Path) -> Iterator[Running]:
+    """The broker floor: its bridge and two solo workers on the run's Redis, whose broker
+    db is flushed first (as for the service: no batch left from another run)."""
+    import os
+
+    import redis
+
+    from mltasks.bench.brokerfloor import DATABASE_ENV, QUEUE
+    from mltasks.bench.service import BROKER_DB
+    from mltasks.config import RedisConfig
+
+    broker = RedisConfig(url=redis_url).db_url(BROKER_DB)
+    client = redis.Redis.from_url(broker, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    env = dict(os.environ, **{DATABASE_ENV: url})
+    app = ["-m", "celery", "-A", "mltasks.bench.brokerfloor", "-b", broker, "worker"]
+    quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+    procs = [
+        ManagedProcess(
+            f"broker floor-worker{i + 1}",
+            [sys.executable, *app, "-Q", QUEUE, "--pool", "solo", "-n", f"bf{i + 1}@%h", *quiet],
+            log_path=log_dir / f"broker-floor-worker{i + 1}.log",
+            env=env,
+        )
+        for i in range(BROKER_FLOOR_WORKERS)
+    ]
+    bridge = [sys.executable, "-m", "mltasks.bench.brokerfloor", "--database-url", url]
+    procs.append(
+        ManagedProcess(
+            "broker floor-bridge",
+            [*bridge, "--broker-url", broker],
+            log_path=log_dir / "broker-floor-bridge.log",
+        )
+    )
+    try:
+        for p in procs:
+            p.start()
+        wait_until_answering(url, procs, timeout_s=120)
+        yield Running(procs)
+    finally:
+        stop_all(procs)
+
+
+def broker_floor_responder(url: str, redis_url: str, log_dir: Path) -> Responder:
+    return Responder(
+        "broker floor",
+        lambda: broker_floor(url, redis_url, log_dir),
+        {"responder": "broker floor", "workers": BROKER_FLOOR_WORKERS, "pool": "solo"},
+    )
+
+
 def service_responder(settings: ServiceSettings) -> Responder:
     label = settings.label()
     slug = label.replace(" ", "-")
