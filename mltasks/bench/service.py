@@ -242,20 +242,9 @@ def worker_argv(s: ServiceSettings, node: str) -> list[str]:
     config has no pool key, and Celery cannot tell a configured ``--pool prefork`` from
     its default."""
     assert s.queue is not None
-    return worker_command(
-        s.queue,
-        "-n",
-        node,
-        "--concurrency",
-        str(s.worker_concurrency),
-        "--pool",
-        s.pool,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-l",
-        "WARNING",
-    )
+    pool = ["--concurrency", str(s.worker_concurrency), "--pool", s.pool]
+    quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+    return worker_command(s.queue, "-n", node, *pool, *quiet)
 
 
 def cache_redis(redis_url: str) -> redis.Redis:
