@@ -338,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, passthrough, [*extra, *getattr(args, passthrough)])
     try:
+        if getattr(args, "yield_cpu", False):  # an operator's command on the live host
+            from mltasks.models.deploy import lower_priority
+
+            lower_priority()
         if args.config:
             os.environ["MLTASKS_CONFIG"] = args.config
             set_config(load_config(args.config))

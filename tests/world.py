@@ -94,7 +94,9 @@ class World:
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.probe_file)
 
-    def start_worker(self, queues: str, models_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, queues: str, models_dir: Path | None = None, concurrency: int = 1
+    ) -> subprocess.Popen[bytes]:
         env = dict(
             os.environ,
             MLTASKS_CONFIG=str(self.config_file),
@@ -109,7 +111,7 @@ class World:
                 "--pool",
                 "prefork",
                 "--concurrency",
-                "1",
+                str(concurrency),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
