@@ -27,7 +27,9 @@ from mltasks.errors import ModelError
 from mltasks.models import versions
 
 NICE = 10
-"""How much lower the operator's commands run than the service (`lower_priority`)."""
+"""How much lower the operator's read-only commands run than the service (`lower_priority`)."""
+DEPLOY_NICE = 5
+"""... and a deploy: lower, but not so low that a loaded host keeps it past 30 s."""
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
@@ -133,13 +135,16 @@ def prepare_variants(stored: Path, archetype: str, model_type: str) -> None:
             )
 
 
-def lower_priority() -> None:
-    """The operator's commands (deploy, list, status) run on the live host: they take the
-    CPU after the service (nice 10). A deploy costs about 1.8 CPU seconds (imports, checks,
-    variants): at the service's priority, on a 2-core host, it delays batches. A rollback
-    keeps its priority: it is the operator's emergency."""
+def lower_priority(by: int = NICE) -> None:
+    """The operator's commands run on the live host, beside the service: each costs about
+    1.8 CPU seconds (mostly imports), and on a 2-core host serving at its limit that CPU
+    is taken from the batches, which miss their deadline (issue 27: 255 'lost' while a
+    deploy ran, and as much while a refused one did). So `models list` and `status`
+    (often in a loop) run at nice 10, a deploy at nice 5 (at 10 it took 42 s on a loaded
+    host instead of 21, past the 30 s a reload may take); a rollback, the operator's
+    emergency, keeps its priority."""
     with contextlib.suppress(OSError, AttributeError):
-        os.nice(NICE)
+        os.nice(by)
 
 
 def rollback_command(args: argparse.Namespace) -> int:
@@ -230,7 +235,7 @@ def add_parsers(models: Any) -> None:
         help="UNSAFE: active at once, without the shadow canary",
     )
     dep.add_argument("--dir", default=None, help="models folder (default: models.dir)")
-    dep.set_defaults(func=deploy_command, yield_cpu=True)
+    dep.set_defaults(func=deploy_command, yield_cpu=DEPLOY_NICE)
     rb = models.add_parser(
         "rollback", help="back to the previous version of a model at once (or drop its candidate)"
     )
@@ -243,4 +248,4 @@ def add_parsers(models: Any) -> None:
     )
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--dir", default=None, help="models folder (default: models.dir)")
-    ls.set_defaults(func=list_command, yield_cpu=True)
+    ls.set_defaults(func=list_command, yield_cpu=NICE)

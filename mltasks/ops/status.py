@@ -228,7 +228,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="per server: connect and statement timeout (default 2)",
     )
-    p.set_defaults(func=status_command, yield_cpu=True)
+    p.set_defaults(func=status_command, yield_cpu=10)  # nice (mltasks.models.deploy)
 
 
 def status_command(args: argparse.Namespace, out: Any = None) -> int:
