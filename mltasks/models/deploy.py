@@ -28,8 +28,6 @@ from mltasks.models import versions
 
 NICE = 10
 """How much lower the operator's read-only commands run than the service (`lower_priority`)."""
-DEPLOY_NICE = 5
-"""... and a deploy: lower, but not so low that a loaded host keeps it past 30 s."""
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
@@ -136,13 +134,11 @@ def prepare_variants(stored: Path, archetype: str, model_type: str) -> None:
 
 
 def lower_priority(by: int = NICE) -> None:
-    """The operator's commands run on the live host, beside the service: each costs about
-    1.8 CPU seconds (mostly imports), and on a 2-core host serving at its limit that CPU
-    is taken from the batches, which miss their deadline (issue 27: 255 'lost' while a
-    deploy ran, and as much while a refused one did). So `models list` and `status`
-    (often in a loop) run at nice 10, a deploy at nice 5 (at 10 it took 42 s on a loaded
-    host instead of 21, past the 30 s a reload may take); a rollback, the operator's
-    emergency, keeps its priority."""
+    """`models list` and `status`, often run in a loop on the live host, take the CPU after
+    the service (nice 10): each costs about 1.5 CPU seconds, mostly imports. Deploy and
+    rollback keep their priority: at nice 5 a deploy on the loaded 2-core test host took
+    15-29 s instead of 3-7, past the 30 s a reload may take, and its 255s lasted as long
+    (docs/PERFORMANCE.md, "Hot reload under load")."""
     with contextlib.suppress(OSError, AttributeError):
         os.nice(by)
 
@@ -235,7 +231,7 @@ def add_parsers(models: Any) -> None:
         help="UNSAFE: active at once, without the shadow canary",
     )
     dep.add_argument("--dir", default=None, help="models folder (default: models.dir)")
-    dep.set_defaults(func=deploy_command, yield_cpu=DEPLOY_NICE)
+    dep.set_defaults(func=deploy_command)
     rb = models.add_parser(
         "rollback", help="back to the previous version of a model at once (or drop its candidate)"
     )
