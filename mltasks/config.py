@@ -423,7 +423,7 @@ class CanaryConfig:
     share: float = 1.0
     # Promotion: at least this many rows shadowed, and this long since the deploy ...
     min_rows: int = 1000
-    min_seconds: float = 20.0
+    min_seconds: float = 10.0
     # ... with every limit kept. Broken, and the candidate is rolled back at once.
     max_error_rate: float = 0.0  # shadow runs that raised, per shadowed batch
     max_non_finite_rate: float = 0.0  # rows with a NaN or infinite output, per row

@@ -81,6 +81,11 @@ WORKERS: Final = PREFIX + "workers:{queue}"
 # process after loading (PROBES_TTL_S, refreshed by its monitor, which drops dead processes).
 MODELS: Final = PREFIX + "models:{queue}"
 
+# The versions each worker process serves, per model level (mltasks/models/served.py): a hash
+# {<host>:<pid>/<level>: JSON {at, level, versions, candidates}}, written by the process when
+# it loads or swaps, its TTL refreshed by its monitor (PROBES_TTL_S), which drops dead ones.
+SERVED: Final = PREFIX + "models:served"
+
 # Why a worker does not serve a queue (it cannot reach PostgreSQL, has no model): a hash
 # {<host>:<pid>: JSON {at, problem}}, refreshed while the problem lasts, for `mltasks status`.
 PROBLEMS: Final = PREFIX + "problems:{queue}"

@@ -368,3 +368,15 @@ def test_time_precisions_takes_the_exporters_fp16_masters(models_dir: Path, tmp_
     result = timings.time_precisions(root, batch_sizes=(1,), repeats=2, warmup=1)
     assert result["models"] == 5  # the state-input types of one archetype
     assert all(result["median_us"][p][1] > 0 for p in v.PRECISIONS)
+
+
+def test_a_deployed_fp16_version_gets_its_int8_variant(models_dir: Path, tmp_path: Path) -> None:
+    """A stored version (``<type>.versions/<version>_fp16.onnx``) is verified as the model
+    it is: fed float16, and served as the level's int8 variant, not as the FP16 master."""
+    stored = tmp_path / "aggressive" / "combat_dqn.versions" / "0123456789ab_fp16.onnx"
+    stored.parent.mkdir(parents=True)
+    shutil.copy2(models_dir / "aggressive" / "combat_dqn_fp16.onnx", stored)
+    path, precision = v.resolve(stored, "int8")
+    assert (path.name, precision) == ("0123456789ab_fp16.int8.onnx", "int8")
+    verdict = json.loads(v.verdict_path(stored, "int8").read_text())
+    assert verdict["providers"][v.CPU]["accepted"] is True

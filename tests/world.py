@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ class World:
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.probe_file)
 
-    def start_worker(self, queues: str, models_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, queues: str, models_dir: Path | None = None, concurrency: int = 1
+    ) -> subprocess.Popen[bytes]:
         env = dict(
             os.environ,
             MLTASKS_CONFIG=str(self.config_file),
@@ -109,7 +112,7 @@ class World:
                 "--pool",
                 "prefork",
                 "--concurrency",
-                "1",
+                str(concurrency),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -128,6 +131,20 @@ class World:
 
             wait_for(up, 60, f"{q} heartbeat")
             assert proc.poll() is None, "worker died at start"
+        return proc
+
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        """`celery -A mltasks beat`: recovery lifts the level back up (every 5 s here)."""
+        env = dict(
+            os.environ,
+            MLTASKS_CONFIG=str(self.config_file),
+            MLTASKS_DATABASE_URL=self.cfg.database.conninfo,
+            MLTASKS_REDIS_URL=self.cfg.redis.url,
+            MLTASKS_MODELS_DIR=str(self.models_dir),
+        )
+        cmd = [sys.executable, "-m", "celery", "-A", "mltasks", "beat", "-l", "WARNING"]
+        proc = subprocess.Popen([*cmd, "-s", str(self.tmp / "beat-schedule")], env=env)
+        self.procs.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:

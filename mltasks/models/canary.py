@@ -49,7 +49,7 @@ from mltasks import keys, metrics
 from mltasks.config import CanaryConfig
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
-from mltasks.models import versions
+from mltasks.models import served, versions
 
 if TYPE_CHECKING:
     from mltasks.models.engine import Engine
@@ -163,6 +163,7 @@ def _reconcile(engine: Engine, key: tuple[str, str], p: versions.Pointer) -> Non
                 cand.version,
                 extra={"event": "candidate_dropped", "model": p.model},
             )
+            served.publish(engine)
     else:
         sw.since[key] = float(canary.get("since") or time.time())
         if cand is None or cand.version != canary["version"]:
@@ -220,6 +221,7 @@ def _apply(engine: Engine, key: tuple[str, str], role: str, model: LoadedModel) 
             p.active_version,
             extra={"event": "candidate_loaded", "model": model.name, "version": model.version},
         )
+        served.publish(engine)
 
 
 def _swap_in(engine: Engine, key: tuple[str, str], model: LoadedModel) -> None:
@@ -237,6 +239,7 @@ def _swap_in(engine: Engine, key: tuple[str, str], model: LoadedModel) -> None:
         old.version if old is not None else "none",
         extra={"event": "model_swapped", "model": model.name, "version": model.version},
     )
+    served.publish(engine)
 
 
 # --- the shadow run ---------------------------------------------------------------------

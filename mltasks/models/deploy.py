@@ -13,7 +13,9 @@ each model's active version, its candidate and the canary's progress, the last r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,9 @@ from mltasks import keys
 from mltasks.config import get_config
 from mltasks.errors import ModelError
 from mltasks.models import versions
+
+NICE = 10
+"""How much lower the operator's read-only commands run than the service (`lower_priority`)."""
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
@@ -51,10 +56,12 @@ def deploy_command(args: argparse.Namespace) -> int:
         if not source.is_file():
             raise ModelError(f"{source}: no such file")
         model = load_model(source, archetype, model_type, ["CPUExecutionProvider"])
+        check_live_states(model)
         version, stored = versions.store_file(
             models_dir, archetype, model_type, source, model.precision == "fp16"
         )
         name = f"{archetype}/{model_type}"
+        prepare_variants(stored, archetype, model_type)
         try:  # a version deployed again starts its canary afresh
             _redis().delete(keys.canary_stats(name, version))
         except Exception as exc:
@@ -73,6 +80,67 @@ def deploy_command(args: argparse.Namespace) -> int:
     else:
         print(f"{name}@{version} is active now (no canary); {told} worker(s) told")
     return 0
+
+
+CHECK_STATES = 256
+"""Held-out states a deployed file must answer with finite values (`check_live_states`)."""
+
+
+def check_live_states(model: Any) -> None:
+    """Refuse a file that returns NaN or infinity on realistic states (the variants' fixed
+    held-out set, 64 at a time; a sequence type sees each state as a monster with no
+    history). The probe's two rows of 0.5 miss a file broken on low HP, say; such a file
+    in canary replaced the candidate before it, which was then lost (issue 27). The shadow
+    canary still guards live traffic. Raises ModelError."""
+    import numpy as np
+
+    from mltasks.models.variants import heldout_states
+
+    states = np.asarray(heldout_states()[:CHECK_STATES], dtype=np.float32)
+    bad = sum(
+        int((~model.run(states[i : i + 64]).finite()).sum()) for i in range(0, len(states), 64)
+    )
+    if bad:
+        raise ModelError(
+            f"{model.path}: non-finite outputs on {bad} of {len(states)} held-out states"
+        )
+
+
+def prepare_variants(stored: Path, archetype: str, model_type: str) -> None:
+    """Build (and on the CPU verify) the precision variants this host's levels serve the
+    stored version in, here, before any worker hears of it: a worker then only opens a
+    session, instead of quantising and checking agreement beside the batches it answers,
+    which under load delayed them past the fallback ladder's queue-lag limit (issue 27).
+    A failure is only a warning: the worker tries again, and the master serves."""
+    from mltasks.models.engine import level_plan
+    from mltasks.models.variants import CPU, ensure_variant, native, resolve
+
+    cfg = get_config()
+    for level in (1, 2, 3):
+        chain, precision = level_plan(cfg, level)
+        first = chain[0] if isinstance(chain[0], str) else chain[0][0]
+        if precision == native(stored):
+            continue
+        try:
+            if first == CPU:
+                resolve(stored, precision, first)
+            else:  # a GPU's verdict is the worker's to give, on its GPU
+                ensure_variant(stored, precision)
+        except Exception as exc:
+            print(
+                f"mltasks: warning: {archetype}/{model_type}: no {precision} variant: {exc}",
+                file=sys.stderr,
+            )
+
+
+def lower_priority(by: int = NICE) -> None:
+    """`models list` and `status`, often run in a loop on the live host, take the CPU after
+    the service (nice 10): each costs about 1.5 CPU seconds, mostly imports. Deploy and
+    rollback keep their priority: at nice 5 a deploy on the loaded 2-core test host took
+    15-29 s instead of 3-7, past the 30 s a reload may take, and its 255s lasted as long
+    (docs/PERFORMANCE.md, "Hot reload under load")."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(by)
 
 
 def rollback_command(args: argparse.Namespace) -> int:
@@ -176,4 +244,4 @@ def add_parsers(models: Any) -> None:
     )
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--dir", default=None, help="models folder (default: models.dir)")
-    ls.set_defaults(func=list_command)
+    ls.set_defaults(func=list_command, yield_cpu=NICE)

@@ -373,11 +373,13 @@ def agreement(
 
 
 def _model_of(master: Path) -> tuple[str, str] | None:
-    """(archetype, type) a master's path names, or None."""
-    stem = master.name.removesuffix(".onnx").removesuffix("_fp16")
-    if master.parent.name in ARCHETYPES and stem in MODEL_TYPES:
-        return master.parent.name, stem
-    return None
+    """(archetype, type) of ``<archetype>/<type>.onnx`` or of a deployed version,
+    ``<archetype>/<type>.versions/<version>.onnx`` (else a deployed FP16 export was fed
+    float32, failed its check and served unconverted); None for other paths."""
+    folder, stem = master.parent.name, master.name.removesuffix(".onnx").removesuffix("_fp16")
+    if folder.endswith(".versions"):
+        folder, stem = master.parent.parent.name, folder.removesuffix(".versions")
+    return (folder, stem) if folder in ARCHETYPES and stem in MODEL_TYPES else None
 
 
 def _family_output(

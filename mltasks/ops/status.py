@@ -57,6 +57,7 @@ from mltasks.ops.status_sources import (
     _read_redis,
     _redis_target,
     _RedisView,
+    _served,
     _versions,
 )
 
@@ -187,6 +188,8 @@ def collect(
     serving = status.level.serving if status.level is not None else 3
     status.models = _models(cfg, health, live, count_files, serving)
     status.versions = _versions(cfg, timeout_s if status.redis.reachable else None)
+    if status.redis.reachable:
+        status.served = _served(cfg, timeout_s)
     if status.exit_code != UNREACHABLE or any(w.not_serving for w in status.workers.values()):
         found = assess(status, cfg)
         status.problems = [why for _, why in found]
@@ -225,7 +228,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="per server: connect and statement timeout (default 2)",
     )
-    p.set_defaults(func=status_command)
+    p.set_defaults(func=status_command, yield_cpu=10)  # nice (mltasks.models.deploy)
 
 
 def status_command(args: argparse.Namespace, out: Any = None) -> int:

@@ -38,6 +38,28 @@ def version_rows(status: Status) -> list[tuple[str, str, str]]:
     return out
 
 
+def served_rows(status: Status) -> list[tuple[str, str, str]]:
+    """One line per worker process and level: the version of each deployed model it
+    answers with (and shadows), or how many plain files it serves. A process that serves
+    another version than the pointer's active one is marked: it has not swapped yet."""
+    deployed = {v["model"]: v["active"]["version"] for v in status.versions if v.get("active")}
+    out: list[tuple[str, str, str]] = []
+    for doc in status.served:
+        held: dict[str, str] = doc.get("versions") or {}
+        shadows: dict[str, str] = doc.get("candidates") or {}
+        parts = []
+        for model in sorted(set(deployed) & set(held)):
+            part = f"{model}@{held[model]}"
+            if model in shadows:
+                part += f" (shadows {shadows[model]})"
+            parts.append(part)
+        value = ", ".join(parts) or f"{len(held)} models from their plain files"
+        behind = any(held.get(m) not in (None, v) for m, v in deployed.items())
+        label = f"worker {doc.get('worker', '?')} level {doc.get('level', '?')}"
+        out.append((label, value + (" (not swapped yet)" if behind else ""), "-"))
+    return out
+
+
 def _ago(seconds: float) -> str:
     s = max(0, int(seconds))
     if s < 120:
@@ -141,6 +163,7 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
 
     out += serving_rows(status)
     out += version_rows(status)
+    out += served_rows(status)
     return out
 
 

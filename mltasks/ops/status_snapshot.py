@@ -107,6 +107,8 @@ class Status:
     gpu: GpuInfo | None = None
     # Deployed models (mltasks models deploy): active version, candidate, canary, rollback.
     versions: list[dict[str, Any]] = field(default_factory=list)
+    # What each worker process answers with, per level (mltasks.models.served).
+    served: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # The indicators the problems are about: level, models, latency, queue.
     failing: list[str] = field(default_factory=list)

@@ -201,6 +201,20 @@ def _gpu(health: Mapping[str, Mapping[str, Any]]) -> GpuInfo:
     )
 
 
+def _served(cfg: Config, timeout_s: float) -> list[dict[str, Any]]:
+    """What each live worker process serves (mltasks.models.served); empty if unreadable."""
+    from mltasks.models import served
+
+    try:
+        r = _redis_client(cfg, cfg.redis.cache_db, timeout_s)
+        try:
+            return served.read(r)
+        finally:
+            r.close()
+    except (redis.RedisError, OSError):
+        return []
+
+
 def _versions(cfg: Config, timeout_s: float | None) -> list[dict[str, Any]]:
     """The deployed models' pointers, with each candidate's canary totals from Redis."""
     from mltasks.models.versions import read_pointer

@@ -31,6 +31,7 @@ from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.rules import rules_engine
 from mltasks.logs import configure_logging
 from mltasks.models import canary as deploy_canary
+from mltasks.models import served
 from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
 from mltasks.serving.answers import valid_request_id, write_answers
@@ -113,6 +114,7 @@ def preload() -> None:
             count = len(engine.models)
             metrics.set_models_loaded(count)
             metrics.set_models_by_type(engine.loaded_types())
+            served.publish(engine)
             try:
                 level_store().publish_models(queue, count)
             except (redis.RedisError, OSError) as exc:  # status shows it as unknown

@@ -27,6 +27,7 @@ from mltasks.config import Config, get_config
 from mltasks.fallback.ladder import QUEUE_LEVELS, RUNGS, Level
 from mltasks.fallback.levels import LevelStore, worker_member
 from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
+from mltasks.models import served
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,8 @@ class Monitor:
                 if loaded is not None:
                     doc["models_loaded"] = loaded
             self.store.publish_health(queue, {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]}, doc)
+        if any(QUEUE_LEVELS[q][0] != Level.RULES for q in self.queues):
+            served.prune(self.store.redis, alive)  # the versions each process serves
         # The level this worker's tier is judged at is the one that serves: the shared
         # level, or a lower one when the tiers above it have no consumer (no GPU worker).
         state, current = self.store.served(self.queues)
