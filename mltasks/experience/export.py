@@ -22,8 +22,6 @@ PostgreSQL as the float32 bytes it stores, so what the trainer reads is what the
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 import psycopg
 
 from mltasks.errors import MLTasksError
+from mltasks.files import write_atomic_with
 from mltasks.sql import query
 
 STATE_BYTES = 64 * 4
@@ -85,18 +84,7 @@ def read_archetype(conn: psycopg.Connection[Any], archetype: str) -> dict[str, n
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Compressed, through a temp file and a rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_with(path, lambda fh: np.savez_compressed(fh, **arrays))  # type: ignore[arg-type]
 
 
 def export(conn: psycopg.Connection[Any], directory: Path) -> dict[str, int]:

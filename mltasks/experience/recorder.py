@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     """The recorder process until SIGINT or SIGTERM (``python -m mltasks.experience``)."""
     from mltasks.config import config_or_exit
     from mltasks.logs import configure_logging
-    from mltasks.ops.exporter import start_metrics_server
+    from mltasks.ops.exporter import start_metrics_server, start_or_log
 
     prog = "mltasks experience record"
     config = config_or_exit(prog)
@@ -205,18 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: experience.enabled is false: nothing to record", file=sys.stderr)
         return 0
     recorder = Recorder(config)
-    server = None
     host, port = config.monitoring.metrics_host, config.experience.metrics_port
-    try:
-        server = start_metrics_server(host, port, recorder.metrics.registry)
-    except OSError as exc:  # metrics are never worth a recorder that does not run
-        log.error(
-            "cannot serve metrics on %s:%d: %s",
-            host,
-            port,
-            exc,
-            extra={"event": "metrics_unavailable", "port": port},
-        )
+    registry = recorder.metrics.registry
+    server = start_or_log(lambda: start_metrics_server(host, port, registry), host, port)
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:

@@ -261,7 +261,7 @@ def start_metrics_server(
     return bound
 
 
-def _start_or_log(start: Callable[[], MetricsServer], host: str, port: int) -> MetricsServer | None:
+def start_or_log(start: Callable[[], MetricsServer], host: str, port: int) -> MetricsServer | None:
     try:
         return start()
     except OSError as exc:  # metrics are never worth a service that does not start
@@ -284,7 +284,7 @@ def start_worker_metrics(
     """
     path = setup_multiprocess(directory, service="worker")
     registry = multiprocess_registry(path)
-    return _start_or_log(lambda: start_metrics_server(host, port, registry), host, port)
+    return start_or_log(lambda: start_metrics_server(host, port, registry), host, port)
 
 
 def start_bridge_metrics(config: Config, host: str, port: int) -> MetricsServer | None:
@@ -297,7 +297,7 @@ def start_bridge_metrics(config: Config, host: str, port: int) -> MetricsServer 
         cache_hit_rate_refresher(cache_client(config), scope=stats_scope(config)),
     ]
     get_metrics()
-    return _start_or_log(lambda: start_metrics_server(host, port, refresh=refresh), host, port)
+    return start_or_log(lambda: start_metrics_server(host, port, refresh=refresh), host, port)
 
 
 # --- refreshed at scrape ----------------------------------------------------------------------
