@@ -7,13 +7,13 @@ them from claiming a row twice. Whatever fails after a claim, the rows are answe
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -85,8 +85,7 @@ class Bridge:
         self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
         self.diverted = 0
         # Sent batches: (when to rescue them (monotonic), queue, message, request ids).
-        self._in_flight: collections.deque[tuple[float, str, bytes, list[int]]]
-        self._in_flight = collections.deque()
+        self._in_flight: deque[tuple[float, str, bytes, list[int]]] = deque()
         self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
         self.left_to_workers = 0  # rows of due batches a worker had taken: not rescued
@@ -308,9 +307,8 @@ class Bridge:
         self.level = level
 
     def rescue(self) -> int:
-        """Answer 255 the rows of due batches no worker has taken, taken back off their
-        queue first (`Publisher.withdraw`). A batch a worker took is its to answer; if the
-        worker dies with it, the lease gives its rows back (`release_stale`)."""
+        """Answer 255 the due batches no worker took, taken back off their queue first
+        (`Publisher.withdraw`); a worker's batch is its own, or the lease's if it dies."""
         now = time.monotonic()
         due: list[tuple[float, str, bytes, list[int]]] = []
         while self._in_flight and self._in_flight[0][0] <= now:
@@ -318,10 +316,12 @@ class Bridge:
         if not due:
             return 0
         back = self.publisher.withdraw([(queue, message) for _, queue, message, _ in due])
-        ids = [rid for (*_, batch), ours in zip(due, back, strict=True) if ours for rid in batch]
-        self.left_to_workers += sum(
-            len(d[3]) for d, ours in zip(due, back, strict=True) if not ours
-        )
+        ids: list[int] = []
+        for (*_, batch), ours in zip(due, back, strict=True):
+            if ours:
+                ids.extend(batch)
+            else:
+                self.left_to_workers += len(batch)
         if not ids:
             return 0
         with self._errors("rescuing"):

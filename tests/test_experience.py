@@ -88,6 +88,18 @@ def transitions(pg: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
+def fill_the_disk(pg: psycopg.Connection[Any]) -> None:
+    """The recorder's writes fail from now on as on a full disk (SQLSTATE 53100)."""
+    pg.execute(
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$"
+    )
+    pg.execute(
+        "CREATE TRIGGER disk_full BEFORE INSERT ON ai_experience"
+        " FOR EACH ROW EXECUTE FUNCTION disk_full()"
+    )
+
+
 def test_each_answer_is_paired_with_the_next_state_of_its_monster(
     pg: psycopg.Connection[Any],
 ) -> None:
@@ -233,14 +245,7 @@ def test_a_failing_round_changes_nothing_and_the_next_one_records_it_all(
         for i in range(4):
             decision(pg, i, 6)
         # The recorder's writes fail as on a full disk (SQLSTATE 53100).
-        pg.execute(
-            "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$"
-            " BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$"
-        )
-        pg.execute(
-            "CREATE TRIGGER disk_full BEFORE INSERT ON ai_experience"
-            " FOR EACH ROW EXECUTE FUNCTION disk_full()"
-        )
+        fill_the_disk(pg)
         assert recorder.run_once() is None
         assert recorder.run_once() is None
         failed = sample(recorder, "rounds", outcome="failed")
@@ -345,14 +350,7 @@ def test_answers_flow_while_the_recorder_fails_and_are_recorded_after(
     cfg = dataclasses.replace(config, experience=dataclasses.replace(FAST, settle_s=0.5))
     recorder = Recorder(cfg)
     assert recorder.run_once() is not None
-    pg.execute(
-        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$"
-        " BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$"
-    )
-    pg.execute(
-        "CREATE TRIGGER disk_full BEFORE INSERT ON ai_experience"
-        " FOR EACH ROW EXECUTE FUNCTION disk_full()"
-    )
+    fill_the_disk(pg)
     stop = threading.Event()
     thread = threading.Thread(target=recorder.run, args=(stop,))
     thread.start()

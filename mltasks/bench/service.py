@@ -340,45 +340,28 @@ class Service:
         self._flush_redis()
         self.force_level()
         env = self._env(config_path)
-        logs = s.log_dir
+
+        def spawn(name: str, argv: list[str]) -> ManagedProcess:
+            proc = ManagedProcess(
+                name, argv, log_path=s.log_dir / f"{name}.log", env=env, cwd=s.work_dir
+            )
+            self.procs.append(proc)
+            proc.start()
+            return proc
+
         if s.queue is not None:
             # solo runs one process per worker: `concurrency` solo workers, one per core.
+            # The workers first: loading 54 models per process is the slow part.
             count = s.worker_processes
             for i in range(count):
                 name = f"{self.label}-worker" + (f"{i + 1}" if count > 1 else "")
-                worker = ManagedProcess(
-                    name,
-                    worker_argv(s, f"{name}-{i + 1}@%h"),
-                    log_path=logs / f"{name}.log",
-                    env=env,
-                    cwd=s.work_dir,
-                )
-                # The workers first: loading 54 models per process is the slow part.
-                self.workers.append(worker)
-                self.procs.append(worker)
-                worker.start()
+                self.workers.append(spawn(name, worker_argv(s, f"{name}-{i + 1}@%h")))
             self.worker = self.workers[0]
         for i in range(s.bridges):
             name = f"{self.label}-bridge" + (f"{i + 1}" if s.bridges > 1 else "")
-            bridge = ManagedProcess(
-                name,
-                [sys.executable, "-m", "bridge"],
-                log_path=logs / f"{name}.log",
-                env=env,
-                cwd=s.work_dir,
-            )
-            self.procs.append(bridge)
-            bridge.start()
+            spawn(name, [sys.executable, "-m", "bridge"])
         if experience_enabled(s):
-            recorder = ManagedProcess(
-                f"{self.label}-experience",
-                [sys.executable, "-m", "mltasks.experience"],
-                log_path=logs / f"{self.label}-experience.log",
-                env=env,
-                cwd=s.work_dir,
-            )
-            self.procs.append(recorder)
-            recorder.start()
+            spawn(f"{self.label}-experience", [sys.executable, "-m", "mltasks.experience"])
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until the configuration answers a warm-up request itself, workers idle.

@@ -381,10 +381,10 @@ def recover() -> str:
 @app.task(name=CLEANUP_TASK, ignore_result=True, acks_late=True)
 def cleanup() -> int:
     """Beat: delete finished rows past the retention, batch by batch; returns rows deleted."""
-    cfg = get_config().cleanup
+    config = get_config()
+    cfg, experience = config.cleanup, config.experience
     # While experience is recorded, rows the recorder has not read yet wait for it
     # (at most experience.hold_s longer).
-    experience = get_config().experience
     statement, hold = "delete_finished", {}
     if experience.enabled:
         statement, hold = "delete_finished_recorded", {"hold_s": experience.hold_s}
