@@ -17,6 +17,7 @@ Metric names carry their unit; labels are few (``outcome``, ``layer``, ``device`
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import threading
@@ -366,13 +367,39 @@ def observe_answers(outcomes: Mapping[str, int], e2e_seconds: Sequence[float]) -
     for outcome, n in outcomes.items():
         if n > 0:
             m.requests.labels(outcome).inc(n)
-    for seconds in e2e_seconds:
-        m.request_latency.observe(max(0.0, seconds))
+    observe_many(m.request_latency, [max(0.0, s) for s in e2e_seconds])
 
 
-def observe_inference(seconds: float) -> None:
-    """One batched model call took ``seconds``."""
-    get_metrics().inference_latency.observe(seconds)
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each value, with one write per bucket touched.
+
+    In multi-process mode each observation is two locked writes to a memory-mapped file
+    (its sum and its bucket): per row of a batch, that was a worker's largest cost after
+    the model itself (py-spy, docs/PERFORMANCE.md). The same counts, added up first.
+    """
+    if not values:
+        return
+    sum_value = getattr(histogram, "_sum", None)
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if sum_value is None or buckets is None or bounds is None or len(values) == 1:
+        for v in values:  # a labelled parent, or a prometheus_client that changed inside
+            histogram.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)  # the first bound >= v, as observe() picks it
+        if i < len(buckets):  # NaN finds no bucket in observe() either
+            counts[i] = counts.get(i, 0) + 1
+    sum_value.inc(float(sum(values)))
+    for i, n in counts.items():
+        buckets[i].inc(n)
+
+
+def observe_inference(seconds: float | Sequence[float]) -> None:
+    """Batched model calls took ``seconds`` (one call, or several)."""
+    values = [seconds] if isinstance(seconds, (int, float)) else seconds
+    observe_many(get_metrics().inference_latency, values)
 
 
 @contextlib.contextmanager

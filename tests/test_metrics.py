@@ -350,3 +350,27 @@ def test_a_zombie_counts_as_dead() -> None:
     finally:
         proc.wait()
     assert not exporter._alive(proc.pid)
+
+
+def test_observe_many_counts_what_observe_counts_one_by_one() -> None:
+    # Values on, between, below and above the bounds, repeated: every bucket and the sum
+    # must come out as observe() gives them one at a time.
+    values = [0.0, 0.001, 0.0011, 0.002, 0.002, 0.03, 0.04999, 2.5, 2.6, 99.0, 0.001]
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    a, b = metrics.Metrics(one_by_one), metrics.Metrics(batched)
+    for v in values:
+        a.request_latency.observe(v)
+    metrics.observe_many(b.request_latency, values)
+    metrics.observe_many(b.request_latency, [])
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for family in registry.collect()
+            if family.name == "ml_request_latency_seconds"
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(batched) == pytest.approx(samples(one_by_one))
+    assert samples(batched)[("ml_request_latency_seconds_count", "")] == len(values)

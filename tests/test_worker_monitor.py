@@ -98,3 +98,19 @@ def test_a_missing_models_directory_stops_the_heartbeat_and_moves_the_level_to_5
     rules = own(Monitor(config, ["rules"], store, check_models=True))
     rules.tick()
     assert rules.problem is None
+
+
+def test_own_processes_are_this_process_and_its_children() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mltasks.serving.worker import _own_processes
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _own_processes() >= {os.getpid(), child.pid}
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in _own_processes()

@@ -149,6 +149,8 @@ class _Plan:
     found: BatchLookup
     # (row, model type) -> its place in found.outputs: made once, read by every member
     output_index: dict[tuple[int, str], int] = field(default_factory=dict)
+    # Seconds each model call of the batch took: recorded once, after the batch.
+    timings: list[float] = field(default_factory=list)
 
 
 def _plan(
@@ -233,7 +235,7 @@ def _member_output(
                 cached[k], have[k] = hit, True
     # The rows to run: all of them (the usual case, no L3 hit: no copies), or the misses.
     need = np.arange(n) if cached is None else np.flatnonzero(~have)
-    out = _run_member(group, member, states, windows, need, failures, shadow)
+    out = _run_member(group, member, states, windows, need, failures, shadow, plan.timings)
     if out is None:
         packed = np.zeros((n, member.packed_width), dtype=np.float32) if cached is None else cached
         return member.unpack(packed), have
@@ -271,6 +273,7 @@ def _run_member(
     need: np.ndarray,
     failures: list[ModelError],
     shadow: tuple[Any, list[Any]] | None,
+    timings: list[float],
 ) -> TypeOutput | None:
     """``member`` on the rows ``need`` (all of them: passed as they are, no copy); None
     when there are none, or it failed (its rows are marked, the failure recorded)."""
@@ -282,9 +285,10 @@ def _run_member(
     # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
     # compared with these, and neither counts time spent waiting for a busy CPU.
     t0 = time.thread_time() if shadow is not None else 0.0
+    started = time.perf_counter()
     try:
-        with metrics.time_inference():
-            out = member.run(states, windows)
+        out = member.run(states, windows)
+        timings.append(time.perf_counter() - started)
     except Exception as exc:  # a model or the rule policy broke: it drops out
         err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
         log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
@@ -372,6 +376,7 @@ def answer_batch(
     fused = fuse_groups([(voices, len(group.rows)) for group, voices in voiced], rule)
     for (group, _), one in zip(voiced, fused, strict=True):
         _assemble(plan, group, one, res)
+    metrics.observe_inference(plan.timings)
     outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
     if cache is not None:
         states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
