@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -19,7 +18,6 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
-    worker_shutdown,
 )
 from psycopg_pool import ConnectionPool
 
@@ -40,7 +38,6 @@ from mltasks.serving.answers import valid_request_id, write_answers
 from mltasks.serving.inference import Outcome, Predictors, answer_batch
 from mltasks.serving.records import Answer, Row, as_row, traditional
 from mltasks.serving.worker import ConsumingStep, MonitorStep, worker_queues
-from mltasks.serving.writer import Writer
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
@@ -56,12 +53,6 @@ _failing: set[int] = set()
 MAX_BATCH_ROWS = 1024
 # The longest any task waits for a database connection (the pool's own default is 30 s).
 DB_WAIT_MAX_S = 2.0
-# A batch's answers are written in this many tries at most, this far apart.
-ANSWER_WRITE_TRIES = 3
-ANSWER_RETRY_S = 0.05
-# A worker process's answer writes (mltasks.serving.writer): made when the process starts
-# serving (preload); None elsewhere (an eager call, a test, the bridge) writes in the task.
-_writer: Writer | None = None
 
 
 def _db_pool() -> ConnectionPool:
@@ -81,10 +72,7 @@ def _db_pool() -> ConnectionPool:
 
 
 def close_pool() -> None:
-    global _pool, _store, _writer
-    if _writer is not None:  # the pending answers first: they need the pool
-        _writer.close(DB_WAIT_MAX_S)
-        _writer = None
+    global _pool, _store
     if _pool is not None:
         _pool.close()
         _pool = None
@@ -117,11 +105,7 @@ def _metrics_endpoint(**_: Any) -> None:
 
 
 def preload() -> None:
-    """Load the models of this worker's queues now, not on the first batch; start the
-    process's answer writer."""
-    global _writer
-    if _writer is None:
-        _writer = Writer()
+    """Load the models of this worker's queues now, not on the first batch."""
     cfg = get_config()
     for queue in worker_queues():
         levels = QUEUE_LEVELS.get(queue, ())
@@ -179,15 +163,6 @@ def _before_exit(**_: Any) -> None:
 
     close_pool()
     mark_process_dead(os.getpid())
-
-
-@worker_shutdown.connect
-def _drain_answers(**_: Any) -> None:
-    # solo and threads pools: the answers handed to the writer are written before exit.
-    global _writer
-    if _writer is not None:
-        _writer.close(DB_WAIT_MAX_S)
-        _writer = None
 
 
 @setup_logging.connect
@@ -275,11 +250,32 @@ def infer_batch(
         deploy_canary.refresh(engine)  # between batches: deployed versions swap in here
     lookup = level in cfg.caching.lookup_levels
     outcome = answer_batch(batch, engine, cache, rule_of(cfg), lookup)
-    job = functools.partial(answer, cfg, outcome, stale, claim, created, self.request.id)
-    if _writer is not None and not self.request.is_eager:
-        _writer.submit(job)  # written while Celery hands this process its next batch
-    else:
-        job()
+    try:
+        with _db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
+            accepted = write_answers(conn, [*outcome.answers, *stale], claim)
+    except (DatabaseError, psycopg.Error) as exc:
+        log.warning(
+            "writing %d answers failed: %s",
+            len(outcome.answers),
+            exc,
+            extra={"event": "answer_write_failed", "task_id": self.request.id},
+        )
+        # Unanswered rows are expired by the bridge once their lease runs out.
+        raise self.retry(exc=exc, countdown=0.05) from exc
+    if accepted.issuperset(a.request_id for a in outcome.answers):
+        outcome.remember()
+    else:  # answered meanwhile (a lost batch rescued by the bridge), replayed or forged:
+        # nothing of it reaches the cache
+        log.info(
+            "%d of %d answers refused (not claimed with this token, or answered already)",
+            len(outcome.answers) + len(stale) - len(accepted),
+            len(outcome.answers) + len(stale),
+            extra={"event": "answers_refused", "task_id": self.request.id},
+        )
+    if outcome.shadow:  # after the answers: the game never waits for a candidate
+        deploy_canary.submit_shadows(
+            outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis
+        )
     metrics.observe_batch(len(batch))
     metrics.observe_fusion(outcome.fused)
     metrics.observe_answers(
@@ -290,58 +286,6 @@ def infer_batch(
     if level < Level.TRADITIONAL:
         report(cfg, level, outcome, lag_s)
     return len(outcome.answers) + len(stale)
-
-
-def answer(
-    cfg: Config,
-    outcome: Outcome,
-    stale: list[Answer],
-    claim: str | None,
-    created: list[float] | None,
-    task_id: str | None = None,
-) -> set[int] | None:
-    """Write a batch's answers, then (for answers the database took) the cache and the
-    canary's shadow runs; the answer ids taken, or None when every try failed.
-
-    A failed write is tried again ANSWER_WRITE_TRIES times in all, ANSWER_RETRY_S apart;
-    rows still unanswered after that are the bridge's (its rescue, the lease: 255).
-    """
-    answers = [*outcome.answers, *stale]
-    accepted: set[int] | None = None
-    for attempt in range(1, ANSWER_WRITE_TRIES + 1):
-        try:
-            wait_s = _pool_wait_s(cfg, time.time(), created)
-            with _db_pool().connection(timeout=wait_s) as conn:
-                accepted = write_answers(conn, answers, claim)
-            break
-        except (DatabaseError, psycopg.Error) as exc:
-            log.warning(
-                "writing %d answers failed (try %d of %d): %s",
-                len(answers),
-                attempt,
-                ANSWER_WRITE_TRIES,
-                exc,
-                extra={"event": "answer_write_failed", "task_id": task_id},
-            )
-            if attempt < ANSWER_WRITE_TRIES:
-                time.sleep(ANSWER_RETRY_S)
-    if accepted is None:
-        return None
-    if accepted.issuperset(a.request_id for a in outcome.answers):
-        outcome.remember()
-    else:  # answered meanwhile (a lost batch rescued by the bridge), replayed or forged:
-        # nothing of it reaches the cache
-        log.info(
-            "%d of %d answers refused (not claimed with this token, or answered already)",
-            len(answers) - len(accepted),
-            len(answers),
-            extra={"event": "answers_refused", "task_id": task_id},
-        )
-    if outcome.shadow:  # after the answers: the game never waits for a candidate
-        deploy_canary.submit_shadows(
-            outcome.shadow, cfg.models.dir, cfg.canary, level_store().redis
-        )
-    return accepted
 
 
 def _well_formed(rows: Any, created: list[float] | None) -> tuple[list[Row], list[float] | None]:
