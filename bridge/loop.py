@@ -62,7 +62,7 @@ class Bridge:
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or get_config()
         if app is None:
-            from mltasks.broker.celery_app import app as default_app
+            from mltasks.celery import app as default_app
 
             app = default_app
         self.app = app

@@ -371,18 +371,13 @@ def observe_answers(outcomes: Mapping[str, int], e2e_seconds: Sequence[float]) -
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
-    """``histogram.observe(v)`` for each value, with one write per bucket touched.
-
-    In multi-process mode each observation is two locked writes to a memory-mapped file
-    (its sum and its bucket): per row of a batch, that was a worker's largest cost after
-    the model itself (py-spy, docs/PERFORMANCE.md). The same counts, added up first.
-    """
-    if not values:
-        return
+    """``histogram.observe(v)`` for each value, with one write per bucket touched: in
+    multi-process mode each observation is two locked writes to an mmap file, per row of a
+    batch (py-spy, docs/PERFORMANCE.md). The same counts, added up first."""
     sum_value = getattr(histogram, "_sum", None)
     buckets = getattr(histogram, "_buckets", None)
     bounds = getattr(histogram, "_upper_bounds", None)
-    if sum_value is None or buckets is None or bounds is None or len(values) == 1:
+    if sum_value is None or buckets is None or bounds is None or len(values) < 2:
         for v in values:  # a labelled parent, or a prometheus_client that changed inside
             histogram.observe(v)
         return

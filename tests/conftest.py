@@ -229,7 +229,7 @@ def redis_cache(config: Config) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def celery_app(base_config: Config) -> Any:
     set_config(base_config)
-    from mltasks.broker.celery_app import app
+    from mltasks.celery import app
 
     app.conf.broker_url  # noqa: B018 - load the settings now, from the test config
     import celery.contrib.testing.tasks  # noqa: F401 - start_worker wants celery.ping

@@ -95,7 +95,9 @@ def check_command(argv: Sequence[str], where: str) -> None:
     from celery.bin.celery import celery as celery_cli
 
     assert argv[1:3] in (["-A", "mltasks"], ["--app", "mltasks"]), f"{where}: {argv}"
-    assert importlib.import_module("mltasks").app.main == "mltasks"
+    from celery.app.utils import find_app
+
+    assert find_app("mltasks") is importlib.import_module("mltasks.celery").app
     sub, args = argv[3], list(argv[4:])
     if sub == "flower":
         from flower.options import default_options

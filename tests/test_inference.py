@@ -11,9 +11,9 @@ import pytest
 
 from mltasks.config import Config, load_config
 from mltasks.errors import ModelError
-from mltasks.models.discovery import candidates
 from mltasks.models.engine import Engine
 from mltasks.models.loaded import TypeOutput, load_model
+from mltasks.models.plain import candidates
 from mltasks.models.variants import CPU
 from mltasks.serving.inference import (
     answer_batch,

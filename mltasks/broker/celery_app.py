@@ -1,7 +1,6 @@
-"""The Celery application ``mltasks``: ``celery -A mltasks worker -Q cpu`` (or ``-Q gpu``).
-
-Settings come from our config when Celery first needs them (mltasks.broker.celery_settings),
-not at import.
+"""What the Celery application ``mltasks`` is made of: its task names, its settings (from
+our config), the command that starts a worker. The app itself is made once, in
+`mltasks.celery` (``celery -A mltasks`` finds it there); importing this builds nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from mltasks.config import Config
@@ -24,12 +22,6 @@ CANARY_TASK = "mltasks.canary"
 # `celery -A mltasks beat` takes its schedule from the beat package's scheduler, named here
 # as Celery names pluggable classes, so the core never imports the processes built on it.
 BEAT_SCHEDULER = "beat.schedule:Scheduler"
-
-
-def _guard_flower() -> None:
-    from mltasks.ops.flowerguard import install
-
-    install()
 
 
 def worker_command(queues: str, *options: str) -> list[str]:
@@ -93,10 +85,3 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         "enable_utc": True,
         "beat_scheduler": BEAT_SCHEDULER,
     }
-
-
-app = Celery("mltasks", include=["mltasks.serving.tasks"])
-app.config_from_object("mltasks.broker.celery_settings")
-
-# `celery -A mltasks flower`, however it is called, never serves without authentication.
-_guard_flower()

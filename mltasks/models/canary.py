@@ -428,10 +428,14 @@ def _decide(
     broadcast(name, version, decision)
 
 
-def broadcast(model: str, version: str, action: str, reply: bool = False) -> list[Any]:
-    """Tell every worker through Celery's remote control channel (``mltasks_models``)."""
-    from mltasks.broker.celery_app import app
-
+def broadcast(
+    model: str, version: str, action: str, reply: bool = False, app: Any = None
+) -> list[Any]:
+    """Tell every worker through Celery's remote control channel (``mltasks_models``):
+    with ``app``, else with the app of the worker this runs in (`ModelsStep`)."""
+    app = app if app is not None else _worker_app
+    if app is None:  # not in a worker: the generation file tells them
+        return []
     try:
         replies = app.control.broadcast(
             CONTROL_COMMAND,
@@ -452,9 +456,18 @@ def broadcast(model: str, version: str, action: str, reply: bool = False) -> lis
 _received: deque[str] = deque(maxlen=20)
 
 
+# The app of the worker this process runs (`ModelsStep`): canary decisions broadcast with it.
+_worker_app: Any = None
+
+
 class ModelsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Adds ``mltasks_models`` to the worker's ``stats`` (``celery inspect stats``, Flower):
     the control commands received and the versions the pointers make active."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        global _worker_app
+        super().__init__(worker, **kwargs)
+        _worker_app = worker.app
 
     def info(self, worker: Any) -> dict[str, Any]:
         from mltasks.config import get_config

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
-from mltasks.models.discovery import SUFFIXES, find
+from mltasks.models.discovery import find
 from mltasks.models.family import signature
 from mltasks.models.loaded import load_model
+from mltasks.models.plain import SUFFIXES
 from mltasks.models.versions import VERSION_FILE
 
 _VARIANT_SUFFIXES = (".fp16.onnx", ".fp32.onnx", ".int8.onnx")

@@ -41,9 +41,10 @@ def _redis() -> Any:
 
 
 def _told(model: str, version: str, action: str) -> int:
+    from mltasks.celery import app
     from mltasks.models.canary import broadcast
 
-    return len(broadcast(model, version, action, reply=True))
+    return len(broadcast(model, version, action, reply=True, app=app))
 
 
 def deploy_command(args: argparse.Namespace) -> int:

@@ -17,56 +17,21 @@ such.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
-from mltasks.errors import ModelError
-
-SUFFIXES: tuple[str, ...] = (".onnx", "_fp16.onnx")
-"""File name endings in order of preference."""
-
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    archetype: str
-    model_type: str
-    path: Path
-    shadowed: Path | None = None
-    """The other file of the same model, present but not served."""
-    version: str | None = None
-    """The active version when the model is versioned (its pointer), else None."""
-
-    @property
-    def name(self) -> str:
-        return f"{self.archetype}/{self.model_type}"
-
-
-def candidates(models_dir: Path, archetype: str, model_type: str) -> list[Path]:
-    """The file names a model may have, preferred first."""
-    if archetype not in ARCHETYPES or model_type not in MODEL_TYPES:
-        raise ModelError(f"unknown model {archetype}/{model_type}")
-    return [Path(models_dir) / archetype / f"{model_type}{s}" for s in SUFFIXES]
+from mltasks.models.plain import Found, plain_find
+from mltasks.models.versions import active_file
 
 
 def find(models_dir: Path, archetype: str, model_type: str) -> Found | None:
     """The file that serves this model, or None when there is none: the active version of
     a versioned model, else the preferred plain file."""
-    from mltasks.models.versions import active_file
-
     active = active_file(models_dir, archetype, model_type)
     if active is not None:
         plain = plain_find(models_dir, archetype, model_type)
         return Found(archetype, model_type, active[0], plain.path if plain else None, active[1])
     return plain_find(models_dir, archetype, model_type)
-
-
-def plain_find(models_dir: Path, archetype: str, model_type: str) -> Found | None:
-    """The plain file (``<type>.onnx`` or ``<type>_fp16.onnx``) of a model, or None."""
-    present = [p for p in candidates(models_dir, archetype, model_type) if p.is_file()]
-    if not present:
-        return None
-    return Found(archetype, model_type, present[0], present[1] if len(present) > 1 else None)
 
 
 def discover(

@@ -37,6 +37,7 @@ from typing import Any
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
 from mltasks.files import write_atomic
+from mltasks.models.plain import plain_find
 
 VERSION_LEN = 12
 POINTER = "pointer.json"
@@ -199,8 +200,6 @@ def _entry(version: str, path: Path, via: str, **extra: Any) -> dict[str, Any]:
 
 def _adopt_plain(models_dir: Path, archetype: str, model_type: str) -> dict[str, Any] | None:
     """The plain file that serves today, stored as the first version (its rollback target)."""
-    from mltasks.models.discovery import plain_find
-
     found = plain_find(models_dir, archetype, model_type)
     if found is None:
         return None
@@ -342,8 +341,6 @@ def rollback(
 def list_models(models_dir: Path) -> list[dict[str, Any]]:
     """Per model with a file: its active version (and since when), the candidate and its
     state, the last rollback; plain-file models show their file's hash as the version."""
-    from mltasks.models.discovery import plain_find
-
     out: list[dict[str, Any]] = []
     for archetype in ARCHETYPES:
         for model_type in MODEL_TYPES:

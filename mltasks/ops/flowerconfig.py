@@ -123,6 +123,7 @@ elif "__name__" not in globals():
     globals().update(_options_or_exit(os.environ, sys.argv[1:]))
     # Flower's broker page picks its client by the URL's scheme, which names the transport
     # class when one is configured (mltasks.broker.transport): Flower itself takes kombu's own.
-    from mltasks.broker.celery_app import app as _app
+    # The app Flower runs (mltasks.celery's) is Celery's current one by then.
+    from celery import current_app as _app
 
     _app.conf.broker_transport = None

@@ -22,8 +22,9 @@ from celery.signals import (
 from psycopg_pool import ConnectionPool
 
 from mltasks import keys, metrics
-from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, RECOVER_TASK, app
+from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, RECOVER_TASK
 from mltasks.cache.client import get_cache, reset_cache
+from mltasks.celery import app
 from mltasks.config import Config, get_config
 from mltasks.errors import DatabaseError
 from mltasks.fallback.ladder import QUEUE_LEVELS, Level
@@ -37,14 +38,10 @@ from mltasks.models.fusion import rule_of
 from mltasks.serving.answers import valid_request_id, write_answers
 from mltasks.serving.inference import Outcome, Predictors, answer_batch
 from mltasks.serving.records import Answer, Row, as_row, traditional
-from mltasks.serving.worker import ConsumingStep, MonitorStep, worker_queues
+from mltasks.serving.worker import worker_queues
 from mltasks.sql import query
 
 log = logging.getLogger(__name__)
-
-app.steps["worker"].add(MonitorStep)
-app.steps["consumer"].add(ConsumingStep)
-app.steps["worker"].add(deploy_canary.ModelsStep)
 
 _pool: ConnectionPool | None = None
 _store: LevelStore | None = None

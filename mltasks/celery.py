@@ -1,0 +1,34 @@
+"""The Celery application ``mltasks``: ``celery -A mltasks worker|beat|flower`` runs this.
+
+Celery finds it by itself: the ``mltasks`` package has no ``app``, so ``-A mltasks`` imports
+``mltasks.celery`` and takes its ``app``. It is the one place the app is made, with what a
+worker adds to Celery (its bootsteps) and the guard that keeps Flower behind authentication;
+importing any other module of mltasks (its config, its state layouts) makes no app.
+Settings are read from our config when Celery first needs them (`mltasks.broker.celery_settings`).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+SETTINGS_MODULE = "mltasks.broker.celery_settings"
+TASKS_MODULE = "mltasks.serving.tasks"
+
+
+def create_app() -> Celery:
+    """The app, its worker bootsteps and Flower's guard (call it once: `app` below)."""
+    from mltasks.models.canary import ModelsStep
+    from mltasks.ops.flowerguard import install as guard_flower
+    from mltasks.serving.worker import ConsumingStep, MonitorStep
+
+    made = Celery("mltasks", include=[TASKS_MODULE])
+    made.config_from_object(SETTINGS_MODULE)
+    made.steps["worker"].add(MonitorStep)
+    made.steps["worker"].add(ModelsStep)
+    made.steps["consumer"].add(ConsumingStep)
+    # `celery -A mltasks flower`, however it is called, never serves without authentication.
+    guard_flower()
+    return made
+
+
+app = create_app()

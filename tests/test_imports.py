@@ -1,0 +1,151 @@
+"""Imports without side effects, and no import cycle (issue 28, step 1).
+
+The import graph is read from the source (every ``import``, those inside functions too;
+only the ones under ``if TYPE_CHECKING:`` are left out, since they never run), so a cycle
+hidden in a function-level import fails here as one at the top does.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTS = ("mltasks", "bridge", "beat")
+
+
+def module_name(path: Path, repo: Path) -> str:
+    parts = list(path.relative_to(repo).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _runtime_imports(tree: ast.AST) -> Iterable[ast.Import | ast.ImportFrom]:
+    """Every import node, skipping the bodies of ``if TYPE_CHECKING:``."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def import_graph(repo: Path, roots: Iterable[str] = ROOTS) -> dict[str, set[str]]:
+    """{module: the project's modules it imports}; ``from a import b`` is an edge to
+    ``a.b`` where that is a module, else to ``a``."""
+    files = {module_name(p, repo): p for r in roots for p in sorted((repo / r).rglob("*.py"))}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif node.level or node.module is None:
+                continue  # the project uses absolute imports only (ruff's TID252)
+            else:
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                    for a in node.names
+                ]
+            graph[name].update(t for t in targets if t in files and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    counter = 0
+
+    def visit(v: str) -> None:
+        nonlocal counter
+        index[v] = low[v] = counter
+        counter += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_the_project_has_no_import_cycle() -> None:
+    assert cycles(import_graph(REPO)) == []
+
+
+def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
+    pkg = tmp_path / "mltasks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from mltasks.b import g\n\ndef f():\n    return g()\n")
+    (pkg / "b.py").write_text("def g():\n    from mltasks import a\n    return a\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mltasks.a import f\n"
+    )
+    (pkg / "d.py").write_text("from mltasks.c import TYPE_CHECKING\n")
+    assert cycles(import_graph(tmp_path, ["mltasks"])) == [["mltasks.a", "mltasks.b"]]
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_the_config_or_the_state_layouts_makes_no_celery_app() -> None:
+    out = run_python(
+        """
+        import sys
+        import mltasks, mltasks.config, mltasks.state, mltasks.contract, mltasks.keys
+        print(sorted(m for m in ("celery", "mltasks.celery", "kombu") if m in sys.modules))
+        """
+    )
+    assert out == "[]"
+
+
+def test_celery_finds_the_one_app_with_its_bootsteps() -> None:
+    out = run_python(
+        """
+        from celery.app.utils import find_app
+        import mltasks.celery
+        app = find_app("mltasks")
+        assert app is mltasks.celery.app
+        print(app.main, sorted(s.__name__ for s in app.steps["worker"]),
+              sorted(s.__name__ for s in app.steps["consumer"]))
+        """
+    )
+    assert out == "mltasks ['ModelsStep', 'MonitorStep'] ['ConsumingStep']"
