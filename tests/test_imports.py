@@ -146,6 +146,11 @@ def test_celery_finds_the_one_app_with_its_bootsteps() -> None:
         assert app is mltasks.celery.app
         print(app.main, sorted(s.__name__ for s in app.steps["worker"]),
               sorted(s.__name__ for s in app.steps["consumer"]))
+        app.loader.import_default_modules()  # what a worker does: the app's `include`
+        print(sorted(t for t in app.tasks if t.startswith("mltasks.")))
         """
     )
-    assert out == "mltasks ['ModelsStep', 'MonitorStep'] ['ConsumingStep']"
+    assert out.splitlines() == [
+        "mltasks ['ModelsStep', 'MonitorStep'] ['ConsumingStep']",
+        "['mltasks.canary', 'mltasks.cleanup', 'mltasks.infer_batch', 'mltasks.recover']",
+    ]

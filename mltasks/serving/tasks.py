@@ -1,4 +1,8 @@
-"""The worker's tasks: answer a batch at a fallback level; beat's periodic jobs."""
+"""The worker's tasks: answer a batch at a fallback level; beat's periodic jobs.
+
+Shared tasks: the app (`mltasks.celery`) includes this module and takes them, so the tasks
+never import the app that runs them.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 
 import psycopg
 import redis
-from celery import Task
+from celery import Task, shared_task
 from celery.signals import (
     celeryd_init,
     setup_logging,
@@ -24,7 +28,6 @@ from psycopg_pool import ConnectionPool
 from mltasks import keys, metrics
 from mltasks.broker.celery_app import CANARY_TASK, CLEANUP_TASK, INFER_TASK, RECOVER_TASK
 from mltasks.cache.client import get_cache, reset_cache
-from mltasks.celery import app
 from mltasks.config import Config, get_config
 from mltasks.errors import DatabaseError
 from mltasks.fallback.ladder import QUEUE_LEVELS, Level
@@ -200,7 +203,7 @@ def report(config: Config, level: int, outcome: Outcome, lag_s: float | None) ->
 # and an ack per batch, to redeliver a lost batch after the visibility timeout: thousands
 # of times the game's deadline). A batch lost with its worker is answered by the bridge,
 # 255 `lost`, at 80% of the deadline, and by the lease (inference.lease_ms) at the latest.
-@app.task(
+@shared_task(
     name=INFER_TASK,
     bind=True,
     acks_late=False,
@@ -328,7 +331,7 @@ def _pool_wait_s(cfg: Config, now: float, created: list[float] | None) -> float:
     return min(max(0.05, limit), DB_WAIT_MAX_S)
 
 
-@app.task(name=CANARY_TASK, ignore_result=True, acks_late=True)
+@shared_task(name=CANARY_TASK, ignore_result=True, acks_late=True)
 def canary(canary_id: str, level: int) -> bool:
     """A recovery probe: answer synthetic states at `level` and lift the level if all is well."""
     from mltasks.fallback.recovery import canary_passed, canary_rows, finish_canary
@@ -357,7 +360,7 @@ def job_lock(job: str, ttl_s: float) -> Iterator[bool]:
             r.delete(key)
 
 
-@app.task(name=RECOVER_TASK, ignore_result=True)
+@shared_task(name=RECOVER_TASK, ignore_result=True)
 def recover() -> str:
     """Beat: try one level up when the tier above has been healthy long enough."""
     from mltasks.fallback.recovery import attempt
@@ -375,7 +378,7 @@ def recover() -> str:
         return attempt(cfg, level_store(), send).outcome
 
 
-@app.task(name=CLEANUP_TASK, ignore_result=True, acks_late=True)
+@shared_task(name=CLEANUP_TASK, ignore_result=True, acks_late=True)
 def cleanup() -> int:
     """Beat: delete finished rows past the retention, batch by batch; returns rows deleted."""
     config = get_config()
