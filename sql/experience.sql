@@ -165,7 +165,7 @@ ORDER BY id;
 -- recorder has not read yet (created after its mark) stays up to `hold_s` longer than the
 -- retention. A recorder that is down for good therefore holds nothing past that.
 DELETE FROM ai_requests
-WHERE request_id IN (
+WHERE request_id = ANY (ARRAY(
     SELECT request_id
     FROM ai_requests
     WHERE status IN ('completed', 'invalid', 'expired', 'timeout')
@@ -174,4 +174,4 @@ WHERE request_id IN (
            OR created_at < statement_timestamp() - make_interval(secs => %(retention_s)s + %(hold_s)s))
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-);
+));

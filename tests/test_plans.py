@@ -88,6 +88,33 @@ def test_plans_made_on_an_empty_table_use_the_indexes_on_a_full_one(config: Conf
     assert not any(seq.values()), seq
 
 
+def test_plans_made_on_an_empty_table_read_what_they_touch_not_the_table(config: Config) -> None:
+    """No seq scan is not enough: a generic plan made on the empty, analyzed table joined
+    the claimed rows back to ai_requests with the whole primary key as the outer side of a
+    nested loop (claim, expiry, the lease sweep, the game-timeout sweep: every row of the
+    table read per call), and cleanup looped its BRIN scan once per row (17 million buffers
+    on 20,000 rows). Run on a 20,000-row table, no node of any hot statement reads 1,000
+    rows or loops 1,000 times (a BRIN bitmap's lossy page count aside)."""
+    analyzed_empty(config)
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        run = {name: prepare(conn, name) for name in STATEMENTS}
+        for execute in run.values():
+            conn.execute(execute)  # planned now, on the empty table
+        fill(conn, 20_000)
+        wide = {}
+        for name, execute in run.items():
+            plan = [str(r[0]) for r in conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {execute}")]
+            wide[name] = [
+                line.strip()
+                for line in plan
+                if "Bitmap Index Scan" not in line
+                and (m := re.search(r"rows=(\d+) loops=(\d+)", line))
+                and max(int(m.group(1)), int(m.group(2))) >= 1000
+            ]
+    assert not any(wide.values()), wide
+
+
 def test_the_same_plans_without_the_services_settings_do_seq_scan(config: Config) -> None:
     """What the settings prevent (and what the test above would catch): a plain session's
     generic plans, made on the empty table, seq-scan the queue."""
@@ -123,3 +150,35 @@ def test_the_games_inserts_free_a_reused_id_through_the_primary_key(config: Conf
     assert deletes, notes
     assert all("Index Scan using ai_requests_pkey" in n for n in deletes), deletes
     assert not any("Seq Scan" in n for n in deletes), deletes
+
+
+def _buffers(plan_rows: list[tuple[Any, ...]]) -> int:
+    """Shared buffers (hit + read) of an EXPLAIN (ANALYZE, BUFFERS), every node."""
+    text = "\n".join(str(r[0]) for r in plan_rows)
+    return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", text))
+
+
+def test_the_lease_sweep_steps_over_the_rows_that_left_processing(config: Config) -> None:
+    """Every claimed row leaves an entry in the processing index when it is answered,
+    dead until a vacuum (autovacuum may be off, or behind). The bridge sweeps for expired
+    leases four times a second: its plan must mark those entries dead as it passes (an
+    index scan) and skip them after, not read them all again each time (a bitmap scan:
+    450,000 a sweep after five minutes at 1,500/s)."""
+    analyzed_empty(config)
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("ALTER TABLE ai_requests SET (autovacuum_enabled = false)")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        execute = prepare(conn, "release_stale")
+        conn.execute(execute)  # planned on the empty table
+        conn.execute(
+            "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at)"
+            " SELECT g, 'aggressive', array_fill(0.5::real, ARRAY[64]), 'processing',"
+            " now() - interval '1 hour' FROM generate_series(1, 20000) AS g"
+        )
+        conn.execute("UPDATE ai_requests SET status = 'completed', answered_at = now()")
+        first = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {execute}").fetchall()
+        again = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {execute}").fetchall()
+    plan = "\n".join(str(r[0]) for r in first)
+    assert "Index Scan using ai_requests_processing_idx" in plan, plan
+    assert "Bitmap" not in plan, plan
+    assert _buffers(again) * 5 < _buffers(first), (_buffers(first), _buffers(again))
