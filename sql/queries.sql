@@ -140,13 +140,16 @@ WITH answer AS (
                 %(reasons)b::text[], %(statuses)b::text[])
          AS a(request_id, action_id, confidence, source, model, reason, status)
 ), closed AS (
+    -- The rows by key, each one's status looked up in the arrays: no join whose generic
+    -- plan, made on the empty table, could read the whole table per call (tests/test_plans.py).
     UPDATE ai_requests AS r
-    SET status = CASE WHEN r.status IN ('processing', 'pending') THEN a.status
+    SET status = CASE WHEN r.status IN ('processing', 'pending')
+                      THEN (%(statuses)b::text[])[
+                          array_position(%(request_ids)b::integer[], r.request_id)]
                       ELSE r.status END,
         answered_at = clock_timestamp()
-    FROM answer AS a
-    WHERE r.request_id = ANY (%(request_ids)b::integer[]) AND r.request_id = a.request_id
-      AND r.answered_at IS NULL AND r.claim_token = %(token)s
+    WHERE r.request_id = ANY (%(request_ids)b::integer[]) AND r.answered_at IS NULL
+      AND r.claim_token = %(token)s
     RETURNING r.request_id
 )
 INSERT INTO ai_responses (request_id, action_id, confidence, source, model, reason)
