@@ -49,13 +49,21 @@ WITH fresh AS (
                WHEN r.state_vector && '{NaN,Infinity,-Infinity}'::real[] THEN 'not_finite'
            END AS rejected
     FROM ai_requests AS r
-    JOIN ai_responses AS s USING (request_id)
+    -- Each request's response by its key (OFFSET 0 keeps it a lookup per request): a
+    -- plan made on the empty tables otherwise joined both whole primary keys, row by
+    -- row (2.9 s for a round of 2,000 on 20,000 rows; docs/PERFORMANCE.md).
+    CROSS JOIN LATERAL (
+        SELECT action_id, confidence, source, model, reason, created_at
+        FROM ai_responses WHERE request_id = r.request_id OFFSET 0
+    ) AS s
     WHERE r.created_at > %(lo)s AND r.created_at <= %(hi)s
 ), sequence AS (
-    SELECT request_id, monster_id, archetype, state, status, requested_at, action_id,
-           confidence, source, model, reason, latency_ms, false AS fresh
-    FROM ai_experience_waiting
-    WHERE monster_id IN (SELECT monster_id FROM fresh WHERE rejected IS NULL)
+    SELECT w.request_id, w.monster_id, w.archetype, w.state, w.status, w.requested_at,
+           w.action_id, w.confidence, w.source, w.model, w.reason, w.latency_ms, false AS fresh
+    FROM (SELECT DISTINCT monster_id FROM fresh WHERE rejected IS NULL) AS f
+    CROSS JOIN LATERAL (  -- by key, per monster of the window
+        SELECT * FROM ai_experience_waiting WHERE monster_id = f.monster_id OFFSET 0
+    ) AS w
     UNION ALL
     SELECT request_id, monster_id, archetype, state, status, requested_at, action_id,
            confidence, source, model, reason, latency_ms, true AS fresh
@@ -91,11 +99,14 @@ WITH fresh AS (
         requested_at = EXCLUDED.requested_at
     RETURNING 1
 ), given_up AS (
+    -- Set-based (EXCEPT hashes): never every waiting row against every fresh one.
     DELETE FROM ai_experience_waiting AS w
-    WHERE w.requested_at <= %(hi)s::timestamptz - make_interval(secs => %(pair_wait_s)s)
-      AND NOT EXISTS (
-          SELECT 1 FROM fresh AS f WHERE f.monster_id = w.monster_id AND f.rejected IS NULL
-      )
+    WHERE w.monster_id = ANY (ARRAY(
+        SELECT monster_id FROM ai_experience_waiting
+        WHERE requested_at <= %(hi)s::timestamptz - make_interval(secs => %(pair_wait_s)s)
+        EXCEPT
+        SELECT monster_id FROM fresh WHERE rejected IS NULL
+    ))
     RETURNING 1
 )
 SELECT 'recorded' AS what, source AS reason, count(*) AS n FROM recorded GROUP BY source

@@ -177,6 +177,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS ai_experience_waiting (
     latency_ms   real        NOT NULL,
     requested_at timestamptz NOT NULL
 );
+-- The rows that waited longer than experience.pair_wait_s (experience_record's given_up).
+CREATE INDEX IF NOT EXISTS ai_experience_waiting_requested_idx
+    ON ai_experience_waiting (requested_at);
 
 -- The recorder's high-water mark: requests created up to recorded_to have been read. Logged:
 -- after a crash, recording goes on from where it was (the rows before it are lost).

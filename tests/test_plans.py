@@ -188,3 +188,38 @@ def test_the_lease_sweep_steps_over_the_rows_that_left_processing(config: Config
     assert "Index Scan using ai_requests_processing_idx" in plan, plan
     assert "Bitmap" not in plan, plan
     assert _buffers(again) * 5 < _buffers(first), (_buffers(first), _buffers(again))
+
+
+def test_the_experience_round_planned_on_empty_tables_reads_its_window(config: Config) -> None:
+    """The recorder's round (sql/experience.sql experience_record), planned on the empty
+    tables and run on 20,000 answered requests for a window of 2,000: by the window and
+    by key. The plan it had joined both whole primary keys row by row: 2.9 s and 243,389
+    buffers for that round."""
+    from mltasks.contract import ARCHETYPES
+
+    analyzed_empty(config)
+    params = {"lo": "timestamptz", "hi": "timestamptz", "archetypes": "text[]"}
+    params["pair_wait_s"] = "float8"
+    text = query("experience_record")
+    for i, p in enumerate(params, 1):
+        text = re.sub(rf"%\({p}\)[sb]", f"${i}", text)
+    window = "now() - interval '10 s', now() - interval '8 s'"
+    execute = f"EXECUTE er({window}, ARRAY{list(ARCHETYPES)!r}::text[], 60)"
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE er({', '.join(params.values())}) AS {text}")
+        conn.execute(execute)  # planned now, on the empty tables
+        conn.execute(
+            "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at,"
+            " answered_at, created_at) SELECT g, 'aggressive', array_fill(0.5::real, ARRAY[64]),"
+            " 'completed', now(), now(), now() - interval '20 s' + g * interval '1 ms'"
+            " FROM generate_series(1, 20000) AS g"
+        )
+        conn.execute(
+            "INSERT INTO ai_responses (request_id, action_id, confidence, source)"
+            " SELECT request_id, 1, 0.5, 'model' FROM ai_requests"
+        )
+        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {execute}").fetchall()
+    text_plan = "\n".join(str(r[0]) for r in plan)
+    assert "rows=2000" in text_plan, text_plan  # the window's requests, each recorded
+    assert _buffers(plan[:2]) < 100_000, text_plan

@@ -99,7 +99,8 @@ def recorder_conninfo(config: Config) -> str:
     base = config.database.conninfo
     parts = conninfo_to_dict(base)
     options = str(parts.get("options") or "")
-    timeout = f"-c statement_timeout={config.experience.statement_timeout_ms}"
+    # No JIT: a round is a few milliseconds of work, and a JIT compile costs hundreds.
+    timeout = f"-c statement_timeout={config.experience.statement_timeout_ms} -c jit=off"
     extra: dict[str, Any] = {"options": f"{options} {timeout}".strip()}
     if not parts.get("connect_timeout"):
         extra["connect_timeout"] = config.database.connect_timeout_s
