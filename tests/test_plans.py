@@ -43,9 +43,14 @@ STATEMENTS: dict[str, tuple[dict[str, str], str]] = {
 }
 
 
-def prepare(conn: psycopg.Connection[Any], name: str) -> str:
-    """PREPARE the named statement with positional parameters; returns its EXECUTE."""
-    params, args = STATEMENTS[name]
+def prepare(
+    conn: psycopg.Connection[Any],
+    name: str,
+    spec: tuple[dict[str, str], str] | None = None,
+) -> str:
+    """PREPARE the named statement with positional parameters (its types and sample values:
+    ``spec``, else its entry in STATEMENTS); returns its EXECUTE."""
+    params, args = spec if spec is not None else STATEMENTS[name]
     text = query(name)
     for i, p in enumerate(params, 1):
         text = re.sub(rf"%\({p}\)[sb]", f"${i}", text)
@@ -70,17 +75,24 @@ def analyzed_empty(config: Config) -> None:
         conn.execute("ANALYZE ai_responses")
 
 
+def planned_empty_then_filled(config: Config, conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """Every hot statement prepared (generic plans forced) and run once on the empty,
+    analyzed table, then the table filled with 20,000 rows: {name: its EXECUTE}."""
+    analyzed_empty(config)
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    run = {name: prepare(conn, name) for name in STATEMENTS}
+    for execute in run.values():
+        conn.execute(execute)  # planned now, on the empty table
+    fill(conn, 20_000)
+    return run
+
+
 def test_plans_made_on_an_empty_table_use_the_indexes_on_a_full_one(config: Config) -> None:
     """Every hot statement, planned (generic plans forced) on the empty, analyzed table
     through the service's own connection settings, reads no row by a seq scan once the
     table holds 20,000: an index bounds each one."""
-    analyzed_empty(config)
     with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
-        conn.execute("SET plan_cache_mode = force_generic_plan")
-        run = {name: prepare(conn, name) for name in STATEMENTS}
-        for execute in run.values():
-            conn.execute(execute)  # planned now, on the empty table
-        fill(conn, 20_000)
+        run = planned_empty_then_filled(config, conn)
         seq = {}
         for name, execute in run.items():
             plan = "\n".join(str(r[0]) for r in conn.execute(f"EXPLAIN {execute}"))
@@ -107,13 +119,8 @@ def test_plans_made_on_an_empty_table_read_what_they_touch_not_the_table(config:
     cleanup looped its BRIN scan once per row (17 million buffers on 20,000 rows). Run on a
     20,000-row table, no node of any hot statement reads, filters out or loops 1,000 times
     (a BRIN bitmap's lossy page count aside)."""
-    analyzed_empty(config)
     with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
-        conn.execute("SET plan_cache_mode = force_generic_plan")
-        run = {name: prepare(conn, name) for name in STATEMENTS}
-        for execute in run.values():
-            conn.execute(execute)  # planned now, on the empty table
-        fill(conn, 20_000)
+        run = planned_empty_then_filled(config, conn)
         wide = {}
         for name, execute in run.items():
             plan = [str(r[0]) for r in conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {execute}")]
@@ -200,14 +207,11 @@ def test_the_experience_round_planned_on_empty_tables_reads_its_window(config: C
     analyzed_empty(config)
     params = {"lo": "timestamptz", "hi": "timestamptz", "archetypes": "text[]"}
     params["pair_wait_s"] = "float8"
-    text = query("experience_record")
-    for i, p in enumerate(params, 1):
-        text = re.sub(rf"%\({p}\)[sb]", f"${i}", text)
     window = "now() - interval '10 s', now() - interval '8 s'"
-    execute = f"EXECUTE er({window}, ARRAY{list(ARCHETYPES)!r}::text[], 60)"
+    args = f"{window}, ARRAY{list(ARCHETYPES)!r}::text[], 60"
     with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
         conn.execute("SET plan_cache_mode = force_generic_plan")
-        conn.execute(f"PREPARE er({', '.join(params.values())}) AS {text}")
+        execute = prepare(conn, "experience_record", (params, args))
         conn.execute(execute)  # planned now, on the empty tables
         conn.execute(
             "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at,"
