@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
@@ -391,20 +391,9 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
         buckets[i].inc(n)
 
 
-def observe_inference(seconds: float | Sequence[float]) -> None:
-    """Batched model calls took ``seconds`` (one call, or several)."""
-    values = [seconds] if isinstance(seconds, (int, float)) else seconds
-    observe_many(get_metrics().inference_latency, values)
-
-
-@contextlib.contextmanager
-def time_inference() -> Iterator[None]:
-    """``with time_inference(): model.logits(states)``: `observe_inference` around a call."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        observe_inference(time.perf_counter() - t0)
+def observe_inference(seconds: Sequence[float]) -> None:
+    """The batched model calls of a batch took ``seconds``, one value a call."""
+    observe_many(get_metrics().inference_latency, seconds)
 
 
 def observe_batch(size: int) -> None:

@@ -68,8 +68,7 @@ def test_single_process_endpoint_moves(isolated: metrics.Metrics) -> None:
 
         metrics.observe_answers({"model": 3, "invalid": 1}, [0.004, 0.006, 0.012, 0.3])
         metrics.observe_batch(4)
-        with metrics.time_inference():
-            pass
+        metrics.observe_inference([0.0004])
         metrics.set_queue_stats(7, 0.042)
         metrics.set_fallback_level(3)
         metrics.set_cache_hit_rates({"l2": 0.25})
