@@ -27,9 +27,9 @@ from mltasks.config import Config, get_config
 from mltasks.db import connect
 from mltasks.errors import DatabaseError
 from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
-from mltasks.fallback.levels import LEVEL_READ_TIMEOUT_S, LevelState, LevelStore, cache_client
+from mltasks.fallback.levels import LEVEL_READ_TIMEOUT_S, LevelState, LevelStore
 from mltasks.fallback.rules import rules_engine
-from mltasks.redisurl import client_from_url
+from mltasks.redisurl import cache_client, client_from_url
 from mltasks.serving.answers import expire, write_answers
 from mltasks.serving.inference import answer_rows
 from mltasks.serving.records import Claimed, Row, claimed, traditional

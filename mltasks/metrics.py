@@ -409,7 +409,7 @@ def set_cache_hit_rates(rates: Mapping[str, float]) -> None:
 
 
 def set_fallback_level(level: int) -> None:
-    """The shared fallback level (mltasks.fallback.levels.Level, 1..5)."""
+    """The shared fallback level (mltasks.fallback.ladder.Level, 1..5)."""
     get_metrics().fallback_level.set(level)
 
 

@@ -7,17 +7,22 @@ Sentinel transport reads (its broker_transport_options ``master_name`` is
 client the service builds from the configured URL comes from :func:`client_from_url`: a
 plain URL goes to ``from_url``, a Sentinel list to ``Sentinel(...).master_for(...)``,
 whose pool asks the sentinels for the master again after a connection error (a
-failover) instead of holding on to the old address.
+failover) instead of holding on to the old address. The service's own clients on the
+configured server come from here too (:func:`cache_client`), so every process reaches a
+Sentinel deployment's master alike.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.sentinel import Sentinel
+
+if TYPE_CHECKING:
+    from mltasks.config import Config
 
 SENTINEL_SCHEME = "sentinel://"
 DEFAULT_SENTINEL_PORT = 26379
@@ -79,3 +84,16 @@ def client_from_url(url: str, *, master_name: str = "mymaster", **kwargs: Any) -
         node_kwargs["password"] = password
     master: redis.Redis = sentinel.master_for(master_name, db=db, **timeouts, **node_kwargs)
     return master
+
+
+def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
+    """A client on the cache db with short timeouts: Redis must never stall a hot path."""
+    r = config.redis
+    t = r.socket_timeout_s if timeout_s is None else timeout_s
+    return client_from_url(
+        r.db_url(r.cache_db),
+        master_name=r.sentinel_master,
+        socket_timeout=t,
+        socket_connect_timeout=t,
+        health_check_interval=0,
+    )

@@ -19,7 +19,7 @@ import yaml
 from mltasks import keys
 from mltasks.config import Config, ModelsConfig
 from mltasks.contract import ARCHETYPES
-from mltasks.fallback.levels import Level
+from mltasks.fallback.ladder import Level
 from mltasks.metrics import METRIC_NAMES
 from mltasks.ops.status import best_reachable
 from mltasks.ops.status_models import expected_models

@@ -18,8 +18,10 @@ from mltasks import keys
 from mltasks.broker.celery_app import CANARY_TASK
 from mltasks.config import Config
 from mltasks.fallback import recovery
-from mltasks.fallback.levels import LevelStore, route
+from mltasks.fallback.ladder import QUEUES, route
+from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.probes import Readings
+from mltasks.fallback.registry import WorkerRegistry
 from mltasks.serving.worker import Monitor
 from tests import game
 from tests.conftest import wait_for
@@ -84,7 +86,7 @@ def world(config: Config, tmp_path: Path, models_dir: Path) -> Iterator[World]:
     ],
 )
 def test_route_skips_tiers_without_a_consumer(level: int, live: set[str], served: int) -> None:
-    assert route(level, {q: q in live for q in ("gpu", "cpu", "rules")}) == served
+    assert route(level, {q: q in live for q in QUEUES}) == served
 
 
 # -- shared state -----------------------------------------------------------------------
@@ -157,7 +159,7 @@ def test_probe_readings_move_the_level_down(
 ) -> None:
     store.set(start, "test")
     for q in others:
-        store.beat([q], 10_000)
+        WorkerRegistry(store.redis).beat([q], 10_000)
     Monitor(config, [queues], store).evaluate(probe)
     assert store.read().level == after
 
@@ -167,14 +169,14 @@ def test_without_a_gpu_worker_failed_batches_degrade_from_the_level_that_serves(
 ) -> None:
     # Nothing ever set the shared level: it reads the start level, 1, while cpu serves.
     assert store.read().level == 1
-    store.beat(["cpu", "rules"], 10_000)
+    WorkerRegistry(store.redis).beat(["cpu", "rules"], 10_000)
     n = config.fallback.failure_threshold
     assert not any(store.report_failure(3, "boom") for _ in range(n - 1))
     assert store.report_failure(3, "boom")
     assert store.read().level == 4
     # ... but not while a GPU worker serves above: a late CPU batch moves nothing.
     store.set(1, "test")
-    store.beat(["gpu"], 10_000)
+    WorkerRegistry(store.redis).beat(["gpu"], 10_000)
     assert not any(store.report_failure(3, "boom") for _ in range(n))
     assert not store.degrade(5, "no usable model", from_level=3)
     assert store.read().level == 1
@@ -183,7 +185,7 @@ def test_without_a_gpu_worker_failed_batches_degrade_from_the_level_that_serves(
 def test_without_a_gpu_worker_no_usable_model_means_level_5(
     config: Config, store: LevelStore
 ) -> None:
-    store.beat(["cpu"], 10_000)
+    WorkerRegistry(store.redis).beat(["cpu"], 10_000)
     assert store.degrade(5, "no usable model", from_level=3)
     assert store.read().level == 5
 

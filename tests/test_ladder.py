@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mltasks.broker.celery_app import QUEUES, settings_for
 from mltasks.config import Config
-from mltasks.fallback import levels, probes
+from mltasks.fallback import probes
 from mltasks.fallback.ladder import (
     BEST,
     LADDER,
@@ -28,7 +28,6 @@ def test_the_ladder_has_five_levels_in_order() -> None:
 
 def test_every_reader_takes_its_levels_from_the_ladder() -> None:
     assert QUEUES == ("gpu", "cpu", "rules")
-    assert levels.Level is Level and levels.LEVEL_QUEUE is LEVEL_QUEUE
     assert probes.TIERS == ("gpu_fp16", "gpu_int8", "cpu")
     declared = [q.name for q in settings_for(Config())["task_queues"]]
     assert declared == list(QUEUES)

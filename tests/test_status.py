@@ -24,11 +24,13 @@ import redis
 from mltasks import keys
 from mltasks.cache.stats import stats_key, stats_scope
 from mltasks.config import Config
+from mltasks.fallback.ladder import QUEUES
 from mltasks.fallback.levels import LevelStore
+from mltasks.fallback.registry import WorkerRegistry
 from mltasks.ops import status
 
 STATUS_DB = 15
-ALL_QUEUES = ["gpu", "cpu", "rules"]
+ALL_QUEUES = list(QUEUES)
 CPU_HOST: dict[str, Any] = {
     "gpu_present": False,
     "vram_used_bytes": None,
@@ -104,7 +106,7 @@ def pending(pg: psycopg.Connection[Any], age_s: float) -> None:
 def healthy_cpu_host(store: LevelStore, r: redis.Redis, pg: psycopg.Connection[Any]) -> None:
     """A CPU-only host serving at level 3 with all models, fast answers, some cache hits."""
     store.set(3, "GPU missing (no GPU)")
-    store.beat(ALL_QUEUES, 60_000)
+    WorkerRegistry(store.redis).beat(ALL_QUEUES, 60_000)
     store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
     store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
     bucket = int(time.time() // keys.STATS_BUCKET_S)
@@ -208,7 +210,7 @@ def test_gpu_host_at_level_1_shows_vram(
     cfg: Config, store: LevelStore, pg: psycopg.Connection[Any]
 ) -> None:
     store.set(1, "recovered")
-    store.beat(["gpu", "cpu"], 60_000)
+    WorkerRegistry(store.redis).beat(["gpu", "cpu"], 60_000)
     store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
     s = status.collect(cfg, count_files=never_load)
     assert s.exit_code == status.HEALTHY, s.problems
@@ -222,7 +224,7 @@ def test_what_serves_each_level_is_said_truthfully(
     """mltasks dev's one worker listens on gpu, cpu and rules on a host without a GPU: the
     screen says nothing serves levels 1-2, and that one process serves 3 and 4."""
     store.set(3, "GPU missing (no GPU)")
-    store.beat(ALL_QUEUES, 60_000, member="devhost:4242")
+    WorkerRegistry(store.redis).beat(ALL_QUEUES, 60_000, member="devhost:4242")
     store.publish_health("gpu", {1: (False, "GPU missing"), 2: (False, "GPU missing")}, CPU_HOST)
     store.publish_health("cpu", {3: (True, "")}, CPU_HOST)
     s = status.collect(cfg, count_files=lambda c, level: 54)
@@ -242,8 +244,8 @@ def test_what_serves_each_level_is_said_truthfully(
 
     # A GPU host: two workers on gpu, their own processes, serve levels 1-2.
     r.delete(keys.workers("gpu"))
-    store.beat(["gpu"], 60_000, member="gpuhost:1")
-    store.beat(["gpu"], 60_000, member="gpuhost:2")
+    WorkerRegistry(store.redis).beat(["gpu"], 60_000, member="gpuhost:1")
+    WorkerRegistry(store.redis).beat(["gpu"], 60_000, member="gpuhost:2")
     store.publish_health("gpu", {1: (True, ""), 2: (True, "")}, GPU_HOST)
     store.set(1, "recovered")
     table = {
@@ -347,7 +349,7 @@ def test_workers_that_do_not_report_models_are_checked_against_the_files(
     cfg: Config, store: LevelStore, pg: psycopg.Connection[Any], models_dir: Path, tmp_path: Path
 ) -> None:
     store.set(3, "test")
-    store.beat(ALL_QUEUES, 60_000)
+    WorkerRegistry(store.redis).beat(ALL_QUEUES, 60_000)
     s = status.collect(cfg)
     # Served at level 3: its fusion's three types, from the files.
     assert s.models is not None and (s.models.loaded, s.models.source) == (18, "files")

@@ -15,6 +15,7 @@ import pytest
 from mltasks import keys
 from mltasks.config import Config
 from mltasks.fallback.levels import LevelStore
+from mltasks.fallback.registry import WorkerRegistry
 from mltasks.serving.worker import DatabaseCheck, Monitor, database_problem
 from tests.conftest import use_config
 
@@ -56,13 +57,13 @@ def test_no_heartbeat_while_the_database_cannot_be_written(
     try:
         mon.tick()
         assert not store.redis.exists(keys.heartbeat("gpu"))
-        assert store.problems("gpu").get(mon.member) == mon.problem
+        assert WorkerRegistry(store.redis).problems("gpu").get(mon.member) == mon.problem
         assert mon.problem is not None and "does not exist" in mon.problem
         current["cfg"] = config  # the database is back
         mon.tick()
         assert mon.problem is None
         assert store.redis.exists(keys.heartbeat("gpu"))
-        assert mon.member not in store.problems("gpu")
+        assert mon.member not in WorkerRegistry(store.redis).problems("gpu")
     finally:
         check.close()
 

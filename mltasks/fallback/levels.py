@@ -1,20 +1,17 @@
 """The fallback level's shared state in Redis.
 
-The five levels, what serves each, and routing on them are `mltasks.fallback.ladder`'s
-(re-exported here: ``Level``, ``BEST``, ``LEVEL_QUEUE``, ``QUEUE_LEVELS``, ``route``). The
-level is one hash in Redis, shared by every bridge and worker. Workers push it down
+The five levels, what serves each, and routing on them are `mltasks.fallback.ladder`'s.
+The level is one hash in Redis, shared by every bridge and worker. Workers push it down
 (failures, probes); beat's recovery job lifts it one step at a time after a canary. Routing
-additionally skips a tier that has no live consumer (heartbeat keys), so a missing worker
-never leaves requests waiting for a timeout. When Redis cannot be read, a reader keeps its
-last known level.
+additionally skips a tier that has no live consumer (the heartbeat keys of
+`mltasks.fallback.registry`), so a missing worker never leaves requests waiting for a
+timeout. When Redis cannot be read, a reader keeps its last known level.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,20 +21,11 @@ import redis
 
 from mltasks import keys
 from mltasks.config import Config
-from mltasks.fallback.ladder import BEST, LEVEL_QUEUE, QUEUE_LEVELS, Level, route
+from mltasks.fallback.ladder import BEST, LEVEL_QUEUE, Level, route
+from mltasks.fallback.registry import WorkerRegistry
+from mltasks.redisurl import cache_client
 
-__all__ = [
-    "BEST",
-    "LEVEL_QUEUE",
-    "LEVEL_READ_TIMEOUT_S",
-    "QUEUE_LEVELS",
-    "Level",
-    "LevelState",
-    "LevelStore",
-    "cache_client",
-    "route",
-    "worker_member",
-]
+__all__ = ["LEVEL_READ_TIMEOUT_S", "LevelState", "LevelStore"]
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +74,6 @@ return 0
 
 # The level is read in the bridge's loop: a hung Redis may cost it this much, no more.
 LEVEL_READ_TIMEOUT_S = 0.1
-
-
-def worker_member(pid: int | None = None) -> str:
-    """How a worker process is named in the live-worker and models-loaded keys."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
-
-
-def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
-    """A client on the cache db with short timeouts: Redis must never stall a hot path."""
-    r = config.redis
-    t = r.socket_timeout_s if timeout_s is None else timeout_s
-    return r.client(
-        r.cache_db,
-        socket_timeout=t,
-        socket_connect_timeout=t,
-        health_check_interval=0,
-    )
 
 
 class LevelStore:
@@ -223,74 +194,7 @@ class LevelStore:
         pipe.set(keys.probes(queue), json.dumps(doc, default=str), ex=keys.PROBES_TTL_S)
         pipe.execute()
 
-    def beat(self, queues: Iterable[str], ttl_ms: int, member: str | None = None) -> None:
-        """This worker consumes ``queues`` and is alive (``member``: counted among the live)."""
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for q in queues:
-            pipe.set(keys.heartbeat(q), str(now), px=ttl_ms)
-            if member:
-                pipe.zadd(keys.workers(q), {member: now})
-                pipe.zremrangebyscore(keys.workers(q), "-inf", now - ttl_ms / 1000)
-                pipe.pexpire(keys.workers(q), ttl_ms)
-        pipe.execute()
-
-    def publish_problem(self, queues: Iterable[str], member: str, problem: str | None) -> None:
-        """Why the worker ``member`` does not serve ``queues`` (None: it does), for status."""
-        pipe = self.redis.pipeline(transaction=False)
-        for q in queues:
-            key = keys.problems(q)
-            if problem is None:
-                pipe.hdel(key, member)
-            else:
-                pipe.hset(key, member, json.dumps({"at": time.time(), "problem": problem}))
-                pipe.expire(key, keys.PROBES_TTL_S)
-        pipe.execute()
-
-    def problems(self, queue: str, max_age_s: float = keys.PROBES_TTL_S) -> dict[str, str]:
-        """Workers that said, within ``max_age_s``, why they do not serve ``queue``."""
-        raw: Any = self.redis.hgetall(keys.problems(queue))
-        now, out = time.time(), {}
-        for member, doc in raw.items():
-            try:
-                d = json.loads(doc)
-                if now - float(d["at"]) <= max_age_s:
-                    out[member.decode()] = str(d["problem"])
-            except (ValueError, KeyError, TypeError):
-                continue
-        return out
-
     def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
-        """This process loaded ``count`` models to serve ``queue``."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.models(queue), member or worker_member(), int(count))
-        pipe.expire(keys.models(queue), keys.PROBES_TTL_S)
-        pipe.execute()
-
-    def models_loaded(self, queue: str, alive: Iterable[int]) -> int | None:
-        """The fewest models a live process of this host loaded for ``queue`` (None: none said).
-
-        Entries of this host's processes not in ``alive`` are dropped (a child that died
-        or was recycled); the others' are left to their own hosts' monitors.
-        """
-        key = keys.models(queue)
-        host, live = socket.gethostname(), {int(p) for p in alive}
-        raw: Any = self.redis.hgetall(key)
-        counts, dead = [], []
-        for field, value in raw.items():
-            name, _, pid = field.decode().rpartition(":")
-            if name != host:
-                continue
-            if not pid.isdigit() or int(pid) not in live:
-                dead.append(field)
-                continue
-            try:
-                counts.append(int(value))
-            except ValueError:
-                dead.append(field)
-        pipe = self.redis.pipeline(transaction=False)
-        if dead:
-            pipe.hdel(key, *dead)
-        pipe.expire(key, keys.PROBES_TTL_S)
-        pipe.execute()
-        return min(counts) if counts else None
+        """The worker registry's `publish_models`, for `mltasks.serving.tasks.preload`'s
+        call (issue 28, step 4 moves it onto the registry with the rest of tasks.py)."""
+        WorkerRegistry(self.redis).publish_models(queue, count, member)

@@ -502,7 +502,7 @@ def _live_workers() -> int:
     """Worker nodes with a fresh heartbeat on any queue (0 when Redis cannot say)."""
     from mltasks.broker.celery_app import QUEUES
     from mltasks.config import get_config
-    from mltasks.fallback.levels import cache_client
+    from mltasks.redisurl import cache_client
 
     try:
         r = cache_client(get_config())

@@ -35,7 +35,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 
 def _redis() -> Any:
-    from mltasks.fallback.levels import cache_client
+    from mltasks.redisurl import cache_client
 
     return cache_client(get_config())
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _field(level: int, pid: int | None = None) -> str:
-    from mltasks.fallback.levels import worker_member
+    from mltasks.fallback.registry import worker_member
 
     return f"{worker_member(pid)}/{level}"
 
@@ -47,7 +47,7 @@ def publish(engine: Engine, r: Any = None) -> None:
     """This process's versions at the engine's level (after a load or a swap)."""
     import os
 
-    from mltasks.fallback.levels import cache_client
+    from mltasks.redisurl import cache_client
 
     try:
         client = r

@@ -290,7 +290,7 @@ def start_worker_metrics(
 def start_bridge_metrics(config: Config, host: str, port: int) -> MetricsServer | None:
     """A bridge's /metrics: its own registry, plus queue and cache gauges read at scrape."""
     from mltasks.cache.stats import stats_scope
-    from mltasks.fallback.levels import cache_client
+    from mltasks.redisurl import cache_client
 
     refresh: list[Refresh] = [
         queue_stats_refresher(config.database.conninfo),

@@ -36,8 +36,7 @@ import redis
 
 from mltasks.config import Config, get_config
 from mltasks.errors import MLTasksError
-from mltasks.fallback.ladder import QUEUES
-from mltasks.fallback.levels import LEVEL_QUEUE, Level, route
+from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
 from mltasks.ops.status_models import _models, count_loadable_models
 from mltasks.ops.status_render import render, rows
 from mltasks.ops.status_snapshot import (

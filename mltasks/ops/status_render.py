@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from mltasks.contract import ARCHETYPES
-from mltasks.fallback.levels import LEVEL_QUEUE
+from mltasks.fallback.ladder import LEVEL_QUEUE
 from mltasks.ops.status_snapshot import Status
 
 

@@ -23,6 +23,7 @@ from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
 from mltasks.fallback.ladder import QUEUES
 from mltasks.fallback.levels import LevelStore
+from mltasks.fallback.registry import WorkerRegistry
 from mltasks.ops.status_snapshot import GpuInfo, LatencyInfo, QueueInfo
 from mltasks.sql import query
 
@@ -113,7 +114,8 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
             str(layer): rate
             for layer, rate in hit_rates(client, window_s, now, scope=stats_scope(config)).items()
         }
-        problems = {q: store.problems(q) for q in QUEUES}
+        registry = WorkerRegistry(client)
+        problems = {q: registry.problems(q) for q in QUEUES}
     finally:
         client.close()
     recorded, beats_raw, probes_raw = replies[0], replies[1], replies[2]

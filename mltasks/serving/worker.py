@@ -25,8 +25,9 @@ from celery.worker.consumer import Consumer
 from mltasks import metrics
 from mltasks.config import Config, get_config
 from mltasks.fallback.ladder import QUEUE_LEVELS, RUNGS, Level
-from mltasks.fallback.levels import LevelStore, worker_member
+from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
+from mltasks.fallback.registry import WorkerRegistry, worker_member
 from mltasks.models import served
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class Monitor:
         self.config = config
         self.queues = [q for q in queues if q in QUEUE_LEVELS]
         self.store = store or LevelStore(config)
+        self.registry = WorkerRegistry(self.store.redis)
         self.probe = probe
         # No heartbeat while the worker is not consuming (off the broker, or not yet
         # reading its queues): the bridge would send it batches nobody reads.
@@ -213,7 +215,7 @@ class Monitor:
             return f"models directory {d} does not exist"
         alive = _own_processes()
         for q in self.model_queues:
-            if self.store.models_loaded(q, alive) == 0:
+            if self.registry.models_loaded(q, alive) == 0:
                 return f"no usable model in {d}"
         return None
 
@@ -237,7 +239,7 @@ class Monitor:
                 "serving %s again", ",".join(self.queues), extra={"event": "worker_serving"}
             )
         self.problem = problem
-        self.store.publish_problem(self.queues, self.member, problem)
+        self.registry.publish_problem(self.queues, self.member, problem)
 
     def tick(self) -> None:
         fb = self.config.fallback
@@ -251,9 +253,9 @@ class Monitor:
                 metrics.set_vram_usage(self.config.hardware.gpu_device_id, readings.vram_used_bytes)
             self.evaluate(readings)
         if self.problem is None and self.connected():
-            self.store.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
+            self.registry.beat(self.queues, fb.heartbeat_ttl_ms, self.member)
         elif self.problem is not None:
-            self.store.publish_problem(self.queues, self.member, self.problem)
+            self.registry.publish_problem(self.queues, self.member, self.problem)
 
     def evaluate(self, readings: Readings) -> int | None:
         """Record the probe; move the level down if this worker's tier is unhealthy.
@@ -272,7 +274,7 @@ class Monitor:
         for queue in self.queues:
             doc = dataclasses.asdict(readings)
             if QUEUE_LEVELS[queue][0] != Level.RULES:
-                loaded = self.store.models_loaded(queue, alive)
+                loaded = self.registry.models_loaded(queue, alive)
                 if loaded is not None:
                     doc["models_loaded"] = loaded
             self.store.publish_health(queue, {lv: tiers[lv] for lv in QUEUE_LEVELS[queue]}, doc)
