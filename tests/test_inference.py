@@ -191,3 +191,52 @@ def test_engine_on_cpu_when_no_gpu(cfg: Config) -> None:
     engine = Engine(forced, level=1).load()
     model = engine.models[("tank", "combat_dqn")]
     assert model.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_archetypes_answered_together_get_what_each_gets_alone() -> None:
+    """Archetypes whose members line up are answered as one group (`_voices_alike`): a
+    failing member, a non-finite row and each archetype's own models stay its own."""
+    rng = np.random.default_rng(3)
+
+    class Scaled(FakeModel):
+        def __init__(self, scale: float, model_type: str, **kw: object) -> None:
+            super().__init__(model_type=model_type, **kw)  # type: ignore[arg-type]
+            self.scale = scale
+            self.nan_column = 10 if model_type == "a" else 11
+
+        def run(self, states: np.ndarray, windows: np.ndarray | None = None) -> TypeOutput:
+            if self.fail:
+                raise ModelError("fake: broken")
+            z = (states[:, :10] * self.scale).astype(np.float32)
+            z[states[:, self.nan_column] > 0.95] = np.nan  # some rows come back non-finite
+            return TypeOutput(scores=z)
+
+    engine = FakeEngine(
+        {
+            "mage": [Scaled(3.0, "a"), Scaled(-2.0, "b")],
+            "tank": [Scaled(1.0, "a", fail=True), Scaled(5.0, "b")],
+            "support": [Scaled(-4.0, "a"), Scaled(0.5, "b")],
+        }
+    )
+    rows = [
+        [i + 1, ["mage", "tank", "support"][i % 3], 1, rng.random(64).tolist()] for i in range(30)
+    ]
+    for r in rows:
+        r[3][10] = r[3][11] = 0.1
+    rows[6][3][10] = 0.99  # mage: a gives NaN, b alone answers
+    rows[9][3][10] = rows[9][3][11] = 0.99  # mage: neither can
+    together = answer_batch(rows, engine)  # type: ignore[arg-type]
+    alone = [
+        a
+        for archetype in ("mage", "tank", "support")
+        for a in answer_batch([r for r in rows if r[1] == archetype], engine).answers  # type: ignore[arg-type]
+    ]
+    assert sorted(together.answers, key=lambda a: a.request_id) == sorted(
+        alone, key=lambda a: a.request_id
+    )
+    got = {a.request_id: a for a in together.answers}
+    assert {got[i].model for i in (1, 4)} == {"mage/a+b"}
+    assert {got[i].model for i in (2, 5) if got[i].action_id != 255} <= {"tank/b"}
+    assert got[7].model == "mage/b"
+    assert (got[10].action_id, got[10].reason) == (255, "model_output_not_finite")
+    assert len(together.failures) == 1  # tank/a, once

@@ -205,6 +205,8 @@ class _Group:
 
     archetype: str
     rows: list[int]  # indices into the plan's valid rows
+    # Several archetypes answered as one (`_voices_alike`): (archetype, rows) in row order.
+    parts: list[tuple[str, int]] = field(default_factory=list)
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
     non_finite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
     ran: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
@@ -285,14 +287,8 @@ def _run_member(
     # CPU seconds of this thread: the candidate's, measured on the shadow thread, are
     # compared with these, and neither counts time spent waiting for a busy CPU.
     t0 = time.thread_time() if shadow is not None else 0.0
-    started = time.perf_counter()
-    try:
-        out = member.run(states, windows)
-        timings.append(time.perf_counter() - started)
-    except Exception as exc:  # a model or the rule policy broke: it drops out
-        err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
-        log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
-        failures.append(err)
+    out = _call(member, states, windows, failures, timings)
+    if out is None:
         group.failed[need] = True
         return None
     if shadow is not None:  # the candidate runs on these rows after the answers
@@ -310,6 +306,26 @@ def _run_member(
                 time.thread_time() - t0,
             )
         )
+    return out
+
+
+def _call(
+    member: Predictor,
+    states: np.ndarray,
+    windows: np.ndarray | None,
+    failures: list[ModelError],
+    timings: list[float],
+) -> TypeOutput | None:
+    """One model call, timed; None when it failed (the failure logged and recorded)."""
+    started = time.perf_counter()
+    try:
+        out = member.run(states, windows)
+    except Exception as exc:  # a model or the rule policy broke: it drops out
+        err = exc if isinstance(exc, ModelError) else ModelError(f"{member.name}: {exc!r}")
+        log.error("%s", err, extra={"event": "inference_failed", "model": member.name})
+        failures.append(err)
+        return None
+    timings.append(time.perf_counter() - started)
     return out
 
 
@@ -365,13 +381,19 @@ def answer_batch(
     plan = _plan(valid, engine, cache, lookup)
     res = _Results(refused)
     voiced: list[tuple[_Group, list[Member]]] = []
+    served: list[_Group] = []
     for group in _cache_misses(plan, res.answers).values():
         if not plan.members[group.archetype]:
             res.answers.extend(
                 traditional(plan.valid[i].request_id, "no_model") for i in group.rows
             )
             continue
-        voiced.append((group, _voices(plan, group, engine, res)))
+        served.append(group)
+    for alike in _alike(plan, served, engine):
+        if len(alike) > 1:
+            voiced.append(_voices_alike(plan, alike, res))
+        else:
+            voiced.append((alike[0], _voices(plan, alike[0], engine, res)))
     # One fusion for all the archetypes whose members line up (fusion.fuse_groups).
     fused = fuse_groups([(voices, len(group.rows)) for group, voices in voiced], rule)
     for (group, _), one in zip(voiced, fused, strict=True):
@@ -441,27 +463,143 @@ def _voices(plan: _Plan, group: _Group, engine: Predictors, res: _Results) -> li
     return voices
 
 
+def _alike(plan: _Plan, groups: list[_Group], engine: Predictors) -> list[list[_Group]]:
+    """The groups, with those whose members line up (the same types, weights and kinds:
+    every archetype of a level, usually) together: they are answered as one group.
+
+    A group with a canary candidate, or a batch with an L3 hit, keeps one group per
+    archetype (`_voices`: the shadow's rows and the L3 rows are per archetype there).
+    """
+    offered = getattr(engine, "shadows", None)
+    l3_hit = bool(plan.output_index) and any(o is not None for o in plan.found.outputs)
+    sets: dict[tuple[object, ...], list[_Group]] = {}
+    alone: list[list[_Group]] = []
+    for group in groups:
+        if l3_hit or (offered is not None and offered(group.archetype)):
+            alone.append([group])
+            continue
+        sets.setdefault(_form(plan.members[group.archetype]), []).append(group)
+    return [*sets.values(), *alone]
+
+
+def _form(members: Sequence[tuple[Predictor, float]]) -> tuple[object, ...]:
+    """What must be equal for archetypes to be answered as one group."""
+    return tuple(
+        (
+            type(m),
+            m.model_type,
+            weight,
+            m.scores_kind,
+            m.sequence,
+            m.cacheable,
+            m.packed_width,
+            getattr(m, "roles", None),
+        )
+        for m, weight in members
+    )
+
+
+def _voices_alike(plan: _Plan, groups: list[_Group], res: _Results) -> tuple[_Group, list[Member]]:
+    """`_voices` of several archetypes whose members line up, as one group: each model
+    is still called on its own archetype's rows, but the rest (the checks, the fusion,
+    the answers) runs once for the batch, not once per archetype: on a batch of 22 rows
+    of six archetypes that was half of answering it."""
+    rows = [i for g in groups for i in g.rows]
+    n = len(rows)
+    merged = _Group(groups[0].archetype, rows, [(g.archetype, len(g.rows)) for g in groups])
+    merged.failed = np.zeros(n, dtype=np.bool_)
+    merged.non_finite = np.zeros(n, dtype=np.bool_)
+    states = np.stack([plan.valid[i].vec for i in rows])
+    columns = [plan.members[g.archetype] for g in groups]
+    windows = None
+    if any(m.sequence for m, _ in columns[0]):
+        monsters = [plan.valid[i].monster_id for i in rows]
+        windows = history_windows(states, monsters, plan.found.histories)
+    bounds = np.cumsum([0, *(len(g.rows) for g in groups)]).tolist()
+    ran = np.zeros(n, dtype=np.bool_)
+    voices = []
+    for j, (first, weight) in enumerate(columns[0]):
+        outs: list[TypeOutput] = []
+        have = np.ones(n, dtype=np.bool_)
+        for start, end, members in zip(bounds, bounds[1:], columns, strict=False):
+            member = members[j][0]
+            part = None if windows is None else windows[start:end]
+            out = _call(member, states[start:end], part, res.failures, plan.timings)
+            if out is None:
+                merged.failed[start:end] = True
+                have[start:end] = False
+                out = member.unpack(np.zeros((end - start, member.packed_width), np.float32))
+            outs.append(out)
+        out = _float32(_concatenated(outs))
+        finite = out.finite()
+        if not finite.all():
+            for start, end, members in zip(bounds, bounds[1:], columns, strict=False):
+                bad = int((~finite[start:end] & have[start:end]).sum())
+                if bad:
+                    log.error(
+                        "%s returned non-finite values for %d rows",
+                        members[j][0].name,
+                        bad,
+                        extra={"event": "inference_non_finite", "model": members[j][0].name},
+                    )
+            merged.non_finite |= have & ~finite
+        ok = have & finite
+        ran |= ok
+        if first.cacheable and plan.output_names:  # the outputs L3 will keep
+            fresh = out.packed()
+            for k in np.flatnonzero(ok).tolist():
+                l3_key = plan.output_names.get((rows[k], first.model_type))
+                if l3_key is not None:
+                    res.computed.append((l3_key, fresh[k]))
+        if not ok.all():  # a row that may not speak gives zeros, as `_member_output`
+            out = first.unpack(np.where(ok[:, None], out.packed(), 0.0).astype(np.float32))
+        voices.append(Member(first.model_type, weight, first.scores_kind, out, ok))
+    merged.ran = ran
+    return merged, voices
+
+
+def _concatenated(outs: Sequence[TypeOutput]) -> TypeOutput:
+    """The outputs of one type for several archetypes' rows, one after another."""
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        if arrays[0] is None:
+            return None
+        return np.concatenate(cast(list[np.ndarray], arrays))
+
+    return TypeOutput(
+        cat([o.scores for o in outs]), cat([o.value for o in outs]), cat([o.threat for o in outs])
+    )
+
+
 def _assemble(plan: _Plan, group: _Group, fused: Fused, res: _Results) -> None:
     """The group's answers from the fusion: an action where it answered, else 255 and why."""
-    members = plan.members[group.archetype]
-    # ai_responses.model names each type with the version that answered: <type>@<version>.
-    tagged = {m.model_type: _tag(m) for m, _ in members}
     actions, probs = fused.choice()
-    source = cast(Source, members[0][0].source)  # "model" (ONNX) or "rules"
-    for k, i in enumerate(group.rows):
-        rid = plan.valid[i].request_id
-        if not fused.answered[k]:
-            res.answers.append(traditional(rid, _unanswered_reason(group, k)))
-            continue
-        action, conf = int(actions[k]), as_confidence(float(probs[k]))
-        used = fused.used[k]
-        res.fused["fused" if len(used) > 1 else "single"] += 1
-        model = model_name(group.archetype, [tagged[t] for t in used])
-        answered_by: Source = source if group.ran[k] else "cache"
-        res.answers.append(Answer(rid, action, conf, answered_by, "completed", model))
-        name = plan.action_names[i]
-        if name is not None:
-            res.fresh.append((name, action, conf))
+    action_of, prob_of, answered = actions.tolist(), probs.tolist(), fused.answered.tolist()
+    start = 0
+    for archetype, count in group.parts or [(group.archetype, len(group.rows))]:
+        members = plan.members[archetype]
+        # ai_responses.model names each type with the version that answered: <type>@<version>.
+        tagged = {m.model_type: _tag(m) for m, _ in members}
+        names: dict[tuple[str, ...], str] = {}
+        source = cast(Source, members[0][0].source)  # "model" (ONNX) or "rules"
+        for k in range(start, start + count):
+            i = group.rows[k]
+            rid = plan.valid[i].request_id
+            if not answered[k]:
+                res.answers.append(traditional(rid, _unanswered_reason(group, k)))
+                continue
+            action, conf = action_of[k], as_confidence(prob_of[k])
+            used = fused.used[k]
+            res.fused["fused" if len(used) > 1 else "single"] += 1
+            model = names.get(used)
+            if model is None:
+                model = names[used] = model_name(archetype, [tagged[t] for t in used])
+            answered_by: Source = source if group.ran[k] else "cache"
+            res.answers.append(Answer(rid, action, conf, answered_by, "completed", model))
+            name = plan.action_names[i]
+            if name is not None:
+                res.fresh.append((name, action, conf))
+        start += count
 
 
 def _unanswered_reason(group: _Group, k: int) -> str:
