@@ -25,6 +25,17 @@ import yaml
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ConfigError
+from mltasks.fallback.ladder import (
+    BEST,
+    MODEL_LEVELS,
+    PRECISIONS,
+    PROVIDERS,
+    WORST,
+    Level,
+    default_profile,
+    model_field,
+    rung,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -36,10 +47,6 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "mltasks.yaml"
 def _range(key: str, value: int, lo: int, hi: int) -> None:
     if not lo <= value <= hi:
         raise ConfigError(f"{key}: {value} is outside {lo}..{hi}")
-
-
-PROVIDERS = ("cuda", "tensorrt", "cpu")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def _all_types() -> dict[str, float]:
@@ -71,7 +78,8 @@ class FusionConfig:
     value_shift: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("level1", "level2", "level3"):
+        for level in MODEL_LEVELS:
+            name = model_field(level)
             weights = getattr(self, name)
             for model_type, weight in weights.items():
                 key = f"models.fusion.{name}.{model_type}"
@@ -93,7 +101,7 @@ class FusionConfig:
 
     def for_level(self, level: int) -> Mapping[str, float]:
         """The types (in the family's order) and weights of a model level (1-3)."""
-        weights = {1: self.level1, 2: self.level2, 3: self.level3}[level]
+        weights: Mapping[str, float] = getattr(self, model_field(level))
         return {t: weights[t] for t in MODEL_TYPES if t in weights}
 
 
@@ -278,13 +286,13 @@ class CachingConfig:
     def __post_init__(self) -> None:
         _range("caching.action_ttl_s", self.action_ttl_s, 1, 3600)
         for level in self.lookup_levels:
-            _range("caching.lookup_levels", level, 1, 3)
+            _range("caching.lookup_levels", level, BEST, MODEL_LEVELS[-1])
 
 
 @dataclass(frozen=True, slots=True)
 class FallbackConfig:
     # The level the service starts at when Redis holds none (1 best .. 5 traditional AI).
-    start_level: int = 1
+    start_level: int = int(BEST)
     # Consecutive failed batches at a level that move the service one level down.
     failure_threshold: int = 3
     # Workers refresh a heartbeat key per queue; a queue whose key lapsed has no consumer.
@@ -301,19 +309,20 @@ class FallbackConfig:
     cpu_load_per_core: float = 2.0
     queue_lag_ms: int = 50
     # (execution provider, precision) per model level.
-    level1: str = "cuda:fp16"
-    level2: str = "tensorrt:int8"
-    level3: str = "cpu:int8"
+    level1: str = default_profile(Level.GPU_FP16)
+    level2: str = default_profile(Level.GPU_INT8)
+    level3: str = default_profile(Level.CPU)
 
     def __post_init__(self) -> None:
-        _range("fallback.start_level", self.start_level, 1, 5)
+        _range("fallback.start_level", self.start_level, BEST, WORST)
         _range("fallback.failure_threshold", self.failure_threshold, 1, 1000)
         _range("fallback.heartbeat_interval_ms", self.heartbeat_interval_ms, 50, 60_000)
         if self.heartbeat_ttl_ms <= self.heartbeat_interval_ms:
             raise ConfigError(
                 "fallback.heartbeat_ttl_ms: must be longer than fallback.heartbeat_interval_ms"
             )
-        for name in ("level1", "level2", "level3"):
+        for level in MODEL_LEVELS:
+            name = model_field(level)
             value = getattr(self, name)
             provider, _, precision = value.partition(":")
             if provider not in PROVIDERS or precision not in PRECISIONS:
@@ -321,14 +330,12 @@ class FallbackConfig:
                     f"fallback.{name}: {value!r} is not <provider>:<precision> with provider "
                     f"in {PROVIDERS} and precision in {PRECISIONS}"
                 )
-        if self.level3.startswith(("cuda", "tensorrt")):
-            raise ConfigError("fallback.level3: the CPU level must use the cpu provider")
+            if rung(level).tier == "cpu" and provider != "cpu":
+                raise ConfigError(f"fallback.{name}: the CPU level must use the cpu provider")
 
     def level_profile(self, level: int) -> tuple[str, str]:
         """(provider, precision) of a model level (1-3)."""
-        provider, _, precision = {1: self.level1, 2: self.level2, 3: self.level3}[level].partition(
-            ":"
-        )
+        provider, _, precision = getattr(self, model_field(level)).partition(":")
         return provider, precision
 
 

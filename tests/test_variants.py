@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from mltasks.config import Config
 from mltasks.contract import N_ACTIONS, STATE_DIM
+from mltasks.fallback.ladder import PRECISIONS, Precision
 from mltasks.models import timings
 from mltasks.models import variants as v
 from mltasks.models.engine import level_plan
@@ -53,7 +54,7 @@ def _fail(*args: object, **kwargs: object) -> Any:
     raise AssertionError("must not be called: the cached result should have been used")
 
 
-def _permuted(master: Path, precision: v.Precision) -> bytes:
+def _permuted(master: Path, precision: Precision) -> bytes:
     """The master with its output columns rotated, labelled as a genuine variant of it."""
     model = onnx.load(str(master))
     for init in model.graph.initializer:
@@ -92,7 +93,7 @@ def test_variant_paths_sit_beside_the_master(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_built_variant_keeps_fp32_io_and_agrees(master: Path, precision: v.Precision) -> None:
+def test_built_variant_keeps_fp32_io_and_agrees(master: Path, precision: Precision) -> None:
     path = v.build_variant(master, precision)
     assert path == v.variant_path(master, precision) and path.is_file()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp file left"
@@ -141,7 +142,7 @@ def test_heldout_states_are_fixed_and_read_only() -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_resolve_accepts_a_good_variant(master: Path, precision: v.Precision) -> None:
+def test_resolve_accepts_a_good_variant(master: Path, precision: Precision) -> None:
     path, served = v.resolve(master, precision)
     assert (path, served) == (v.variant_path(master, precision), precision)
     doc = json.loads(v.verdict_path(master, precision).read_text())
@@ -348,11 +349,11 @@ def test_time_precisions_reports_every_cell(masters: list[Path]) -> None:
     models = masters[0].parent.parent
     result = timings.time_precisions(models, batch_sizes=(1, 8), repeats=3, warmup=1)
     assert result["models"] == len(masters) and result["batch_sizes"] == [1, 8]
-    for precision in v.PRECISIONS:
+    for precision in PRECISIONS:
         for batch in (1, 8):
             assert result["median_us"][precision][batch] > 0
     assert result["ratio_to_fp32"]["fp32"] == {1: 1.0, 8: 1.0}
-    assert timings.fastest_precision(result, 8) in v.PRECISIONS
+    assert timings.fastest_precision(result, 8) in PRECISIONS
     with pytest.raises(ValueError, match="not measured"):
         timings.fastest_precision(result, 64)
 
@@ -367,7 +368,7 @@ def test_time_precisions_takes_the_exporters_fp16_masters(models_dir: Path, tmp_
     shutil.copytree(models_dir / "mage", root / "mage")
     result = timings.time_precisions(root, batch_sizes=(1,), repeats=2, warmup=1)
     assert result["models"] == 5  # the state-input types of one archetype
-    assert all(result["median_us"][p][1] > 0 for p in v.PRECISIONS)
+    assert all(result["median_us"][p][1] > 0 for p in PRECISIONS)
 
 
 def test_a_deployed_fp16_version_gets_its_int8_variant(models_dir: Path, tmp_path: Path) -> None:

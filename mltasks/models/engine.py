@@ -20,14 +20,13 @@ from typing import cast
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
-from mltasks.fallback.ladder import Level
+from mltasks.fallback.ladder import Level, Precision
 from mltasks.models.discovery import find
 from mltasks.models.loaded import LoadedModel, load_model
 from mltasks.models.variants import (
     CPU,
     CUDA,
     TENSORRT,
-    Precision,
     ProviderSpec,
     native,
     providers_for,

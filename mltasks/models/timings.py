@@ -14,11 +14,10 @@ import numpy as np
 import onnxruntime as ort
 
 from mltasks.contract import MODEL_TYPES
+from mltasks.fallback.ladder import PRECISIONS, Precision
 from mltasks.models.variants import (
     CPU,
     HELDOUT_SEED,
-    PRECISIONS,
-    Precision,
     _session,
     ensure_variant,
 )

@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -61,14 +61,12 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
+from mltasks.fallback.ladder import PRECISIONS, Precision
 from mltasks.files import write_atomic
 from mltasks.hardware import gpu_count
 from mltasks.state import sample_states
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: Final[tuple[Precision, ...]] = get_args(Precision)
 
 ProviderSpec = str | tuple[str, dict[str, object]]
 
