@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mltasks.config import get_config, load_config, set_config
 from mltasks.errors import MLTasksError
+from mltasks.fallback.ladder import JOBS_QUEUE, QUEUE_LEVELS, QUEUES, spell_levels
 
 
 def _db_init(args: argparse.Namespace) -> int:
@@ -310,10 +311,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     wk = sub.add_parser(
         "worker",
         help="run a Celery worker (celery -A mltasks worker -Q ...)",
-        description="A Celery worker on the given queues (gpu: levels 1-2, cpu: level 3, "
-        "rules: level 4); any further arguments go to celery worker, e.g. --pool solo.",
+        description="A Celery worker on the given queues ("
+        + ", ".join(f"{q}: {spell_levels(QUEUE_LEVELS[q])}" for q in QUEUES)
+        + "); any further arguments go to celery worker, e.g. --pool solo.",
     )
-    wk.add_argument("-Q", "--queues", default="cpu", help="comma-separated: gpu, cpu, rules")
+    wk.add_argument(
+        "-Q", "--queues", default=JOBS_QUEUE, help="comma-separated: " + ", ".join(QUEUES)
+    )
     wk.add_argument("--loglevel", default="INFO", help="Celery's own level (ours: logging.level)")
     wk.set_defaults(func=_worker, celery_args=[])  # the rest of the line: to celery worker
 

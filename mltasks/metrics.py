@@ -26,6 +26,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
+from mltasks.contract import TRADITIONAL_AI
+from mltasks.fallback.ladder import LADDER
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -72,7 +75,6 @@ METRIC_NAMES: Final = frozenset(
     }
 )
 
-TRADITIONAL_AI: Final = 255
 
 # A model answer came from one type alone, or from several fused (mltasks/models/fusion.py).
 FUSION_KINDS: Final = ("single", "fused")
@@ -93,7 +95,7 @@ _GAUGES: Final[dict[str, tuple[str, str, tuple[str, ...], Mode]]] = {
     ),
     "fallback_level": (
         "ml_fallback_level",
-        "Shared fallback level: 1 GPU FP16, 2 GPU INT8, 3 CPU, 4 rules, 5 traditional (255)",
+        "Shared fallback level: " + ", ".join(f"{r.level} {r.label}" for r in LADDER),
         (),
         "livemostrecent",
     ),

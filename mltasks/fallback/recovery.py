@@ -20,6 +20,7 @@ import numpy as np
 
 from mltasks import keys
 from mltasks.config import Config
+from mltasks.contract import TRADITIONAL_AI
 from mltasks.fallback.ladder import BEST, LEVEL_QUEUE
 from mltasks.fallback.levels import LevelStore
 from mltasks.serving.inference import Outcome
@@ -103,7 +104,7 @@ def canary_passed(outcome: Outcome, level: int) -> tuple[bool, str]:
     """A canary passes when every row was answered by the tier itself, none 255."""
     if outcome.failures:
         return False, f"model failure: {outcome.failures[0]}"
-    bad = [a for a in outcome.answers if a.action_id == 255]
+    bad = [a for a in outcome.answers if a.action_id == TRADITIONAL_AI]
     if bad:
         return False, f"{len(bad)} of {len(outcome.answers)} rows answered 255 ({bad[0].reason})"
     return True, "ok"

@@ -42,6 +42,7 @@ import redis
 from mltasks import keys
 from mltasks.config import Config, get_config, set_config
 from mltasks.errors import MLTasksError
+from mltasks.fallback.ladder import QUEUES
 from mltasks.ops.devload import LoadRunner
 from mltasks.ops.devscreen import watch
 from mltasks.ops.devsetup import (
@@ -363,7 +364,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help="with --use-configured: how long the configured PostgreSQL has to answer",
     )
-    p.add_argument("--queues", default="gpu,cpu,rules", help="the worker's queues")
+    p.add_argument("--queues", default=",".join(QUEUES), help="the worker's queues")
     p.add_argument("--load", action="store_true", help="run the emulated game load")
     p.add_argument("--clients", type=int, default=4, help="emulated map server threads")
     p.add_argument("--timeout-ms", type=int, default=100, help="the game's timeout per decision")

@@ -18,6 +18,7 @@ import redis
 from mltasks.config import Config
 from mltasks.db import create_database_if_missing, init_schema
 from mltasks.errors import MLTasksError
+from mltasks.fallback.ladder import QUEUES
 from mltasks.ops.embedded import EmbeddedPostgres, EmbeddedRedis, postgres_answers
 
 log = logging.getLogger("mltasks.ops.dev")  # dev's records, whichever module writes them
@@ -32,7 +33,7 @@ class DevOptions:
     use_configured: bool = False  # the configured servers, not private ones
     data_dir: Path = Path(".mltasks-dev")
     connect_timeout_s: float = 1.0
-    queues: str = "gpu,cpu,rules"
+    queues: str = ",".join(QUEUES)
     load: bool = False
     load_clients: int = 4
     load_timeout_ms: int = 100

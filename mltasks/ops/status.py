@@ -36,7 +36,7 @@ import redis
 
 from mltasks.config import Config, get_config
 from mltasks.errors import MLTasksError
-from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level, route
+from mltasks.fallback.ladder import LADDER, LEVEL_QUEUE, QUEUE_TIER, QUEUES, Level, route
 from mltasks.ops.status_models import _models, count_loadable_models
 from mltasks.ops.status_render import render, rows
 from mltasks.ops.status_snapshot import (
@@ -82,13 +82,13 @@ log = logging.getLogger(__name__)
 
 def best_reachable(live: Mapping[str, bool], gpu_present: bool | None) -> int:
     """The best level this deployment can serve at now (see the module's docstring)."""
-    if live.get("gpu") and gpu_present:
-        return Level.GPU_FP16
-    if live.get("gpu") or live.get("cpu"):
-        return Level.CPU
-    if live.get("rules"):
-        return Level.RULES
-    return Level.TRADITIONAL
+    tiers = {QUEUE_TIER[q] for q in QUEUES if live.get(q)}
+    if "gpu" in tiers and not gpu_present:
+        tiers.add("cpu")  # a GPU worker without a GPU runs the CPU tier's models
+    return next(
+        (r.level for r in LADDER if r.tier in tiers and (r.tier != "gpu" or gpu_present)),
+        Level.TRADITIONAL,
+    )
 
 
 def assess(status: Status, config: Config) -> list[tuple[str, str]]:

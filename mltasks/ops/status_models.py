@@ -10,6 +10,7 @@ from typing import Any
 
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.fallback.ladder import MODEL_QUEUES
 from mltasks.ops.status_snapshot import ModelsInfo
 
 # The status module's logger, as before this part moved here: log filters know it.
@@ -104,7 +105,7 @@ def _models_count(
     expected: int,
     level: int,
 ) -> ModelsInfo:
-    model_queues = [q for q in ("gpu", "cpu") if live.get(q)]
+    model_queues = [q for q in MODEL_QUEUES if live.get(q)]
     if not model_queues:
         return ModelsInfo(None, expected, "no live model worker")
     reported = [

@@ -7,7 +7,16 @@ from datetime import datetime
 from typing import Any, Final
 
 from mltasks.contract import ARCHETYPES
-from mltasks.fallback.ladder import LEVEL_QUEUE
+from mltasks.fallback.ladder import (
+    LEVEL_QUEUE,
+    QUEUE_LEVELS,
+    QUEUE_TIER,
+    QUEUES,
+    TIER_NAMES,
+    WORST,
+    rung,
+    spell_levels,
+)
 from mltasks.ops.status_snapshot import Status
 
 
@@ -168,11 +177,12 @@ def rows(status: Status) -> list[tuple[str, str, str]]:
 
 
 # The tiers of the ladder: (row label, queue, levels) - what serves each level.
-TIERS: Final[tuple[tuple[str, str, tuple[int, ...]], ...]] = (
-    ("levels 1-2 GPU", "gpu", (1, 2)),
-    ("level 3 CPU", "cpu", (3,)),
-    ("level 4 rules", "rules", (4,)),
+TIERS: Final[tuple[tuple[str, str, tuple[int, ...]], ...]] = tuple(
+    (f"{spell_levels(QUEUE_LEVELS[q])} {TIER_NAMES[QUEUE_TIER[q]]}", q, QUEUE_LEVELS[q])
+    for q in QUEUES
 )
+# The row of the level no queue serves: ``level 5 255``.
+BRIDGE_TIER: Final = f"{spell_levels((WORST,))} {TIER_NAMES[rung(WORST).tier]}"
 
 
 def serving_rows(status: Status) -> list[tuple[str, str, str]]:
@@ -201,14 +211,15 @@ def serving_rows(status: Status) -> list[tuple[str, str, str]]:
             if shared:
                 same = "the same process" if len(w.processes) == 1 else "the same processes"
                 also = f" ({same} as {' and '.join(shared)})"
-            if queue == "gpu" and gpu is not None and gpu.present is False:
+            on_gpu = QUEUE_TIER[queue] == "gpu"
+            if on_gpu and gpu is not None and gpu.present is False:
                 ok = False
-                value = f"nothing: {who} on queue gpu{also}, but no GPU"
+                value = f"nothing: {who} on queue {queue}{also}, but no GPU"
                 if gpu.status not in ("", "no GPU"):
                     value += f" ({gpu.status})"
             else:
                 value = f"{who} on queue {queue}{also}, heartbeat {_ms(w.heartbeat_age_ms)} ago"
-                if queue == "gpu" and (gpu is None or gpu.present is None):
+                if on_gpu and (gpu is None or gpu.present is None):
                     value += "; GPU unknown (no probe report)"
         if w is not None and w.not_serving:
             whys = sorted(set(w.not_serving.values()))
@@ -216,7 +227,7 @@ def serving_rows(status: Status) -> list[tuple[str, str, str]]:
             ok = ok and len(w.not_serving) < (w.count or len(w.processes) or 1)
         needed = current == queue
         out.append((label, value, ("ok" if ok else "fail") if needed else "-"))
-    out.append(("level 5 255", "the bridge itself (the game's traditional AI)", "-"))
+    out.append((BRIDGE_TIER, "the bridge itself (the game's traditional AI)", "-"))
     return out
 
 

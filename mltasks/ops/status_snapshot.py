@@ -8,18 +8,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from mltasks.fallback.ladder import LADDER
+
 HEALTHY: Final = 0
 DEGRADED: Final = 1
 UNREACHABLE: Final = 2
 
-# How `mltasks status` names each level (shorter than the ladder's modes).
-LEVEL_NAMES: Final[dict[int, str]] = {
-    1: "GPU FP16",
-    2: "GPU INT8",
-    3: "CPU",
-    4: "rules",
-    5: "traditional AI (255)",
-}
+# How `mltasks status` names each level: the ladder's labels (shorter than its modes).
+LEVEL_NAMES: Final[dict[int, str]] = {r.level: r.label for r in LADDER}
 # --- what a snapshot holds ----------------------------------------------------------------
 
 

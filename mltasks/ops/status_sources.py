@@ -21,7 +21,7 @@ from mltasks import keys
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import MLTasksError
-from mltasks.fallback.ladder import QUEUES
+from mltasks.fallback.ladder import LEVEL_QUEUE, QUEUES, Level
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.registry import WorkerRegistry
 from mltasks.ops.status_snapshot import GpuInfo, LatencyInfo, QueueInfo
@@ -188,7 +188,7 @@ def _read_postgres(
 
 def _gpu(health: Mapping[str, Mapping[str, Any]]) -> GpuInfo:
     """VRAM and presence from the gpu queue's probe report (else any report)."""
-    doc = health.get("gpu") or next(iter(health.values()), None)
+    doc = health.get(LEVEL_QUEUE[Level.GPU_FP16]) or next(iter(health.values()), None)
     if doc is None:
         return GpuInfo(None, "no probe report")
 

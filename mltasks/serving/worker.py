@@ -24,7 +24,7 @@ from celery.worker.consumer import Consumer
 
 from mltasks import metrics
 from mltasks.config import Config, get_config
-from mltasks.fallback.ladder import QUEUE_LEVELS, RUNGS, Level
+from mltasks.fallback.ladder import JOBS_QUEUE, QUEUE_LEVELS, RUNGS, Level
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
 from mltasks.fallback.registry import WorkerRegistry, worker_member
@@ -327,7 +327,7 @@ class MonitorStep(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        queues = sorted(worker.app.amqp.queues.consume_from or ["cpu"])
+        queues = sorted(worker.app.amqp.queues.consume_from or [JOBS_QUEUE])
         os.environ[QUEUES_ENV] = ",".join(queues)
         self.queues = queues
         self.monitor: Monitor | None = None
