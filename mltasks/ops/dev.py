@@ -55,6 +55,7 @@ from mltasks.ops.devsetup import (
 )
 from mltasks.ops.embedded import child_env
 from mltasks.ops.processes import ProcessError, exited, spawn, stop_processes, wait_until
+from mltasks.redisurl import cache_client
 
 # What other modules and the tests import from here.
 __all__ = ["STATE_FILE", "DevOptions", "DevState", "read_state", "run_dev", "stop_all"]
@@ -125,9 +126,7 @@ def wait_ready(
 ) -> float:
     """Seconds until every worker queue has a heartbeat; MLTasksError if a child exits first."""
     t0 = time.monotonic()
-    client = redis.Redis.from_url(
-        cfg.redis.db_url(cfg.redis.cache_db), socket_timeout=1, socket_connect_timeout=1
-    )
+    client = cache_client(cfg, 1.0)
 
     def beating() -> bool:
         _check_children(procs)

@@ -136,8 +136,7 @@ def _redis_where(cfg: Config) -> str:
 
 
 def _check_redis(cfg: Config) -> None:
-    url = cfg.redis.db_url(cfg.redis.broker_db)
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = cfg.redis.client(cfg.redis.broker_db, socket_connect_timeout=2)
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -41,6 +41,7 @@ from mltasks.ops.processes import (
     log_tail,
     terminate_pid,
 )
+from mltasks.redisurl import client_from_url
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def postgres_answers(conninfo: str, timeout_s: float = 1.0) -> bool:
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     """A Redis server answers a PING at ``url`` (an AUTH error still counts as answering)."""
-    client = redis.Redis.from_url(
+    client = client_from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
     )
     try:

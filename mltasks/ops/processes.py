@@ -23,6 +23,7 @@ import psutil
 import redis
 
 from mltasks.errors import MLTasksError
+from mltasks.redisurl import client_from_url
 
 STOP_TIMEOUT_S: Final = 10.0
 T = TypeVar("T")
@@ -261,9 +262,10 @@ class RedisServer:
                 "--dir", str(self.workdir), *self.args]  # fmt: skip
 
     def client(self, db: int = 0, socket_timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(
-            host=self.host, port=self.port, db=db, socket_timeout=socket_timeout,
-            socket_connect_timeout=0.5, username=self.username, password=self.password,
+        """A client on this server itself (a replica or a sentinel too: not through them)."""
+        return client_from_url(
+            f"{self.url}/{db}", socket_timeout=socket_timeout, socket_connect_timeout=0.5,
+            username=self.username, password=self.password,
         )  # fmt: skip
 
     def answers(self, client: redis.Redis) -> bool:
