@@ -39,7 +39,8 @@ from mltasks.models import served
 from mltasks.models.engine import Engine, get_engine, reset_engine
 from mltasks.models.fusion import rule_of
 from mltasks.serving.answers import valid_request_id, write_answers
-from mltasks.serving.inference import Outcome, Predictors, answer_batch
+from mltasks.serving.inference import Outcome, answer_batch
+from mltasks.serving.plan import Predictors
 from mltasks.serving.records import Answer, Row, as_row, traditional
 from mltasks.serving.worker import worker_queues
 from mltasks.sql import query
