@@ -32,7 +32,6 @@ from mltasks.bench.bulk import (
 from mltasks.bench.bulkrun import find_sustained
 from mltasks.bench.database import drop_database, recreate_database, run_stats
 from mltasks.bench.floor import FLOOR_ACTION, Floor
-from mltasks.bench.gateway import GatewaySpec, run_gateway, stof, stoi
 from mltasks.bench.procs import wait_until_answering
 from mltasks.bench.report import machine, summarize
 from mltasks.bench.responders import Responder
@@ -43,6 +42,7 @@ from mltasks.bench.service import (
     write_checked_config,
 )
 from mltasks.config import load_config
+from mltasks.game import GatewaySpec, run_gateway, stof, stoi
 from tests import conftest
 from tests.skips import need_module
 

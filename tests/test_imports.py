@@ -1,4 +1,5 @@
-"""Imports without side effects, and no import cycle (issue 28, step 1).
+"""Imports without side effects, no import cycle (issue 28, step 1), and the benchmark
+beside the product, not on its path (step 5).
 
 The import graph is read from the source (every ``import``, those inside functions too;
 only the ones under ``if TYPE_CHECKING:`` are left out, since they never run), so a cycle
@@ -112,6 +113,43 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> Non
     )
     (pkg / "d.py").write_text("from mltasks.c import TYPE_CHECKING\n")
     assert cycles(import_graph(tmp_path, ["mltasks"])) == [["mltasks.a", "mltasks.b"]]
+
+
+# The one module outside the benchmark allowed to import it: `mltasks bench`'s parser hook.
+BENCH_HOOKS = {"mltasks.cli"}
+
+
+def bench_importers(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{module outside mltasks.bench: the benchmark modules it imports}, hooks left out."""
+
+    def in_bench(name: str) -> bool:
+        return name == "mltasks.bench" or name.startswith("mltasks.bench.")
+
+    return {
+        name: sorted(t for t in targets if in_bench(t))
+        for name, targets in sorted(graph.items())
+        if not in_bench(name) and name not in BENCH_HOOKS and any(in_bench(t) for t in targets)
+    }
+
+
+def test_nothing_outside_the_benchmark_imports_it() -> None:
+    """dev, the bridge, the workers and beat run without mltasks/bench/: the emulated game
+    they share with it is mltasks.game."""
+    assert bench_importers(import_graph(REPO)) == {}
+
+
+def test_a_function_level_import_of_the_benchmark_is_found(tmp_path: Path) -> None:
+    pkg = tmp_path / "mltasks"
+    (pkg / "bench").mkdir(parents=True)
+    for init in (pkg / "__init__.py", pkg / "bench" / "__init__.py"):
+        init.write_text("")
+    (pkg / "bench" / "gateway.py").write_text("from mltasks import game\n")
+    (pkg / "game.py").write_text("")
+    (pkg / "cli.py").write_text("def hook():\n    from mltasks.bench import gateway\n")
+    (pkg / "dev.py").write_text("def load():\n    from mltasks.bench.gateway import run\n")
+    assert bench_importers(import_graph(tmp_path, ["mltasks"])) == {
+        "mltasks.dev": ["mltasks.bench.gateway"]
+    }
 
 
 def run_python(code: str) -> str:

@@ -36,11 +36,11 @@ import psycopg
 
 from mltasks.bench import BenchError
 from mltasks.bench.database import drop_database, recreate_database
-from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql, stof, stoi
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
 from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
+from mltasks.game import connect_as_game, insert_sql, state_sql, stof, stoi
 from mltasks.ops.processes import RedisServer
 
 FAULTS = ("redis", "bridge", "cpu", "rules", "stop")

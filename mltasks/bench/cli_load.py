@@ -32,7 +32,6 @@ from mltasks.bench.database import (
     run_stats,
     server_version,
 )
-from mltasks.bench.gateway import DEFAULT_POLL_MS, GatewaySpec, run_gateway
 from mltasks.bench.report import (
     CpuMeter,
     OthersMeter,
@@ -53,6 +52,7 @@ from mltasks.bench.responders import (
 )
 from mltasks.bench.service import Pool, ServiceSettings
 from mltasks.errors import MLTasksError
+from mltasks.game import DEFAULT_POLL_MS, GatewaySpec, run_gateway
 
 
 def _settings(

@@ -19,8 +19,8 @@ import psutil
 
 from mltasks.bench import BenchError
 from mltasks.bench.cpucost import app_name
-from mltasks.bench.gateway import connect_as_game, insert_sql, state_sql
 from mltasks.bench.queries import bench_query
+from mltasks.game import connect_as_game, insert_sql, state_sql
 from mltasks.ops.processes import log_tail, spawn, stop_process
 
 STOP_TIMEOUT_S = 15.0

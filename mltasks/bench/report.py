@@ -22,8 +22,8 @@ import psutil
 
 from mltasks.bench.bulk import cdf_points
 from mltasks.bench.cpucost import cpu_lines
-from mltasks.bench.gateway import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
 from mltasks.contract import TRADITIONAL_AI
+from mltasks.game import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:

@@ -37,11 +37,11 @@ from mltasks import keys
 from mltasks.bench import BenchError
 from mltasks.bench.bulkrun import ours_markers_for
 from mltasks.bench.database import recreate_database, reset_tables, run_stats
-from mltasks.bench.gateway import GatewaySpec, run_gateway
 from mltasks.bench.procs import wait_until_answering
 from mltasks.bench.report import OthersMeter, summarize
 from mltasks.bench.service import Service, ServiceSettings, cache_redis
 from mltasks.errors import ModelError
+from mltasks.game import GatewaySpec, run_gateway
 from mltasks.models import versions
 from mltasks.state import DEFAULT_LAYOUT
 

@@ -24,7 +24,7 @@ class LoadFigures:
 
 
 class LoadRunner:
-    """The map servers' statements (mltasks.bench.gateway) in rounds of ``round_s``.
+    """The map servers' statements (mltasks.game) in rounds of ``round_s``.
 
     Short rounds make a stop take effect within one round plus the game's timeout, with
     no process to kill: the clients run as threads here.
@@ -45,7 +45,7 @@ class LoadRunner:
         return self
 
     def _run(self) -> None:
-        from mltasks.bench.gateway import GatewaySpec, run_gateway
+        from mltasks.game import GatewaySpec, run_gateway
 
         n = 0
         while not self._stop.is_set():
@@ -70,7 +70,7 @@ class LoadRunner:
     def _add(self, result: Any) -> None:
         import numpy as np
 
-        from mltasks.bench.gateway import ANSWERED
+        from mltasks.game import ANSWERED
 
         lat = np.asarray(result.latencies_ms, dtype=float)
         answered = [o == ANSWERED for o in result.outcomes]

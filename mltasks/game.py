@@ -1,4 +1,8 @@
-"""Emulated map servers: the C++ gateway's statements, one decision in flight per client.
+"""The game, emulated: map servers running the C++ gateway's statements, one decision in
+flight per client.
+
+Dev's ``--load``, the benchmarks and the tests drive the service with it, so it lives
+beside the product rather than inside the benchmark.
 
 Each client is what one map server thread does (shared/CONTRACT.md section 1): INSERT a
 request with the values formatted into the SQL text, poll for the answer every 2 ms until
@@ -30,9 +34,8 @@ import psycopg
 from psycopg.types.numeric import Int4
 from psycopg.types.string import TextLoader
 
-from mltasks.bench import BenchError
-from mltasks.bench.queries import bench_query
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
+from mltasks.errors import MLTasksError
 
 # What one decision ended as.
 ANSWERED = 0  # an answer was seen before the timeout
@@ -45,7 +48,7 @@ MAX_ERROR_MESSAGES = 20
 SETUP_TIMEOUT_S = 120.0
 
 
-class GatewayError(BenchError):
+class GatewayError(MLTasksError):
     """A client process failed to set up or to report."""
 
 
@@ -134,14 +137,20 @@ def insert_sql(
     ).encode()
 
 
+# The game's poll and give-up (CONTRACT.md section 1), spelled once: the C++ formats the id
+# in (``literal_sql``); bound instead, they can be prepared, so the Python client costs less.
+_POLL = "SELECT action_id, confidence FROM ai_responses WHERE request_id = {} LIMIT 1"
+_GIVE_UP = "UPDATE ai_requests SET status = 'timeout' WHERE request_id = {}"
+POLL_PREPARED = _POLL.format("%(request_id)s")
+GIVE_UP_PREPARED = _GIVE_UP.format("%(request_id)s")
+
+
 def _poll_literal(request_id: int) -> bytes:
-    return (
-        f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {request_id} LIMIT 1"
-    ).encode()
+    return _POLL.format(int(request_id)).encode()
 
 
 def _timeout_literal(request_id: int) -> bytes:
-    return f"UPDATE ai_requests SET status = 'timeout' WHERE request_id = {request_id}".encode()
+    return _GIVE_UP.format(int(request_id)).encode()
 
 
 # -- std::stoi / std::stof --------------------------------------------------------------
@@ -151,6 +160,7 @@ _STOF = re.compile(
     r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)", re.IGNORECASE
 )
 _FLT_MAX = 3.4028234663852886e38
+_FLT_MIN = 1.1754943508222875e-38  # below it (but not 0) strtof sets ERANGE too
 
 
 def stoi(text: str | None) -> int:
@@ -165,12 +175,14 @@ def stoi(text: str | None) -> int:
 
 
 def stof(text: str | None) -> float:
-    """``std::stof`` on a libpq value: prefix parse; no number or overflow throws."""
+    """``std::stof`` on a libpq value: prefix parse; no number, overflow or underflow throws."""
     m = _STOF.match(text or "")
     if m is None:
         raise ValueError(f"std::stof: invalid_argument {text!r}")
     value = float(m.group())
     if abs(value) > _FLT_MAX and "inf" not in m.group().lower():
+        raise ValueError(f"std::stof: out_of_range {text!r}")
+    if value != 0.0 and abs(value) < _FLT_MIN:
         raise ValueError(f"std::stof: out_of_range {text!r}")
     return value
 
@@ -266,7 +278,7 @@ def _decision(
         if spec.literal_sql:
             cur.execute(_poll_literal(request_id), prepare=False)
         else:
-            cur.execute(bench_query("poll_response"), by_id, prepare=True)
+            cur.execute(POLL_PREPARED, by_id, prepare=True)
         answer = cur.fetchone()
         if answer is not None:
             break
@@ -279,7 +291,7 @@ def _decision(
             if spec.literal_sql:
                 cur.execute(_timeout_literal(request_id), prepare=False)
             else:
-                cur.execute(bench_query("mark_timeout"), by_id, prepare=True)
+                cur.execute(GIVE_UP_PREPARED, by_id, prepare=True)
         finally:
             out.latencies_ms.append(latency_ms)
             out.outcomes.append(TIMEOUT)
