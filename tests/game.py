@@ -1,39 +1,22 @@
 """The map server's side, as the C++ gateway does it (shared/CONTRACT.md section 1).
 
 Statements are built as text exactly like the C++ formats them, and results are read
-as the text libpq returns, parsed the way std::stoi / std::stof would.
+as the text libpq returns, parsed the way std::stoi / std::stof would (mltasks.game's, the
+emulator the benchmarks and dev's load run). Here one decision at a time, with the hostile
+rows (NULL states, any priority) the tests need.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 
-_INT = re.compile(r"^\s*[+-]?\d+")
-_FLOAT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|^\s*[+-]?(inf|nan)", re.I)
-
-
-def stoi(text: str) -> int:
-    """std::stoi: leading integer or throw (the map server would crash)."""
-    m = _INT.match(text)
-    if not m:
-        raise ValueError(f"stoi would throw on {text!r}")
-    return int(m.group(0))
-
-
-def stof(text: str) -> float:
-    """std::stof: leading float or throw; out of float range also throws."""
-    m = _FLOAT.match(text)
-    if not m:
-        raise ValueError(f"stof would throw on {text!r}")
-    v = float(m.group(0))
-    if v != 0.0 and abs(v) < 1.1754943508222875e-38:
-        raise ValueError(f"stof would throw out_of_range on {text!r}")
-    return v
+# The emulator's parsers: the tests read answers back as the C++ does, in one place.
+from mltasks.game import stof as stof
+from mltasks.game import stoi as stoi
 
 
 def state_sql(state: Sequence[float] | None) -> str:

@@ -33,19 +33,21 @@ from mltasks.cache.codec import (
 from mltasks.cache.stats import hit_rates, read_stats
 from mltasks.config import Config
 from mltasks.contract import STATE_DIM
+from mltasks.game import stof, stoi
 from tests.conftest import wait_for
 from tests.servers import RedisServer
 from tests.skips import need
-
-# What std::stoi / std::stof accept at the start of a string (they ignore what follows).
-STOI = re.compile(r"\s*[+-]?\d+")
-STOF = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def game_parses(value: str) -> bool:
     """What the gateway does with a cached value: split at ':', stoi, stof."""
     action, sep, conf = value.partition(":")
-    return bool(sep and STOI.match(action) and STOF.match(conf))
+    try:
+        stoi(action)
+        stof(conf)
+    except ValueError:
+        return False
+    return bool(sep)
 
 
 def vec(*head: float, fill: float = 0.0) -> np.ndarray:
