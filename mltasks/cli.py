@@ -126,7 +126,7 @@ def _models_agreement(args: argparse.Namespace) -> int:
 
 def _bridge(args: argparse.Namespace) -> int:
     # `python -m bridge` takes this process's place, as Celery does for worker and beat: the
-    # core never imports the processes built on it (tests/test_layout.py).
+    # core never imports the processes built on it (tests/unit/test_layout.py).
     return _become([sys.executable, "-m", "bridge"])
 
 

@@ -13,7 +13,7 @@ from typing import Final
 PREFIX: Final = "mltasks:"
 
 # The eviction policy of the Redis instance the broker and the cache share (docs/redis.md,
-# docs/deploy.md, docker-compose.yml say the same; tests/test_docs.py checks it): only keys
+# docs/deploy.md, docker-compose.yml say the same; tests/unit/test_docs.py checks it): only keys
 # with a TTL are evicted. Every cache key has one; Celery's queues and unacked batches none.
 MAXMEMORY_POLICY: Final = "volatile-lru"
 

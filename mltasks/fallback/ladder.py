@@ -16,7 +16,7 @@ argmax agrees with the master's on 99% of held-out states, else the master itsel
 
 Pure data, no imports of the service: the Celery app, the bridge, the workers, the
 configuration, beat, the metrics and the status command all read it without pulling in each
-other. Nothing else spells a level's queue, tier, precision or label (tests/test_ladder.py).
+other. Nothing else spells a level's queue, tier, precision or label (tests/unit/test_ladder.py).
 """
 
 from __future__ import annotations

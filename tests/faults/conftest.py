@@ -1,6 +1,6 @@
 """Fixtures of the fault suite: a private redis-server per test and the service's
 processes on it, always stopped at teardown (the helpers live in tests/faults/support.py,
-which tests/test_redis_outage.py shares)."""
+which tests/flow/test_redis_outage.py shares)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from tests.faults.support import Service, Settings, redis_server
 
-__all__ = ["redis_server"]  # a fixture shared with tests/test_redis_outage.py
+__all__ = ["redis_server"]  # a fixture shared with tests/flow/test_redis_outage.py
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ def test_operator_commands_answer_the_game(
 def test_metrics_move_with_real_traffic(
     pg: psycopg.Connection[Any], service: list[subprocess.Popen[bytes]], ports: dict[str, int]
 ) -> None:
-    from tests.test_metrics import scrape, value
+    from tests.flow.test_metrics import scrape, value
 
     def model_answers() -> bool:
         _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)

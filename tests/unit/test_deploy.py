@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 # Where the checkout is in the image (deploy/Dockerfile) and on a systemd host (docs/deploy.md).

@@ -8,7 +8,7 @@ the shipped canary limits. First a window without a deploy; then, in the same ru
 outputs are NaN on low HP, and of a junk file, and a window after them. The share of answers
 255 through the deploys is compared with the window without.
 
-Figures: ``python -m pytest tests/test_reload.py -s`` prints both shares with their reasons,
+Figures: ``python -m pytest tests/flow/test_reload.py -s`` prints both shares with their reasons,
 the promotion time and the per-second timeline (docs/PERFORMANCE.md, "Hot reload under load").
 """
 
@@ -33,7 +33,7 @@ from mltasks.models import versions
 from mltasks.models.demo import write_corrupt_model
 from tests.conftest import wait_for
 from tests.decode import as_text
-from tests.test_versions import MODEL, GameLoad, cli, good_version, nan_version, served_by
+from tests.flow.test_versions import MODEL, GameLoad, cli, good_version, nan_version, served_by
 from tests.world import World
 
 pytestmark = pytest.mark.slow

@@ -534,7 +534,7 @@ def test_docs_state_table_matches_the_layouts() -> None:
     """docs/state.md's slot table is what mltasks/state.py says, row for row."""
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "state.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "state.md").read_text()
     rows = re.findall(r"^\| `(\w+)` \| (\d+|-) \| (\d+|-) \|$", text, re.M)
     documented = {name: (enc, seed) for name, enc, seed in rows}
     expected = {

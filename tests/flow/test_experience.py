@@ -424,7 +424,7 @@ def test_the_benchmark_runs_the_recorder_only_when_set(tmp_path: Path) -> None:
 def test_a_bad_config_is_one_line_from_the_experience_commands(
     tmp_path: Path, argv: list[str]
 ) -> None:
-    """As tests/test_entry_points.py checks the others (kept apart: that test starts every
+    """As tests/flow/test_entry_points.py checks the others (kept apart: that test starts every
     entry point at once, and two more tip it over its timeout on a loaded host)."""
     import os
     import subprocess

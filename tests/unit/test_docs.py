@@ -24,7 +24,7 @@ from mltasks.metrics import METRIC_NAMES
 from mltasks.ops.status import best_reachable
 from mltasks.ops.status_models import expected_models
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 README = REPO / "README.md"
 
@@ -88,12 +88,15 @@ def test_every_doc_sets_the_same_eviction_policy() -> None:
 
 def _test_dbs() -> set[int]:
     """The Redis db numbers the test code uses."""
-    from tests import test_status, world
+    from tests import world
+    from tests.flow import test_status
 
     cfg = yaml.safe_load(text(REPO / "tests" / "config" / "test.yaml"))
     dbs = {cfg["redis"]["broker_db"], cfg["redis"]["cache_db"]}
     dbs |= {world.BROKER_DB, world.CACHE_DB, test_status.STATUS_DB}
-    for path in (REPO / "tests").glob("*.py"):
+    # The suites on the session's servers (faults/ and scale/ start servers of their own).
+    suites = (REPO / "tests", REPO / "tests" / "unit", REPO / "tests" / "flow")
+    for path in (p for suite in suites for p in suite.glob("*.py")):
         for m in re.finditer(r"(?:broker_db|cache_db): (\d+)", text(path)):
             dbs.add(int(m[1]))
     return dbs

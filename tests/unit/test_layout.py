@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("mltasks", "bridge", "beat")
 MAX_LINES = 500
 EXCUSE = "one module because"

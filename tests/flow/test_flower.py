@@ -23,7 +23,7 @@ from mltasks.errors import ConfigError
 from mltasks.ops.flowerconfig import PASSWORD_ENV, PORT_ENV, USER_ENV, flower_options
 from mltasks.ops.processes import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "mltasks" / "ops" / "flowerconfig.py"
 USER = "operator"
 PASSWORD = "correct-horse-battery"

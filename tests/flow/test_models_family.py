@@ -31,8 +31,6 @@ from mltasks.models.loaded import TypeOutput
 from mltasks.serving.inference import answer_batch
 from mltasks.state import ENCODER
 
-TESTS = Path(__file__).resolve().parent
-
 
 def make_config(tmp_path: Path, text: str = "") -> Config:
     path = tmp_path / "c.yaml"

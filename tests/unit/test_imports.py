@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("mltasks", "bridge", "beat")
 
 

@@ -28,7 +28,7 @@ from mltasks.serving.inference import Answer
 from tests.conftest import wait_for
 from tests.skips import need
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

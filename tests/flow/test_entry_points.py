@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 CELERY = [PY, "-m", "celery", "-A", "mltasks"]
 MLTASKS = [PY, "-m", "mltasks.cli"]

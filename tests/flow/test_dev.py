@@ -37,7 +37,7 @@ from tests.conftest import wait_for
 from tests.servers import start_test_services
 from tests.skips import need
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLOSED_PG = "postgresql://ml_user@127.0.0.1:1/ragnarok_ml"
 CLOSED_REDIS = "redis://127.0.0.1:1"
 # 10% HP with an enemy adjacent: the demo models and the rules answer FLEE.

@@ -1,0 +1,1 @@
+"""Flow tests: the service's parts on real PostgreSQL, Redis and Celery workers."""
