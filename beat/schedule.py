@@ -2,7 +2,7 @@
 
 Jobs go to the CPU tier's queue (`mltasks.fallback.ladder.JOBS_QUEUE`). Each takes a Redis
 lock, so two beats started by mistake never run a job twice at once. Health probes are not
-here: every worker probes its own host (mltasks/serving/worker.py), since VRAM can only be
+here: every worker probes its own host (mltasks/serving/monitor.py), since VRAM can only be
 read where the GPU is.
 
 The app names ``Scheduler`` in its ``beat_scheduler`` setting (a string, as Celery names its

@@ -12,16 +12,17 @@ from __future__ import annotations
 from celery import Celery
 
 SETTINGS_MODULE = "mltasks.broker.celery_settings"
-TASKS_MODULE = "mltasks.serving.tasks"
+# The modules whose shared tasks and signal handlers a worker takes.
+TASK_MODULES = ("mltasks.serving.batch", "mltasks.serving.jobs", "mltasks.serving.process")
 
 
 def create_app() -> Celery:
     """The app, its worker bootsteps and Flower's guard (call it once: `app` below)."""
-    from mltasks.models.canary import ModelsStep
+    from mltasks.models.shadow import ModelsStep
     from mltasks.ops.flowerguard import install as guard_flower
-    from mltasks.serving.worker import ConsumingStep, MonitorStep
+    from mltasks.serving.bootsteps import ConsumingStep, MonitorStep
 
-    made = Celery("mltasks", include=[TASKS_MODULE])
+    made = Celery("mltasks", include=list(TASK_MODULES))
     made.config_from_object(SETTINGS_MODULE)
     made.steps["worker"].add(MonitorStep)
     made.steps["worker"].add(ModelsStep)

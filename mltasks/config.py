@@ -424,7 +424,7 @@ class MonitoringConfig:
 
 @dataclass(frozen=True, slots=True)
 class CanaryConfig:
-    """The shadow canary of a deployed model version (mltasks/models/canary.py)."""
+    """The shadow canary of a deployed model version (mltasks/models/shadow.py)."""
 
     # Share of an archetype's batches on which the candidate runs beside the active version.
     share: float = 1.0

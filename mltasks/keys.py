@@ -90,7 +90,7 @@ SERVED: Final = PREFIX + "models:served"
 # {<host>:<pid>: JSON {at, problem}}, refreshed while the problem lasts, for `mltasks status`.
 PROBLEMS: Final = PREFIX + "problems:{queue}"
 
-# A deployed candidate's shadow totals, shared by every worker (mltasks/models/canary.py): a
+# A deployed candidate's shadow totals, shared by every worker (mltasks/models/shadow.py): a
 # hash {rows, batches, errors, non_finite, agree, candidate_s, active_s}, 7 days.
 # Key: DEPLOY_CANARY + "<archetype>/<type>@<version>".
 DEPLOY_CANARY: Final = PREFIX + "deploy:canary:"

@@ -69,7 +69,7 @@ def settings_for(cfg: Config) -> dict[str, Any]:
         # Batches are short: one in flight per process keeps a slow one from holding others.
         "worker_prefetch_multiplier": cfg.worker.prefetch_multiplier,
         # Back on the broker within ~1 s of its return, not kombu's 2 s doubling to 30 s.
-        "worker_consumer": "mltasks.serving.worker:QuickReconnectConsumer",
+        "worker_consumer": "mltasks.serving.bootsteps:QuickReconnectConsumer",
         "worker_concurrency": cfg.worker.concurrency,
         "task_default_queue": LEVEL_QUEUE[Level.CPU],
         "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),

@@ -195,6 +195,6 @@ class LevelStore:
         pipe.execute()
 
     def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
-        """The worker registry's `publish_models`, for `mltasks.serving.tasks.preload`'s
+        """The worker registry's `publish_models`, for `mltasks.serving.process.preload`'s
         call (issue 28, step 4 moves it onto the registry with the rest of tasks.py)."""
         WorkerRegistry(self.redis).publish_models(queue, count, member)

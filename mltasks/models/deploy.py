@@ -42,7 +42,7 @@ def _redis() -> Any:
 
 def _told(model: str, version: str, action: str) -> int:
     from mltasks.celery import app
-    from mltasks.models.canary import broadcast
+    from mltasks.models.shadow import broadcast
 
     return len(broadcast(model, version, action, reply=True, app=app))
 

@@ -65,7 +65,7 @@ class Engine:
         self.weights = config.models.fusion.for_level(level)
         self.models: dict[tuple[str, str], LoadedModel] = {}
         self.skipped: dict[str, str] = {}
-        # Canary candidates loaded beside the active versions (mltasks.models.canary).
+        # Canary candidates loaded beside the active versions (mltasks.models.shadow).
         self.candidates: dict[tuple[str, str], LoadedModel] = {}
 
     def load(self) -> Engine:
@@ -118,7 +118,7 @@ class Engine:
 
     def shadows(self, archetype: str) -> dict[str, LoadedModel]:
         """Candidates in canary for an archetype's fusion members, by type
-        (`mltasks.models.canary`): they run beside the active version, never answer."""
+        (`mltasks.models.shadow`): they run beside the active version, never answer."""
         if not self.candidates or random.random() >= self.config.canary.share:
             return {}
         return {t: c for (a, t), c in self.candidates.items() if a == archetype}

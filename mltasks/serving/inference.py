@@ -69,7 +69,7 @@ class Outcome:
     fused: dict[str, int] = field(default_factory=dict)
     """Answers by how many types had a say: ``single`` or ``fused``."""
     shadow: list[Any] = field(default_factory=list)
-    """Canary candidates to run after the answers are written (`mltasks.models.canary`)."""
+    """Canary candidates to run after the answers are written (`mltasks.models.shadow`)."""
 
 
 def answer_rows(rows: Sequence[Sequence[Any]], engine: Predictors) -> list[Answer]:

@@ -5,7 +5,7 @@ the part of it that travels to a worker in the ``infer_batch`` message. Both are
 ``NamedTuple``: a ``Row`` still serialises as a msgpack array of five values, so the
 message is byte for byte what it was with plain lists, and index access keeps working.
 A worker receives plain lists from msgpack and makes them ``Row`` at the boundary
-(`as_row`), where the ids of a hostile message are checked (mltasks.serving.tasks).
+(`as_row`), where the ids of a hostile message are checked (mltasks.serving.batch).
 
 ``Answer`` is what goes into ``ai_responses`` (sql/queries.sql ``answer_batch``): its
 ``status`` closes the request in ``ai_requests`` and its ``source`` is the column's

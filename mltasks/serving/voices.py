@@ -100,7 +100,7 @@ def _run_member(
         group.failed[need] = True
         return None
     if shadow is not None:  # the candidate runs on these rows after the answers
-        from mltasks.models.canary import ShadowJob
+        from mltasks.models.shadow import ShadowJob
 
         candidate, jobs = shadow
         jobs.append(

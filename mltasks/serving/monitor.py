@@ -1,4 +1,4 @@
-"""What runs beside the tasks in a worker: heartbeats per queue and health probes.
+"""The worker's monitor: heartbeats per queue, health probes, the database check.
 
 A bootstep starts one monitor thread in the worker's main process. It refreshes a
 heartbeat key per consumed queue (the bridge skips a tier whose key lapsed) and, every
@@ -19,12 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from celery import bootsteps
-from celery.worker.consumer import Consumer
-
 from mltasks import metrics
 from mltasks.config import Config, get_config
-from mltasks.fallback.ladder import JOBS_QUEUE, QUEUE_LEVELS, RUNGS, Level
+from mltasks.fallback.ladder import QUEUE_LEVELS, RUNGS, Level
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.probes import Readings, Thresholds, Verdict, assess, read_probes
 from mltasks.fallback.registry import WorkerRegistry, worker_member
@@ -32,7 +29,6 @@ from mltasks.models import served
 
 log = logging.getLogger(__name__)
 
-QUEUES_ENV = "MLTASKS_WORKER_QUEUES"
 # Fire drills and tests: probe readings come from this JSON file instead of the host.
 PROBE_FILE_ENV = "MLTASKS_PROBE_READINGS"
 
@@ -59,11 +55,6 @@ def host_probe(config: Config) -> Callable[[], Readings]:
         return file_probe(Path(drill))
     device = config.hardware.gpu_device_id
     return lambda: read_probes(device_id=device)
-
-
-def worker_queues() -> list[str]:
-    """The queues this worker consumes (children learn them from the environment)."""
-    return [q for q in os.environ.get(QUEUES_ENV, "").split(",") if q]
 
 
 def tier_health(verdict: Verdict, level: int) -> tuple[bool, str]:
@@ -319,90 +310,3 @@ class Monitor:
             self.thread.join(5)
         if isinstance(self.database, DatabaseCheck):
             self.database.close()
-
-
-class MonitorStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Starts the monitor with the worker, stops it on shutdown."""
-
-    requires = {"celery.worker.components:Pool"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        queues = sorted(worker.app.amqp.queues.consume_from or [JOBS_QUEUE])
-        os.environ[QUEUES_ENV] = ",".join(queues)
-        self.queues = queues
-        self.monitor: Monitor | None = None
-
-    def start(self, worker: Any) -> None:
-        cfg = get_config()
-
-        def connected() -> bool:
-            consumer = getattr(worker, "consumer", None)
-            conn = getattr(consumer, "connection", None)
-            consuming = getattr(consumer, CONSUMING_FLAG, False)
-            return bool(consuming and conn is not None and conn.connected)
-
-        self.monitor = Monitor(
-            cfg,
-            self.queues,
-            probe=host_probe(cfg),
-            connected=connected,
-            database=DatabaseCheck(),
-            check_models=True,
-        )
-        self.monitor.start()
-
-    def stop(self, worker: Any) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
-
-
-CONSUMING_FLAG = "mltasks_consuming"
-
-
-class ConsumingStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Marks the consumer as reading its queues: started after Celery's task consumer
-    (so after mingle, which holds a (re)connected worker back about a second), stopped
-    first when the connection is lost. The monitor beats only while it is set."""
-
-    requires = {"celery.worker.consumer.tasks:Tasks"}
-
-    def start(self, c: Any) -> None:
-        setattr(c, CONSUMING_FLAG, True)
-
-    def stop(self, c: Any) -> None:
-        setattr(c, CONSUMING_FLAG, False)
-
-    def shutdown(self, c: Any) -> None:
-        setattr(c, CONSUMING_FLAG, False)
-
-
-class QuickReconnectConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, retrying a lost broker every 0.2-1 s instead of 2 s doubling to 30 s,
-    and without "mingle".
-
-    While it is away the bridge answers with the rules; every second of reconnect delay
-    after the broker is back is a second of batches sent elsewhere. Mingle (asking the
-    other workers for their revoked tasks and clock at every (re)connection) holds the
-    consumer back about a second each time, for nothing this service uses: no task is ever
-    revoked. It stays off whatever the command line says.
-    """
-
-    def __init__(self, *args: Any, worker_options: Any = None, **kwargs: Any) -> None:
-        options = {**dict(worker_options or {}), "without_mingle": True}
-        super().__init__(*args, worker_options=options, **kwargs)
-
-    def ensure_connected(self, conn: Any) -> Any:
-        original = conn.ensure_connection
-
-        def quick(*args: Any, **kwargs: Any) -> Any:
-            kwargs.setdefault("interval_start", 0.2)
-            kwargs.setdefault("interval_step", 0.2)
-            kwargs.setdefault("interval_max", 1.0)
-            return original(*args, **kwargs)
-
-        conn.ensure_connection = quick
-        try:
-            return super().ensure_connected(conn)
-        finally:
-            conn.ensure_connection = original
