@@ -164,7 +164,7 @@ _counter = itertools.count()
 def config(base_config: Config, template_db: str) -> Iterator[Config]:
     """A fresh database copied from the template; the process config points at it."""
     from mltasks.models.engine import reset_engine
-    from mltasks.serving.tasks import close_pool
+    from mltasks.serving.process import close_pool
 
     name = f"mltasks_t_{SESSION}_{next(_counter)}"
     with _admin() as conn:
@@ -250,7 +250,7 @@ def session_worker(celery_app: Any, models_dir: Path) -> Iterator[Any]:
 
     from celery.contrib.testing.worker import start_worker
 
-    from mltasks.serving.worker import PROBE_FILE_ENV
+    from mltasks.serving.monitor import PROBE_FILE_ENV
 
     _purge(celery_app)
     # Healthy probe readings: this busy test host's own load must not move the level of

@@ -73,7 +73,7 @@ def test_an_oversized_state_is_answered_invalid_by_the_claim_and_never_leaves_po
 def test_one_malformed_row_never_costs_the_others_their_answer(
     config: Config, pg: psycopg.Connection[Any], models_dir: Path
 ) -> None:
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     a, b = game.insert(pg, STATE), game.insert(pg, STATE, archetype="mage")
     claim(pg, a, b)
@@ -97,7 +97,7 @@ def test_one_malformed_row_never_costs_the_others_their_answer(
 def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
     config: Config, pg: psycopg.Connection[Any], redis_cache: redis.Redis, models_dir: Path
 ) -> None:
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     pending = game.insert(pg, STATE)  # nobody claimed it
     other = game.insert(pg, STATE, archetype="mage")
@@ -128,7 +128,7 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
 def test_an_oversized_broker_message_is_dropped_whole(
     config: Config, pg: psycopg.Connection[Any], models_dir: Path
 ) -> None:
-    from mltasks.serving.tasks import MAX_BATCH_ROWS, infer_batch
+    from mltasks.serving.batch import MAX_BATCH_ROWS, infer_batch
 
     rid = game.insert(pg, STATE)
     claim(pg, rid)

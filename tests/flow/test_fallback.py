@@ -22,7 +22,7 @@ from mltasks.fallback.ladder import QUEUES, route
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.probes import Readings
 from mltasks.fallback.registry import WorkerRegistry
-from mltasks.serving.worker import Monitor
+from mltasks.serving.monitor import Monitor
 from tests import game
 from tests.conftest import wait_for
 from tests.game import TOKEN, claim
@@ -212,7 +212,7 @@ def test_rule_failures_take_the_service_to_level_5(
     config: Config, store: LevelStore, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mltasks.fallback import policy
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     def broken(states: np.ndarray, archetype: str) -> np.ndarray:
         raise RuntimeError("rule policy bug")
@@ -237,7 +237,7 @@ def test_out_of_memory_degrades_at_once(
     from mltasks.errors import ModelError
     from mltasks.models.engine import get_engine
     from mltasks.models.loaded import LoadedModel
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     get_engine(config, 3)  # loaded (and checked) before the allocator starts failing
 
@@ -257,7 +257,7 @@ def test_out_of_memory_degrades_at_once(
 def test_no_usable_model_at_all_means_level_5(
     config: Config, store: LevelStore, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
     from tests.conftest import use_config
 
     use_config(dataclasses.replace(config, models=dataclasses.replace(config.models, dir=tmp_path)))

@@ -244,7 +244,7 @@ def test_a_corrupt_model_is_skipped_and_its_archetype_gets_255(
 def test_redelivered_batch_writes_nothing_twice(
     config: Config, pg: psycopg.Connection[Any], worker: Any
 ) -> None:
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     rid = game.insert(pg, STATE)
     claim(pg, rid)
@@ -264,7 +264,7 @@ def test_a_row_past_the_bridges_rescue_point_is_not_inferred(
     it 255 at once instead of spending the batch's time on it."""
     import time
 
-    from mltasks.serving.tasks import infer_batch
+    from mltasks.serving.batch import infer_batch
 
     # A deadline of 2 s: the fresh row stays fresh however slow this host is.
     slow = use_config(

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from mltasks import keys, metrics
 from mltasks.config import CanaryConfig, Config, load_config
 from mltasks.errors import ConfigError, ModelError
-from mltasks.models import canary, versions
+from mltasks.models import shadow, versions
 from mltasks.models.demo import demo_models, write_corrupt_model, write_demo_models
 from mltasks.models.discovery import find
 from mltasks.models.engine import Engine
@@ -214,7 +214,7 @@ def test_canary_config_is_validated_in_one_line(tmp_path: Path) -> None:
 def test_canary_verdicts(
     stats: dict[str, float], age: float, decision: str | None, limit: str
 ) -> None:
-    got, why = canary.verdict(stats, CanaryConfig(), age)
+    got, why = shadow.verdict(stats, CanaryConfig(), age)
     assert got == decision
     assert why.startswith(limit)
 
@@ -245,14 +245,14 @@ def test_a_nan_candidate_is_rolled_back_with_a_log_line_and_a_metric(
 
     cfg = dataclasses.replace(config, models=dataclasses.replace(config.models, dir=models))
     engine = Engine(cfg, 3).load()
-    canary.reset()
-    canary.refresh(engine)
+    shadow.reset()
+    shadow.refresh(engine)
     bad = nan_version(tmp_path / "nan.onnx")
     version, stored = versions.store_file(models, "aggressive", "combat_dqn", bad, False)
     versions.deploy(models, "aggressive", "combat_dqn", stored, version)
-    canary.refresh(engine)  # starts the background load
-    wait_for(lambda: canary._swapper.ready, 10, "the candidate's load")
-    canary.refresh(engine)
+    shadow.refresh(engine)  # starts the background load
+    wait_for(lambda: shadow._swapper.ready, 10, "the candidate's load")
+    shadow.refresh(engine)
     assert engine.candidates[("aggressive", "combat_dqn")].version == version
     before = (
         metrics.get_metrics()
@@ -263,7 +263,7 @@ def test_a_nan_candidate_is_rolled_back_with_a_log_line_and_a_metric(
     states[:, 0] = 0.2  # HP 20%: the broken version's NaN
     out = answer_batch([[i, "aggressive", 9, s.tolist(), 9] for i, s in enumerate(states)], engine)
     assert out.shadow and all(a.action_id != 255 for a in out.answers)  # the active answered
-    canary.run_shadows(out.shadow, models, cfg.canary, redis_cache)
+    shadow.run_shadows(out.shadow, models, cfg.canary, redis_cache)
     p = versions.read_pointer(models, "aggressive", "combat_dqn")
     assert p is not None and p.candidate is not None and p.candidate["state"] == "rolled_back"
     assert p.last_rollback is not None and p.last_rollback["reason"].startswith("non_finite")
@@ -274,7 +274,7 @@ def test_a_nan_candidate_is_rolled_back_with_a_log_line_and_a_metric(
         ._value.get()
     )
     assert after == before + 1
-    canary.refresh(engine)
+    shadow.refresh(engine)
     assert ("aggressive", "combat_dqn") not in engine.candidates
 
 

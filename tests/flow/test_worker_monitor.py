@@ -16,7 +16,7 @@ from mltasks import keys
 from mltasks.config import Config
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.registry import WorkerRegistry
-from mltasks.serving.worker import DatabaseCheck, Monitor, database_problem
+from mltasks.serving.monitor import DatabaseCheck, Monitor, database_problem
 from tests.conftest import use_config
 
 
@@ -106,7 +106,7 @@ def test_own_processes_are_this_process_and_its_children() -> None:
     import subprocess
     import sys
 
-    from mltasks.serving.worker import _own_processes
+    from mltasks.serving.monitor import _own_processes
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
