@@ -6,7 +6,7 @@ full argument repr of every row), against about 0.3 ms for the LPUSH itself. The
 is still built by Celery (``amqp.as_task_v2``) and serialized by kombu, and its envelope
 is the one kombu's Redis transport writes for Celery's direct queues (anonymous exchange,
 routing key = queue, priority 0, body in base64), so any Celery worker consumes it
-unchanged; ``tests/test_publish.py`` compares it with what ``send_task`` writes.
+unchanged; ``tests/flow/test_publish.py`` compares it with what ``send_task`` writes.
 
 The push and an LLEN go in one pipeline: Redis hands a pushed message to a worker blocked
 in BRPOP before it runs the next command, so the LLEN counts the batches still waiting for

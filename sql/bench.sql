@@ -66,15 +66,6 @@ INSERT INTO ai_responses (request_id, action_id, confidence, source)
 SELECT request_id, action_id, confidence, %(source)s FROM answer
 ON CONFLICT (request_id) DO NOTHING;
 
--- poll_response --
--- The game's poll (CONTRACT.md section 1) with the id bound instead of formatted in, so
--- it can be prepared: the benchmark's Python client must cost as little as it can.
-SELECT action_id, confidence FROM ai_responses WHERE request_id = %(request_id)s LIMIT 1;
-
--- mark_timeout --
--- The game's give-up (CONTRACT.md section 1), id bound for the same reason.
-UPDATE ai_requests SET status = 'timeout' WHERE request_id = %(request_id)s;
-
 -- reset_tables --
 -- A fresh table for each run; ids start again at 1.
 TRUNCATE ai_responses, ai_requests RESTART IDENTITY;

@@ -141,7 +141,7 @@ WITH answer AS (
          AS a(request_id, action_id, confidence, source, model, reason, status)
 ), closed AS (
     -- The rows by key, each one's status looked up in the arrays: no join whose generic
-    -- plan, made on the empty table, could read the whole table per call (tests/test_plans.py).
+    -- plan, made on the empty table, could read the whole table per call (tests/flow/test_plans.py).
     UPDATE ai_requests AS r
     SET status = CASE WHEN r.status IN ('processing', 'pending')
                       THEN (%(statuses)b::text[])[

@@ -22,6 +22,7 @@ from mltasks.serving.inference import (
     softmax_choice,
 )
 from mltasks.serving.validation import validate
+from tests.conftest import TESTS
 
 GOOD = [0.5] * 64
 
@@ -157,7 +158,7 @@ def test_archetype_never_reaches_a_path_unchecked() -> None:
 def cfg(tmp_path: Path, models_dir: Path) -> Config:
     """A private copy of the session's demo models, free to break; every type loaded."""
     shutil.copytree(models_dir, tmp_path / "models")
-    base = load_config(environ={"MLTASKS_CONFIG": str(Path(__file__).parent / "config/test.yaml")})
+    base = load_config(environ={"MLTASKS_CONFIG": str(TESTS / "config" / "test.yaml")})
     return dataclasses.replace(
         base, models=dataclasses.replace(base.models, dir=tmp_path / "models", preload="all")
     )
