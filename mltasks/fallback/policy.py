@@ -57,7 +57,8 @@ import numpy as np
 import numpy.typing as npt
 
 from mltasks.contract import ARCHETYPES, N_ACTIONS, Action
-from mltasks.state import DEFAULT_LAYOUT, NO_TARGET, Features, get_layout
+from mltasks.layouts.table import NO_TARGET
+from mltasks.state import DEFAULT_LAYOUT, Features, get_layout
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
