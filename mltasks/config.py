@@ -120,7 +120,7 @@ class ModelsConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    # Which 64-value layout the game sends (mltasks/state.py): "encoder" is what the fork's
+    # Which 64-value layout the game sends (mltasks/layouts/): "encoder" is what the fork's
     # map server writes (CONTRACT.md 2b); "seed" the seed document's table (section 2).
     layout: Literal["encoder", "seed"] = "encoder"
 

@@ -2,7 +2,7 @@
 
 Everything the C++ map server fixes lives here so that no other module spells a
 magic number: the archetypes, the model types and the actions. The meaning of each of
-the 64 state values is ``mltasks.state``'s.
+the 64 state values is the layouts' (``mltasks.layouts``, read through ``mltasks.state``).
 """
 
 from __future__ import annotations

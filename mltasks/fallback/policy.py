@@ -29,7 +29,7 @@ Rules, in priority order (the first one whose condition holds decides)::
 "May wander": in the seed layout, idle time at or above wander_after; in the encoder
 layout, the monster's random-walk mode (slot 59). Where a layout lacks a feature the rule
 that needs it cannot fire (no stun flag, no second threat in the encoder layout); how each
-layout provides each feature is in ``mltasks.state``.
+layout provides each feature is its table's ``READS`` (``mltasks.layouts``).
 
 Per archetype (distances are the state's normalised ones, 0 adjacent .. 1 no target)::
 
