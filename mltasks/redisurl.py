@@ -15,14 +15,11 @@ Sentinel deployment's master alike.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.sentinel import Sentinel
-
-if TYPE_CHECKING:
-    from mltasks.config import Config
 
 SENTINEL_SCHEME = "sentinel://"
 DEFAULT_SENTINEL_PORT = 26379
@@ -86,7 +83,28 @@ def client_from_url(url: str, *, master_name: str = "mymaster", **kwargs: Any) -
     return master
 
 
-def cache_client(config: Config, timeout_s: float | None = None) -> redis.Redis:
+class RedisSettings(Protocol):
+    """The part of the config's ``redis`` section a client is made from (`mltasks.config`
+    imports this module: it is read through this shape, never imported here)."""
+
+    @property
+    def socket_timeout_s(self) -> float: ...
+
+    @property
+    def cache_db(self) -> int: ...
+
+    @property
+    def sentinel_master(self) -> str: ...
+
+    def db_url(self, db: int) -> str: ...
+
+
+class Configured(Protocol):
+    @property
+    def redis(self) -> RedisSettings: ...
+
+
+def cache_client(config: Configured, timeout_s: float | None = None) -> redis.Redis:
     """A client on the cache db with short timeouts: Redis must never stall a hot path."""
     r = config.redis
     t = r.socket_timeout_s if timeout_s is None else timeout_s
