@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from mltasks.config import DEFAULT_CONFIG_PATH, load_config, substitute_env
+from mltasks.config import DEFAULT_CONFIG_PATH, load_config
+from mltasks.configfile import substitute_env
 from mltasks.errors import ConfigError
 
 
