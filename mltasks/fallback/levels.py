@@ -22,7 +22,6 @@ import redis
 from mltasks import keys
 from mltasks.config import Config
 from mltasks.fallback.ladder import BEST, LEVEL_QUEUE, Level, route
-from mltasks.fallback.registry import WorkerRegistry
 from mltasks.redisurl import cache_client
 
 __all__ = ["LEVEL_READ_TIMEOUT_S", "LevelState", "LevelStore"]
@@ -193,8 +192,3 @@ class LevelStore:
         doc = {"at": now, "tiers": {str(k): list(v) for k, v in tiers.items()}, **readings}
         pipe.set(keys.probes(queue), json.dumps(doc, default=str), ex=keys.PROBES_TTL_S)
         pipe.execute()
-
-    def publish_models(self, queue: str, count: int, member: str | None = None) -> None:
-        """The worker registry's `publish_models`, for `mltasks.serving.process.preload`'s
-        call (issue 28, step 4 moves it onto the registry with the rest of tasks.py)."""
-        WorkerRegistry(self.redis).publish_models(queue, count, member)

@@ -26,6 +26,7 @@ from mltasks.cache.client import get_cache, reset_cache
 from mltasks.config import Config, get_config
 from mltasks.fallback.ladder import QUEUE_LEVELS, Level
 from mltasks.fallback.levels import LevelStore
+from mltasks.fallback.registry import WorkerRegistry
 from mltasks.fallback.rules import rules_engine
 from mltasks.logs import configure_logging
 from mltasks.models import served
@@ -104,7 +105,7 @@ def preload() -> None:
             metrics.set_models_by_type(engine.loaded_types())
             served.publish(engine)
             try:
-                level_store().publish_models(queue, count)
+                WorkerRegistry(level_store().redis).publish_models(queue, count)
             except (redis.RedisError, OSError) as exc:  # status shows it as unknown
                 log.warning(
                     "cannot publish the models loaded: %s",
