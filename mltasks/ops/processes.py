@@ -263,8 +263,11 @@ class RedisServer:
 
     def client(self, db: int = 0, socket_timeout: float = 2.0) -> redis.Redis:
         """A client on this server itself (a replica or a sentinel too: not through them)."""
+        # host and port, never `url`: a sentinel's URL is sentinel://, which would ask it
+        # for its master instead of talking to it
         return client_from_url(
-            f"{self.url}/{db}", socket_timeout=socket_timeout, socket_connect_timeout=0.5,
+            f"redis://{self.host}:{self.port}/{db}", socket_timeout=socket_timeout,
+            socket_connect_timeout=0.5,
             username=self.username, password=self.password,
         )  # fmt: skip
 
