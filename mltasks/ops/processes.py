@@ -1,4 +1,5 @@
-"""Child processes and private servers: the one way this repository starts and stops them.
+"""Child processes and private servers: how this repository starts, waits for and stops
+any of them (the service's own bridge, workers and beat through `mltasks.ops.launcher`).
 
 ``mltasks dev``, the benchmarks and the test suites all start processes they alone own
 (a bridge, workers, a ``redis-server``) and must never leave one behind: each is started
