@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -53,12 +52,21 @@ from mltasks.ops.devsetup import (
     start_servers,
     with_servers,
 )
-from mltasks.ops.embedded import child_env
-from mltasks.ops.processes import ProcessError, exited, spawn, stop_processes, wait_until
+from mltasks.ops.launcher import (
+    Child,
+    beat_argv,
+    bridge_argv,
+    exited,
+    experience_argv,
+    service_env,
+    stop_children,
+    worker_argv,
+)
+from mltasks.ops.processes import ProcessError, wait_until
 from mltasks.redisurl import cache_client
 
 # What other modules and the tests import from here.
-__all__ = ["STATE_FILE", "DevOptions", "DevState", "read_state", "run_dev", "stop_all"]
+__all__ = ["STATE_FILE", "DevOptions", "DevState", "read_state", "run_dev"]
 
 log = logging.getLogger("mltasks.ops.dev")  # the same name when run as __main__
 
@@ -69,19 +77,13 @@ STATE_FILE: Final = "dev.json"
 
 
 def child_commands(queues: str, beat_dir: Path, experience: bool = False) -> dict[str, list[str]]:
-    from mltasks.broker.celery_app import worker_command
-
-    py = sys.executable
-    celery = [py, "-m", "celery", "-A", "mltasks"]
     commands = {
-        "bridge": [py, "-m", "bridge"],
-        "worker": worker_command(
-            queues, "--loglevel", "INFO", "--without-gossip", "--without-mingle"
-        ),
-        "beat": [*celery, "beat", "--loglevel", "WARNING", "-s", str(beat_dir / "schedule")],
+        "bridge": bridge_argv(),
+        "worker": worker_argv(queues, "--loglevel", "INFO", "--without-gossip", "--without-mingle"),
+        "beat": beat_argv(beat_dir / "schedule", "--loglevel", "WARNING"),
     }
     if experience:  # experience.enabled: the recorder (mltasks experience record)
-        commands["experience"] = [py, "-m", "mltasks.experience"]
+        commands["experience"] = experience_argv()
     return commands
 
 
@@ -91,37 +93,37 @@ def start_children(
     data_dir: Path,
     log_dir: Path | None,
     experience: bool = False,
-) -> dict[str, subprocess.Popen[bytes]]:
+) -> dict[str, Child]:
     """Bridge, worker, beat (and the experience recorder); their output goes to ``log_dir``
     when given, else here.
 
     In dev's own process group: a Ctrl-C at the terminal reaches them too."""
     beat_dir = data_dir / "beat"
     beat_dir.mkdir(parents=True, exist_ok=True)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, Child] = {}
     try:
         for name, cmd in child_commands(queues, beat_dir, experience).items():
             log_path = None if log_dir is None else log_dir / f"{name}.log"
-            procs[name] = spawn(cmd, log_path=log_path, env=env, own_session=False)
+            procs[name] = Child(name, cmd, env=env, log_path=log_path, own_session=False).start()
     except BaseException:
         stop_all(list(procs.values()))
         raise
     return procs
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+def stop_all(procs: list[Child], timeout: float = 10.0) -> None:
     """SIGTERM every child, SIGKILL whatever is still there after `timeout`.
 
     A child's own children (the worker's pool) that outlive it are killed too: they
     were ours.
     """
-    stop_processes(procs, timeout)
+    stop_children(procs, timeout)
 
 
 def wait_ready(
     cfg: Config,
     queues: list[str],
-    procs: dict[str, subprocess.Popen[bytes]],
+    procs: dict[str, Child],
     timeout_s: float,
 ) -> float:
     """Seconds until every worker queue has a heartbeat; MLTasksError if a child exits first."""
@@ -146,7 +148,7 @@ def wait_ready(
     return time.monotonic() - t0
 
 
-def _check_children(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+def _check_children(procs: dict[str, Child]) -> None:
     dead = exited(procs)
     if dead:
         codes = ", ".join(f"{n} (exit {c})" for n, c in dead.items())
@@ -236,8 +238,9 @@ def run_dev(
             set_config(cfg)
             if writer is not None:
                 writer.wait()
-            env = child_env(os.environ, servers.database_url, servers.redis_url)
-            env["MLTASKS_MODELS_DIR"] = str(mdir)
+            env = service_env(
+                database_url=servers.database_url, redis_url=servers.redis_url, models_dir=mdir
+            )
             procs = start_children(
                 env,
                 opts.queues,
@@ -305,7 +308,7 @@ def _configure_logging(cfg: Config, path: Path | None) -> None:
 
 def _announce(
     servers: Servers,
-    procs: dict[str, subprocess.Popen[bytes]],
+    procs: dict[str, Child],
     cfg: Config,
     live: bool,
     data_dir: Path,

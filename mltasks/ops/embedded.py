@@ -25,7 +25,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -333,15 +333,3 @@ def embedded_services(
         pg = stack.enter_context(EmbeddedPostgres(data_dir / "pg")) if postgres else None
         rs = stack.enter_context(EmbeddedRedis(data_dir / "redis")) if redis_server else None
         yield pg, rs
-
-
-def child_env(
-    base: Mapping[str, str], database_url: str | None, redis_url: str | None
-) -> dict[str, str]:
-    """``base`` with the overrides every child process reads its servers from."""
-    env = dict(base)
-    if database_url:
-        env["MLTASKS_DATABASE_URL"] = database_url
-    if redis_url:
-        env["MLTASKS_REDIS_URL"] = redis_url
-    return env
