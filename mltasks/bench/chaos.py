@@ -22,7 +22,6 @@ import json
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,16 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import psycopg
 
 from mltasks.bench import BenchError
 from mltasks.bench.database import drop_database, recreate_database
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
-from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
 from mltasks.game import connect_as_game, insert_sql, state_sql, stof, stoi
+from mltasks.ops.launcher import beat_argv, bridge_argv, service_env, worker_argv, write_config
 from mltasks.ops.processes import RedisServer
 
 FAULTS = ("redis", "bridge", "cpu", "rules", "stop")
@@ -167,16 +165,17 @@ def _redis(work: Path) -> RedisServer:
     return RedisServer(work / "logs", exe)
 
 
-def _yaml(opts: ChaosOptions) -> str:
+def _config(opts: ChaosOptions) -> dict[str, dict[str, Any]]:
+    """The service's config for the run (keys of config/mltasks.yaml)."""
     load = opts.cpu_load_per_core
-    return (
-        (f"fallback:\n  cpu_load_per_core: {load}\n" if load is not None else "")
-        + "models:\n  preload: serving\n"
-        f"inference:\n  max_latency_ms: {opts.timeout_ms}\n"
-        "redis:\n  broker_db: 1\n  cache_db: 0\n"
-        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
-        "logging:\n  level: WARNING\n"
-    )
+    return {
+        **({"fallback": {"cpu_load_per_core": load}} if load is not None else {}),
+        "models": {"preload": "serving"},
+        "inference": {"max_latency_ms": opts.timeout_ms},
+        "redis": {"broker_db": 1, "cache_db": 0},
+        "monitoring": {"metrics_port": 0, "bridge_metrics_port": 0},
+        "logging": {"level": "WARNING"},
+    }
 
 
 class ChaosRun:
@@ -186,39 +185,23 @@ class ChaosRun:
         self.say = say
         self.rng = random.Random(opts.seed)
         self.redis = _redis(work)
-        config = work / "chaos.yaml"
-        config.write_text(_yaml(opts))
-        import os
-
-        self.env = dict(
-            os.environ,
-            MLTASKS_CONFIG=str(config),
-            MLTASKS_DATABASE_URL=opts.database_url,
-            MLTASKS_REDIS_URL=self.redis.url,
-            MLTASKS_MODELS_DIR=str(opts.models_dir),
+        config = write_config(work / "chaos.yaml", _config(opts))
+        self.env = service_env(
+            config=config,
+            database_url=opts.database_url,
+            redis_url=self.redis.url,
+            models_dir=opts.models_dir,
+            drop=("MLTASKS_PROBE_READINGS", "MLTASKS_TEST_REDIS_URL"),
         )
-        for var in ("MLTASKS_PROBE_READINGS", "MLTASKS_TEST_REDIS_URL"):
-            self.env.pop(var, None)
         self.argv: dict[str, list[str]] = {
-            "bridge-1": [sys.executable, "-m", "bridge"],
-            "bridge-2": [sys.executable, "-m", "bridge"],
-            "cpu-1": worker_command("cpu", "--pool", "solo", "-n", "cpu1@chaos", "-l", "WARNING"),
-            "cpu-2": worker_command("cpu", "--pool", "solo", "-n", "cpu2@chaos", "-l", "WARNING"),
-            "rules-1": worker_command(
+            "bridge-1": bridge_argv(),
+            "bridge-2": bridge_argv(),
+            "cpu-1": worker_argv("cpu", "--pool", "solo", "-n", "cpu1@chaos", "-l", "WARNING"),
+            "cpu-2": worker_argv("cpu", "--pool", "solo", "-n", "cpu2@chaos", "-l", "WARNING"),
+            "rules-1": worker_argv(
                 "rules", "--pool", "solo", "-n", "rules1@chaos", "-l", "WARNING"
             ),
-            "beat": [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "mltasks",
-                "beat",
-                "-l",
-                "WARNING",
-                "-s",
-                str(work / "beat-schedule"),
-            ],
+            "beat": beat_argv(work / "beat-schedule", "-l", "WARNING"),
         }
         self.procs: dict[str, ManagedProcess] = {}
         self.faults: list[Fault] = []
@@ -233,15 +216,10 @@ class ChaosRun:
         self.procs[name] = p
 
     def _kill(self, name: str) -> None:
+        """kill -9 of the process and every process it started."""
         p = self.procs.pop(name)
-        if p.proc is None:
-            return
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(p.pid).children(recursive=True):
-                child.send_signal(signal.SIGKILL)
-        p.proc.send_signal(signal.SIGKILL)
-        p.proc.wait(10)
-        p.stop()
+        if p.started:
+            p.kill_tree()
 
     def start(self) -> None:
         self.redis.start()
@@ -272,11 +250,11 @@ class ChaosRun:
             name = self.rng.choice(["cpu-1", "cpu-2"])
             p = self.procs[name]
             self.faults.append(Fault(now, kind, name))
-            p.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            p.pause()
             try:
                 time.sleep(self.opts.stop_s)
             finally:
-                p.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                p.resume()
             return
         pick = {"bridge": ["bridge-1", "bridge-2"], "cpu": ["cpu-1", "cpu-2"], "rules": ["rules-1"]}
         name = self.rng.choice(pick[kind])
@@ -298,8 +276,8 @@ class ChaosRun:
             next_fault = started + min(opts.fault_every_s, opts.duration_s / 4)
             while time.monotonic() < end:
                 for name, p in list(self.procs.items()):
-                    if p.proc is not None and p.proc.poll() is not None:
-                        self.say(f"{name} exited by itself ({p.proc.returncode}): restarted")
+                    if p.started and p.poll() is not None:
+                        self.say(f"{name} exited by itself ({p.returncode}): restarted")
                         self.procs.pop(name).stop()
                         self._start(name)
                 if kinds and time.monotonic() >= next_fault:

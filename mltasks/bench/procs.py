@@ -1,4 +1,5 @@
-"""Child processes of a run (responders) and waiting until they answer.
+"""Child processes of a run (responders), started as `mltasks.ops.launcher` starts the
+service's, and waiting until they answer.
 
 Each child gets its own session, so a Ctrl-C in the terminal reaches only the benchmark,
 which then stops its children itself: SIGTERM, then SIGKILL after a timeout, including
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +21,16 @@ from mltasks.bench import BenchError
 from mltasks.bench.cpucost import app_name
 from mltasks.bench.queries import bench_query
 from mltasks.game import connect_as_game, insert_sql, state_sql
-from mltasks.ops.processes import log_tail, spawn, stop_process
+from mltasks.ops.launcher import Child
+from mltasks.ops.processes import log_tail
 
 STOP_TIMEOUT_S = 15.0
 
 
-class ManagedProcess:
-    """A process we started, logging into a file, that we alone stop."""
+class ManagedProcess(Child):
+    """A benchmark's child (`mltasks.ops.launcher.Child`): in a session of its own, its
+    PostgreSQL connections saying whose they are (mltasks.bench.cpucost), and a
+    BenchError with the end of its log when it has exited."""
 
     def __init__(
         self,
@@ -38,40 +41,25 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.env = env
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} was not started")
-        return self.proc.pid
-
-    def start(self) -> None:
-        """Start it; its PostgreSQL connections say whose they are (mltasks.bench.cpucost)."""
-        env = dict(os.environ if self.env is None else self.env)
-        env["PGAPPNAME"] = app_name(self.name)
-        self.proc = spawn(self.argv, log_path=self.log_path, env=env, cwd=self.cwd)
+        env = dict(os.environ if env is None else env)
+        env["PGAPPNAME"] = app_name(name)
+        super().__init__(name, list(argv), env=env, log_path=log_path, cwd=cwd)
 
     def check(self) -> None:
         """Raise BenchError, with the end of its log, if the process has exited."""
-        if self.proc is None or self.proc.poll() is None:
+        if not self.started or self.poll() is None:
             return
         raise BenchError(
-            f"{self.name} exited with code {self.proc.returncode}; "
+            f"{self.name} exited with code {self.returncode}; "
             f"end of {self.log_path}:\n{tail(self.log_path)}"
         )
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the process and its live descendants."""
-        if self.proc is None:
+        if not self.started:
             return 0.0
         try:
-            root = psutil.Process(self.proc.pid)
+            root = psutil.Process(self.pid)
             tree = [root, *root.children(recursive=True)]
         except psutil.Error:
             return 0.0
@@ -82,24 +70,19 @@ class ManagedProcess:
                 total += times.user + times.system
         return total
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
-        if self.proc is None:
-            return None
-        return stop_process(self.proc, timeout_s).code
 
-
-def tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path | None, lines: int = 30) -> str:
     """The last lines of a log file, for an error message."""
-    return log_tail(path, lines, missing="(no log)")
+    return "(no log)" if path is None else log_tail(path, lines, missing="(no log)")
 
 
 def stop_all(procs: Sequence[ManagedProcess]) -> dict[str, int | None]:
-    """Stop in reverse start order; every one is tried even if another fails."""
+    """Stop in reverse start order (SIGTERM, then SIGKILL after STOP_TIMEOUT_S); every
+    one is tried even if another fails. The exit codes (None: never started)."""
     codes: dict[str, int | None] = {}
     for p in reversed(procs):
         try:
-            codes[p.name] = p.stop()
+            codes[p.name] = p.stop(STOP_TIMEOUT_S).code if p.started else None
         except Exception as exc:
             codes[p.name] = None
             with contextlib.suppress(OSError):

@@ -26,7 +26,6 @@ CPU-load probe would otherwise trip and measure level 5 instead).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -38,13 +37,13 @@ from typing import Any, Literal
 
 import psutil
 import redis
-import yaml
 
 from mltasks.bench import BenchError
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
-from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, FallbackConfig, RedisConfig
 from mltasks.fallback.ladder import LEVEL_QUEUE
+from mltasks.ops import launcher
+from mltasks.ops.launcher import bridge_argv, experience_argv, service_env, write_config
 from mltasks.ops.processes import free_port
 
 BROKER_DB = 9
@@ -209,7 +208,7 @@ def write_checked_config(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     started). Optional keys the code does not know are dropped; anything else it rejects
     raises BenchError with the service's own message."""
     for _ in range(len(OPTIONAL_KEYS) + 1):
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        write_config(path, doc)
         done = subprocess.run(
             [sys.executable, "-c", _CHECK, str(path)],
             capture_output=True,
@@ -244,7 +243,7 @@ def worker_argv(s: ServiceSettings, node: str) -> list[str]:
     assert s.queue is not None
     pool = ["--concurrency", str(s.worker_concurrency), "--pool", s.pool]
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
-    return worker_command(s.queue, "-n", node, *pool, *quiet)
+    return launcher.worker_argv(s.queue, "-n", node, *pool, *quiet)
 
 
 def cache_redis(redis_url: str) -> redis.Redis:
@@ -274,17 +273,15 @@ class Service:
 
     def _env(self, config_path: Path) -> dict[str, str]:
         s = self.settings
-        env = dict(os.environ)
-        env.update(
-            MLTASKS_CONFIG=str(config_path),
-            MLTASKS_DATABASE_URL=s.database_url,
-            MLTASKS_REDIS_URL=s.redis_url,
-            MLTASKS_MODELS_DIR=str(s.models_dir),
+        return service_env(
+            config=config_path,
+            database_url=s.database_url,
+            redis_url=s.redis_url,
+            models_dir=s.models_dir,
+            # a multi-process metrics directory left over from someone else's shell
+            drop=("PROMETHEUS_MULTIPROC_DIR",),
             PYTHONUNBUFFERED="1",
         )
-        # A multi-process metrics directory left over from someone else's shell.
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        return env
 
     def _flush_redis(self) -> None:
         """A fresh broker and cache: no batch, cached action or level left from another run."""
@@ -359,9 +356,9 @@ class Service:
             self.worker = self.workers[0]
         for i in range(s.bridges):
             name = f"{self.label}-bridge" + (f"{i + 1}" if s.bridges > 1 else "")
-            spawn(name, [sys.executable, "-m", "bridge"])
+            spawn(name, bridge_argv())
         if experience_enabled(s):
-            spawn(f"{self.label}-experience", [sys.executable, "-m", "mltasks.experience"])
+            spawn(f"{self.label}-experience", experience_argv())
 
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until the configuration answers a warm-up request itself, workers idle.
