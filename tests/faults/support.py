@@ -13,10 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,9 +28,18 @@ import pytest
 import redis
 
 from mltasks import keys
-from mltasks.broker.celery_app import worker_command
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
-from mltasks.ops.processes import exited, free_port, kill_tree, spawn, stop_processes
+from mltasks.ops.launcher import (
+    Child,
+    bridge_argv,
+    config_text,
+    exited,
+    service_env,
+    stop_children,
+    worker_argv,
+    write_config,
+)
+from mltasks.ops.processes import free_port
 from mltasks.redisurl import client_from_url, with_db
 from mltasks.state import sample_states
 from tests import game
@@ -115,22 +121,36 @@ class Settings:
         plus one housekeeping round and a second of slack for a loaded two-core host."""
         return (self.max_latency_ms + self.lease_ms) / 1000 + HOUSEKEEPING_S + 1.0
 
+    def doc(self) -> dict[str, dict[str, Any]]:
+        """The service's config file, as sections of config/mltasks.yaml's keys."""
+        return {
+            "models": {"preload": "serving"},
+            "inference": {
+                "batch_size": self.batch_size,
+                "poll_interval_ms": self.poll_interval_ms,
+                "max_latency_ms": self.max_latency_ms,
+                "lease_ms": self.lease_ms,
+            },
+            "redis": {
+                "broker_db": BROKER_DB,
+                "cache_db": CACHE_DB,
+                "visibility_timeout_s": self.visibility_timeout_s,
+            },
+            "fallback": {
+                "heartbeat_interval_ms": self.heartbeat_interval_ms,
+                "heartbeat_ttl_ms": self.heartbeat_ttl_ms,
+                "probe_interval_s": 0.5,
+                # real probes of a busy two-core host must not move the level in these tests
+                "cpu_load_per_core": 1000,
+                "queue_lag_ms": 60000,
+            },
+            "worker": {"concurrency": 1},
+            "monitoring": {"metrics_port": 0, "bridge_metrics_port": 0},
+            "logging": {"level": "WARNING"},
+        }
+
     def yaml(self) -> str:
-        return (
-            "models:\n  preload: serving\n"
-            f"inference:\n  batch_size: {self.batch_size}\n"
-            f"  poll_interval_ms: {self.poll_interval_ms}\n"
-            f"  max_latency_ms: {self.max_latency_ms}\n  lease_ms: {self.lease_ms}\n"
-            f"redis:\n  broker_db: {BROKER_DB}\n  cache_db: {CACHE_DB}\n"
-            f"  visibility_timeout_s: {self.visibility_timeout_s}\n"
-            f"fallback:\n  heartbeat_interval_ms: {self.heartbeat_interval_ms}\n"
-            f"  heartbeat_ttl_ms: {self.heartbeat_ttl_ms}\n  probe_interval_s: 0.5\n"
-            # real probes of a busy two-core host must not move the level in these tests
-            "  cpu_load_per_core: 1000\n  queue_lag_ms: 60000\n"
-            "worker:\n  concurrency: 1\n"
-            "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
-            "logging:\n  level: WARNING\n"
-        )
+        return config_text(self.doc())
 
 
 class Service:
@@ -149,36 +169,33 @@ class Service:
         workdir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.database_url = database_url
-        config_file = workdir / "service.yaml"
-        config_file.write_text(settings.yaml())
+        config_file = write_config(workdir / "service.yaml", settings.doc())
         probes = workdir / "probes.json"
         probes.write_text(json.dumps(HEALTHY_HOST))
-        self.env = dict(
-            os.environ,
-            MLTASKS_CONFIG=str(config_file),
-            MLTASKS_DATABASE_URL=database_url,
-            MLTASKS_REDIS_URL=redis_url,
-            MLTASKS_MODELS_DIR=str(models_dir),
+        self.env = service_env(
+            config=config_file,
+            database_url=database_url,
+            redis_url=redis_url,
+            models_dir=models_dir,
+            drop=("MLTASKS_TEST_REDIS_URL",),
             MLTASKS_PROBE_READINGS=str(probes),
         )
-        self.env.pop("MLTASKS_TEST_REDIS_URL", None)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, Child] = {}
         self.killed: set[str] = set()
         # redis:// or a sentinel:// list (tests/scale), as the service reads it
         self.cache = client_from_url(
             with_db(redis_url, CACHE_DB), socket_timeout=1.0, socket_connect_timeout=0.5
         )
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, cmd: list[str]) -> Child:
+        """In the test's process group, its output in ``<workdir>/<name>.log``."""
         assert name not in self.procs, f"{name} already started"
-        proc = spawn(cmd, log_path=self.dir / f"{name}.log", env=self.env, cwd=REPO,
-                     own_session=False)  # fmt: skip
-        self.procs[name] = proc
-        return proc
+        child = Child(name, cmd, env=self.env, log_path=self.dir / f"{name}.log", cwd=REPO,
+                      own_session=False)  # fmt: skip
+        self.procs[name] = child.start()
+        return child
 
-    def start_worker(
-        self, name: str, queues: str = "cpu", *, as_documented: bool = False
-    ) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str, queues: str = "cpu", *, as_documented: bool = False) -> Child:
         """`celery -A mltasks worker -Q <queues>`, prefork, one pool process
         (``as_documented``: the README's command line, mingle and gossip left on)."""
         quiet = (
@@ -186,15 +203,15 @@ class Service:
         )
         return self._spawn(
             name,
-            worker_command(
+            worker_argv(
                 queues, "--pool", "prefork", "--concurrency", "1", *quiet,
                 "-n", f"{name}@faults", "-l", "WARNING",
             ),
         )  # fmt: skip
 
-    def start_bridge(self, name: str = "bridge") -> subprocess.Popen[bytes]:
+    def start_bridge(self, name: str = "bridge") -> Child:
         """`python -m bridge`."""
-        return self._spawn(name, [sys.executable, "-m", "bridge"])
+        return self._spawn(name, bridge_argv())
 
     def beating(self, queue: str) -> bool:
         try:
@@ -220,7 +237,7 @@ class Service:
     def kill(self, name: str) -> None:
         """kill -9 the process and every process it started, as a crashed host would."""
         self.killed.add(name)
-        kill_tree(self.procs[name])
+        self.procs[name].kill_tree()
 
     def crashed(self) -> dict[str, int]:
         """Processes that exited although no test killed them, with their exit codes."""
@@ -230,7 +247,7 @@ class Service:
         """SIGTERM every live process, SIGKILL what is left after `timeout`; exit codes
         (-9999: it had to be killed, not a graceful stop)."""
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
-        ends = stop_processes(live.values(), timeout)
+        ends = stop_children(live.values(), timeout)
         return {n: -9999 if e.killed else e.code for n, e in zip(live, ends, strict=True)}
 
     def tail(self, name: str, lines: int = 25) -> str:

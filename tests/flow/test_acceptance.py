@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
-from mltasks.ops.dev import stop_all
+from mltasks.ops import launcher
+from mltasks.ops.launcher import Child, bridge_argv, stop_children, worker_argv, write_config
 from mltasks.ops.processes import free_port
 from tests import game
 from tests.waiting import wait_until
@@ -25,25 +24,32 @@ from tests.waiting import wait_until
 @pytest.fixture
 def service_env(config: Config, models_dir: Path, tmp_path: Path) -> dict[str, str]:
     # Its own broker db: the in-process test worker must not take these batches.
-    cfg = tmp_path / "acceptance.yaml"
-    cfg.write_text(
-        "inference:\n  max_latency_ms: 5000\n  poll_interval_ms: 20\n"
-        "redis:\n  url: ${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}\n"
-        "  broker_db: 13\n  cache_db: 14\n  visibility_timeout_s: 10\n"
-        # this busy test host's own load must not move the level (issue 11: it does now)
-        "fallback:\n  cpu_load_per_core: 1000\n"
-        # level 3 looks the cache up here too: this test follows a hit through the service
-        "caching:\n  lookup_levels: [1, 2, 3]\n"
-        "worker:\n  concurrency: 2\n"
-        "monitoring:\n  metrics_port: ${MLTASKS_METRICS_PORT:-0}\n"
-        "  bridge_metrics_port: ${MLTASKS_BRIDGE_METRICS_PORT:-0}\n"
+    cfg = write_config(
+        tmp_path / "acceptance.yaml",
+        {
+            "inference": {"max_latency_ms": 5000, "poll_interval_ms": 20},
+            "redis": {
+                "url": "${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}",
+                "broker_db": 13,
+                "cache_db": 14,
+                "visibility_timeout_s": 10,
+            },
+            # this busy test host's own load must not move the level (issue 11: it does now)
+            "fallback": {"cpu_load_per_core": 1000},
+            # level 3 looks the cache up here too: this test follows a hit through the service
+            "caching": {"lookup_levels": [1, 2, 3]},
+            "worker": {"concurrency": 2},
+            "monitoring": {
+                "metrics_port": "${MLTASKS_METRICS_PORT:-0}",
+                "bridge_metrics_port": "${MLTASKS_BRIDGE_METRICS_PORT:-0}",
+            },
+        },
     )
-    return dict(
-        os.environ,
-        MLTASKS_CONFIG=str(cfg),
-        MLTASKS_DATABASE_URL=config.database.conninfo,
-        MLTASKS_REDIS_URL=config.redis.url,
-        MLTASKS_MODELS_DIR=str(models_dir),
+    return launcher.service_env(
+        config=cfg,
+        database_url=config.database.conninfo,
+        redis_url=config.redis.url,
+        models_dir=models_dir,
     )
 
 
@@ -57,38 +63,30 @@ def ports(service_env: dict[str, str]) -> dict[str, int]:
 
 
 @pytest.fixture
-def service(
-    service_env: dict[str, str], ports: dict[str, int]
-) -> Iterator[list[subprocess.Popen[bytes]]]:
+def service(service_env: dict[str, str], ports: dict[str, int]) -> Iterator[list[Child]]:
     py = sys.executable
     subprocess.run([py, "-m", "mltasks.cli", "db", "init"], env=service_env, check=True)
+    worker = worker_argv(
+        "cpu", "--pool", "prefork", "--concurrency", "2",
+        "--without-gossip", "--without-mingle", "-l", "WARNING",
+    )  # fmt: skip
+    # In the test's process group, their output on the test's (pytest captures it).
     procs = [
-        subprocess.Popen([py, "-m", "bridge"], env=service_env),
-        subprocess.Popen(
-            worker_command(
-                "cpu",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "2",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "WARNING",
-            ),
-            env=service_env,
-        ),
+        Child("bridge", bridge_argv(), env=service_env, own_session=False),
+        Child("worker", worker, env=service_env, own_session=False),
     ]
     try:
+        for p in procs:
+            p.start()
         yield procs
     finally:
-        stop_all(procs)
+        ends = stop_children(procs)
     # A graceful stop: both exit on SIGTERM without being killed.
-    assert [p.returncode for p in procs] == [0, 0]
+    assert [e.code for e in ends] == [0, 0]
 
 
 def test_operator_commands_answer_the_game(
-    pg: psycopg.Connection[Any], service: list[subprocess.Popen[bytes]]
+    pg: psycopg.Connection[Any], service: list[Child]
 ) -> None:
     # Until the worker beats, the bridge rightly answers 255 (no consumer: level 5).
     def model_answers() -> bool:
@@ -116,7 +114,7 @@ def test_operator_commands_answer_the_game(
 
 
 def test_metrics_move_with_real_traffic(
-    pg: psycopg.Connection[Any], service: list[subprocess.Popen[bytes]], ports: dict[str, int]
+    pg: psycopg.Connection[Any], service: list[Child], ports: dict[str, int]
 ) -> None:
     from tests.flow.test_metrics import scrape, value
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mltasks.broker.celery_app import worker_command
 from mltasks.config import Config, LoggingConfig
 from mltasks.logs import PER_TASK_LOGGERS, JsonFormatter, TextFormatter, configure_logging
+from mltasks.ops.launcher import (
+    Child,
+    bridge_argv,
+    service_env,
+    stop_children,
+    worker_argv,
+    write_config,
+)
 from tests import game
 from tests.conftest import wait_for
 
@@ -58,56 +62,55 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
     params = conninfo_to_dict(config.database.conninfo)
     url = make_conninfo(config.database.conninfo, password=SECRET)  # trust auth ignores it
     bad_url = make_conninfo(url, dbname=f"{params['dbname']}_missing")
-    cfg = tmp_path / "json.yaml"
-    cfg.write_text(
-        "logging:\n  level: DEBUG\n  format: json\n"
-        "redis:\n  url: ${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}\n"
-        "  broker_db: 13\n  cache_db: 14\n"
-        # this busy test host's own load must not move the level (issue 11: it does now)
-        "fallback:\n  cpu_load_per_core: 1000\n"
-        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
+    cfg = write_config(
+        tmp_path / "json.yaml",
+        {
+            "logging": {"level": "DEBUG", "format": "json"},
+            "redis": {
+                "url": "${MLTASKS_TEST_REDIS_URL:-redis://127.0.0.1:6379}",
+                "broker_db": 13,
+                "cache_db": 14,
+            },
+            # this busy test host's own load must not move the level (issue 11: it does now)
+            "fallback": {"cpu_load_per_core": 1000},
+            "monitoring": {"metrics_port": 0, "bridge_metrics_port": 0},
+        },
     )
-    env = dict(
-        os.environ,
-        MLTASKS_CONFIG=str(cfg),
-        MLTASKS_DATABASE_URL=url,
-        MLTASKS_REDIS_URL=config.redis.url,
-        MLTASKS_MODELS_DIR=str(models_dir),
+    env = service_env(
+        config=cfg,
+        database_url=url,
+        redis_url=config.redis.url,
+        models_dir=models_dir,
         ML_DB_PASSWORD=SECRET,
     )
-    py = sys.executable
     log_path = tmp_path / "all.log"
-    with log_path.open("wb") as out:
-        procs = [
-            subprocess.Popen([py, "-m", "bridge"], env=env, stdout=out, stderr=out),
-            subprocess.Popen(
-                worker_command("cpu", "-l", "DEBUG", "--without-gossip", "--without-mingle"),
-                env=env,
-                stdout=out,
-                stderr=out,
-            ),
-            # A bridge that cannot reach its database logs the error, and retries.
-            subprocess.Popen(
-                [py, "-m", "bridge"],
-                env=dict(env, MLTASKS_DATABASE_URL=bad_url),
-                stdout=out,
-                stderr=out,
-            ),
-        ]
-        try:
-            with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+    worker = worker_argv("cpu", "-l", "DEBUG", "--without-gossip", "--without-mingle")
+    procs = [
+        Child("bridge", bridge_argv(), env=env, log_path=log_path, own_session=False),
+        Child("worker", worker, env=env, log_path=log_path, own_session=False),
+        # A bridge that cannot reach its database logs the error, and retries.
+        Child(
+            "bad bridge",
+            bridge_argv(),
+            env=dict(env, MLTASKS_DATABASE_URL=bad_url),
+            log_path=log_path,
+            own_session=False,
+        ),
+    ]
+    try:
+        for p in procs:
+            p.start()
+        with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
 
-                def answered_by_model() -> bool:
-                    _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="mage")
-                    return answer is not None and answer[0] != 255
+            def answered_by_model() -> bool:
+                _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="mage")
+                return answer is not None and answer[0] != 255
 
-                wait_for(answered_by_model, 60, "the worker's answers")
-                game.decide(pg, [0.5] * 10, timeout_ms=3000)  # a bad row: a logged reason
-            wait_for(lambda: b"bridge_db_error" in log_path.read_bytes(), 20, "the error log")
-        finally:
-            from mltasks.ops.dev import stop_all
-
-            stop_all(procs)
+            wait_for(answered_by_model, 60, "the worker's answers")
+            game.decide(pg, [0.5] * 10, timeout_ms=3000)  # a bad row: a logged reason
+        wait_for(lambda: b"bridge_db_error" in log_path.read_bytes(), 20, "the error log")
+    finally:
+        stop_children(procs)
     text = log_path.read_text()
     assert SECRET not in text
     docs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
@@ -125,52 +128,48 @@ def test_workers_log_no_line_per_task_at_info(
 ) -> None:
     """At INFO (the default), a worker answering batch after batch logs nothing per task:
     Celery's "received" and "succeeded" lines are DEBUG; the counts are in the metrics."""
-    cfg = tmp_path / "info.yaml"
-    cfg.write_text(
-        "logging:\n  level: INFO\n  format: text\n"
-        # the service waits as long as this test's game does: a batch slowed by this busy
-        # host is answered by the model, not rescued with 255 at 80% of 15 ms
-        "inference:\n  max_latency_ms: 3000\n"
-        "redis:\n  broker_db: 13\n  cache_db: 14\n"
-        # this busy test host's own load must not move the level to the rules
-        "fallback:\n  cpu_load_per_core: 1000\n"
-        "monitoring:\n  metrics_port: 0\n  bridge_metrics_port: 0\n"
+    cfg = write_config(
+        tmp_path / "info.yaml",
+        {
+            "logging": {"level": "INFO", "format": "text"},
+            # the service waits as long as this test's game does: a batch slowed by this
+            # busy host is answered by the model, not rescued with 255 at 80% of 15 ms
+            "inference": {"max_latency_ms": 3000},
+            "redis": {"broker_db": 13, "cache_db": 14},
+            # this busy test host's own load must not move the level to the rules
+            "fallback": {"cpu_load_per_core": 1000},
+            "monitoring": {"metrics_port": 0, "bridge_metrics_port": 0},
+        },
     )
-    env = dict(
-        os.environ,
-        MLTASKS_CONFIG=str(cfg),
-        MLTASKS_DATABASE_URL=config.database.conninfo,
-        MLTASKS_REDIS_URL=config.redis.url,
-        MLTASKS_MODELS_DIR=str(models_dir),
+    env = service_env(
+        config=cfg,
+        database_url=config.database.conninfo,
+        redis_url=config.redis.url,
+        models_dir=models_dir,
     )
     log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as out:
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "bridge"], env=env, stdout=out, stderr=out),
-            subprocess.Popen(
-                worker_command("cpu", "-l", "INFO", "--without-gossip", "--without-mingle"),
-                env=env,
-                stdout=out,
-                stderr=out,
-            ),
-        ]
-        try:
-            with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
+    worker = worker_argv("cpu", "-l", "INFO", "--without-gossip", "--without-mingle")
+    procs = [
+        Child("bridge", bridge_argv(), env=env, log_path=log_path, own_session=False),
+        Child("worker", worker, env=env, log_path=log_path, own_session=False),
+    ]
+    try:
+        for p in procs:
+            p.start()
+        with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
 
-                def answered_by_model() -> bool:
-                    _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="tank")
-                    return answer is not None and answer[0] != 255
+            def answered_by_model() -> bool:
+                _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="tank")
+                return answer is not None and answer[0] != 255
 
-                wait_for(answered_by_model, 60, "the worker's answers")
-                size_before = log_path.stat().st_size
-                for i in range(30):
-                    _, answer = game.decide(pg, [i / 30] * 64, timeout_ms=3000)
-                    assert answer is not None and answer[0] != 255
-                grown = log_path.stat().st_size - size_before
-        finally:
-            from mltasks.ops.dev import stop_all
-
-            stop_all(procs)
+            wait_for(answered_by_model, 60, "the worker's answers")
+            size_before = log_path.stat().st_size
+            for i in range(30):
+                _, answer = game.decide(pg, [i / 30] * 64, timeout_ms=3000)
+                assert answer is not None and answer[0] != 255
+            grown = log_path.stat().st_size - size_before
+    finally:
+        stop_children(procs)
     text = log_path.read_text()
     assert "] received" not in text, text[-3000:]
     assert " succeeded in " not in text
