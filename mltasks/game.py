@@ -116,24 +116,36 @@ class GatewayResult:
 # -- the game's SQL text ----------------------------------------------------------------
 
 
-def state_sql(state: Sequence[float]) -> tuple[str, str, str]:
+def state_sql(state: Sequence[float] | None) -> tuple[str, str, str]:
     """The state as the C++ prints it: ``ARRAY[...]::REAL[]`` with 6 decimals, and HP/SP.
 
-    HP and SP go through iostream's default format (``%g``), the state through ``%.6f``.
+    HP and SP go through iostream's default format (``%g``), the state through ``%.6f``. A
+    missing state is ``NULL`` (a broken encoder: the tests send one), its HP and SP 0.
     """
+    if state is None:
+        return "NULL", "0", "0"
     array = "ARRAY[" + ",".join(f"{v:.6f}" for v in state) + "]::REAL[]"
-    return array, f"{state[0]:g}", f"{state[1]:g}"
+    hp = state[0] if len(state) > 0 else 0.0
+    sp = state[1] if len(state) > 1 else 0.0
+    return array, f"{hp:g}", f"{sp:g}"
 
 
 def insert_sql(
-    *, monster_id: int, mob_id: int, archetype: str, array: str, hp: str, sp: str
+    *,
+    monster_id: int,
+    mob_id: int,
+    archetype: str,
+    array: str,
+    hp: str,
+    sp: str,
+    priority: int = 5,
 ) -> bytes:
     """The gateway's INSERT with every value formatted in (CONTRACT.md section 1)."""
     return (
         "INSERT INTO ai_requests (monster_id, mob_id, archetype, state_vector, "
         "map_id, position_x, position_y, hp_ratio, sp_ratio, status, priority) "
         f"VALUES ({monster_id}, {mob_id}, '{archetype}', {array}, "
-        f"0, 0, 0, {hp}, {sp}, 'pending', 5) RETURNING request_id"
+        f"0, 0, 0, {hp}, {sp}, 'pending', {int(priority)}) RETURNING request_id"
     ).encode()
 
 
@@ -145,11 +157,13 @@ POLL_PREPARED = _POLL.format("%(request_id)s")
 GIVE_UP_PREPARED = _GIVE_UP.format("%(request_id)s")
 
 
-def _poll_literal(request_id: int) -> bytes:
+def poll_sql(request_id: int) -> bytes:
+    """The poll as the C++ formats it, the id in the text."""
     return _POLL.format(int(request_id)).encode()
 
 
-def _timeout_literal(request_id: int) -> bytes:
+def give_up_sql(request_id: int) -> bytes:
+    """The give-up (the row marked ``timeout``) as the C++ formats it."""
     return _GIVE_UP.format(int(request_id)).encode()
 
 
@@ -276,7 +290,7 @@ def _decision(
     answer = None
     while monotonic() < deadline:
         if spec.literal_sql:
-            cur.execute(_poll_literal(request_id), prepare=False)
+            cur.execute(poll_sql(request_id), prepare=False)
         else:
             cur.execute(POLL_PREPARED, by_id, prepare=True)
         answer = cur.fetchone()
@@ -289,7 +303,7 @@ def _decision(
         # and outcomes stay the same length.
         try:
             if spec.literal_sql:
-                cur.execute(_timeout_literal(request_id), prepare=False)
+                cur.execute(give_up_sql(request_id), prepare=False)
             else:
                 cur.execute(GIVE_UP_PREPARED, by_id, prepare=True)
         finally:

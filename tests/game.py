@@ -3,7 +3,7 @@
 Statements are built as text exactly like the C++ formats them, and results are read
 as the text libpq returns, parsed the way std::stoi / std::stof would (mltasks.game's, the
 emulator the benchmarks and dev's load run). Here one decision at a time, with the hostile
-rows (NULL states, any priority) the tests need.
+rows (NULL states, any priority) the tests need, built by the same functions.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ from typing import Any
 
 import psycopg
 
-# The emulator's parsers: the tests read answers back as the C++ does, in one place.
+# The emulator's statements and parsers: the tests play the game as dev's load and the
+# benchmarks do, in one place.
+from mltasks import game
 from mltasks.game import stof as stof
 from mltasks.game import stoi as stoi
-
-
-def state_sql(state: Sequence[float] | None) -> str:
-    if state is None:
-        return "NULL"
-    return "ARRAY[" + ",".join(f"{v:.6f}" for v in state) + "]::REAL[]"
 
 
 def insert_sql(
@@ -32,14 +28,17 @@ def insert_sql(
     monster_id: int = 1002,
     priority: int = 5,
 ) -> str:
-    hp = state[0] if state else 0.0
-    sp = state[1] if state and len(state) > 1 else 0.0
-    return (
-        "INSERT INTO ai_requests (monster_id, mob_id, archetype, state_vector, "
-        "map_id, position_x, position_y, hp_ratio, sp_ratio, status, priority) "
-        f"VALUES ({monster_id}, {mob_id}, '{archetype}', {state_sql(state)}, "
-        f"0, 0, 0, {hp:g}, {sp:g}, 'pending', {priority}) RETURNING request_id;"
-    )
+    """The gateway's INSERT (mltasks.game's), any archetype, state (NULL too) or priority."""
+    array, hp, sp = game.state_sql(state)
+    return game.insert_sql(
+        monster_id=monster_id,
+        mob_id=mob_id,
+        archetype=archetype,
+        array=array,
+        hp=hp,
+        sp=sp,
+        priority=priority,
+    ).decode()
 
 
 def _exec_text(conn: psycopg.Connection[Any], text: str) -> list[tuple[str | None, ...]]:
@@ -65,10 +64,7 @@ def insert(conn: psycopg.Connection[Any], state: Sequence[float] | None, **kw: A
 
 
 def poll(conn: psycopg.Connection[Any], request_id: int) -> tuple[int, float] | None:
-    rows = _exec_text(
-        conn,
-        f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {request_id} LIMIT 1;",
-    )
+    rows = _exec_text(conn, game.poll_sql(request_id).decode())
     if not rows:
         return None
     action, conf = rows[0]
@@ -78,7 +74,7 @@ def poll(conn: psycopg.Connection[Any], request_id: int) -> tuple[int, float] | 
 
 
 def mark_timeout(conn: psycopg.Connection[Any], request_id: int) -> None:
-    _exec_text(conn, f"UPDATE ai_requests SET status = 'timeout' WHERE request_id = {request_id};")
+    _exec_text(conn, game.give_up_sql(request_id).decode())
 
 
 def decide(

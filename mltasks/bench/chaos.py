@@ -37,7 +37,15 @@ from mltasks.bench.database import drop_database, recreate_database
 from mltasks.bench.procs import ManagedProcess, stop_all, wait_until_answering
 from mltasks.bench.queries import bench_query
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
-from mltasks.game import connect_as_game, insert_sql, state_sql, stof, stoi
+from mltasks.game import (
+    connect_as_game,
+    give_up_sql,
+    insert_sql,
+    poll_sql,
+    state_sql,
+    stof,
+    stoi,
+)
 from mltasks.ops.launcher import beat_argv, bridge_argv, service_env, worker_argv, write_config
 from mltasks.ops.processes import RedisServer
 
@@ -130,10 +138,10 @@ class _Game:
             conn.close()
 
     def _wait(self, conn: psycopg.Connection[Any], rid: int, at: float) -> Decision | None:
-        poll = f"SELECT action_id, confidence FROM ai_responses WHERE request_id = {rid} LIMIT 1"
+        poll = poll_sql(rid)
         deadline = at + self.timeout_s
         while time.monotonic() < deadline:
-            got = conn.execute(poll.encode()).fetchone()
+            got = conn.execute(poll).fetchone()
             if got is not None:
                 try:
                     return Decision(rid, at, "answered", (stoi(got[0]), stof(got[1])))
@@ -142,7 +150,7 @@ class _Game:
             if self.stop.is_set():
                 return None  # the map server shuts down: nothing marked
             time.sleep(0.002)
-        conn.execute(f"UPDATE ai_requests SET status = 'timeout' WHERE request_id = {rid}".encode())
+        conn.execute(give_up_sql(rid))
         return Decision(rid, at, "timeout")
 
     def start(self) -> None:

@@ -138,7 +138,7 @@ def test_a_bridge_going_to_sleep_waits_for_inserts_that_looked_before_it(
     from mltasks.sql import query
 
     pg.execute("BEGIN")
-    pg.execute(game.insert_sql(STATE).removesuffix(" RETURNING request_id;"))  # not committed
+    pg.execute(game.insert_sql(STATE).removesuffix(" RETURNING request_id"))  # not committed
     done = threading.Event()
     with psycopg.connect(config.database.conninfo, autocommit=True) as bridge:
         bridge.execute(query("bridge_sleeps"))
