@@ -119,11 +119,6 @@ def descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
         return []
 
 
-def exited(procs: Mapping[str, subprocess.Popen[bytes]]) -> dict[str, int]:
-    """The processes among ``procs`` that have exited, with their exit codes."""
-    return {n: rc for n, p in procs.items() if (rc := p.poll()) is not None}
-
-
 class Stopped(NamedTuple):
     """How a process ended: its exit code, and whether it had to be killed."""
 
