@@ -52,12 +52,7 @@ def _member_output(
     out = _float32(out)  # as the cache's packed form would hold it
     finite = out.finite()
     if not finite.all():
-        log.error(
-            "%s returned non-finite values for %d rows",
-            member.name,
-            int((~finite).sum()),
-            extra={"event": "inference_non_finite", "model": member.name},
-        )
+        _non_finite(member, int((~finite).sum()))
         group.non_finite[need[~finite]] = True
     have[need[finite]] = True
     group.ran[need[finite]] = True
@@ -250,12 +245,7 @@ def voices_alike(plan: Plan, groups: list[Group], res: Results) -> tuple[Group, 
             for start, end, members in zip(bounds, bounds[1:], columns, strict=False):
                 bad = int((~finite[start:end] & have[start:end]).sum())
                 if bad:
-                    log.error(
-                        "%s returned non-finite values for %d rows",
-                        members[j][0].name,
-                        bad,
-                        extra={"event": "inference_non_finite", "model": members[j][0].name},
-                    )
+                    _non_finite(members[j][0], bad)
             merged.non_finite |= have & ~finite
         ok = have & finite
         ran |= ok
@@ -282,4 +272,13 @@ def _concatenated(outs: Sequence[TypeOutput]) -> TypeOutput:
 
     return TypeOutput(
         cat([o.scores for o in outs]), cat([o.value for o in outs]), cat([o.threat for o in outs])
+    )
+
+
+def _non_finite(member: Predictor, rows: int) -> None:
+    log.error(
+        "%s returned non-finite values for %d rows",
+        member.name,
+        rows,
+        extra={"event": "inference_non_finite", "model": member.name},
     )
