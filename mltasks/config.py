@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,14 +529,21 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 
 _cached: Config | None = None
+# A worker's monitor thread reads the configuration too: a read that began before a
+# `set_config` must not store what it read after it (the lock orders the two).
+_loading = threading.Lock()
 
 
 def get_config() -> Config:
     """The process's configuration, read on first use (never at import)."""
     global _cached
-    if _cached is None:
-        _cached = load_config()
-    return _cached
+    cached = _cached
+    if cached is not None:
+        return cached
+    with _loading:
+        if _cached is None:
+            _cached = load_config()
+        return _cached
 
 
 def config_or_exit(prog: str) -> Config:
@@ -552,4 +560,5 @@ def config_or_exit(prog: str) -> Config:
 def set_config(config: Config | None) -> None:
     """Replace the process's configuration (tests, the CLI's --config)."""
     global _cached
-    _cached = config
+    with _loading:
+        _cached = config
