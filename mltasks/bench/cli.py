@@ -29,6 +29,7 @@ from mltasks.bench.cli_args import (
     game_options,
     rates_arg,
     service_options,
+    vary_options,
 )
 from mltasks.bench.cli_load import bulk_command, cache_command, gateway_command
 from mltasks.bench.cli_measure import (
@@ -95,6 +96,7 @@ def add_parser(subparsers: Any) -> None:
     )
     common_options(gw)
     service_options(gw, level_list=False)
+    vary_options(gw)
     gw.set_defaults(func=gateway_command)
 
     bulk = sub.add_parser(

@@ -8,6 +8,7 @@ from typing import Any
 
 from mltasks.bench.database import DEFAULT_BENCH_URL
 from mltasks.bench.service import LEVELS, POOLS, Pool, default_pool
+from mltasks.bench.vary import Vary
 from mltasks.state import DEFAULT_LAYOUT, LAYOUT_NAMES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
@@ -130,15 +131,78 @@ def game_options(p: argparse.ArgumentParser, *, timeout_ms: int) -> None:
     )
 
 
-def _override(text: str) -> tuple[str, str, Any]:
-    """``section.key=value`` -> (section, key, the value as YAML reads it)."""
-    import yaml
-
+def _key_and_value(text: str, expected: str) -> tuple[str, str, str]:
+    """``section.key=rest`` -> (section, key, rest); else one line naming ``text``."""
     name, sep, value = text.partition("=")
     section, dot, key = name.partition(".")
     if not (sep and dot and section and key):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.KEY=VALUE")
-    return section, key, yaml.safe_load(value)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return section, key, value
+
+
+def _yaml_value(text: str, whole: str) -> Any:
+    """A value as YAML reads it (``false``, ``2``, ``{a: 1}``); a malformed one is an
+    argument error naming the option's text, not a traceback."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"{whole!r}: {text!r} is not YAML ({problem})") from None
+
+
+def _override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, the value as YAML reads it)."""
+    section, key, value = _key_and_value(text, "SECTION.KEY=VALUE")
+    return section, key, _yaml_value(value, text)
+
+
+def vary_arg(text: str) -> Vary:
+    """``section.key=v1,v2[,...]``: one key, two distinct values or more, each read as
+    ``--set`` reads its value (so a value cannot hold a comma)."""
+    expected = "SECTION.KEY=V1,V2[,...]"
+    section, key, rest = _key_and_value(text, expected)
+    texts = [t.strip() for t in rest.split(",")]
+    if len(texts) < 2 or not all(texts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected} (two values or more)")
+    values = [_yaml_value(t, text) for t in texts]
+    for i, v in enumerate(values):
+        if any(v == w and type(v) is type(w) for w in values[:i]):
+            raise argparse.ArgumentTypeError(f"{text!r}: {texts[i]!r} is given twice")
+    return Vary(section, key, tuple(values), tuple(texts))
+
+
+def rounds_arg(text: str) -> int:
+    """``--rounds``: a positive number."""
+    try:
+        rounds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rounds, got {text!r}") from None
+    if rounds < 1:
+        raise argparse.ArgumentTypeError(f"rounds must be at least 1, got {rounds}")
+    return rounds
+
+
+def vary_options(p: argparse.ArgumentParser) -> None:
+    """``--vary`` and ``--rounds`` of gateway: service variants compared in one run."""
+    p.add_argument(
+        "--vary",
+        type=vary_arg,
+        default=None,
+        metavar="SECTION.KEY=V1,V2[,...]",
+        help="run the service once per value of one config key (YAML values, as --set's; "
+        "on top of --set), each a responder of its own named 'service SECTION.KEY=VALUE'; "
+        "the report compares them, e.g. experience.enabled=false,true",
+    )
+    p.add_argument(
+        "--rounds",
+        type=rounds_arg,
+        default=1,
+        help="at each client count, run the responders (floors, variants) this often, "
+        "alternating; the variants' order is reversed every other round, since the first "
+        "run of a pair is often the faster (default: %(default)s)",
+    )
 
 
 def service_options(p: argparse.ArgumentParser, *, level_list: bool) -> None:

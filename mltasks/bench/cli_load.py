@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,6 @@ from mltasks.bench.report import (
     summarize,
 )
 from mltasks.bench.responders import (
-    FLOOR_NAMES,
     Responder,
     Running,
     broker_floor_responder,
@@ -51,6 +51,7 @@ from mltasks.bench.responders import (
     service_responder,
 )
 from mltasks.bench.service import Pool, ServiceSettings
+from mltasks.bench.vary import Vary, check_configs, compare, schedule
 from mltasks.errors import MLTasksError
 from mltasks.game import DEFAULT_POLL_MS, GatewaySpec, run_gateway
 
@@ -170,11 +171,39 @@ def _guarded_run(
         return {"responder": responder, "clients": spec.clients, "failed": str(exc)}
 
 
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A responder as a gateway run names it; ``variant``: its ``--vary`` value as typed."""
+
+    name: str
+    responder: Responder
+    variant: str | None = None
+
+
+def _services(
+    args: argparse.Namespace, settings: ServiceSettings, vary: Vary | None, work: Path
+) -> list[_Slot]:
+    """The service runs: none (``--no-service``), the service (named ``service``, as
+    always), or one per ``--vary`` value, each named by its value and checked first."""
+    if vary is None:
+        return [] if args.no_service else [_Slot("service", service_responder(settings))]
+    variants = vary.settings(settings)
+    check_configs(vary, variants, work)
+    return [
+        _Slot(vary.run_name(text), service_responder(s, vary.run_name(text)), text)
+        for text, s in zip(vary.texts, variants, strict=True)
+    ]
+
+
 def gateway_command(args: argparse.Namespace) -> int:
     """Run the benchmark, write report.json, report.md and the plots, print the table."""
     started = datetime.now().astimezone()
     if args.no_service and not args.floor:
         raise BenchError("nothing to run: --no-service without --floor")
+    vary: Vary | None = getattr(args, "vary", None)
+    rounds: int = getattr(args, "rounds", 1)
+    if vary is not None and args.no_service:
+        raise BenchError("--vary varies the service: drop --no-service")
     out = out_dir(args, started)
     url = args.database_url
     logs = out / "logs"
@@ -184,9 +213,10 @@ def gateway_command(args: argparse.Namespace) -> int:
         settings = _settings(
             args, work, models_dir, logs, level=args.level, caching=args.cache == "on"
         )
-        responders = _floors(args, settings, logs)
-        if not args.no_service:
-            responders.append(service_responder(settings))
+        floors = [_Slot(r.name, r) for r in _floors(args, settings, logs)]
+        services = _services(args, settings, vary, work)
+        # Runs named as before unless asked for more: no round without --rounds or --vary.
+        tagged = vary is not None or rounds > 1
         for clients in args.clients:
             spec = GatewaySpec(
                 conninfo=url,
@@ -198,10 +228,16 @@ def gateway_command(args: argparse.Namespace) -> int:
                 literal_sql=args.literal_sql,
                 layout=args.layout,
             )
-            for r in responders:
-                name = r.name if r.name in FLOOR_NAMES else "service"
+            for i, (k, slot) in enumerate(schedule(floors, services, rounds)):
+                if rounds > 1 and i % (len(floors) + len(services)) == 0:
+                    say(f"x{clients}: round {k} of {rounds}")
                 markers = ours_markers_for(url, args.redis_url)
-                runs.append(_guarded_run(name, r.start, spec, markers, args.redis_url))
+                run = _guarded_run(slot.name, slot.responder.start, spec, markers, args.redis_url)
+                if tagged:
+                    run["round"] = k
+                if slot.variant is not None:
+                    run["variant"] = slot.variant
+                runs.append(run)
     report: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
         "command": command_line(),
@@ -216,6 +252,11 @@ def gateway_command(args: argparse.Namespace) -> int:
         "runs": runs,
         "ratios": ratios(runs),
     }
+    if rounds > 1:
+        report["rounds"] = rounds
+    if vary is not None:
+        report["vary"] = vary.describe(rounds)
+        report["variants"] = compare(runs, vary.texts)
     report["plots"] = gateway_plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)

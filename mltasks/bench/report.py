@@ -22,6 +22,7 @@ import psutil
 
 from mltasks.bench.bulk import cdf_points
 from mltasks.bench.cpucost import cpu_lines
+from mltasks.bench.vary import markdown_lines as vary_lines
 from mltasks.contract import TRADITIONAL_AI
 from mltasks.game import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
 
@@ -223,19 +224,24 @@ def machine() -> dict[str, Any]:
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Service against floor at each client count measured with both."""
-    by_key = {(r["responder"], r["clients"]): r for r in runs if "failed" not in r}
+    """Service against floor at each client count measured with both; with ``--rounds``,
+    round by round (a service run against the floors of its own round, which ran beside
+    it). The variants of ``--vary`` are left out here: they are compared with each other
+    (`vary.compare`), and each against the floors in the runs' table."""
+    by_key = {(r["responder"], r["clients"], r.get("round")): r for r in runs if "failed" not in r}
     out = []
-    for clients in sorted({r["clients"] for r in runs}):
-        svc = by_key.get(("service", clients))
+    for clients, rnd in sorted({(r["clients"], r.get("round") or 0) for r in runs}):
+        key = rnd or None
+        svc = by_key.get(("service", clients, key))
         for floor in ("floor", "model floor", "broker floor"):
-            flo = by_key.get((floor, clients))
+            flo = by_key.get((floor, clients, key))
             if svc is None or flo is None:
                 continue
             s_lat, f_lat = svc["latency_ms"], flo["latency_ms"]
             out.append(
                 {
                     "clients": clients,
+                    **({"round": rnd} if rnd else {}),
                     "floor": floor,
                     "decisions_per_s_ratio": _ratio(svc["decisions_per_s"], flo["decisions_per_s"]),
                     "p50_diff_ms": (
@@ -337,6 +343,19 @@ def memory_lines(
     return lines
 
 
+def _round_head(rows: list[dict[str, Any]]) -> str:
+    """A ``round`` column where the rows have one (``--rounds``, ``--vary``), else none."""
+    return " | round" if any("round" in r for r in rows) else ""
+
+
+def _round_rule(rows: list[dict[str, Any]]) -> str:
+    return " | ---:" if any("round" in r for r in rows) else ""
+
+
+def _round_cell(row: dict[str, Any]) -> str:
+    return f" | {row['round']}" if "round" in row else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report for people: the runs, the ratios, the machine, the worker's memory."""
     m = report["machine"]
@@ -353,20 +372,23 @@ def markdown(report: dict[str, Any]) -> str:
         "whole machine used by the client processes, by the responder's processes, by "
         "everything, and by everything not working for the run (others: the disturbance).",
         "",
-        "| responder | clients | decisions/s | in time | p50 ms | p95 ms | p99 ms | 255 "
-        "| parse failures | errors | CPU clients/responder/all/others | actions (id:count) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| responder | clients{_round_head(report['runs'])} | decisions/s | in time | p50 ms "
+        "| p95 ms | p99 ms | 255 | parse failures | errors | CPU clients/responder/all/others "
+        "| actions (id:count) |",
+        f"| --- | ---:{_round_rule(report['runs'])} | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | --- |",
     ]
     for r in report["runs"]:
         if "failed" in r:
             reason = r["failed"].strip().splitlines()[0] if r["failed"].strip() else "?"
             lines.append(
-                f"| {r['responder']} | {r['clients']} | failed: {reason} | | | | | | | | | |"
+                f"| {r['responder']} | {r['clients']}{_round_cell(r)} | failed: {reason} "
+                "| | | | | | | | | |"
             )
             continue
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['responder']} | {r['clients']} | {r['decisions_per_s']} "
+            f"| {r['responder']} | {r['clients']}{_round_cell(r)} | {r['decisions_per_s']} "
             f"| {r['in_time_share'] * 100:.1f}% | {fmt(lat['p50'])} | {fmt(lat['p95'])} "
             f"| {fmt(lat['p99'])} | {r['share_255'] * 100:.1f}% | {r['parse_failures']} "
             f"| {r['errors']} | {_busy(r)} | {_actions(r['actions'])} |"
@@ -374,17 +396,20 @@ def markdown(report: dict[str, Any]) -> str:
     if report["ratios"]:
         lines += [
             "",
-            "| clients | against | decisions/s service/floor | p50 service - floor (ms) "
-            "| p99 service/floor | CPU per decision service/floor |",
-            "| ---: | --- | ---: | ---: | ---: | ---: |",
+            f"| clients{_round_head(report['ratios'])} | against | decisions/s service/floor "
+            "| p50 service - floor (ms) | p99 service/floor | CPU per decision service/floor |",
+            f"| ---:{_round_rule(report['ratios'])} | --- | ---: | ---: | ---: | ---: |",
         ]
         for q in report["ratios"]:
             lines.append(
-                f"| {q['clients']} | {q.get('floor', 'floor')} "
+                f"| {q['clients']}{_round_cell(q)} | {q.get('floor', 'floor')} "
                 f"| {fmt(q['decisions_per_s_ratio'])} "
                 f"| {fmt(q['p50_diff_ms'])} | {fmt(q['p99_ratio'])} "
                 f"| {fmt(q.get('cpu_per_decision_ratio'))} |"
             )
+    variants = vary_lines(report)
+    if variants:
+        lines += ["", *variants]
     cpu = cpu_lines(report["runs"], key="clients", key_label="clients")
     if cpu:
         lines += ["", *cpu]

@@ -7,6 +7,7 @@ on disk. Starting costs a second or two; it buys runs that can be compared.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -176,9 +177,11 @@ def broker_floor_responder(url: str, redis_url: str, log_dir: Path) -> Responder
     )
 
 
-def service_responder(settings: ServiceSettings) -> Responder:
-    label = settings.label()
-    slug = label.replace(" ", "-")
+def service_responder(settings: ServiceSettings, name: str | None = None) -> Responder:
+    """The service as ``settings`` deploy it, called ``name`` (default: its label); the
+    name, made a file name, also names its config file and logs."""
+    label = name or settings.label()
+    slug = re.sub(r"[^\w.=+-]+", "-", label)
     return Responder(
         label,
         lambda: service(settings, slug),

@@ -229,11 +229,10 @@ def write_checked_config(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
 
 def experience_enabled(s: ServiceSettings) -> bool:
     """``--set experience.enabled=true``: the run has the experience recorder, as a
-    deployment that records runs it beside the service (off by default, as built in)."""
-    return any(
-        (section, key) == ("experience", "enabled") and value in (True, "true", "1", "yes")
-        for section, key, value in s.overrides
-    )
+    deployment that records runs it beside the service (off by default, as built in). The
+    last setting counts, as in the config (``--vary`` sets its value after ``--set``'s)."""
+    values = [v for sec, key, v in s.overrides if (sec, key) == ("experience", "enabled")]
+    return bool(values) and values[-1] in (True, "true", "1", "yes")
 
 
 def worker_argv(s: ServiceSettings, node: str) -> list[str]:
