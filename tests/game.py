@@ -17,6 +17,7 @@ import psycopg
 # The emulator's statements and parsers: the tests play the game as dev's load and the
 # benchmarks do, in one place.
 from mltasks import game
+from mltasks.contract import TRADITIONAL_AI
 from mltasks.game import stof as stof
 from mltasks.game import stoi as stoi
 
@@ -90,6 +91,15 @@ def decide(
         time.sleep(0.002)
     mark_timeout(conn, rid)
     return rid, None
+
+
+def answered_by_model(
+    conn: psycopg.Connection[Any], state: Sequence[float], timeout_ms: float, **kw: Any
+) -> bool:
+    """One decision, answered with an action rather than 255: until a worker beats, the
+    bridge rightly answers 255 itself, so this is how a test waits for the service."""
+    _, answer = decide(conn, state, timeout_ms, **kw)
+    return answer is not None and answer[0] != TRADITIONAL_AI
 
 
 TOKEN = "test-claim"

@@ -89,11 +89,11 @@ def test_operator_commands_answer_the_game(
     pg: psycopg.Connection[Any], service: list[Child]
 ) -> None:
     # Until the worker beats, the bridge rightly answers 255 (no consumer: level 5).
-    def model_answers() -> bool:
-        _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
-        return answer is not None and answer[0] != 255
-
-    wait_until(model_answers, 60, "the worker to come up")
+    wait_until(
+        lambda: game.answered_by_model(pg, [0.8, 0.5] + [0.0] * 62, 5000),
+        60,
+        "the worker to come up",
+    )
     pg.execute("TRUNCATE ai_requests CASCADE")
     good = {a: game.insert(pg, [0.8, 0.5] + [0.0] * 62, archetype=a) for a in ARCHETYPES}
     bad = game.insert(pg, [0.1] * 63, archetype="tank")
@@ -118,11 +118,11 @@ def test_metrics_move_with_real_traffic(
 ) -> None:
     from tests.flow.test_metrics import scrape, value
 
-    def model_answers() -> bool:
-        _, answer = game.decide(pg, [0.8, 0.5] + [0.0] * 62, timeout_ms=5000)
-        return answer is not None and answer[0] != 255
-
-    wait_until(model_answers, 60, "the worker to come up")
+    wait_until(
+        lambda: game.answered_by_model(pg, [0.8, 0.5] + [0.0] * 62, 5000),
+        60,
+        "the worker to come up",
+    )
     worker_url = f"http://127.0.0.1:{ports['worker']}/metrics"
     bridge_url = f"http://127.0.0.1:{ports['bridge']}/metrics"
     before = scrape(worker_url)

@@ -101,12 +101,11 @@ def test_no_secret_reaches_the_logs(config: Config, models_dir: Path, tmp_path: 
         for p in procs:
             p.start()
         with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
-
-            def answered_by_model() -> bool:
-                _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="mage")
-                return answer is not None and answer[0] != 255
-
-            wait_for(answered_by_model, 60, "the worker's answers")
+            wait_for(
+                lambda: game.answered_by_model(pg, [0.5] * 64, 3000, archetype="mage"),
+                60,
+                "the worker's answers",
+            )
             game.decide(pg, [0.5] * 10, timeout_ms=3000)  # a bad row: a logged reason
         wait_for(lambda: b"bridge_db_error" in log_path.read_bytes(), 20, "the error log")
     finally:
@@ -157,12 +156,11 @@ def test_workers_log_no_line_per_task_at_info(
         for p in procs:
             p.start()
         with psycopg.connect(config.database.conninfo, autocommit=True) as pg:
-
-            def answered_by_model() -> bool:
-                _, answer = game.decide(pg, [0.5] * 64, timeout_ms=3000, archetype="tank")
-                return answer is not None and answer[0] != 255
-
-            wait_for(answered_by_model, 60, "the worker's answers")
+            wait_for(
+                lambda: game.answered_by_model(pg, [0.5] * 64, 3000, archetype="tank"),
+                60,
+                "the worker's answers",
+            )
             size_before = log_path.stat().st_size
             for i in range(30):
                 _, answer = game.decide(pg, [i / 30] * 64, timeout_ms=3000)
