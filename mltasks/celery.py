@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-SETTINGS_MODULE = "mltasks.broker.celery_settings"
+from mltasks.broker.celery_app import SETTINGS_MODULE
+
 # The modules whose shared tasks and signal handlers a worker takes.
 TASK_MODULES = ("mltasks.serving.batch", "mltasks.serving.jobs", "mltasks.serving.process")
 

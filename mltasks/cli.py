@@ -219,10 +219,16 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+# Commands whose modules are imported only to run them (or for ``--help``, or an unknown
+# command's error): the benchmark's imports cost 1.1 CPU seconds, which an operator's
+# ``models deploy`` on a loaded live host took from the service's batches (issue 27); dev's
+# and status's 0.6 more made ``models rollback`` wait past 5 s there.
+HEAVY_COMMANDS = ("bench", "dev", "status", "experience")
+KNOWN_COMMANDS = ("db", "models", "bridge", "worker", "beat", "flower", *HEAVY_COMMANDS)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Every command's parser; with ``command``, the benchmark's only for ``bench``: its
-    imports cost 1.1 CPU seconds, which an operator's ``models deploy`` on a loaded live
-    host took from the service's batches (issue 27)."""
+    """Every command's parser; with ``command``, of `HEAVY_COMMANDS` only its own."""
     p = argparse.ArgumentParser(prog="mltasks", description=__doc__)
     p.add_argument("--config", help="a YAML file (default: $MLTASKS_CONFIG or config/mltasks.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,21 +339,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fl = sub.add_parser("flower", help="run Flower behind basic auth (MLTASKS_FLOWER_PASSWORD)")
     fl.set_defaults(func=_flower, flower_args=[])  # the rest of the line: to celery flower
 
-    if command in (None, "bench"):
+    def wanted(name: str) -> bool:  # its own command, --help, or an unknown command's error
+        return command == name or command not in KNOWN_COMMANDS
+
+    if wanted("bench"):
         try:
             from mltasks.bench.cli import add_parser as add_bench
         except ImportError:  # the bench package is optional at import time
             pass
         else:
             add_bench(sub)
-    from mltasks.ops.dev import add_parser as add_dev
-    from mltasks.ops.status import add_parser as add_status
+    if wanted("dev"):
+        from mltasks.ops.dev import add_parser as add_dev
 
-    add_dev(sub)
-    add_status(sub)
-    from mltasks.experience.cli import add_parser as add_experience
+        add_dev(sub)
+    if wanted("status"):
+        from mltasks.ops.status import add_parser as add_status
 
-    add_experience(sub)
+        add_status(sub)
+    if wanted("experience"):
+        from mltasks.experience.cli import add_parser as add_experience
+
+        add_experience(sub)
     _plain_everywhere(p)
     return p
 

@@ -41,10 +41,10 @@ def _redis() -> Any:
 
 
 def _told(model: str, version: str, action: str) -> int:
-    from mltasks.celery import app
-    from mltasks.models.shadow import broadcast
+    from mltasks.broker.celery_app import control_app
+    from mltasks.models import control
 
-    return len(broadcast(model, version, action, reply=True, app=app))
+    return len(control.broadcast(control_app(), model, version, action, reply=True))
 
 
 def deploy_command(args: argparse.Namespace) -> int:

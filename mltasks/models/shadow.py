@@ -49,7 +49,7 @@ from mltasks import keys, metrics
 from mltasks.config import CanaryConfig
 from mltasks.contract import ARCHETYPES, MODEL_TYPES
 from mltasks.errors import ModelError
-from mltasks.models import served, versions
+from mltasks.models import control, served, versions
 
 if TYPE_CHECKING:
     from mltasks.models.engine import Engine
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTROL_COMMAND = "mltasks_models"
 STATS_TTL_S = 7 * 86400
 
 
@@ -425,30 +424,8 @@ def _decide(
         )
         metrics.observe_canary_decision(name, "rolled_back", limit)
     notify()
-    broadcast(name, version, decision)
-
-
-def broadcast(
-    model: str, version: str, action: str, reply: bool = False, app: Any = None
-) -> list[Any]:
-    """Tell every worker through Celery's remote control channel (``mltasks_models``):
-    with ``app``, else with the app of the worker this runs in (`ModelsStep`)."""
-    app = app if app is not None else _worker_app
-    if app is None:  # not in a worker: the generation file tells them
-        return []
-    try:
-        replies = app.control.broadcast(
-            CONTROL_COMMAND,
-            arguments={"model": model, "version": version, "action": action},
-            reply=reply,
-            timeout=1.0,
-            # Stop waiting once every live worker answered, not at the timeout.
-            limit=(_live_workers() or None) if reply else None,
-        )
-    except Exception as exc:  # the generation file still tells them
-        log.warning("control broadcast failed: %s", exc, extra={"event": "broadcast_failed"})
-        return []
-    return list(replies or [])
+    if _worker_app is not None:  # else the generation file tells them
+        control.broadcast(_worker_app, name, version, decision)
 
 
 # The control commands this worker received, newest last: its `stats` show them (Flower's
@@ -491,28 +468,11 @@ class ModelsStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 serving[p.model] = line
         return {
             "mltasks_models": {
-                "control_command": f"celery -A mltasks control {CONTROL_COMMAND} <model> <version>",
+                "control_command": f"celery -A mltasks control {control.COMMAND} <model> <version>",
                 "received": list(_received),
                 "versions": serving,
             }
         }
-
-
-def _live_workers() -> int:
-    """Worker nodes with a fresh heartbeat on any queue (0 when Redis cannot say)."""
-    from mltasks.broker.celery_app import QUEUES
-    from mltasks.config import get_config
-    from mltasks.redisurl import cache_client
-
-    try:
-        r = cache_client(get_config())
-        now = time.time()
-        members: set[Any] = set()
-        for q in QUEUES:
-            members.update(r.zrangebyscore(keys.workers(q), now - 5, "+inf"))
-        return len(members)
-    except Exception:
-        return 0
 
 
 def _register() -> None:

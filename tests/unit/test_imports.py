@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("mltasks", "bridge", "beat")
@@ -192,3 +193,38 @@ def test_celery_finds_the_one_app_with_its_bootsteps() -> None:
         "mltasks ['ModelsStep', 'MonitorStep'] ['ConsumingStep']",
         "['mltasks.canary', 'mltasks.cleanup', 'mltasks.infer_batch', 'mltasks.recover']",
     ]
+
+
+def test_the_operators_rollback_loads_neither_numpy_nor_the_worker_app() -> None:
+    """``models rollback`` on a busy host waits for every CPU second it imports: it needs
+    its parser, the pointers and the control channel, not the worker's app or the other
+    commands' modules (psycopg, numpy)."""
+    out = run_python(
+        """
+        import sys
+        from mltasks.cli import build_parser
+        from mltasks.broker.celery_app import control_app
+        from mltasks.models import control, deploy, versions
+
+        build_parser("models").parse_args(["models", "rollback", "tank/combat_dqn"])
+        control_app().control
+        heavy = ("numpy", "psycopg", "onnxruntime", "mltasks.celery", "mltasks.ops.dev",
+                 "mltasks.models.shadow", "mltasks.bench.cli")
+        print(sorted(m for m in heavy if m in sys.modules))
+        """
+    )
+    assert out == "[]"
+
+
+def test_every_command_is_known_to_the_lazy_parser() -> None:
+    from mltasks.cli import HEAVY_COMMANDS, KNOWN_COMMANDS, build_parser
+
+    def commands(parser: Any) -> set[str]:
+        return set(parser._subparsers._group_actions[0].choices)
+
+    everything = commands(build_parser())
+    assert everything == set(KNOWN_COMMANDS)
+    for name in KNOWN_COMMANDS:
+        expected = everything - set(HEAVY_COMMANDS) | ({name} & set(HEAVY_COMMANDS))
+        assert commands(build_parser(name)) == expected, name
+    assert commands(build_parser("no-such-command")) == everything
