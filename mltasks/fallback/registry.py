@@ -43,6 +43,14 @@ class WorkerRegistry:
                 pipe.pexpire(keys.workers(q), ttl_ms)
         pipe.execute()
 
+    def live(self, queues: Iterable[str], max_age_s: float) -> set[str]:
+        """The workers that beat on any of ``queues`` within ``max_age_s``; one round trip."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.zrangebyscore(keys.workers(q), now - max_age_s, "+inf")
+        return {m.decode() for members in pipe.execute() for m in members}
+
     def publish_problem(self, queues: Iterable[str], member: str, problem: str | None) -> None:
         """Why the worker ``member`` does not serve ``queues`` (None: it does), for status."""
         pipe = self.redis.pipeline(transaction=False)

@@ -11,15 +11,14 @@ second the operator waits (docs/PERFORMANCE.md, "The operator's rollback on a bu
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
-
-from mltasks import keys
 
 log = logging.getLogger(__name__)
 
 COMMAND = "mltasks_models"
 REPLY_TIMEOUT_S = 1.0
+# A worker that beat this recently is waited for (its heartbeat: fallback.heartbeat_interval_ms).
+LIVE_WITHIN_S = 5.0
 
 
 def broadcast(app: Any, model: str, version: str, action: str, reply: bool = False) -> list[Any]:
@@ -45,14 +44,10 @@ def live_workers() -> int:
     """Worker nodes with a fresh heartbeat on any queue (0 when Redis cannot say)."""
     from mltasks.config import get_config
     from mltasks.fallback.ladder import QUEUES
+    from mltasks.fallback.registry import WorkerRegistry
     from mltasks.redisurl import cache_client
 
     try:
-        r = cache_client(get_config())
-        now = time.time()
-        members: set[Any] = set()
-        for q in QUEUES:
-            members.update(r.zrangebyscore(keys.workers(q), now - 5, "+inf"))
-        return len(members)
+        return len(WorkerRegistry(cache_client(get_config())).live(QUEUES, LIVE_WITHIN_S))
     except Exception:
         return 0

@@ -435,3 +435,13 @@ def test_a_live_gpu_worker_steps_down_on_its_probes(world: World) -> None:
     world.set_probes(gpu_present=False, vram_used_bytes=None, vram_total_bytes=None)
     wait_for(lambda: world.store.read().level == 3, 10, "level 3 once the GPU is gone")
     assert "GPU missing" in world.store.read().reason
+
+
+def test_the_registry_counts_each_live_worker_once_across_its_queues(store: LevelStore) -> None:
+    registry = WorkerRegistry(store.redis)
+    registry.beat(["cpu", "rules"], 10_000, member="host:1")
+    registry.beat(["cpu"], 10_000, member="host:2")
+    store.redis.zadd(keys.workers("cpu"), {"host:3": time.time() - 60})  # beat a minute ago
+    assert registry.live(["gpu", "cpu", "rules"], 5) == {"host:1", "host:2"}
+    assert registry.live(["cpu"], 120) == {"host:1", "host:2", "host:3"}
+    assert registry.live(["gpu"], 5) == set()
