@@ -106,8 +106,6 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         pipe.mget([keys.probes(q) for q in QUEUES])
         for q in QUEUES:
             pipe.exists(keys.workers(q))
-            pipe.zcount(keys.workers(q), now - ttl_s, "+inf")
-        for q in QUEUES:
             pipe.zrangebyscore(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
         rates = {
@@ -122,18 +120,18 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
     beats: dict[str, float | None] = {}
     counts: dict[str, int | None] = {}
     health: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[str]] = {}
     for i, q in enumerate(QUEUES):
         beat = _float(beats_raw[i]) if beats_raw[i] is not None else None
         beats[q] = None if beats_raw[i] is None else max(0.0, now - (beat or now))
-        has_set, n = replies[3 + 2 * i], replies[4 + 2 * i]
-        counts[q] = int(n) if has_set else None
+        has_set, live = replies[3 + 2 * i], replies[4 + 2 * i]
+        members[q] = sorted(
+            m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in live
+        )
+        counts[q] = len(members[q]) if has_set else None
         doc = _json_doc(probes_raw[i])
         if doc is not None:
             health[q] = doc
-    members = {
-        q: sorted(m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in ms)
-        for q, ms in zip(QUEUES, replies[3 + 2 * len(QUEUES) :], strict=True)
-    }
     since = state.since if recorded else None
     broker: dict[str, int] = {}
     bclient = _redis_client(config, config.redis.broker_db, timeout_s)
