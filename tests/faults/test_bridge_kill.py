@@ -53,33 +53,65 @@ def blocked_publishers(r: redis.Redis, pid: int, port: int) -> list[dict[str, st
     ]
 
 
+PAUSE_MS = 900  # under the broker's 1 s socket timeout: the publish waits, never fails
+# A kill that ends later than this after the pause began may have come after the pause
+# lapsed by itself (a descheduled test on a loaded two-core host): the publish may have
+# gone through, and the rows with it.
+KILL_BY_S = PAUSE_MS / 1000 - 0.1
+
+
+def broker_connected(pid: int, port: int) -> bool:
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.raddr and c.raddr.port == port for c in conns)
+
+
 def kill_while_publishing(
     svc: Service, name: str, server: RedisServer, tries: int = 10
-) -> dict[str, str]:
-    """Pause the broker's writes, kill bridge `name` once its publish is stuck, unpause."""
-    pid = svc.procs[name].pid
+) -> tuple[str, dict[str, str]]:
+    """Pause the broker's writes, kill bridge `name` once its publish is stuck, unpause.
+
+    Returns the bridge killed and its stuck client. A kill that came too late to be sure
+    the pause still held the publish counts for nothing: a new bridge takes the dead
+    one's place and the next try pauses again."""
     r = server.client(BROKER_DB)
     try:
-        for _ in range(tries):
-            r.client_pause(900, all=False)
+        for attempt in range(tries):
+            pid = svc.procs[name].pid
+            paused_at = time.monotonic()
+            r.client_pause(PAUSE_MS, all=False)
             try:
                 stuck = wait_until(
-                    lambda: blocked_publishers(r, pid, server.port),
-                    0.7,  # under the broker's 1 s socket timeout
+                    lambda pid=pid: blocked_publishers(r, pid, server.port),  # type: ignore[misc]
+                    KILL_BY_S - 0.1,
                     f"{name} to publish into the paused broker",
                     interval=0.003,
                 )
-                svc.kill(name)
-                return stuck[0]
             except WaitTimeout:
-                pass
+                stuck = []
+            else:
+                svc.kill(name)
+                killed_in_time = time.monotonic() - paused_at < KILL_BY_S
             finally:
                 r.client_unpause()
-            # Before the next pause: the bridge's writes flow again (none left blocked).
+            if not stuck:
+                # Before the next pause: the bridge's writes flow again (none left blocked).
+                wait_until(
+                    lambda pid=pid: not blocked_publishers(r, pid, server.port),  # type: ignore[misc]
+                    5,
+                    f"{name}'s publishes to go through after the pause",
+                )
+                continue
+            if killed_in_time:
+                return name, stuck[0]
+            name = f"{name.split('~')[0]}~{attempt + 1}"
+            pid = svc.start_bridge(name).pid
             wait_until(
-                lambda: not blocked_publishers(r, pid, server.port),
-                5,
-                f"{name}'s publishes to go through after the pause",
+                lambda pid=pid: broker_connected(pid, server.port),  # type: ignore[misc]
+                30,
+                f"{name} to connect to the broker",
             )
     finally:
         r.close()
@@ -103,8 +135,10 @@ def test_a_bridge_killed_holding_claimed_rows_leaves_none_behind(
         patience = int(s.bound_s * 1000) + 2000
         with GameLoad(config.database.conninfo, patient=4, patient_timeout_ms=patience) as load:
             load.wait_decisions(40)
-            stuck = kill_while_publishing(svc, "bridge-a", redis_server)
+            killed, stuck = kill_while_publishing(svc, "bridge-a", redis_server)
             killed_at = time.monotonic()
+
+            seen: list[tuple[int, int]] = []
 
             def released_and_expired() -> bool:
                 row = pg.execute(
@@ -113,9 +147,22 @@ def test_a_bridge_killed_holding_claimed_rows_leaves_none_behind(
                     "   AND claimed_at < clock_timestamp() - interval '100 ms')"
                     " FROM ai_requests"
                 ).fetchone()
-                return bool(row and row[0] and not row[1])
+                assert row is not None
+                seen.append((row[0], row[1]))
+                return bool(row[0] and not row[1])
 
-            wait_for(released_and_expired, s.bound_s + 5, "the dead bridge's rows to be released")
+            try:
+                wait_for(released_and_expired, s.bound_s + 5, "the dead bridge's rows")
+            except AssertionError as e:
+                late = pg.execute(
+                    "SELECT request_id, status, attempts, clock_timestamp() - claimed_at"
+                    " FROM ai_requests WHERE status IN ('pending', 'processing')"
+                    " ORDER BY claimed_at LIMIT 10"
+                ).fetchall()
+                raise AssertionError(
+                    f"{e}: (released, claimed over 100 ms) last seen {seen[-3:]};"
+                    f" oldest unanswered {late}; {killed} died in {stuck}\n{svc.tails()}"
+                ) from None
             load.keep_going(max(0.0, 1.0 - (time.monotonic() - killed_at)))
         settle(pg, s.bound_s + 2)
         problems, rows = audit(
@@ -127,7 +174,7 @@ def test_a_bridge_killed_holding_claimed_rows_leaves_none_behind(
         ).fetchall()
     assert svc.crashed() == {}, svc.tails()
     assert not load.crashes, load.crashes
-    assert not problems, f"bridge-a died in {stuck}\n" + report(problems, rows, svc)
+    assert not problems, f"{killed} died in {stuck}\n" + report(problems, rows, svc)
     # The dead bridge's rows came back through the lease, past their deadline: 255.
     assert released, "no row was released by the lease: the kill caught nothing"
     assert {(st, a, why) for _, st, a, why in released} == {("expired", 255, "deadline")}, released
