@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import pytest
 from celery import Celery
 
-from bridge.loop import Bridge
+from bridge import loop
+from bridge.loop import SWEEP_MARGIN_S, Bridge
 from mltasks.config import Config
 from tests import game
-from tests.conftest import app_with_broker
+from tests.conftest import app_with_broker, wait_for
 
 STATE = [0.8, 0.5] + [0.0] * 62
 
@@ -111,6 +114,70 @@ def test_expired_lease_is_claimed_again(config: Config, pg: psycopg.Connection[A
         assert b.step() == 1
     assert response(pg, rid) == (255, 0.0, "deadline", "expired")
     assert pg.execute("SELECT attempts FROM ai_requests").fetchone() == (2,)
+
+
+def set_claimed(pg: psycopg.Connection[Any], rid: int, age_s: float) -> None:
+    """The row 'processing', claimed ``age_s`` ago."""
+    pg.execute(
+        "UPDATE ai_requests SET status = 'processing', attempts = 1,"
+        " claimed_at = clock_timestamp() - make_interval(secs => %s) WHERE request_id = %s",
+        (age_s, rid),
+    )
+
+
+def test_a_lease_that_ran_out_since_the_last_round_is_released(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    # The bounded rounds' windows join up: a lease that runs out between two rounds is
+    # in the next one's window.
+    lease_s = config.inference.lease_ms / 1000
+    rid = game.insert(pg, STATE)
+    with bridge_on_dead_broker(config) as b:
+        b.housekeeping()  # the first round looks back over everything
+        set_claimed(pg, rid, lease_s + SWEEP_MARGIN_S / 2)
+        b.housekeeping()
+    assert response(pg, rid) == (None, None, None, "pending")
+
+
+def test_a_claim_older_than_the_window_is_released_by_the_next_full_round(
+    config: Config, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim that became visible only after the rounds had passed its claimed_at (a
+    # claim that committed late): the bounded rounds miss it, the full one does not.
+    rid = game.insert(pg, STATE)
+    with bridge_on_dead_broker(config) as b:
+        b.housekeeping()
+        set_claimed(pg, rid, 3600)
+        b.housekeeping()
+        assert response(pg, rid) == (None, None, None, "processing")
+        monkeypatch.setattr(loop, "FULL_SWEEP_EVERY_S", 0.0)
+        b.housekeeping()
+    assert response(pg, rid) == (None, None, None, "pending")
+
+
+def test_the_housekeeping_thread_releases_leases_while_the_loop_runs(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    rid = game.insert(pg, STATE)
+    set_claimed(pg, rid, 3600)
+    pg.execute(
+        "UPDATE ai_requests SET created_at = claimed_at WHERE request_id = %s", (rid,)
+    )  # past its deadline: once released, the claim answers it 255 itself
+    stop = threading.Event()
+    b = Bridge(config, dead_broker_app(config))
+    runner = threading.Thread(target=b.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(
+            lambda: response(pg, rid) == (255, 0.0, "deadline", "expired"),
+            10,
+            "the released row to be expired",
+        )
+    finally:
+        stop.set()
+        runner.join(15)
+    assert not runner.is_alive()
+    assert b._keeper_conn is None  # the thread closed its connection on the way out
 
 
 def test_live_lease_is_left_alone(config: Config, pg: psycopg.Connection[Any]) -> None:

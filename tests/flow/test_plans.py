@@ -35,7 +35,10 @@ STATEMENTS: dict[str, tuple[dict[str, str], str]] = {
         " '{completed,completed}', 'x'",
     ),
     "expire_batch": ({"request_ids": "int[]", "reason": "text"}, "'{1,2}', 'lost'"),
-    "release_stale": ({"lease_s": "float8"}, "1.0"),
+    "release_stale": (
+        {"lease_s": "float8", "since_s": "float8", "limit": "int"},
+        "1.0, 315360000, 1000",
+    ),
     "answer_game_timeouts": ({"lease_s": "float8"}, "1.0"),
     "has_pending": ({}, ""),
     "queue_stats": ({}, ""),
@@ -227,3 +230,32 @@ def test_the_experience_round_planned_on_empty_tables_reads_its_window(config: C
     text_plan = "\n".join(str(r[0]) for r in plan)
     assert "rows=2000" in text_plan, text_plan  # the window's requests, each recorded
     assert _buffers(plan[:2]) < 100_000, text_plan
+
+
+def test_a_bounded_lease_sweep_reads_only_its_window(config: Config) -> None:
+    """The sweep's rounds between two full ones look back only to where the last round
+    ended (bridge/loop.py): the dead entries of every row answered before that are not
+    stepped over again (3.6 ms a round for 66,000 of them, on the claim loop, held the
+    rows that arrived meanwhile past the p99 at 10,000 decisions/s)."""
+    analyzed_empty(config)
+    params, _ = STATEMENTS["release_stale"]
+    with psycopg.connect(config.database.conninfo, autocommit=True) as conn:
+        conn.execute("ALTER TABLE ai_requests SET (autovacuum_enabled = false)")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        bounded = prepare(conn, "release_stale", (params, "1.0, 2.0, 1000"))
+        conn.execute(bounded)  # planned on the empty table
+        conn.execute(
+            "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at)"
+            " SELECT g, 'aggressive', array_fill(0.5::real, ARRAY[64]), 'processing',"
+            " now() - interval '1 hour' FROM generate_series(1, 20000) AS g"
+        )
+        conn.execute("UPDATE ai_requests SET status = 'completed', answered_at = now()")
+        conn.execute(
+            "INSERT INTO ai_requests (monster_id, archetype, state_vector, status, claimed_at)"
+            " VALUES (1, 'aggressive', array_fill(0.5::real, ARRAY[64]), 'processing',"
+            " now() - interval '1.5 s')"
+        )
+        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {bounded}").fetchall()
+    text = "\n".join(str(r[0]) for r in plan)
+    assert "rows=1 " in text, text  # the one lease that ran out inside the window
+    assert _buffers(plan) < 50, text

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from bridge.loop import FULL_LOOKBACK_S, RELEASE_LIMIT
 from mltasks.config import Config
 from mltasks.serving.answers import expire
 from mltasks.sql import query
@@ -64,7 +65,8 @@ def test_release_stale_skips_a_locked_row(
     claim(pg, free, held)
     lock(holder, held)
     pg.execute(NO_WAIT)
-    pg.execute(query("release_stale"), {"lease_s": 0})
+    full = {"lease_s": 0, "since_s": FULL_LOOKBACK_S, "limit": RELEASE_LIMIT}
+    pg.execute(query("release_stale"), full)
     assert status(pg, free) == ("pending", None)
     assert status(pg, held) == ("processing", None)
 
