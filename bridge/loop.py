@@ -21,6 +21,7 @@ import psycopg
 import redis
 from celery import Celery
 
+from bridge.housekeeping import Housekeeping
 from bridge.publish import Publisher
 from mltasks import metrics
 from mltasks.config import Config, get_config
@@ -37,24 +38,8 @@ from mltasks.sql import query
 
 log = logging.getLogger(__name__)
 
-# Lease release, game timeouts and the fallback level are looked at this often, on a
-# thread and a database connection of their own: the claim loop never waits for them.
-# (On the claim loop, release_stale alone held claiming up for 2.7 ms, p50, and up to 12 ms
-# every round at 10,000 decisions/s: the rows arriving meanwhile were the p99.)
-HOUSEKEEPING_EVERY_S = 0.25
 # At stop, how long the claim loop waits for a housekeeping round still running.
 KEEPER_JOIN_S = 5.0
-# The lease sweep (release_stale) releases at most this many rows a round. It looks back
-# to where its last complete round ended, less this margin (a claim that committed later
-# than that is found by the next full look back)...
-RELEASE_LIMIT = 1000
-SWEEP_MARGIN_S = 0.5
-# ...and at start, and this often, over every claimed row. Its cost grows with the dead
-# index entries left since the last vacuum (3.6 ms for 66,000); a bounded round at
-# 10,000 decisions/s costs 0.2 ms.
-FULL_SWEEP_EVERY_S = 10.0
-# A full look back: further than any row's age.
-FULL_LOOKBACK_S = 10 * 365 * 86400.0
 # While the tier's queue is full, it is looked at again (LLEN) this often. Not sooner on a
 # NOTIFY: at the game's insert rate that would be a Redis round trip per insert. (A NOTIFY
 # from the workers' answers would be exact, but PostgreSQL serialises the commits of every
@@ -90,10 +75,6 @@ class Bridge:
         self.level = int(self.config.fallback.start_level)
         self._publish_blocked_until = 0.0
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        self._keeper_conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        # When (monotonic) the lease sweep last completed, bounded and full.
-        self._swept_at: float | None = None
-        self._full_swept_at: float | None = None
         self.claimed = 0
         self.sent = 0
         self.expired = 0
@@ -118,6 +99,7 @@ class Bridge:
         )
         self.publisher = Publisher(self.app, self._broker)
         self.refresh_level()
+        self.keeper = Housekeeping(self.config, self.refresh_level)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -134,23 +116,11 @@ class Bridge:
             )
         return self._conn
 
-    def _keeper_connection(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The housekeeping's own connection (it never listens)."""
-        if self._keeper_conn is None or self._keeper_conn.closed:
-            self._keeper_conn = connect(self.config.database)
-        return self._keeper_conn
-
     def close(self) -> None:
         """Drop the claim loop's database connection (it is made again on the next use)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    def close_keeper(self) -> None:
-        """Drop the housekeeping's connection (it is made again on the next use)."""
-        if self._keeper_conn is not None:
-            self._keeper_conn.close()
-            self._keeper_conn = None
 
     # -- one round ----------------------------------------------------------------------
 
@@ -374,68 +344,8 @@ class Bridge:
         return max(RESCUE_EVERY_S, self._in_flight[0][0] - time.monotonic())
 
     def housekeeping(self) -> None:
-        """Give back rows whose lease ran out; answer rows the game gave up on unclaimed.
-
-        Runs on the housekeeping thread (`run`), on its own connection."""
-        self.refresh_level()
-        try:
-            conn = self._keeper_connection()
-            self._release_stale(conn)
-            conn.execute(query("forget_gone_bridges"))
-            cur = conn.execute(
-                query("answer_game_timeouts"), {"lease_s": self.config.inference.lease_ms / 1000}
-            )
-            if cur.rowcount > 0:
-                metrics.observe_answers({"expired": cur.rowcount}, [])
-        except psycopg.Error as exc:
-            self.close_keeper()
-            raise DatabaseError(f"housekeeping: {exc}") from exc
-
-    def _release_stale(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-        """Give back expired leases, looking back only as far as needed (release_stale)."""
-        now = time.monotonic()
-        lease_s = self.config.inference.lease_ms / 1000
-        full = (
-            self._swept_at is None
-            or self._full_swept_at is None
-            or now - self._full_swept_at >= FULL_SWEEP_EVERY_S
-        )
-        since_s = (
-            FULL_LOOKBACK_S
-            if full or self._swept_at is None
-            else lease_s + (now - self._swept_at) + SWEEP_MARGIN_S
-        )
-        cur = conn.execute(
-            query("release_stale"),
-            {"lease_s": lease_s, "since_s": since_s, "limit": RELEASE_LIMIT},
-        )
-        if cur.rowcount < RELEASE_LIMIT:  # complete: the next round starts from here
-            self._swept_at = now
-            if full:
-                self._full_swept_at = now
-
-    def keep_house(self, stop: threading.Event) -> None:
-        """`housekeeping` every HOUSEKEEPING_EVERY_S until ``stop``; the thread beside
-        the claim loop. A failed round is logged and tried again, never fatal."""
-        backoff = 0.1
-        while not stop.is_set():
-            try:
-                self.housekeeping()
-                backoff = 0.1
-                stop.wait(HOUSEKEEPING_EVERY_S)
-            except DatabaseError as exc:
-                log.warning(
-                    "housekeeping: database unavailable, retrying in %.1fs: %s",
-                    backoff,
-                    exc,
-                    extra={"event": "bridge_db_error"},
-                )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-            except Exception:  # a bug here must not stop the leases for good
-                log.exception("housekeeping failed", extra={"event": "housekeeping_failed"})
-                stop.wait(HOUSEKEEPING_EVERY_S)
-        self.close_keeper()
+        """One housekeeping round now (bridge/housekeeping.py; `run` has them on a thread)."""
+        self.keeper.round()
 
     def congested(self) -> bool:
         """True while the tier's queue holds ``max_waiting_batches`` batches or more, for
@@ -523,10 +433,7 @@ class Bridge:
     def run(self, stop: threading.Event) -> None:
         poll_s = self.config.inference.poll_interval_ms / 1000
         backoff = 0.1
-        keeper = threading.Thread(
-            target=self.keep_house, args=(stop,), name="bridge-housekeeping", daemon=True
-        )
-        keeper.start()
+        keeper = self.keeper.start(stop)
         while not stop.is_set():
             try:
                 claimed = self.drain()

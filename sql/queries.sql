@@ -75,7 +75,7 @@ ORDER BY priority DESC, created_at;
 -- at minute 4. An index scan marks them as it passes and steps over them after that.
 -- Stepping over them still costs: 3.6 ms a sweep for 66,000 dead entries. So a sweep looks
 -- back only %(since_s)s: to where the last complete one ended, less a margin for a claim
--- that committed late (bridge/loop.py); a full look back now and then catches the rest.
+-- that committed late (bridge/housekeeping.py); a full look back now and then catches the rest.
 WITH stale AS (
     SELECT request_id FROM ai_requests
     WHERE status = 'processing'

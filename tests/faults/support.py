@@ -92,7 +92,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER_DB = 1  # the product's default (CACHE_DB: 0): the Redis server is ours alone
-HOUSEKEEPING_S = 0.25  # bridge/loop.py HOUSEKEEPING_EVERY_S: how late a lease can be seen
+HOUSEKEEPING_S = 0.25  # bridge/housekeeping.py HOUSEKEEPING_EVERY_S: how late a lease can be seen
 # Celery's start banner and its warning about root: noise in a failure message.
 _BANNER = re.compile(
     r"^\s*(-|\*|\.>|\[queues\])|SecurityWarning|absolutely not recommended|--uid option"

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 from celery import Celery
 
-from bridge import loop
-from bridge.loop import SWEEP_MARGIN_S, Bridge
+from bridge import housekeeping
+from bridge.housekeeping import SWEEP_MARGIN_S
+from bridge.loop import Bridge
 from mltasks.config import Config
 from tests import game
 from tests.conftest import app_with_broker, wait_for
@@ -42,6 +43,7 @@ def bridge_on_dead_broker(config: Config) -> Iterator[Bridge]:
         yield b
     finally:
         b.close()
+        b.keeper.close()
 
 
 def test_overdue_rows_are_answered_255_without_a_worker(
@@ -150,7 +152,7 @@ def test_a_claim_older_than_the_window_is_released_by_the_next_full_round(
         set_claimed(pg, rid, 3600)
         b.housekeeping()
         assert response(pg, rid) == (None, None, None, "processing")
-        monkeypatch.setattr(loop, "FULL_SWEEP_EVERY_S", 0.0)
+        monkeypatch.setattr(housekeeping, "FULL_SWEEP_EVERY_S", 0.0)
         b.housekeeping()
     assert response(pg, rid) == (None, None, None, "pending")
 
@@ -177,7 +179,7 @@ def test_the_housekeeping_thread_releases_leases_while_the_loop_runs(
         stop.set()
         runner.join(15)
     assert not runner.is_alive()
-    assert b._keeper_conn is None  # the thread closed its connection on the way out
+    assert b.keeper.conn is None  # the thread closed its connection on the way out
 
 
 def test_live_lease_is_left_alone(config: Config, pg: psycopg.Connection[Any]) -> None:

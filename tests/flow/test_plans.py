@@ -234,7 +234,7 @@ def test_the_experience_round_planned_on_empty_tables_reads_its_window(config: C
 
 def test_a_bounded_lease_sweep_reads_only_its_window(config: Config) -> None:
     """The sweep's rounds between two full ones look back only to where the last round
-    ended (bridge/loop.py): the dead entries of every row answered before that are not
+    ended (bridge/housekeeping.py): the dead entries of every row answered before that are not
     stepped over again (3.6 ms a round for 66,000 of them, on the claim loop, held the
     rows that arrived meanwhile past the p99 at 10,000 decisions/s)."""
     analyzed_empty(config)

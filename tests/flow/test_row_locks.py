@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bridge.loop import FULL_LOOKBACK_S, RELEASE_LIMIT
+from bridge.housekeeping import FULL_LOOKBACK_S, RELEASE_LIMIT
 from mltasks.config import Config
 from mltasks.serving.answers import expire
 from mltasks.sql import query
