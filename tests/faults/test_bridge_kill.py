@@ -36,13 +36,18 @@ from tests.waiting import WaitTimeout, wait_until
 pytestmark = pytest.mark.faults
 
 
-def blocked_publishers(r: redis.Redis, pid: int, port: int) -> list[dict[str, str]]:
-    """Redis clients of process `pid` waiting in an LPUSH (a publish)."""
-    ports = {
+def broker_ports(pid: int, port: int) -> set[int]:
+    """The local ports of process `pid`'s connections to the broker on `port`."""
+    return {
         c.laddr.port
         for c in psutil.Process(pid).net_connections(kind="tcp")
         if c.raddr and c.raddr.port == port
     }
+
+
+def blocked_publishers(r: redis.Redis, pid: int, port: int) -> list[dict[str, str]]:
+    """Redis clients of process `pid` waiting in an LPUSH (a publish)."""
+    ports = broker_ports(pid, port)
     # flag b: blocked (postponed by the pause); cmd: the command it is blocked in
     return [
         c
@@ -62,10 +67,9 @@ KILL_BY_S = PAUSE_MS / 1000 - 0.1
 
 def broker_connected(pid: int, port: int) -> bool:
     try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except psutil.Error:
+        return bool(broker_ports(pid, port))
+    except psutil.Error:  # not started yet
         return False
-    return any(c.raddr and c.raddr.port == port for c in conns)
 
 
 def kill_while_publishing(
