@@ -51,6 +51,25 @@ class WorkerRegistry:
             pipe.zrangebyscore(keys.workers(q), now - max_age_s, "+inf")
         return {m.decode() for members in pipe.execute() for m in members}
 
+    def members(self, queues: Iterable[str], max_age_s: float) -> dict[str, list[str] | None]:
+        """The live workers of each queue, sorted; None where no worker ever beat (or all
+        lapsed past the TTL): `mltasks status` shows the count as unknown. One round trip."""
+        qs = list(queues)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for q in qs:
+            pipe.exists(keys.workers(q))
+            pipe.zrangebyscore(keys.workers(q), now - max_age_s, "+inf")
+        replies = pipe.execute()
+        found: dict[str, list[str] | None] = {}
+        for i, q in enumerate(qs):
+            has_set, live = replies[2 * i], replies[2 * i + 1]
+            names = sorted(
+                m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in live
+            )
+            found[q] = names if has_set else None
+        return found
+
     def publish_problem(self, queues: Iterable[str], member: str, problem: str | None) -> None:
         """Why the worker ``member`` does not serve ``queues`` (None: it does), for status."""
         pipe = self.redis.pipeline(transaction=False)

@@ -104,15 +104,13 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
         pipe.exists(keys.LEVEL)
         pipe.mget([keys.heartbeat(q) for q in QUEUES])
         pipe.mget([keys.probes(q) for q in QUEUES])
-        for q in QUEUES:
-            pipe.exists(keys.workers(q))
-            pipe.zrangebyscore(keys.workers(q), now - ttl_s, "+inf")
         replies: list[Any] = pipe.execute()
         rates = {
             str(layer): rate
             for layer, rate in hit_rates(client, window_s, now, scope=stats_scope(config)).items()
         }
         registry = WorkerRegistry(client)
+        live = registry.members(QUEUES, ttl_s)
         problems = {q: registry.problems(q) for q in QUEUES}
     finally:
         client.close()
@@ -124,11 +122,9 @@ def _read_redis(config: Config, timeout_s: float, window_s: int, now: float) -> 
     for i, q in enumerate(QUEUES):
         beat = _float(beats_raw[i]) if beats_raw[i] is not None else None
         beats[q] = None if beats_raw[i] is None else max(0.0, now - (beat or now))
-        has_set, live = replies[3 + 2 * i], replies[4 + 2 * i]
-        members[q] = sorted(
-            m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in live
-        )
-        counts[q] = len(members[q]) if has_set else None
+        names = live[q]
+        members[q] = names or []
+        counts[q] = None if names is None else len(names)
         doc = _json_doc(probes_raw[i])
         if doc is not None:
             health[q] = doc

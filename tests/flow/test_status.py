@@ -431,3 +431,13 @@ def test_redis_away_postgres_still_read(
 )
 def test_best_reachable_level(live: dict[str, bool], gpu: bool | None, best: int) -> None:
     assert status.best_reachable(live, gpu) == best
+
+
+def test_the_registry_lists_each_queues_live_workers_or_none_where_none_ever_beat(
+    config: Config, redis_cache: Any
+) -> None:
+    registry = WorkerRegistry(redis_cache)
+    registry.beat(["cpu"], 60_000, member="host:2")
+    registry.beat(["cpu"], 60_000, member="host:1")
+    redis_cache.zadd(keys.workers("cpu"), {"host:3": time.time() - 120})  # lapsed
+    assert registry.members(["cpu", "gpu"], 60) == {"cpu": ["host:1", "host:2"], "gpu": None}
