@@ -45,11 +45,7 @@ class WorkerRegistry:
 
     def live(self, queues: Iterable[str], max_age_s: float) -> set[str]:
         """The workers that beat on any of ``queues`` within ``max_age_s``; one round trip."""
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for q in queues:
-            pipe.zrangebyscore(keys.workers(q), now - max_age_s, "+inf")
-        return {m.decode() for members in pipe.execute() for m in members}
+        return {m for names in self.members(queues, max_age_s).values() for m in names or ()}
 
     def members(self, queues: Iterable[str], max_age_s: float) -> dict[str, list[str] | None]:
         """The live workers of each queue, sorted; None where no worker ever beat (or all
