@@ -82,16 +82,14 @@ class Housekeeping:
         """Give back expired leases, looking back only as far as needed (release_stale)."""
         now = time.monotonic()
         lease_s = self.config.inference.lease_ms / 1000
-        full = (
+        if (
             self._swept_at is None
             or self._full_swept_at is None
             or now - self._full_swept_at >= FULL_SWEEP_EVERY_S
-        )
-        since_s = (
-            FULL_LOOKBACK_S
-            if full or self._swept_at is None
-            else lease_s + (now - self._swept_at) + SWEEP_MARGIN_S
-        )
+        ):
+            full, since_s = True, FULL_LOOKBACK_S
+        else:
+            full, since_s = False, lease_s + (now - self._swept_at) + SWEEP_MARGIN_S
         cur = conn.execute(
             query("release_stale"),
             {"lease_s": lease_s, "since_s": since_s, "limit": RELEASE_LIMIT},
