@@ -27,6 +27,7 @@ import psycopg
 import pytest
 import redis
 
+from bridge.housekeeping import HOUSEKEEPING_EVERY_S
 from mltasks import keys
 from mltasks.contract import ARCHETYPES, TRADITIONAL_AI
 from mltasks.ops.launcher import (
@@ -92,7 +93,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER_DB = 1  # the product's default (CACHE_DB: 0): the Redis server is ours alone
-HOUSEKEEPING_S = 0.25  # bridge/housekeeping.py HOUSEKEEPING_EVERY_S: how late a lease can be seen
+HOUSEKEEPING_S = HOUSEKEEPING_EVERY_S  # how late a bridge sees a lease run out
 # Celery's start banner and its warning about root: noise in a failure message.
 _BANNER = re.compile(
     r"^\s*(-|\*|\.>|\[queues\])|SecurityWarning|absolutely not recommended|--uid option"
