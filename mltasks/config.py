@@ -108,6 +108,9 @@ class ModelsConfig:
     # "serving" loads, per model level, the types of that level's fusion; "all" every type.
     preload: Literal["all", "serving"] = "serving"
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # An archetype's fusion members as one ONNX Runtime session (mltasks/models/merged.py):
+    # one call instead of one per member; each served model is then held twice.
+    merge: bool = True
 
     REMOVED: ClassVar[dict[str, str]] = {
         "serve_model_type": "every level answers with its fusion; for one type alone, set "

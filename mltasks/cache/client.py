@@ -29,6 +29,7 @@ from mltasks.cache.codec import (
 from mltasks.cache.stats import LAYERS, HitCounter, Layer, hit_rates, stats_key, stats_scope
 from mltasks.cache.writes import STORE_SCRIPT, STORE_SHA, Writes
 from mltasks.config import Config
+from mltasks.contract import STATE_DIM
 
 T = TypeVar("T")
 _REDIS_ERRORS: Final = (redis.RedisError, OSError)
@@ -86,6 +87,10 @@ class Cache:
                     # No retries inside redis-py: the breaker decides when to try again.
                     retry=Retry(NoBackoff(), 0),
                     health_check_interval=0,
+                    # One connection of its own for the single commands of the batch path
+                    # (the write script, an MGET): no pool checkout and no readability
+                    # poll before each (25 us of 77 a command here); pipelines use the pool.
+                    single_connection_client=True,
                 )
         return self._client
 
@@ -131,6 +136,11 @@ class Cache:
                 self._stats_sent_at = self._clock()
 
         def op(client: redis.Redis) -> int:
+            if not pending and self._script_loaded:  # the usual batch: one command
+                try:
+                    return writes.call(client, STORE_SHA)
+                except redis.exceptions.NoScriptError:
+                    self._script_loaded = False  # Redis restarted: load it in the pipeline
             pipe = client.pipeline(transaction=False)
             written = self._queue_writes(pipe, writes)
             bucket = int(self._wall() // keys.STATS_BUCKET_S)
@@ -215,12 +225,7 @@ class Cache:
             vec = np.asarray(out, dtype="<f4").ravel()
             if name is not None and vec.size and np.isfinite(vec).all():
                 w.logits.append((name, vec.tobytes()))
-        for monster_id, state in states:
-            vec = as_state(state)
-            if np.isfinite(vec).all():
-                w.states.append(
-                    (f"{keys.WORKING_MEMORY_PREFIX}{int(monster_id)}", vec.astype("<f4").tobytes())
-                )
+        w.states = _state_values(list(states))
         return w
 
     # -- L1: working memory --------------------------------------------------------------
@@ -335,6 +340,26 @@ class Cache:
         """All workers' hit rates from Redis (after sending ours); {} when Redis is down."""
         self.flush_stats()
         return self._call(lambda c: hit_rates(c, window_s, self._wall(), scope=self.scope)) or {}
+
+
+def _state_values(states: list[tuple[int, Any]]) -> list[tuple[str, bytes]]:
+    """(L1 key, float32 bytes) of each finite state: a batch's states checked and encoded
+    as one array (6 against 2 us a row here), one by one where they do not stack."""
+    if not states:
+        return []
+    try:
+        stacked = np.asarray([s for _, s in states], dtype="<f4")
+    except (TypeError, ValueError):  # ragged or not numbers: as_state names the culprit
+        stacked = np.empty(0)
+    if stacked.shape != (len(states), STATE_DIM):
+        stacked = np.stack([as_state(s) for _, s in states]).astype("<f4")
+    finite = np.isfinite(stacked).all(axis=1).tolist()
+    blob, width = stacked.tobytes(), STATE_DIM * 4
+    return [
+        (f"{keys.WORKING_MEMORY_PREFIX}{int(m)}", blob[i * width : (i + 1) * width])
+        for i, ((m, _), ok) in enumerate(zip(states, finite, strict=True))
+        if ok
+    ]
 
 
 _cache: Cache | None = None

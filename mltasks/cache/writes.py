@@ -52,11 +52,16 @@ class Writes:
 
     def queue(self, pipe: Any, sha: str) -> int:
         """Add the one script call (EVALSHA ``sha``) to ``pipe``; returns how many values."""
+        return self.call(pipe, sha)
+
+    def call(self, client: Any, sha: str) -> int:
+        """The one script call (EVALSHA ``sha``) on ``client``, a client or a pipeline;
+        returns how many values it writes."""
         n = len(self)
         if not n:
             return 0
         pairs = [*self.actions, *self.logits, *self.states]
-        pipe.evalsha(
+        client.evalsha(
             sha,
             n,
             *(k for k, _ in pairs),

@@ -14,15 +14,19 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
+import numpy as np
+
 from mltasks.config import Config
-from mltasks.contract import ARCHETYPES, MODEL_TYPES
+from mltasks.contract import ARCHETYPES, MODEL_TYPES, STATE_DIM
 from mltasks.errors import ModelError
 from mltasks.fallback.ladder import Level, Precision
 from mltasks.models.discovery import find
 from mltasks.models.loaded import LoadedModel, load_model
+from mltasks.models.merged import Merged, merge
 from mltasks.models.variants import (
     CPU,
     CUDA,
@@ -67,6 +71,11 @@ class Engine:
         self.skipped: dict[str, str] = {}
         # Canary candidates loaded beside the active versions (mltasks.models.shadow).
         self.candidates: dict[tuple[str, str], LoadedModel] = {}
+        # Per archetype: the members a merged session was last built for, and it (None:
+        # they cannot be merged). Built off the batch path (`merged`).
+        self._merged: dict[str, tuple[tuple[LoadedModel, ...], Merged | None]] = {}
+        self._merging: set[str] = set()
+        self._merge_lock = threading.Lock()
 
     def load(self) -> Engine:
         cfg = self.config.models
@@ -154,6 +163,49 @@ class Engine:
             if (m := self.models.get((archetype, t))) is not None
         ]
 
+    def merged(self, archetype: str, members: Sequence[LoadedModel]) -> Merged | None:
+        """The merged session of exactly these members (`mltasks.models.merged`), or None
+        while there is none: then it is built on a thread of its own (about 50 ms a set
+        here, never on a batch's path) and the members answer one call each meanwhile."""
+        if not self.config.models.merge:
+            return None
+        built = self._merged.get(archetype)
+        if (
+            built is not None
+            and len(built[0]) == len(members)
+            and all(a is b for a, b in zip(built[0], members, strict=True))
+        ):
+            return built[1]
+        with self._merge_lock:
+            if archetype in self._merging:
+                return None
+            self._merging.add(archetype)
+        threading.Thread(
+            target=self._merge, args=(archetype, tuple(members)), name="mltasks-merge", daemon=True
+        ).start()
+        return None
+
+    def merge_all(self) -> None:
+        """Build every archetype's merged session now (a worker's start, before batches)."""
+        if not self.config.models.merge:
+            return
+        for archetype in ARCHETYPES:
+            members = [m for m, _ in self.fusion(archetype)]
+            if members:
+                with self._merge_lock:
+                    self._merging.add(archetype)
+                self._merge(archetype, tuple(members))
+
+    def _merge(self, archetype: str, members: tuple[LoadedModel, ...]) -> None:
+        try:
+            merged = merge(members, _probe_states(self.config))
+        except Exception as exc:  # never fails the worker: the members serve alone
+            log.warning("merging %s failed: %s", archetype, exc, extra={"event": "merge_failed"})
+            merged = None
+        with self._merge_lock:
+            self._merged[archetype] = (members, merged)
+            self._merging.discard(archetype)
+
     def loaded_types(self) -> dict[str, int]:
         """Archetypes loaded per model type this engine serves (status and metrics): its
         fusion's types, or all nine with ``models.preload: all``."""
@@ -162,6 +214,15 @@ class Engine:
         for _, model_type in self.models:
             counts[model_type] = counts.get(model_type, 0) + 1
         return counts
+
+
+def _probe_states(config: Config) -> np.ndarray:
+    """States a merged session must answer exactly as its members: plausible ones of the
+    configured layout, and the load probe's constant rows."""
+    from mltasks.state import sample_states
+
+    plausible = sample_states(np.random.default_rng(0), 30, config.state.layout)
+    return np.concatenate([plausible, np.full((2, STATE_DIM), 0.5)]).astype(np.float32)
 
 
 _engines: dict[int, Engine] = {}

@@ -161,9 +161,11 @@ class LoadedModel:
             raw = self.session.run(names, feed)
         except Exception as exc:  # onnxruntime raises its own, untyped errors
             raise ModelError(f"{self.name}: inference failed: {exc}") from exc
-        return self._read(n, [np.asarray(r) for r in raw])
+        return self.read(n, [np.asarray(r) for r in raw])
 
-    def _read(self, n: int, raw: Sequence[np.ndarray]) -> TypeOutput:
+    def read(self, n: int, raw: Sequence[np.ndarray]) -> TypeOutput:
+        """What this model said about ``n`` rows, from its outputs in ``self.outputs``'s
+        order (its own run's, or its part of a merged one): shapes checked, float32."""
         scores = value = threat = None
         critics: list[FloatArray] = []
         for (name, role), out in zip(self.outputs, raw, strict=True):

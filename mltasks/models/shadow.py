@@ -121,7 +121,7 @@ def _refresh(engine: Engine) -> None:
             sw.ready = [r for r in sw.ready if r[0] != id(engine)]
         for _, key, role, model in mine:
             _apply(engine, key, role, model)
-    models_dir = Path(engine.config.models.dir)
+    models_dir = engine.config.models.dir
     stamp = versions.generation_stamp(models_dir)
     if id(engine) in sw.stamps and stamp == sw.stamps[id(engine)]:
         return

@@ -116,11 +116,9 @@ def answer_batch(
             )
             continue
         served.append(group)
-    for together in alike(plan, served, engine):
-        if len(together) > 1:
-            voiced.append(voices_alike(plan, together, res))
-        else:
-            voiced.append((together[0], voices(plan, together[0], engine, res)))
+    together, alone = alike(plan, served, engine)
+    voiced.extend(voices_alike(plan, groups, res) for groups in together)
+    voiced.extend((group, voices(plan, group, engine, res)) for group in alone)
     # One fusion for all the archetypes whose members line up (fusion.fuse_groups).
     fused = fuse_groups([(voices, len(group.rows)) for group, voices in voiced], rule)
     for (group, _), one in zip(voiced, fused, strict=True):

@@ -102,6 +102,9 @@ class Plan:
     output_index: dict[tuple[int, str], int] = field(default_factory=dict)
     # Seconds each model call of the batch took: recorded once, after the batch.
     timings: list[float] = field(default_factory=list)
+    # Per archetype, its members as one session where the engine has built one
+    # (`mltasks.models.merged`): one call for all of them.
+    merged: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_batch(
@@ -113,9 +116,10 @@ def plan_batch(
     from mltasks.cache.codec import action_keys, output_key, state_digests
 
     members = {a: engine.fusion(a) for a in {v.archetype for v in valid}}
+    merged = _merged(engine, members)
     empty = BatchLookup([None] * len(valid), [], {})
     if cache is None:
-        return Plan(valid, members, [None] * len(valid), {}, empty)
+        return Plan(valid, members, [None] * len(valid), {}, empty, merged=merged)
     names: list[str | None] = [None] * len(valid)
     with_mob = [i for i, v in enumerate(valid) if v.mob_id is not None]
     if with_mob:
@@ -147,7 +151,21 @@ def plan_batch(
     else:
         looked = empty
     index = {k: j for j, k in enumerate(outputs)}
-    return Plan(valid, members, names, outputs, looked, index)
+    return Plan(valid, members, names, outputs, looked, index, merged=merged)
+
+
+def _merged(
+    engine: Predictors, members: dict[str, Sequence[tuple[Predictor, float]]]
+) -> dict[str, Any]:
+    """Each archetype's merged session, where the engine (not the rule policy) has one."""
+    merge = getattr(engine, "merged", None)
+    if merge is None:
+        return {}
+    found = {}
+    for archetype, ms in members.items():
+        if len(ms) > 1 and (m := merge(archetype, [p for p, _ in ms])) is not None:
+            found[archetype] = m
+    return found
 
 
 @dataclass(slots=True)

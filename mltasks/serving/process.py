@@ -100,6 +100,7 @@ def preload() -> None:
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
             engine = get_engine(cfg, levels[0])
+            engine.merge_all()  # one session per archetype's members, before the first batch
             count = len(engine.models)
             metrics.set_models_loaded(count)
             metrics.set_models_by_type(engine.loaded_types())

@@ -4,6 +4,7 @@ one model call, and the rows it may speak for (a failed or non-finite row drops 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -172,23 +173,26 @@ def voices(plan: Plan, group: Group, engine: Predictors, res: Results) -> list[M
     return voices
 
 
-def alike(plan: Plan, groups: list[Group], engine: Predictors) -> list[list[Group]]:
-    """The groups, with those whose members line up (the same types, weights and kinds:
-    every archetype of a level, usually) together: they are answered as one group.
+def alike(
+    plan: Plan, groups: list[Group], engine: Predictors
+) -> tuple[list[list[Group]], list[Group]]:
+    """The groups answered by `voices_alike`, those whose members line up (the same types,
+    weights and kinds: every archetype of a level, usually) together; and those answered
+    alone by `voices`.
 
-    A group with a canary candidate, or a batch with an L3 hit, keeps one group per
-    archetype (`voices`: the shadow's rows and the L3 rows are per archetype there).
+    A group with a canary candidate, or a batch with an L3 hit, is answered alone (the
+    shadow's rows and the L3 rows are per archetype there).
     """
     offered = getattr(engine, "shadows", None)
     l3_hit = bool(plan.output_index) and any(o is not None for o in plan.found.outputs)
     sets: dict[tuple[object, ...], list[Group]] = {}
-    alone: list[list[Group]] = []
+    alone: list[Group] = []
     for group in groups:
         if l3_hit or (offered is not None and offered(group.archetype)):
-            alone.append([group])
+            alone.append(group)
             continue
         sets.setdefault(_form(plan.members[group.archetype]), []).append(group)
-    return [*sets.values(), *alone]
+    return list(sets.values()), alone
 
 
 def _form(members: Sequence[tuple[Predictor, float]]) -> tuple[object, ...]:
@@ -224,16 +228,20 @@ def voices_alike(plan: Plan, groups: list[Group], res: Results) -> tuple[Group, 
     if any(m.sequence for m, _ in columns[0]):
         monsters = [plan.valid[i].monster_id for i in rows]
         windows = history_windows(states, monsters, plan.found.histories)
-    bounds = np.cumsum([0, *(len(g.rows) for g in groups)]).tolist()
+    bounds = [0, *itertools.accumulate(len(g.rows) for g in groups)]
+    # Per archetype, each member's say: one merged call where there is one, else a call each.
+    said = [
+        _say(plan, g, members, states[start:end], _part(windows, start, end), res)
+        for g, start, end, members in zip(groups, bounds[:-1], bounds[1:], columns, strict=True)
+    ]
     ran = np.zeros(n, dtype=np.bool_)
     voices = []
     for j, (first, weight) in enumerate(columns[0]):
         outs: list[TypeOutput] = []
         have = np.ones(n, dtype=np.bool_)
-        for start, end, members in zip(bounds, bounds[1:], columns, strict=False):
+        for start, end, members, told in zip(bounds[:-1], bounds[1:], columns, said, strict=True):
             member = members[j][0]
-            part = None if windows is None else windows[start:end]
-            out = _call(member, states[start:end], part, res.failures, plan.timings)
+            out = told[j]
             if out is None:
                 merged.failed[start:end] = True
                 have[start:end] = False
@@ -260,6 +268,34 @@ def voices_alike(plan: Plan, groups: list[Group], res: Results) -> tuple[Group, 
         voices.append(Member(first.model_type, weight, first.scores_kind, out, ok))
     merged.ran = ran
     return merged, voices
+
+
+def _part(windows: np.ndarray | None, start: int, end: int) -> np.ndarray | None:
+    return None if windows is None else windows[start:end]
+
+
+def _say(
+    plan: Plan,
+    group: Group,
+    members: Sequence[tuple[Predictor, float]],
+    states: np.ndarray,
+    windows: np.ndarray | None,
+    res: Results,
+) -> list[TypeOutput | None]:
+    """Each member's output for one archetype's rows (None: it failed, recorded): from its
+    merged session in one call where the engine has one; a call each otherwise, and after
+    a merged call that failed (so that the failing member is the one named)."""
+    merged = plan.merged.get(group.archetype)
+    if merged is not None:
+        started = time.perf_counter()
+        try:
+            said: list[TypeOutput | None] = list(merged.run(states))
+        except ModelError:
+            pass
+        else:
+            plan.timings.append(time.perf_counter() - started)
+            return said
+    return [_call(m, states, windows, res.failures, plan.timings) for m, _ in members]
 
 
 def _concatenated(outs: Sequence[TypeOutput]) -> TypeOutput:

@@ -483,16 +483,21 @@ def test_outage_turns_the_cache_off_and_it_resumes_by_itself(
         assert c.lookup_actions([name]) == [(1, 0.87)]
 
         attempts = [0]
-        # Unannotated in redis-py: typed here by how the test calls it.
-        original: Callable[[Any], None] = redis.connection.AbstractConnection.connect
+        # Unannotated in redis-py: typed here by how the test calls it. Every connection
+        # attempt passes here: a pooled one through connect(), the cache's own single
+        # connection straight from its send.
+        original: Callable[..., None] = redis.connection.AbstractConnection.connect_check_health
 
-        def counting_connect(self: Any) -> None:
-            # Only the cache's server: the in-process worker's threads connect elsewhere.
-            if getattr(self, "port", None) == private_redis.port:
+        def counting_connect(self: Any, *args: Any, **kwargs: Any) -> None:
+            # Only the cache's server (the in-process worker's threads connect elsewhere),
+            # and only a real attempt (a connected socket returns at once).
+            if getattr(self, "port", None) == private_redis.port and self._sock is None:
                 attempts[0] += 1
-            original(self)
+            original(self, *args, **kwargs)
 
-        monkeypatch.setattr(redis.connection.AbstractConnection, "connect", counting_connect)
+        monkeypatch.setattr(
+            redis.connection.AbstractConnection, "connect_check_health", counting_connect
+        )
 
         private_redis.stop()
         # 200 batches over 10 s of (fake) time: misses, no exception, about 1 attempt a second.
