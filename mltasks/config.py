@@ -109,8 +109,13 @@ class ModelsConfig:
     preload: Literal["all", "serving"] = "serving"
     fusion: FusionConfig = field(default_factory=FusionConfig)
     # An archetype's fusion members as one ONNX Runtime session (mltasks/models/merged.py):
-    # one call instead of one per member; each served model is then held twice.
-    merge: bool = True
+    # one call instead of one per member, where their files total at most this many MB (each
+    # merged model is held twice; large models gain little: their cost is the model, not the
+    # call). 0: never.
+    merge_max_mb: int = 4
+
+    def __post_init__(self) -> None:
+        _range("models.merge_max_mb", self.merge_max_mb, 0, 4096)
 
     REMOVED: ClassVar[dict[str, str]] = {
         "serve_model_type": "every level answers with its fusion; for one type alone, set "

@@ -124,6 +124,16 @@ def models_dir(base_config: Config) -> Path:
     return base_config.models.dir
 
 
+@pytest.fixture
+def all_models_cfg(tmp_path: Path, models_dir: Path) -> Config:
+    """A private copy of the session's demo models, free to break; every type loaded."""
+    shutil.copytree(models_dir, tmp_path / "models")
+    base = load_config(environ={"MLTASKS_CONFIG": str(TESTS / "config" / "test.yaml")})
+    return dataclasses.replace(
+        base, models=dataclasses.replace(base.models, dir=tmp_path / "models", preload="all")
+    )
+
+
 @pytest.fixture(scope="session")
 def fp32_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo models of two archetypes in the FP32 form (``<type>.onnx``): the masters the

@@ -167,7 +167,7 @@ class Engine:
         """The merged session of exactly these members (`mltasks.models.merged`), or None
         while there is none: then it is built on a thread of its own (about 50 ms a set
         here, never on a batch's path) and the members answer one call each meanwhile."""
-        if not self.config.models.merge:
+        if not self.config.models.merge_max_mb:
             return None
         built = self._merged.get(archetype)
         if (
@@ -187,7 +187,7 @@ class Engine:
 
     def merge_all(self) -> None:
         """Build every archetype's merged session now (a worker's start, before batches)."""
-        if not self.config.models.merge:
+        if not self.config.models.merge_max_mb:
             return
         for archetype in ARCHETYPES:
             members = [m for m, _ in self.fusion(archetype)]
@@ -198,7 +198,9 @@ class Engine:
 
     def _merge(self, archetype: str, members: tuple[LoadedModel, ...]) -> None:
         try:
-            merged = merge(members, _probe_states(self.config))
+            merged = merge(
+                members, _probe_states(self.config), self.config.models.merge_max_mb * 1024 * 1024
+            )
         except Exception as exc:  # never fails the worker: the members serve alone
             log.warning("merging %s failed: %s", archetype, exc, extra={"event": "merge_failed"})
             merged = None

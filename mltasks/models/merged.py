@@ -5,12 +5,15 @@ Runtime's own path per run rather than the model (11 us hot in a loop, 8 of them
 ``InferenceSession.run``), and a level-3 batch of three archetypes made nine calls. The
 members' graphs side by side in one session, each under a prefix of its own and all fed by
 one state input, answer in one run: 13 against 33 us hot for the three demo members of
-level 3 (docs/PERFORMANCE.md, 2026-12-07 (late morning)).
+level 3 (docs/PERFORMANCE.md, "2026-12-07 (before noon)").
 
 Merged only where nothing can differ: members that read the plain state, in one dtype, on
 the CPU provider alone, whose graphs use the same opsets and no local functions; a merged
 session serves only if its outputs are the members' own, bit for bit, on a probe batch.
-Anything else (a sequence or critic member, a GPU level) keeps one call per member.
+Anything else (a sequence or critic member, a GPU level) keeps one call per member. So do
+members whose files total more than ``models.merge_max_mb`` (4 MB): a merged model is held
+twice, and a large model's cost is the model, not the call (the Phase 11-size level-3 set:
++146 MB a worker, 1.03x the decisions/s).
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ class Merged:
         return said
 
 
+def _size(member: LoadedModel) -> int:
+    try:
+        return member.path.stat().st_size
+    except OSError:  # gone since it was loaded: nothing to merge from
+        return 1 << 62
+
+
 def mergeable(member: LoadedModel) -> bool:
     """Reads the plain state, alone, on the CPU provider alone."""
     return (
@@ -78,11 +88,16 @@ def mergeable(member: LoadedModel) -> bool:
     )
 
 
-def merge(members: Sequence[LoadedModel], probe: np.ndarray) -> Merged | None:
-    """One session for ``members``, or None where it could differ from them or fails to
-    build (the members then keep their own calls). ``probe``: states float32 [k, 64] the
-    merged outputs must match the members' own on."""
+def merge(
+    members: Sequence[LoadedModel], probe: np.ndarray, max_bytes: int = 4 << 20
+) -> Merged | None:
+    """One session for ``members``, or None where it could differ from them, fails to
+    build, or their files total more than ``max_bytes`` (the members then keep their own
+    calls). ``probe``: states float32 [k, 64] the merged outputs must match the members'
+    own on."""
     if len(members) < 2 or not all(mergeable(m) for m in members):
+        return None
+    if sum(_size(m) for m in members) > max_bytes:
         return None
     dtypes = {m.state_input.dtype for m in members}
     if len(dtypes) != 1:

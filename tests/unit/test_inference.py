@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mltasks.config import Config, load_config
+from mltasks.config import Config
 from mltasks.errors import ModelError
 from mltasks.models.engine import Engine
 from mltasks.models.loaded import TypeOutput, load_model
@@ -22,7 +21,6 @@ from mltasks.serving.inference import (
     softmax_choice,
 )
 from mltasks.serving.validation import validate
-from tests.conftest import TESTS
 
 GOOD = [0.5] * 64
 
@@ -154,17 +152,10 @@ def test_archetype_never_reaches_a_path_unchecked() -> None:
     ]
 
 
-@pytest.fixture
-def cfg(tmp_path: Path, models_dir: Path) -> Config:
-    """A private copy of the session's demo models, free to break; every type loaded."""
-    shutil.copytree(models_dir, tmp_path / "models")
-    base = load_config(environ={"MLTASKS_CONFIG": str(TESTS / "config" / "test.yaml")})
-    return dataclasses.replace(
-        base, models=dataclasses.replace(base.models, dir=tmp_path / "models", preload="all")
-    )
-
-
-def test_engine_skips_corrupt_and_misshaped_files_and_loads_the_rest(cfg: Config) -> None:
+def test_engine_skips_corrupt_and_misshaped_files_and_loads_the_rest(
+    all_models_cfg: Config,
+) -> None:
+    cfg = all_models_cfg
     from mltasks.models.demo import write_corrupt_model, write_misshaped_model
 
     write_corrupt_model(cfg.models.dir / "tank" / "combat_dqn_fp16.onnx")
@@ -183,7 +174,8 @@ def test_engine_skips_corrupt_and_misshaped_files_and_loads_the_rest(cfg: Config
         load_model(cfg.models.dir / "mage" / "skill_dqn.onnx", "mage", "skill_dqn", [CPU])
 
 
-def test_engine_on_cpu_when_no_gpu(cfg: Config) -> None:
+def test_engine_on_cpu_when_no_gpu(all_models_cfg: Config) -> None:
+    cfg = all_models_cfg
     from mltasks.hardware import cuda_usable, gpu_count
 
     assert gpu_count() == 0  # this host has no NVIDIA device; NVML absence is handled

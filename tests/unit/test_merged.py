@@ -5,31 +5,17 @@ failing merged call never costs a member its own say."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
-from mltasks.config import Config, load_config
+from mltasks.config import Config
 from mltasks.errors import ModelError
 from mltasks.models.engine import Engine
 from mltasks.models.loaded import LoadedModel, TypeOutput
 from mltasks.models.merged import Merged, merge
 from mltasks.serving.inference import answer_batch
 from mltasks.state import sample_states
-from tests.conftest import TESTS
-
-
-@pytest.fixture
-def cfg(tmp_path: Path, models_dir: Path) -> Config:
-    """A private copy of the session's demo models; every type loaded."""
-    shutil.copytree(models_dir, tmp_path / "models")
-    base = load_config(environ={"MLTASKS_CONFIG": str(TESTS / "config" / "test.yaml")})
-    return dataclasses.replace(
-        base, models=dataclasses.replace(base.models, dir=tmp_path / "models", preload="all")
-    )
 
 
 def _states(n: int, seed: int = 1) -> np.ndarray:
@@ -48,7 +34,8 @@ def _same(a: TypeOutput, b: TypeOutput) -> bool:
     )
 
 
-def test_a_merged_session_says_what_each_member_says(cfg: Config) -> None:
+def test_a_merged_session_says_what_each_member_says(all_models_cfg: Config) -> None:
+    cfg = all_models_cfg
     engine = Engine(cfg).load()
     for archetype in ("tank", "mage"):
         members = _level3(engine, archetype)
@@ -60,12 +47,15 @@ def test_a_merged_session_says_what_each_member_says(cfg: Config) -> None:
                 assert _same(said, member.run(states)), member.name
 
 
-def test_members_that_could_differ_are_not_merged(cfg: Config) -> None:
+def test_members_that_could_differ_are_not_merged(all_models_cfg: Config) -> None:
+    cfg = all_models_cfg
     engine = Engine(cfg).load()
     members = _level3(engine, "tank")
     # A sequence member reads [N, 10, 64] windows: it keeps its own call.
     assert merge([*members, engine.models[("tank", "temporal_transformer")]], _states(4)) is None
     assert merge(members[:1], _states(4)) is None  # one member: nothing to save
+    assert merge(members, _states(4), max_bytes=1000) is None  # larger than the limit
+    assert merge(members, _states(4), max_bytes=100_000) is not None
     # A member whose session is not the graph of its file: the probe finds out.
     odd = dataclasses.replace(members[1], session=members[0].session)
     assert merge([members[0], odd, members[2]], _states(4)) is None
@@ -81,7 +71,10 @@ def _wait_merged(engine: Engine, archetype: str, members: list[LoadedModel]) -> 
     raise AssertionError("the merged session was never built")
 
 
-def test_the_engine_builds_off_the_batch_path_and_again_after_a_swap(cfg: Config) -> None:
+def test_the_engine_builds_off_the_batch_path_and_again_after_a_swap(
+    all_models_cfg: Config,
+) -> None:
+    cfg = all_models_cfg
     engine = Engine(cfg).load()
     members = _level3(engine, "ranged")
     assert engine.merged("ranged", members) is None  # not built yet: the members serve alone
@@ -93,7 +86,7 @@ def test_the_engine_builds_off_the_batch_path_and_again_after_a_swap(cfg: Config
     second = _wait_merged(engine, "ranged", swapped)
     assert second is not first and second.serves(swapped)
 
-    off = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, merge=False))
+    off = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, merge_max_mb=0))
     quiet = Engine(off).load()
     quiet.merge_all()
     time.sleep(0.1)
@@ -107,7 +100,8 @@ class _Broken:
         raise ModelError("merged: broken")
 
 
-def test_a_failing_merged_call_falls_back_to_one_call_a_member(cfg: Config) -> None:
+def test_a_failing_merged_call_falls_back_to_one_call_a_member(all_models_cfg: Config) -> None:
+    cfg = all_models_cfg
     engine = Engine(cfg).load()
     rows = [
         [i + 1, a, 1002, s]
