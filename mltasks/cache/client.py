@@ -173,7 +173,7 @@ class Cache:
         time (a pipelined redis-py Script would ask Redis for it on every write)."""
         if writes and not self._script_loaded:
             pipe.script_load(STORE_SCRIPT)
-        return writes.queue(pipe, STORE_SHA)
+        return writes.call(pipe, STORE_SHA)
 
     def _mget(self, names: Sequence[str | None]) -> list[Any]:
         """Values for ``names`` (None names are misses) in one MGET."""

@@ -50,10 +50,6 @@ class Writes:
     def __len__(self) -> int:
         return len(self.actions) + len(self.logits) + len(self.states)
 
-    def queue(self, pipe: Any, sha: str) -> int:
-        """Add the one script call (EVALSHA ``sha``) to ``pipe``; returns how many values."""
-        return self.call(pipe, sha)
-
     def call(self, client: Any, sha: str) -> int:
         """The one script call (EVALSHA ``sha``) on ``client``, a client or a pipeline;
         returns how many values it writes."""

@@ -26,7 +26,7 @@ from mltasks.errors import ModelError
 from mltasks.fallback.ladder import Level, Precision
 from mltasks.models.discovery import find
 from mltasks.models.loaded import LoadedModel, load_model
-from mltasks.models.merged import Merged, merge
+from mltasks.models.merged import Merged, merge, same_models
 from mltasks.models.variants import (
     CPU,
     CUDA,
@@ -170,11 +170,7 @@ class Engine:
         if not self.config.models.merge_max_mb:
             return None
         built = self._merged.get(archetype)
-        if (
-            built is not None
-            and len(built[0]) == len(members)
-            and all(a is b for a, b in zip(built[0], members, strict=True))
-        ):
+        if built is not None and same_models(built[0], members):
             return built[1]
         with self._merge_lock:
             if archetype in self._merging:

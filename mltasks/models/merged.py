@@ -51,9 +51,7 @@ class Merged:
 
     def serves(self, members: Sequence[LoadedModel]) -> bool:
         """Made from exactly these loaded models (a deploy swaps in new ones)."""
-        return len(members) == len(self.members) and all(
-            a is b for a, b in zip(members, self.members, strict=True)
-        )
+        return same_models(members, self.members)
 
     def run(self, states: np.ndarray) -> list[TypeOutput]:
         """Each member's output for states float32 [N, 64]; raises ModelError."""
@@ -70,6 +68,11 @@ class Merged:
             said.append(m.read(n, raw[start : start + len(m.outputs)]))
             start += len(m.outputs)
         return said
+
+
+def same_models(a: Sequence[LoadedModel], b: Sequence[LoadedModel]) -> bool:
+    """The very same loaded models, in order: a deploy swaps in new objects."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _size(member: LoadedModel) -> int:
