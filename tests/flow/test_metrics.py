@@ -47,9 +47,24 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+class _Unheard:
+    """Stands in for `metrics` in the monitor's module: its setters do nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 @pytest.fixture
-def isolated() -> Iterator[metrics.Metrics]:
-    """This process's metrics in a registry of their own, served on a free port."""
+def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[metrics.Metrics]:
+    """This process's metrics in a registry of their own, served on a free port.
+
+    An in-process worker left by an earlier test keeps its monitor thread beating, and
+    each beat sets the fallback level and VRAM gauges: it must not write over the values
+    the test sets between its set and its scrape (CI once read level 1 where 3 was set).
+    """
+    from mltasks.serving import monitor
+
+    monkeypatch.setattr(monitor, "metrics", _Unheard())
     registry = CollectorRegistry()
     m = metrics.Metrics(registry)
     metrics.reset_metrics()
