@@ -111,6 +111,17 @@ class Cache:
         self.breaker.success()
         return result
 
+    def warm(self) -> bool:
+        """Connect and load the write script now (mltasks.serving.warm), so that the first
+        batch's write is the usual one command; False when disabled or Redis is away."""
+
+        def op(client: redis.Redis) -> bool:
+            client.script_load(STORE_SCRIPT)
+            self._script_loaded = True
+            return True
+
+        return bool(self._call(op))
+
     def _count(self, layer: Layer, hits: int, misses: int) -> None:
         with self._lock:
             self.stats[layer].add(hits, misses)

@@ -89,6 +89,7 @@ def answer_batch(
     cache: BatchCache | None = None,
     rule: FusionRule | None = None,
     lookup: bool = True,
+    observe: bool = True,
 ) -> Outcome:
     """Validate, look the batch up (one cache round trip), run each archetype's fusion
     members on what the cache missed, fuse, and answer every row exactly once.
@@ -96,6 +97,9 @@ def answer_batch(
     ``lookup`` False (a level outside ``caching.lookup_levels``): L2 and L3 are not read,
     only L1 histories where a member needs them; L2 answers and L1 states are still
     written (the game's next hits, the next histories), L3 outputs are not.
+
+    ``observe`` False (the worker's warm-up, mltasks.serving.warm): the model calls
+    timings stay out of ``ml_inference_latency_seconds``.
 
     With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
     sequence members their history windows; the fresh answers, outputs and states are
@@ -123,7 +127,8 @@ def answer_batch(
     fused = fuse_groups([(voices, len(group.rows)) for group, voices in voiced], rule)
     for (group, _), one in zip(voiced, fused, strict=True):
         _assemble(plan, group, one, res)
-    metrics.observe_inference(plan.timings)
+    if observe:
+        metrics.observe_inference(plan.timings)
     outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
     if cache is not None:
         states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]

@@ -33,6 +33,7 @@ from mltasks.models import served
 from mltasks.models.engine import get_engine, reset_engine
 from mltasks.serving.bootsteps import worker_queues
 from mltasks.serving.plan import Predictors
+from mltasks.serving.warm import warm
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ def _metrics_endpoint(**_: Any) -> None:
 
 
 def preload() -> None:
-    """Load the models of this worker's queues now, not on the first batch."""
+    """Load the models of this worker's queues now, and warm up (mltasks.serving.warm):
+    nothing of it waits for the first batch."""
     cfg = get_config()
-    for queue in worker_queues():
+    queues = worker_queues()
+    for queue in queues:
         levels = QUEUE_LEVELS.get(queue, ())
         if levels and levels[0] != Level.RULES:
             engine = get_engine(cfg, levels[0])
@@ -114,6 +117,11 @@ def preload() -> None:
                     extra={"event": "models_publish_failed"},
                 )
     _initial_gauges(cfg)
+    level = min((QUEUE_LEVELS[q][0] for q in queues if q in QUEUE_LEVELS), default=None)
+    if level is not None:
+        cached = cfg.caching.enabled and level <= Level.CPU
+        cache = get_cache(cfg) if cached else None
+        warm(cfg, db_pool(), cache, predictors(cfg, level), DB_WAIT_MAX_S)
     metrics.set_service_up(True)
 
 
