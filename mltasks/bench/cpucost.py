@@ -155,12 +155,17 @@ class StatementsMeter:
         if self.unavailable:
             return {"available": False, "reason": self.unavailable}
         n = max(1, decisions)
-        rows = []
+        # One statement can have several queryids: its parameters' types are part of the
+        # id, and psycopg sends a list of ids as int2[] until one passes 32767, then as
+        # int4[]. Summed by text, or a statement shows at a fraction of its calls.
+        by_text: dict[str, tuple[float, int]] = {}
         for qid, (calls, ms, text) in after.items():
             c0, ms0, _ = self._before.get(qid, (0, 0.0, ""))
             if calls > c0:
-                rows.append((ms - ms0, calls - c0, _statement(text)))
-        rows.sort(reverse=True)
+                key = _statement(text)
+                had_ms, had_calls = by_text.get(key, (0.0, 0))
+                by_text[key] = (had_ms + ms - ms0, had_calls + calls - c0)
+        rows = sorted(((ms, c, q) for q, (ms, c) in by_text.items()), reverse=True)
         return {
             "available": True,
             "ms_per_decision": round(sum(r[0] for r in rows) / n, 4),

@@ -221,6 +221,25 @@ def test_statements_per_decision_from_two_snapshots(monkeypatch: pytest.MonkeyPa
     }
 
 
+def test_statements_with_several_queryids_are_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The answer statement with int2[] ids, then int4[] ids once they pass 32767: two
+    # queryids, one statement (the report once showed it at half its calls).
+    snapshots = iter(
+        [
+            {},
+            {7: (4, 2.0, "-- answer\nWITH x"), 8: (6, 3.0, "-- answer\nWITH x"), 9: (1, 0.5, "y")},
+        ]
+    )
+    monkeypatch.setattr(
+        cpucost.StatementsMeter, "_snapshot", lambda self, create=False: next(snapshots)
+    )
+    top = cpucost.StatementsMeter("postgresql://fake").per_decision(10)["top"]
+    assert top == [
+        {"query": "WITH x", "ms_per_decision": 0.5, "calls_per_decision": 1.0},
+        {"query": "y", "ms_per_decision": 0.05, "calls_per_decision": 0.1},
+    ]
+
+
 def test_bridge_holds_back_while_a_batch_waits(bench_db: str) -> None:
     """No claim while the queue holds a batch (no worker here takes it); claims again once
     it is empty, and a publish that finds its batch still waiting holds back again."""
