@@ -88,8 +88,7 @@ class Bridge:
         self._in_flight: deque[tuple[float, str, bytes, list[int]]] = deque()
         self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
-        # Rows of batches a worker took (at the publish, or by the time they were due).
-        self.left_to_workers = 0
+        self.left_to_workers = 0  # rows of due batches a worker had taken: not rescued
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
         self._broker = client_from_url(
@@ -216,17 +215,10 @@ class Bridge:
             )
             return
         self.sent += len(rows)
-        if waiting == 0:
-            # The publish's LLEN found the queue empty: a worker blocked in BRPOP had the
-            # batch before the LLEN ran (Redis serves a blocked pop before the next
-            # command). It is the worker's: no rescue to prepare, no LREM when it falls
-            # due (one Redis round trip per batch, nearly every batch below saturation).
-            self.left_to_workers += len(rows)
-        else:
-            oldest = min(created, default=time.time())
-            due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
-            sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
-            self._in_flight.append(sent)
+        oldest = min(created, default=time.time())
+        due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
+        sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
+        self._in_flight.append(sent)
         if waiting >= self.config.inference.max_waiting_batches:
             # The tier is busy: let rows gather until the queue has room again (for at
             # most hold_back_s from when it was first found full).

@@ -8,7 +8,6 @@ and the worker's answers were refused. Now a due batch is taken back off its que
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from bridge.publish import Publisher
 from mltasks.config import Config
 from mltasks.serving.records import as_row
 from tests import game
-from tests.conftest import app_with_broker, wait_for
+from tests.conftest import app_with_broker
 from tests.game import claim
 
 STATE = [0.8, 0.5] + [0.0] * 62
@@ -57,43 +56,6 @@ def test_the_rescue_leaves_a_batch_a_worker_took_and_answers_one_still_waiting(
             "SELECT status FROM ai_requests WHERE request_id = %s", (taken,)
         ).fetchone()
         assert status == ("processing",)  # its worker answers it (or the lease, if it dies)
-    finally:
-        b.close()
-
-
-def test_a_batch_a_blocked_worker_took_at_the_publish_needs_no_rescue(
-    config: Config, pg: psycopg.Connection[Any]
-) -> None:
-    """A worker blocked in BRPOP has the batch before the publish's LLEN runs: LLEN 0 says
-    it is the worker's, so the bridge keeps nothing to rescue (and sends no LREM)."""
-    broker_url = config.redis.db_url(14)
-    b = Bridge(config, app_with_broker(config, broker_url, "rescue-taken"))
-    b.level = 3
-    broker = redis.Redis.from_url(broker_url)
-    broker.delete(QUEUE)
-    got: list[Any] = []
-    worker = threading.Thread(target=lambda: got.append(broker.brpop([QUEUE], timeout=10)))
-    try:
-        worker.start()
-        wait_for(lambda: int(broker.info("clients")["blocked_clients"]) >= 1, 5, "a BRPOP")
-        rid = game.insert(pg, STATE)
-        claim(pg, rid, token="claim-taken")
-        late = time.time() - 60.0  # due for the rescue at once, were it kept
-        b.dispatch([as_row([rid, "aggressive", 1002, STATE, 1002])], [late], "claim-taken")
-        worker.join(5)
-        assert got and got[0] is not None  # the worker has it
-        assert b.left_to_workers == 1
-        asked: list[Any] = []
-        withdraw = b.publisher.withdraw
-
-        def counted(sent: Any) -> list[bool]:
-            asked.append(sent)
-            return withdraw(sent)
-
-        b.publisher.withdraw = counted  # type: ignore[method-assign]
-        assert b.rescue() == 0
-        assert asked == []  # no LREM: nothing was kept to rescue
-        assert answered(pg) == {}  # the batch is its worker's to answer
     finally:
         b.close()
 
