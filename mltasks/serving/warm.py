@@ -1,12 +1,13 @@
 """A worker's first batch as cheap as its thousandth: what the first batch would pay for
 once, paid before the worker takes work (as Triton's ``model_warmup`` does for a model).
 
-Measured here (docs/PERFORMANCE.md, 2026-12-07 afternoon): a worker's first batch of 15
-rows took 14 ms against 2.5 for the next ones. The database connection (the pool opens it
-on first use), the answer statement's first run in a fresh PostgreSQL backend (its
-catalog and plan), the deploy pointers' first read and the answering path's first run
-are each a few ms. Under bulk load a cold worker held its queue that long at the start,
-and the rows behind it missed the game's 15 ms.
+Measured here (docs/PERFORMANCE.md, 2026-12-07 afternoon): a fresh worker's first batch of
+15 rows took 12-15 ms of wall time and its second about 8, against 5.5-6 and 4.5 after this
+warm-up (later batches about 2.5). The database connection (the pool opens it on first
+use), the answer statement's first run in a fresh PostgreSQL backend (its catalog and
+plan), the deploy pointers' first read and the answering path's first run are each a few
+ms. The bulk benchmark's first second showed no difference through its noise: this is for
+a restarted or deployed worker's first batches, not for throughput.
 
 Nothing here answers or caches anything real: the models see sample states and their
 answers are dropped; the answer statement runs with a token no claim ever has
