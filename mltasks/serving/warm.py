@@ -108,7 +108,7 @@ def warm(
             )
             continue
         took[name] = round((time.perf_counter() - started) * 1000, 2)
-    log.info(
+    log.debug(  # once a process; at INFO it would land among the first batches' lines
         "warmed up: %s",
         ", ".join(f"{k} {v} ms" for k, v in took.items()) or "nothing",
         extra={"event": "worker_warmed", **{f"{k}_ms": v for k, v in took.items()}},

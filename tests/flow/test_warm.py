@@ -21,6 +21,7 @@ from mltasks.cache.writes import STORE_SHA
 from mltasks.config import Config
 from mltasks.contract import ARCHETYPES
 from mltasks.fallback.ladder import Level
+from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX
 from mltasks.models.engine import get_engine
 from mltasks.serving import warm
 from tests import game
@@ -52,9 +53,11 @@ def test_warm_up_prepares_and_leaves_everything_as_it_was(
     assert pg.execute("SELECT count(*) FROM ai_responses").fetchone() == (0,)
     rows = dict(pg.execute("SELECT request_id, status FROM ai_requests").fetchall())
     assert rows == {pending: "pending", claimed: "processing"}
-    # The cache: the write script is loaded, no key written.
+    # The cache: the write script is loaded, no L2 or L1 key written (the db also holds an
+    # in-process worker's heartbeats, which are not the warm-up's).
     assert redis_cache.script_exists(STORE_SHA) == [True]
-    assert redis_cache.dbsize() == 0
+    assert redis_cache.keys(f"{GAME_ACTION_PREFIX}*") == []
+    assert redis_cache.keys(f"{WORKING_MEMORY_PREFIX}*") == []
 
 
 def test_the_token_is_never_a_claims() -> None:
