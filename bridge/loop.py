@@ -133,8 +133,8 @@ class Bridge:
         inf = self.config.inference
         token = secrets.token_hex(16)
         with self._errors("claiming"):
-            # Binary results: the 64 state values per row load 4x cheaper than from text
-            # (0.26 against 1.0 ms of CPU for 64 rows here), and the same Python floats.
+            # Binary results: each state comes as its array's bytes (array_send), passed
+            # on to the worker untouched (mltasks/serving/validation.py decodes them).
             cur = self._connection().execute(
                 query("claim_batch"),
                 {

@@ -13,6 +13,9 @@
 -- here, in the same statement: its array never leaves PostgreSQL (a 1 MB state would
 -- otherwise travel with, and delay, every row of its batch). `invalid` says why; such a
 -- row comes back without its state, for the bridge's counters.
+-- A state leaves as array_send's bytes (the real[]'s binary form): the bridge passes them on
+-- untouched and a worker decodes a batch of them as one array (mltasks/serving/
+-- validation.py); no side makes 64 Python floats of a row.
 -- `woke` takes this bridge off the sleepers' record (bridge_sleeps) in the same round trip:
 -- a bridge woken by a NOTIFY claims next, so the game's INSERTs stop notifying from here
 -- (a separate bridge_wakes cost 0.18 ms, p50, on the path of every decision at 1 client).
@@ -40,7 +43,8 @@ WITH woke AS (
                            THEN NULL ELSE clock_timestamp() END
     WHERE r.request_id = ANY (ARRAY(SELECT request_id FROM picked))
     RETURNING r.request_id, r.archetype, r.mob_id,
-              CASE WHEN r.status = 'processing' THEN r.state_vector END AS state_vector,
+              CASE WHEN r.status = 'processing' THEN array_send(r.state_vector) END
+                  AS state_vector,
               r.monster_id, r.priority, r.created_at,
               CASE WHEN r.status = 'invalid'
                    THEN 'state_length_' || coalesce(array_length(r.state_vector, 1), 0)

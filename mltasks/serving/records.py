@@ -32,8 +32,9 @@ class Row(NamedTuple):
     state_vector, monster_id]`` on the wire.
 
     ``archetype`` and ``state_vector`` are as claimed, not yet validated (a bad one is
-    answered 255 with its reason, `mltasks.serving.validation.validate_rows`); ``mob_id``
-    and ``monster_id`` are ints or None (`as_row` drops anything else).
+    answered 255 with its reason, `mltasks.serving.validation.validate_rows`); the state is
+    a list of numbers, or the bytes of the claimed ``real[]`` (``array_send``) as the bridge
+    sends it. ``mob_id`` and ``monster_id`` are ints or None (`as_row` drops anything else).
     """
 
     request_id: int
@@ -49,7 +50,8 @@ class Claimed(NamedTuple):
     request_id: int
     archetype: str | None
     mob_id: int | None
-    state_vector: list[float] | None
+    state_vector: bytes | None
+    """The ``real[]`` as ``array_send`` gives it (mltasks.serving.validation decodes it)."""
     monster_id: int | None
     overdue: bool
     """Already past the deadline when claimed: the bridge answers it 255 itself."""

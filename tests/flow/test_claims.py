@@ -17,6 +17,8 @@ from bridge.loop import Bridge
 from mltasks.cache.codec import action_keys
 from mltasks.config import Config
 from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX
+from mltasks.serving.records import Row
+from mltasks.serving.validation import validate_rows
 from tests import game
 from tests.conftest import app_with_broker
 from tests.decode import as_text
@@ -59,8 +61,11 @@ def test_an_oversized_state_is_answered_invalid_by_the_claim_and_never_leaves_po
     by_id = {r[0]: r for r in rows}
     assert by_id[huge][3] is None and by_id[huge][7] == "state_length_250000"
     assert by_id[square][3] is None and by_id[square][7] == "state_length_8"
-    good_state = by_id[good][3]
-    assert good_state is not None and len(good_state) == 64 and by_id[good][7] is None
+    good_state = by_id[good][3]  # the real[]'s bytes (array_send), decoded by the worker
+    assert isinstance(good_state, bytes) and by_id[good][7] is None
+    [checked] = validate_rows([Row(good, "tank", 1002, good_state)])
+    assert not isinstance(checked, str) and checked[0] == "tank"
+    assert checked[1].tolist() == np.asarray(STATE, dtype=np.float32).tolist()
     assert response(pg, huge) == (255, 0.0, "bridge", "state_length_250000", "invalid")
     assert response(pg, square) == (255, 0.0, "bridge", "state_length_8", "invalid")
     assert response(pg, good) == (None, None, None, None, "processing")
