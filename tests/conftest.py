@@ -218,6 +218,19 @@ def use_config(cfg: Config) -> Config:
 
 
 @pytest.fixture
+def bench_db() -> Iterator[str]:
+    """A benchmark database of this session's own (several sessions may run on this machine
+    at once) on the session's PostgreSQL, the one the `config` fixture uses (the local
+    server or the embedded one started above): never skipped, whichever it is."""
+    from mltasks.bench.database import drop_database, recreate_database
+
+    url = _url_for(f"mltasks_bench_test_{SESSION}")
+    recreate_database(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture
 def pg(config: Config) -> Iterator[psycopg.Connection[Any]]:
     """A connection to the test database, in autocommit like the game's."""
     with psycopg.connect(config.database.conninfo, autocommit=True) as conn:

@@ -8,6 +8,7 @@ rows (NULL states, any priority) the tests need, built by the same functions.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,20 @@ from mltasks import game
 from mltasks.contract import TRADITIONAL_AI
 from mltasks.game import stof as stof
 from mltasks.game import stoi as stoi
+
+
+def array_send(
+    values: Sequence[float | None], dims: tuple[int, ...] | None = None, oid: int = 700
+) -> bytes:
+    """A real[] (oid 700; 701 is float8) in PostgreSQL's binary form, as array_send
+    returns it: what the bridge claims and sends a worker for a row's state."""
+    dims = dims or (len(values),)
+    has_nulls = int(any(v is None for v in values))
+    out = struct.pack(">3i", len(dims), has_nulls, oid)
+    out += b"".join(struct.pack(">2i", d, 1) for d in dims)
+    for v in values:
+        out += struct.pack(">i", -1) if v is None else struct.pack(">if", 4, v)
+    return out
 
 
 def insert_sql(

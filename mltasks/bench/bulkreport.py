@@ -86,7 +86,16 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
 
-AGAINST = ("floor", "broker floor")  # the floors every other responder is measured against
+# The floors every other responder is measured against; the plumbing floor (the service
+# with the broker floor's answer) only measures the services: what answering costs them.
+AGAINST = ("floor", "broker floor", "plumbing floor")
+
+
+def _measured(name: str, against: str) -> bool:
+    """Whether responder ``name`` is measured against the floor ``against``."""
+    if name in (against, "floor"):
+        return False
+    return not (against == "plumbing floor" and name in ("broker floor", "model floor"))
 
 
 def cpu_ratio(run: dict[str, Any], floor: dict[str, Any]) -> float | None:
@@ -102,7 +111,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for against in AGAINST:
         floors = {r["rate"]: r for r in runs if r["responder"] == against and "failed" not in r}
         for r in runs:
-            if r["responder"] in (against, "floor") or "failed" in r or r["rate"] not in floors:
+            if not _measured(r["responder"], against) or "failed" in r or r["rate"] not in floors:
                 continue
             f = floors[r["rate"]]
             lat, flat = r["latency_ms"], f["latency_ms"]
@@ -136,7 +145,7 @@ def sustained_ratios(
     return {
         name: _ratio(v.get("rate"), floor)
         for name, v in sustained.items()
-        if name not in (against, "floor") and floor
+        if _measured(name, against) and floor
     }
 
 
@@ -265,13 +274,18 @@ def markdown(report: dict[str, Any]) -> str:
         sr = sustained_ratios(report["sustained"])
         broker = "broker floor" in report["sustained"]
         br = sustained_ratios(report["sustained"], "broker floor")
+        plumbing = "plumbing floor" in report["sustained"]
+        pr = sustained_ratios(report["sustained"], "plumbing floor")
         lines += [
             "",
             "Sustained rate (highest step that held):",
             "",
             "| responder | sustained/s | first failed/s | steps | of the floor's |"
-            + (" of the broker floor's |" if broker else ""),
-            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if broker else ""),
+            + (" of the broker floor's |" if broker else "")
+            + (" of the plumbing floor's |" if plumbing else ""),
+            "| --- | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if broker else "")
+            + (" ---: |" if plumbing else ""),
         ]
         for name, v in report["sustained"].items():
             rate = v.get("rate")
@@ -283,6 +297,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {shown} | {fmt(None if ff is None else round(ff))} "
                 f"| {v['steps']} | {fmt(sr.get(name)) if name != 'floor' else '1'} |"
                 + (f" {fmt(br.get(name))} |" if broker else "")
+                + (f" {fmt(pr.get(name))} |" if plumbing else "")
             )
         summary = sustained_summary(report["sustained"])
         if summary:

@@ -36,12 +36,14 @@ def rates_arg(text: str) -> list[float]:
     return rates
 
 
-FLOORS = ("plain", "model", "broker")
+FLOORS = ("plain", "model", "broker", "plumbing")
 FLOOR_HELP = (
     "also run floors, alternating with the service: plain (a fixed answer in one "
     "statement; the default), model (the same models and fusion in one process, no "
     "broker), broker (a minimal bridge, Celery through the same Redis, 2 solo workers, "
-    "a tiny model); several as plain,broker; both: plain,model"
+    "a tiny model), plumbing (the service itself, its workers answering with the broker "
+    "floor's tiny model: no models, fusion or cache); several as plain,broker; both: "
+    "plain,model"
 )
 
 

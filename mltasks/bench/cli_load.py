@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -48,6 +48,7 @@ from mltasks.bench.responders import (
     broker_floor_responder,
     floor_responder,
     model_floor_responder,
+    plumbing_floor_responder,
     service_responder,
 )
 from mltasks.bench.service import Pool, ServiceSettings
@@ -86,7 +87,8 @@ def _settings(
 
 
 def _floors(args: argparse.Namespace, settings: ServiceSettings, logs: Path) -> list[Responder]:
-    """The floors asked for (``--floor``), in a fixed order: plain, model, broker."""
+    """The floors asked for (``--floor``), in a fixed order: plain, model, broker,
+    plumbing."""
     kinds = args.floor or ()
     out: list[Responder] = []
     if "plain" in kinds:
@@ -95,6 +97,8 @@ def _floors(args: argparse.Namespace, settings: ServiceSettings, logs: Path) -> 
         out.append(model_floor_responder(settings, logs))
     if "broker" in kinds:
         out.append(broker_floor_responder(args.database_url, args.redis_url, logs))
+    if "plumbing" in kinds:  # the service's own settings, caching as the service has it
+        out.append(plumbing_floor_responder(replace(settings, caching=args.cache == "on")))
     return out
 
 

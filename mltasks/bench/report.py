@@ -233,7 +233,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for clients, rnd in sorted({(r["clients"], r.get("round") or 0) for r in runs}):
         key = rnd or None
         svc = by_key.get(("service", clients, key))
-        for floor in ("floor", "model floor", "broker floor"):
+        for floor in ("floor", "model floor", "broker floor", "plumbing floor"):
             flo = by_key.get((floor, clients, key))
             if svc is None or flo is None:
                 continue

@@ -7,6 +7,7 @@ on disk. Starting costs a second or two; it buys runs that can be compared.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -119,7 +120,7 @@ def model_floor_responder(settings: ServiceSettings, log_dir: Path) -> Responder
 
 
 BROKER_FLOOR_WORKERS = 2
-FLOOR_NAMES = ("floor", "model floor", "broker floor")
+FLOOR_NAMES = ("floor", "model floor", "broker floor", "plumbing floor")
 
 
 @contextmanager
@@ -174,6 +175,20 @@ def broker_floor_responder(url: str, redis_url: str, log_dir: Path) -> Responder
         "broker floor",
         lambda: broker_floor(url, redis_url, log_dir),
         {"responder": "broker floor", "workers": BROKER_FLOOR_WORKERS, "pool": "solo"},
+    )
+
+
+PLUMBING_APP = "mltasks.bench.plumbingfloor"
+
+
+def plumbing_floor_responder(settings: ServiceSettings) -> Responder:
+    """The service as ``settings`` deploy it, its workers answering with the broker
+    floor's tiny model (mltasks/bench/plumbingfloor.py)."""
+    plumbing = dataclasses.replace(settings, app=PLUMBING_APP)
+    return Responder(
+        "plumbing floor",
+        lambda: service(plumbing, "plumbing-floor"),
+        {"responder": "plumbing floor", **plumbing.describe()},
     )
 
 

@@ -81,6 +81,9 @@ class ServiceSettings:
     workers: int | None = None  # worker processes; None: solo `concurrency`, else one
     # More config keys (bench --set): (section, key, value), applied last.
     overrides: tuple[tuple[str, str, Any], ...] = ()
+    # The Celery app the workers run (`celery -A`): the plumbing floor's is
+    # mltasks.bench.plumbingfloor, the service with a fixed answering path.
+    app: str = "mltasks"
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -242,7 +245,7 @@ def worker_argv(s: ServiceSettings, node: str) -> list[str]:
     assert s.queue is not None
     pool = ["--concurrency", str(s.worker_concurrency), "--pool", s.pool]
     quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
-    return launcher.worker_argv(s.queue, "-n", node, *pool, *quiet)
+    return launcher.worker_argv(s.queue, "-n", node, *pool, *quiet, app=s.app)
 
 
 def cache_redis(redis_url: str) -> redis.Redis:

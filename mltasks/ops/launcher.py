@@ -44,12 +44,12 @@ def bridge_argv() -> list[str]:
     return [sys.executable, "-m", "bridge"]
 
 
-def worker_argv(queues: str, *options: str) -> list[str]:
+def worker_argv(queues: str, *options: str, app: str = "mltasks") -> list[str]:
     """``celery -A mltasks worker -Q <queues> <options>`` with this interpreter (kombu is
     imported here, not by every CLI start that merely imports dev)."""
     from mltasks.broker.celery_app import worker_command
 
-    return worker_command(queues, *options)
+    return worker_command(queues, *options, app=app)
 
 
 def beat_argv(schedule: Path, *options: str) -> list[str]:

@@ -30,7 +30,7 @@ from mltasks.bench.bulk import (
     summarize_rows,
 )
 from mltasks.bench.bulkrun import find_sustained
-from mltasks.bench.database import drop_database, recreate_database, run_stats
+from mltasks.bench.database import run_stats
 from mltasks.bench.floor import FLOOR_ACTION, Floor
 from mltasks.bench.procs import wait_until_answering
 from mltasks.bench.report import machine, summarize
@@ -45,17 +45,6 @@ from mltasks.config import load_config
 from mltasks.game import GatewaySpec, run_gateway, stof, stoi
 from tests import conftest
 from tests.skips import need_module
-
-
-@pytest.fixture
-def bench_db() -> Iterator[str]:
-    """A database of this session's own (several sessions may run on this machine at once)
-    on the session's PostgreSQL, the one the `config` fixture uses (the local server or the
-    embedded one tests/conftest.py started): never skipped, whichever it is."""
-    url = make_conninfo(conftest.ADMIN_URL, dbname=f"mltasks_bench_test_{conftest.SESSION}")
-    recreate_database(url)
-    yield url
-    drop_database(url)
 
 
 @pytest.fixture

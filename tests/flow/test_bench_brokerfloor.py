@@ -6,42 +6,23 @@ ratios and the ``--floor`` list parse as documented."""
 from __future__ import annotations
 
 import argparse
-import struct
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from mltasks.bench import bulkreport, cpucost
 from mltasks.bench.brokerfloor import SOURCE, STATE_BYTES, WEIGHTS, decide
 from mltasks.bench.bulk import BulkSpec, bulk_reset, drain, offer_load
 from mltasks.bench.capacity import OpsMeter
 from mltasks.bench.cli_args import floors_arg
-from mltasks.bench.database import drop_database, recreate_database
 from mltasks.bench.report import ratios as gateway_ratios
 from mltasks.bench.responders import broker_floor
 from mltasks.cli import build_parser
-from tests import conftest
-
-
-@pytest.fixture
-def bench_db() -> Iterator[str]:
-    url = make_conninfo(conftest.ADMIN_URL, dbname=f"mltasks_bench_bf_{conftest.SESSION}")
-    recreate_database(url)
-    yield url
-    drop_database(url)
-
-
-def _array_send(values: list[float]) -> bytes:
-    """PostgreSQL's binary form of a 1-D real[] (what array_send returns)."""
-    head = struct.pack(">iiiii", 1, 0, 700, len(values), 1)
-    return head + b"".join(struct.pack(">if", 4, v) for v in values)
-
+from tests.game import array_send
 
 # -- the CLI -------------------------------------------------------------------------------
 
@@ -81,16 +62,16 @@ def test_floor_option_of_the_commands(command: str) -> None:
 def test_decide_reads_array_send_bytes() -> None:
     rng = np.random.default_rng(1)
     states = rng.random((5, 64), dtype=np.float32)
-    raw: list[bytes | None] = [_array_send(s.tolist()) for s in states]
+    raw: list[bytes | None] = [array_send(s.tolist()) for s in states]
     assert all(len(b or b"") == STATE_BYTES for b in raw)
-    raw.insert(2, _array_send([0.5] * 63))  # not 64 values
+    raw.insert(2, array_send([0.5] * 63))  # not 64 values
     raw.append(None)  # no state at all
     actions, confidences = decide(raw)
     expected = (states @ WEIGHTS).argmax(axis=1).tolist()
     assert actions == [*expected[:2], 255, *expected[2:], 255]
     assert all(0.0 < c <= 1.0 for i, c in enumerate(confidences) if actions[i] != 255)
     # NaN in a state still gives a valid answer (the schema refuses a NaN confidence).
-    nan = decide([_array_send([float("nan")] * 64)])
+    nan = decide([array_send([float("nan")] * 64)])
     assert 0 <= nan[0][0] <= 9 and 0.0 <= nan[1][0] <= 1.0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from mltasks.serving.inference import (
 )
 from mltasks.serving.records import Row
 from mltasks.serving.validation import validate, validate_rows
+from tests.game import array_send
 
 GOOD = [0.5] * 64
 
@@ -56,22 +56,13 @@ def test_validate_names_what_is_wrong(row: list[object], reason: str) -> None:
     assert validate(row) == reason
 
 
-def wire(
-    values: Sequence[float | None], dims: tuple[int, ...] | None = None, oid: int = 700
-) -> bytes:
-    """A real[] as PostgreSQL's array_send writes it (what the bridge sends a worker)."""
-    dims = dims or (len(values),)
-    has_nulls = int(any(v is None for v in values))
-    out = struct.pack(">3i", len(dims), has_nulls, oid)
-    out += b"".join(struct.pack(">2i", d, 1) for d in dims)
-    for v in values:
-        out += struct.pack(">i", -1) if v is None else struct.pack(">if", 4, v)
-    return out
-
-
 def test_the_bridges_bytes_decode_to_the_same_state_as_a_list() -> None:
     state = [float(np.float32(i / 7 - 4)) for i in range(64)]
-    rows = [Row(1, "mage", 1, wire(state)), Row(2, "tank", 1, state), Row(3, "mage", 1, wire(GOOD))]
+    rows = [
+        Row(1, "mage", 1, array_send(state)),
+        Row(2, "tank", 1, state),
+        Row(3, "mage", 1, array_send(GOOD)),
+    ]
     checked = validate_rows(rows)
     assert [c[0] for c in checked] == ["mage", "tank", "mage"]
     assert checked[0][1].tolist() == checked[1][1].tolist() == state  # type: ignore[union-attr]
@@ -82,14 +73,17 @@ def test_the_bridges_bytes_decode_to_the_same_state_as_a_list() -> None:
 @pytest.mark.parametrize(
     ("state", "reason"),
     [
-        (wire([None] + [0.5] * 63), "state_element_null"),
-        (wire([0.5] * 63), "state_length_63"),
-        (wire([0.5] * 64, dims=(8, 8)), "state_not_array"),
-        (wire([0.5] * 64, oid=701), "state_not_array"),  # float8: not what the table holds
-        (wire([float("nan")] + [0.5] * 63), "state_not_finite"),
-        (wire([float("inf")] + [0.5] * 63), "state_not_finite"),
-        (wire(GOOD)[:-4] + b"\xff" * 4, "state_not_finite"),  # a NaN's bits
-        (wire(GOOD).replace(struct.pack(">i", 4), struct.pack(">i", 5), 2), "state_not_array"),
+        (array_send([None] + [0.5] * 63), "state_element_null"),
+        (array_send([0.5] * 63), "state_length_63"),
+        (array_send([0.5] * 64, dims=(8, 8)), "state_not_array"),
+        (array_send([0.5] * 64, oid=701), "state_not_array"),  # float8: not what the table holds
+        (array_send([float("nan")] + [0.5] * 63), "state_not_finite"),
+        (array_send([float("inf")] + [0.5] * 63), "state_not_finite"),
+        (array_send(GOOD)[:-4] + b"\xff" * 4, "state_not_finite"),  # a NaN's bits
+        (
+            array_send(GOOD).replace(struct.pack(">i", 4), struct.pack(">i", 5), 2),
+            "state_not_array",
+        ),
         (b"\x00" * 532, "state_not_array"),
         (b"\x00" * 3, "state_not_array"),
         (b"", "state_not_array"),
@@ -97,7 +91,7 @@ def test_the_bridges_bytes_decode_to_the_same_state_as_a_list() -> None:
 )
 def test_bytes_that_are_no_usable_state_are_named(state: bytes, reason: str) -> None:
     # A hostile message may carry any bytes: a reason each, and the good row still answered.
-    checked = validate_rows([Row(1, "mage", 1, state), Row(2, "mage", 1, wire(GOOD))])
+    checked = validate_rows([Row(1, "mage", 1, state), Row(2, "mage", 1, array_send(GOOD))])
     assert checked[0] == reason
     assert not isinstance(checked[1], str)
 
