@@ -1,7 +1,7 @@
 """The plumbing floor: the service as deployed, with the broker floor's answer.
 
 Its bridge (``python -m bridge``), its Celery task and its workers (``celery -A
-mltasks.bench.plumbingfloor worker -Q cpu``: the service's app, bootsteps and
+mltasks.bench.plumbingapp worker -Q cpu``: the service's app, bootsteps and
 preload) run unchanged, and so do the answer statement, the metrics, the fallback
 ladder's report, the rescue and the leases. Only the answering path of the batch task
 (`mltasks.serving.batch`'s ``answer_batch``: validation, cache lookup, models, fusion,
@@ -13,7 +13,9 @@ argmax). So, in one run:
 - plumbing floor / broker floor: what the service's plumbing costs above the design
   card's minimal build.
 
-Nothing here is imported by the service; the benchmark starts it (``--floor plumbing``).
+The workers run the app of `mltasks.bench.plumbingapp`, which swaps this answer in when it
+is imported; importing this module changes nothing (the tests do). Nothing here is imported
+by the service; the benchmark starts it (``--floor plumbing``).
 """
 
 from __future__ import annotations
@@ -22,13 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from mltasks.bench.brokerfloor import decide
-from mltasks.celery import app
-from mltasks.serving import batch
 from mltasks.serving.inference import Outcome
 from mltasks.serving.records import Answer, as_rows, traditional
 
 MODEL = "floor/plumbing"
-__all__ = ["MODEL", "answer_fixed", "app"]
 
 
 def answer_fixed(rows: Sequence[Sequence[Any]], *_: Any, **__: Any) -> Outcome:
@@ -46,6 +45,3 @@ def answer_fixed(rows: Sequence[Sequence[Any]], *_: Any, **__: Any) -> Outcome:
         ],
         [],
     )
-
-
-batch.answer_batch = answer_fixed  # type: ignore[attr-defined]

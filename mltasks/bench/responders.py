@@ -178,7 +178,7 @@ def broker_floor_responder(url: str, redis_url: str, log_dir: Path) -> Responder
     )
 
 
-PLUMBING_APP = "mltasks.bench.plumbingfloor"
+PLUMBING_APP = "mltasks.bench.plumbingapp"
 
 
 def plumbing_floor_responder(settings: ServiceSettings) -> Responder:

@@ -82,7 +82,7 @@ class ServiceSettings:
     # More config keys (bench --set): (section, key, value), applied last.
     overrides: tuple[tuple[str, str, Any], ...] = ()
     # The Celery app the workers run (`celery -A`): the plumbing floor's is
-    # mltasks.bench.plumbingfloor, the service with a fixed answering path.
+    # mltasks.bench.plumbingapp, the service with a fixed answering path.
     app: str = "mltasks"
 
     def __post_init__(self) -> None:

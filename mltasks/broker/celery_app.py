@@ -29,7 +29,7 @@ SETTINGS_MODULE = "mltasks.broker.celery_settings"
 def worker_command(queues: str, *options: str, app: str = "mltasks") -> list[str]:
     """``celery -A mltasks worker -Q <queues> <options>`` with this interpreter: the one
     command line the CLI, the benchmark and the tests start workers with (``app``: the
-    benchmark's plumbing floor, mltasks.bench.plumbingfloor, runs the same worker)."""
+    benchmark's plumbing floor, mltasks.bench.plumbingapp, runs the same worker)."""
     return [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, *options]
 
 

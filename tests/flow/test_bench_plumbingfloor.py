@@ -29,6 +29,11 @@ def test_the_floor_list_takes_plumbing() -> None:
 
 def test_its_answer_is_the_tiny_models_and_nothing_is_cached() -> None:
     from mltasks.bench.plumbingfloor import MODEL, answer_fixed
+    from mltasks.serving import batch, inference
+
+    # Importing the floor's answer swaps nothing: only its workers' app does
+    # (mltasks.bench.plumbingapp), or this test session's own worker would answer with it.
+    assert batch.answer_batch is inference.answer_batch  # type: ignore[attr-defined]
 
     states = np.random.default_rng(2).random((3, 64), dtype=np.float32)
     rows = [Row(i + 1, "tank", 1002, array_send(s.tolist())) for i, s in enumerate(states)]
