@@ -32,6 +32,7 @@ from mltasks.bench.floor import Floor, run_until_signalled
 from mltasks.bench.queries import bench_query
 from mltasks.config import DatabaseConfig
 from mltasks.contract import TRADITIONAL_AI
+from mltasks.serving.validation import WIRE_BYTES
 
 QUEUE = "bench_broker_floor"
 TASK = "mltasks.bench.broker_floor_answer"
@@ -39,7 +40,7 @@ SOURCE = "floor-broker"
 DATABASE_ENV = "MLTASKS_BROKER_FLOOR_DATABASE_URL"
 BATCH = 64
 HOLD_S = 0.0005  # re-check of a queue that still holds a batch
-STATE_BYTES = 20 + 64 * 8  # array_send of a 1-D real[64]: header, then (length, value) pairs
+STATE_BYTES = WIRE_BYTES  # array_send of a 1-D real[64], as the service's claim sends it
 
 app = Celery("mltasks.bench.brokerfloor", set_as_current=False)
 app.conf.update(
