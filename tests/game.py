@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -118,6 +118,29 @@ def answered_by_model(
 
 
 TOKEN = "test-claim"
+
+
+class Answered(NamedTuple):
+    """A request of a run, with every answer written for it (one each, if all went well)."""
+
+    state: list[float]
+    status: str
+    closed: bool  # answered_at set
+    sources: list[str]
+    actions: list[int]
+    models: list[str | None]
+
+
+def answers_per_request(conninfo: str) -> list[Answered]:
+    """Each answered request of the database with all its answers, for a run's checks."""
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            "SELECT r.state_vector, r.status, r.answered_at IS NOT NULL, array_agg(s.source),"
+            " array_agg(s.action_id), array_agg(s.model)"
+            " FROM ai_requests AS r JOIN ai_responses AS s USING (request_id)"
+            " GROUP BY r.request_id"
+        ).fetchall()
+    return [Answered(*r) for r in rows]
 
 
 def claim(conn: psycopg.Connection[Any], *request_ids: int, token: str = TOKEN) -> None:

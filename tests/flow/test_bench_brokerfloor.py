@@ -22,7 +22,7 @@ from mltasks.bench.cli_args import floors_arg
 from mltasks.bench.report import ratios as gateway_ratios
 from mltasks.bench.responders import broker_floor
 from mltasks.cli import build_parser
-from tests.game import array_send
+from tests.game import answers_per_request, array_send
 
 # -- the CLI -------------------------------------------------------------------------------
 
@@ -295,19 +295,13 @@ def test_broker_floor_answers_a_bulk_load_once_each(bench_db: str, tmp_path: Pat
         _, left = drain(bench_db, timeout_s=20)
         per_decision = ops.per_decision(load.rows)
     assert load.rows == 300 and left == 0
-    with psycopg.connect(bench_db) as conn:
-        rows = conn.execute(
-            "SELECT r.state_vector, r.status, r.answered_at IS NOT NULL, "
-            "array_agg(s.source), array_agg(s.action_id) "
-            "FROM ai_requests AS r JOIN ai_responses AS s USING (request_id) "
-            "GROUP BY r.request_id"
-        ).fetchall()
+    rows = answers_per_request(bench_db)
     assert len(rows) == 300
-    states = np.asarray([r[0] for r in rows], dtype=np.float32)
+    states = np.asarray([r.state for r in rows], dtype=np.float32)
     expected = (states @ WEIGHTS).argmax(axis=1).tolist()
-    assert [r[3] for r in rows] == [[SOURCE]] * 300  # exactly one answer, the floor's
-    assert [r[4][0] for r in rows] == expected  # the tiny model's, on the decoded bytes
-    assert {(r[1], r[2]) for r in rows} == {("completed", True)}
+    assert [r.sources for r in rows] == [[SOURCE]] * 300  # exactly one answer, the floor's
+    assert [r.actions[0] for r in rows] == expected  # the tiny model's, on the decoded bytes
+    assert {(r.status, r.closed) for r in rows} == {("completed", True)}
     cpu = per_decision["cpu_ms"]
     # Its processes and its backends (application_name) used CPU; Redis was found.
     assert cpu["bridge"] > 0 and cpu["worker"] > 0 and cpu["postgres"] > 0, cpu

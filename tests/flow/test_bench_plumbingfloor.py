@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 
 from mltasks.bench import bulkreport
 from mltasks.bench.brokerfloor import WEIGHTS
@@ -19,7 +18,7 @@ from mltasks.bench.cli_args import floors_arg
 from mltasks.bench.responders import plumbing_floor_responder
 from mltasks.bench.service import ServiceSettings
 from mltasks.serving.records import Row
-from tests.game import array_send
+from tests.game import answers_per_request, array_send
 
 
 def test_the_floor_list_takes_plumbing() -> None:
@@ -105,16 +104,11 @@ def test_it_answers_a_bulk_load_once_each_through_the_services_path(
         load = offer_load(BulkSpec(conninfo=bench_db, rate=100, duration_s=1.0, tick_ms=5))
         _, left = drain(bench_db, timeout_s=30)
     assert load.rows == 100 and left == 0
-    with psycopg.connect(bench_db) as conn:
-        rows = conn.execute(
-            "SELECT r.state_vector, r.status, array_agg(s.source), array_agg(s.action_id),"
-            " array_agg(s.model) FROM ai_requests AS r JOIN ai_responses AS s USING (request_id)"
-            " GROUP BY r.request_id"
-        ).fetchall()
+    rows = answers_per_request(bench_db)
     assert len(rows) == 100
-    states = np.asarray([r[0] for r in rows], dtype=np.float32)
+    states = np.asarray([r.state for r in rows], dtype=np.float32)
     expected = (states @ WEIGHTS).argmax(axis=1).tolist()
-    assert [r[2] for r in rows] == [["model"]] * 100  # one answer each, the workers'
-    assert [r[3][0] for r in rows] == expected  # the tiny model's, from the bytes it got
-    assert {r[4][0] for r in rows} == {"floor/plumbing"}
-    assert {r[1] for r in rows} == {"completed"}
+    assert [r.sources for r in rows] == [["model"]] * 100  # one answer each, the workers'
+    assert [r.actions[0] for r in rows] == expected  # the tiny model's, from the bytes it got
+    assert {r.models[0] for r in rows} == {"floor/plumbing"}
+    assert {r.status for r in rows} == {"completed"}
