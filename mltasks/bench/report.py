@@ -22,6 +22,7 @@ import psutil
 
 from mltasks.bench.bulk import cdf_points
 from mltasks.bench.cpucost import cpu_lines
+from mltasks.bench.responders import FLOOR_NAMES
 from mltasks.bench.vary import markdown_lines as vary_lines
 from mltasks.contract import TRADITIONAL_AI
 from mltasks.game import ANSWERED, PARSE_FAILURE, TIMEOUT, GatewayResult
@@ -233,7 +234,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for clients, rnd in sorted({(r["clients"], r.get("round") or 0) for r in runs}):
         key = rnd or None
         svc = by_key.get(("service", clients, key))
-        for floor in ("floor", "model floor", "broker floor", "plumbing floor"):
+        for floor in FLOOR_NAMES:
             flo = by_key.get((floor, clients, key))
             if svc is None or flo is None:
                 continue
