@@ -1,4 +1,4 @@
-"""``mltasks bench``: gateway, bulk, cache, precisions and shadow benchmarks.
+"""``mltasks bench``: gateway, bulk, cache, batch, precisions and shadow benchmarks.
 
 - ``gateway``: emulated map servers (the game's exact statements, closed loop) against
   the service and, with ``--floor``, against the floor, alternating at each client count.
@@ -7,6 +7,7 @@
 - ``cache``: bulk load drawn from a small pool of states (repeats), cache on then off,
   with the hit rate of each cache layer.
 - ``precisions``: fp32 / int8 / fp16 inference time on the CPU.
+- ``batch``: a worker's thread CPU for one batch, by its size and by step, in one process.
 - ``shadow``: the game's latency without a candidate model, while one shadows, after rollback.
 
 Every run starts its responder fresh, on emptied tables and flushed Redis databases
@@ -30,9 +31,11 @@ from mltasks.bench.cli_args import (
     rates_arg,
     service_options,
     vary_options,
+    where_options,
 )
 from mltasks.bench.cli_load import bulk_command, cache_command, gateway_command
 from mltasks.bench.cli_measure import (
+    batch_command,
     chaos_command,
     inserts_command,
     models_command,
@@ -55,7 +58,7 @@ def _documented(sub: Any, name: str, module: Any, help_text: str) -> argparse.Ar
 
 
 def add_parser(subparsers: Any) -> None:
-    """Add ``bench gateway|bulk|cache|precisions|models|chaos|inserts|shadow`` to ``mltasks``."""
+    """Add ``bench gateway|bulk|cache|batch|precisions|models|chaos|inserts|shadow``."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks (they recreate their database and flush Redis dbs 9 and 10)",
@@ -163,6 +166,20 @@ def add_parser(subparsers: Any) -> None:
     )
     g.add_argument("--degrade", action="store_true", help="with --level: let it move")
     cache.set_defaults(func=cache_command)
+
+    from mltasks.bench import batchcost as batchcost_mod
+
+    bat = _documented(
+        sub, "batch", batchcost_mod, "a worker's thread CPU for one batch, by size and by step"
+    )
+    bat.add_argument(
+        "--sizes", type=counts_arg, default=[1, 15, 60], help="rows a batch (default: 1,15,60)"
+    )
+    bat.add_argument("--batches", type=int, default=300, help="timed batches a size")
+    bat.add_argument("--warmup", type=int, default=50, help="untimed batches a size first")
+    bat.add_argument("--seed", type=int, default=0, help="of the states drawn")
+    where_options(bat)
+    bat.set_defaults(func=batch_command)
 
     prec = _documented(
         sub, "precisions", precisions_mod, "fp32 / int8 / fp16 inference time on the CPU"

@@ -100,6 +100,18 @@ def _pools(text: str) -> list[Pool]:
 
 def common_options(p: argparse.ArgumentParser) -> None:
     """Where a run reports, and the database, Redis and layout it uses."""
+    where_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layout",
+        choices=LAYOUT_NAMES,
+        default=DEFAULT_LAYOUT,
+        help="state layout the emulated game sends and the service reads (default: %(default)s)",
+    )
+
+
+def where_options(p: argparse.ArgumentParser) -> None:
+    """Where a run reports, its models, and the database and Redis it uses."""
     p.add_argument("--out", type=Path, help="report directory (default bench-results/<time>)")
     p.add_argument("--models-dir", type=Path, help="demo models are written here if missing")
     p.add_argument(
@@ -112,13 +124,6 @@ def common_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_REDIS_URL,
         help="Redis server; every run flushes (empties) its db 9 (broker) and 10 (cache): "
         "never the game's Redis",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--layout",
-        choices=LAYOUT_NAMES,
-        default=DEFAULT_LAYOUT,
-        help="state layout the emulated game sends and the service reads (default: %(default)s)",
     )
 
 

@@ -1,6 +1,6 @@
-"""``mltasks bench precisions``, ``models``, ``inserts`` and ``chaos``: the commands that
-measure one thing each (a model's cost, the game's INSERT, the service under faults)
-rather than compare responders."""
+"""``mltasks bench precisions``, ``models``, ``batch``, ``inserts`` and ``chaos``: the
+commands that measure one thing each (a model's cost, a batch's cost in a worker, the
+game's INSERT, the service under faults) rather than compare responders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mltasks.bench import BenchError
+from mltasks.bench import batchcost as batchcost_mod
 from mltasks.bench import inserts as inserts_mod
 from mltasks.bench import models as models_mod
 from mltasks.bench import precisions as precisions_mod
@@ -31,6 +32,25 @@ def inserts_command(args: argparse.Namespace) -> int:
     out = out_dir(args, started)
     rows = inserts_mod.run(args.database_url, args.clients, args.duration, args.rounds)
     return finish(report_head("inserts", started, runs=rows), out, inserts_mod.write)
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    if args.batches < 2 or args.warmup < 0:
+        raise BenchError("--batches must be at least 2 and --warmup at least 0")
+    started = datetime.now().astimezone()
+    out = out_dir(args, started)
+    with workspace(args) as (_, models_dir):
+        measured = batchcost_mod.measure(
+            args.database_url,
+            args.redis_url,
+            models_dir,
+            sorted(set(args.sizes)),
+            args.batches,
+            args.warmup,
+            args.seed,
+        )
+    report = report_head("batch", started, schema_version=batchcost_mod.SCHEMA_VERSION, **measured)
+    return finish(report, out, batchcost_mod.write)
 
 
 def models_command(args: argparse.Namespace) -> int:

@@ -192,6 +192,20 @@ def bench_config(s: ServiceSettings) -> dict[str, Any]:
     return doc
 
 
+def flush_bench_dbs(redis_url: str) -> None:
+    """A fresh broker and cache: no batch, cached action or level left from another run
+    (the benchmark's dbs 9 and 10 of ``redis_url``, never another)."""
+    cfg = RedisConfig(url=redis_url)
+    for db in (BROKER_DB, CACHE_DB):
+        client = redis.Redis.from_url(cfg.db_url(db), socket_timeout=5)
+        try:
+            client.flushdb()
+        except redis.RedisError as exc:
+            raise BenchError(f"cannot flush Redis db {db}: {exc}") from exc
+        finally:
+            client.close()
+
+
 # Keys the benchmark sets when the service's code has them; one it does not know (an older
 # or newer checkout, or a colleague's change landing mid-run) is left out, not fatal.
 OPTIONAL_KEYS = {
@@ -286,16 +300,7 @@ class Service:
         )
 
     def _flush_redis(self) -> None:
-        """A fresh broker and cache: no batch, cached action or level left from another run."""
-        cfg = RedisConfig(url=self.settings.redis_url)
-        for db in (BROKER_DB, CACHE_DB):
-            client = redis.Redis.from_url(cfg.db_url(db), socket_timeout=5)
-            try:
-                client.flushdb()
-            except redis.RedisError as exc:
-                raise BenchError(f"cannot flush Redis db {db}: {exc}") from exc
-            finally:
-                client.close()
+        flush_bench_dbs(self.settings.redis_url)
 
     def force_level(self) -> None:
         """Write the level asked for into Redis (the bridge routes on it)."""
