@@ -34,6 +34,7 @@ from kombu.serialization import dumps, loads
 
 from mltasks import game
 from mltasks.bench import BenchError
+from mltasks.bench.report import machine_line
 from mltasks.bench.service import BROKER_DB, CACHE_DB, flush_bench_dbs
 from mltasks.config import Config, DatabaseConfig, FallbackConfig, ModelsConfig, RedisConfig
 from mltasks.contract import ARCHETYPES
@@ -105,7 +106,7 @@ def timed_steps(cpu: dict[str, float]) -> Iterator[None]:
             setattr(owner, name, original)
 
 
-def bench_config(database_url: str, redis_url: str, models_dir: Path) -> Config:
+def worker_config(database_url: str, redis_url: str, models_dir: Path) -> Config:
     """A worker's configuration at level 3 on the benchmark's database and Redis dbs."""
     return Config(
         database=DatabaseConfig(url=database_url),
@@ -174,7 +175,7 @@ def measure(
     from mltasks.serving.process import close_pool
 
     recreate_database(database_url)
-    cfg = bench_config(database_url, redis_url, models_dir)
+    cfg = worker_config(database_url, redis_url, models_dir)
     flush_bench_dbs(redis_url)
     set_config(cfg)
     store = LevelStore(cfg)
@@ -283,12 +284,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Fixed cost a batch {f['fixed_ms']:.3f} ms, each row {f['per_row_ms'] * 1000:.1f} us "
             f"(from {order[0]} and {order[-1]} rows).",
         ]
-    m = report["machine"]
-    lines += [
-        "",
-        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}.",
-        "",
-    ]
+    lines += ["", machine_line(report["machine"]), ""]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mltasks.bench import plots
+from mltasks.bench.report import machine_line
 
 SCHEMA_VERSION = 1
 
@@ -66,11 +67,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [f"{by[b]:.1f} ({ratio.get(b, float('nan')):.2f}x)" for b in batches]
         per_row = [f"{by[b] / int(b):.2f}" for b in batches]
         lines.append(f"| {p} | " + " | ".join(cells) + " | " + " | ".join(per_row) + " |")
-    m = report["machine"]
-    lines += [
-        "",
-        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}.",
-    ]
+    lines += ["", machine_line(report["machine"])]
     if report["plots"]:
         lines += ["", *[f"![{p}]({p})" for p in report["plots"]]]
     return "\n".join(lines) + "\n"

@@ -195,6 +195,11 @@ def code_line(m: dict[str, Any]) -> str:
     )
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The short Markdown line of `machine`'s figures (CPUs, memory, OS)."""
+    return f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}."
+
+
 def machine() -> dict[str, Any]:
     """Where the figures were measured: they mean little without it."""
     model = "?"
