@@ -160,10 +160,11 @@ class Bridge:
             )
             rows = [r for r in rows if r.invalid is None]
         overdue = [r for r in rows if r.overdue]
-        fresh = [r for r in rows if not r.overdue]
-        if overdue:
-            created = [r.created_epoch for r in overdue]
-            self._expire([r.request_id for r in overdue], "deadline", created)
+        if overdue:  # the claim answered them 255 `deadline` already
+            fresh = [r for r in rows if not r.overdue]
+            self._expired(len(overdue), "deadline", [r.created_epoch for r in overdue])
+        else:
+            fresh = rows
         if fresh:
             self.dispatch([r.row() for r in fresh], [r.created_epoch for r in fresh], token)
         return len(rows) + len(invalid)
@@ -259,16 +260,15 @@ class Bridge:
         self.answered_here += len(answers)
         metrics.observe_answers(metrics.count_outcomes(answers), metrics.seconds_since(created))
 
-    def _expire(self, request_ids: list[int], reason: str, created: Sequence[float] = ()) -> None:
-        with self._errors("expiring"):
-            expire(self._connection(), request_ids, reason)
-        self.expired += len(request_ids)
-        metrics.observe_answers({"expired": len(request_ids)}, metrics.seconds_since(created))
+    def _expired(self, n: int, reason: str, created: Sequence[float] = ()) -> None:
+        """Count ``n`` requests answered 255 (``reason``) without a worker."""
+        self.expired += n
+        metrics.observe_answers({"expired": n}, metrics.seconds_since(created))
         log.debug(  # per batch: the counts are in ml_requests_total{outcome="expired"}
             "answered %d requests 255 (%s)",
-            len(request_ids),
+            n,
             reason,
-            extra={"event": "requests_expired", "reason": reason, "rows": len(request_ids)},
+            extra={"event": "requests_expired", "reason": reason, "rows": n},
         )
 
     def refresh_level(self) -> None:

@@ -4,15 +4,20 @@
 
 -- claim_batch --
 -- Claim up to %(limit)s pending rows, most urgent first. SKIP LOCKED lets several
--- bridges share the table without double claims. `overdue` marks rows already past
--- the deadline: the bridge answers those 255 itself instead of sending them.
+-- bridges share the table without double claims.
 -- Every claim stamps its rows with %(token)s, a random token the answer must bring back
 -- (answer_batch): only rows this service claimed can be answered.
--- A row whose state is not a one-dimensional array of 64 values is answered `invalid`
--- (reason state_length_<its first dimension>)
--- here, in the same statement: its array never leaves PostgreSQL (a 1 MB state would
--- otherwise travel with, and delay, every row of its batch). `invalid` says why; such a
--- row comes back without its state, for the bridge's counters.
+-- Two kinds of row are answered 255 here, in the same statement, and come back without
+-- their state (`overdue` or `invalid` says which; the bridge only counts them):
+-- * a row already past the deadline (%(deadline_s)s after its created_at) is closed
+--   `expired`, reason `deadline`: the game has given up on it. Answering it here rather
+--   than in a second statement (expire_batch) saves that statement and a second update
+--   of the row, which is when the bridge has least time for them: behind, after a stall;
+-- * a row whose state is not a one-dimensional array of 64 values is closed `invalid`
+--   (reason state_length_<its first dimension>): its array never leaves PostgreSQL (a
+--   1 MB state would otherwise travel with, and delay, every row of its batch).
+-- `at` is read once (a CTE with a volatile function is computed once): a row's status
+-- and its answered_at can never disagree at the deadline's edge.
 -- A state leaves as array_send's bytes (the real[]'s binary form): the bridge passes them on
 -- untouched and a worker decodes a batch of them as one array (mltasks/serving/
 -- validation.py); no side makes 64 Python floats of a row.
@@ -28,34 +33,42 @@ WITH woke AS (
     ORDER BY priority DESC, created_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), clock AS (
+    SELECT t.at, t.at - make_interval(secs => %(deadline_s)s) AS overdue_before
+    FROM (SELECT clock_timestamp() AS at) AS t
 ), claimed AS (
     -- The state's check is written out in SET and in RETURNING (the state itself is not
     -- updated: both see the same value) rather than in a CTE of its own, which cost every
     -- claimed row one more primary-key lookup.
     UPDATE ai_requests AS r
-    SET status = CASE WHEN r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
-                           AND cardinality(r.state_vector) = 64)
-                      THEN 'processing' ELSE 'invalid' END,
-        claimed_at = clock_timestamp(), attempts = r.attempts + 1,
+    SET status = CASE WHEN NOT (r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
+                                AND cardinality(r.state_vector) = 64))
+                      THEN 'invalid'
+                      WHEN r.created_at < c.overdue_before THEN 'expired'
+                      ELSE 'processing' END,
+        claimed_at = c.at, attempts = r.attempts + 1,
         claim_token = %(token)s,
-        answered_at = CASE WHEN r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
-                                AND cardinality(r.state_vector) = 64)
-                           THEN NULL ELSE clock_timestamp() END
+        answered_at = CASE WHEN (r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
+                                 AND cardinality(r.state_vector) = 64))
+                                AND r.created_at >= c.overdue_before
+                           THEN NULL ELSE c.at END
+    FROM clock AS c
     WHERE r.request_id = ANY (ARRAY(SELECT request_id FROM picked))
     RETURNING r.request_id, r.archetype, r.mob_id,
               CASE WHEN r.status = 'processing' THEN array_send(r.state_vector) END
                   AS state_vector,
               r.monster_id, r.priority, r.created_at,
+              r.status = 'expired' AS overdue,
               CASE WHEN r.status = 'invalid'
                    THEN 'state_length_' || coalesce(array_length(r.state_vector, 1), 0)
               END AS invalid
 ), refused AS (
     INSERT INTO ai_responses (request_id, action_id, confidence, source, reason)
-    SELECT request_id, 255, 0, 'bridge', invalid FROM claimed WHERE invalid IS NOT NULL
+    SELECT request_id, 255, 0, 'bridge', coalesce(invalid, 'deadline')
+    FROM claimed WHERE invalid IS NOT NULL OR overdue
     ON CONFLICT (request_id) DO NOTHING
 )
-SELECT request_id, archetype, mob_id, state_vector, monster_id,
-       created_at < clock_timestamp() - make_interval(secs => %(deadline_s)s) AS overdue,
+SELECT request_id, archetype, mob_id, state_vector, monster_id, overdue,
        extract(epoch FROM created_at)::float8 AS created_epoch,
        invalid
 FROM claimed

@@ -112,8 +112,8 @@ class ModelFloor(Floor):
             token = secrets.token_hex(16)
             params = {"limit": self.batch, "deadline_s": 3600.0, "token": token}
             rows = conn.execute(query("claim_batch"), params, prepare=True).fetchall()
-            batch = [[r[0], r[1], r[2], r[3], r[4]] for r in rows if r[7] is None]
-            if batch:  # rows the claim answered invalid itself have no state
+            batch = [[r[0], r[1], r[2], r[3], r[4]] for r in rows if r[7] is None and not r[5]]
+            if batch:  # rows the claim answered itself (invalid, overdue) have no state
                 answers = answer_batch(batch, self.engine, None, self.rule).answers
                 write_answers(conn, answers, token)
             total += len(rows)

@@ -54,7 +54,7 @@ class Claimed(NamedTuple):
     """The ``real[]`` as ``array_send`` gives it (mltasks.serving.validation decodes it)."""
     monster_id: int | None
     overdue: bool
-    """Already past the deadline when claimed: the bridge answers it 255 itself."""
+    """Already past the deadline when claimed: the claim answered it 255 ``deadline``."""
     created_epoch: float
     invalid: str | None
     """The claim answered it ``invalid`` already (its state is not 64 values): why."""

@@ -61,6 +61,38 @@ def test_overdue_rows_are_answered_255_without_a_worker(
     assert game.poll(pg, old) == (255, 0.0)
 
 
+def test_the_claim_itself_closes_overdue_rows_and_sends_on_the_rest(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    """An overdue row is answered by the claim's own statement: status and answer in one
+    go, no state shipped; the fresh row beside it is claimed as usual, unanswered."""
+    old, fresh = game.insert(pg, STATE), game.insert(pg, STATE)
+    pg.execute(
+        "UPDATE ai_requests SET created_at = created_at - interval '1 minute' "
+        "WHERE request_id = %s",
+        (old,),
+    )
+    b = Bridge(config, dead_broker_app(config))
+    try:
+        _, rows = b.claim()
+    finally:
+        b.close()
+        b.keeper.close()
+    by_id = {r.request_id: r for r in rows}
+    assert by_id[old].overdue and by_id[old].state_vector is None
+    assert not by_id[fresh].overdue and by_id[fresh].state_vector is not None
+    assert response(pg, old) == (255, 0.0, "deadline", "expired")
+    assert response(pg, fresh) == (None, None, None, "processing")
+    answered = dict(
+        pg.execute(
+            "SELECT request_id, answered_at IS NOT NULL FROM ai_requests "
+            "WHERE request_id = ANY(%s)",
+            ([old, fresh],),
+        ).fetchall()
+    )
+    assert answered == {old: True, fresh: False}
+
+
 def test_unpublishable_batch_is_answered_by_the_rules_in_the_bridge(
     config: Config, pg: psycopg.Connection[Any], worker: Any
 ) -> None:
