@@ -41,6 +41,13 @@ ALTER TABLE ai_requests SET (
     autovacuum_vacuum_cost_delay = 0
 );
 
+-- No statistics on the states: no statement filters, joins or sorts on them, and ANALYZE
+-- spent most of its time on them (the element statistics of 30,000 sampled 64-value
+-- arrays): 680-820 ms of a core for an 80,000-row table, against 76-94 ms without. With
+-- the analyze threshold above, that came once a minute under load, and the latency of every
+-- decision answered meanwhile with it (docs/PERFORMANCE.md, 2026-12-07 (night)).
+ALTER TABLE ai_requests ALTER COLUMN state_vector SET STATISTICS 0;
+
 -- When the service wrote this request's one response (NULL: not yet). It is what finds
 -- rows the game marked 'timeout' while a batch holding them was lost.
 ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS answered_at timestamptz;
