@@ -5,6 +5,7 @@ import threading
 
 from bridge.loop import Bridge
 from mltasks.config import config_or_exit, get_config
+from mltasks.heap import freeze_startup_objects
 
 
 def main() -> None:
@@ -19,7 +20,9 @@ def main() -> None:
     m = config.monitoring
     server = start_bridge_metrics(config, m.metrics_host, m.bridge_metrics_port)
     try:
-        Bridge(config).run(stop)
+        bridge = Bridge(config)
+        freeze_startup_objects()  # a full collection then skips what lives as long as we do
+        bridge.run(stop)
     finally:
         if server is not None:
             server.close()

@@ -28,6 +28,7 @@ from mltasks.fallback.ladder import QUEUE_LEVELS, Level
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.registry import WorkerRegistry
 from mltasks.fallback.rules import rules_engine
+from mltasks.heap import freeze_startup_objects
 from mltasks.logs import configure_logging
 from mltasks.models import served
 from mltasks.models.engine import get_engine, reset_engine
@@ -96,7 +97,9 @@ def _metrics_endpoint(**_: Any) -> None:
 
 def preload() -> None:
     """Load the models of this worker's queues now, and warm up (mltasks.serving.warm):
-    nothing of it waits for the first batch."""
+    nothing of it waits for the first batch. First, what starting made leaves the
+    collector's full passes (`mltasks.heap`); the models, loaded after, stay in them."""
+    freeze_startup_objects()
     cfg = get_config()
     queues = worker_queues()
     for queue in queues:
