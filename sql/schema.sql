@@ -41,13 +41,6 @@ ALTER TABLE ai_requests SET (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- No statistics on the states: no statement filters, joins or sorts on them, and ANALYZE
--- spent most of its time on them (the element statistics of 30,000 sampled 64-value
--- arrays): 680-820 ms of a core for an 80,000-row table, against 76-94 ms without. With
--- the analyze threshold above, that came once a minute under load, and the latency of every
--- decision answered meanwhile with it (docs/PERFORMANCE.md, 2026-12-07 (night)).
-ALTER TABLE ai_requests ALTER COLUMN state_vector SET STATISTICS 0;
-
 -- When the service wrote this request's one response (NULL: not yet). It is what finds
 -- rows the game marked 'timeout' while a batch holding them was lost.
 ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS answered_at timestamptz;
@@ -55,6 +48,33 @@ ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS answered_at timestamptz;
 -- The random token of the claim that took this row (claim_batch); an answer must bring
 -- it back (answer_batch), so that only rows this service claimed can be answered.
 ALTER TABLE ai_requests ADD COLUMN IF NOT EXISTS claim_token text;
+
+-- ANALYZE, small: with the analyze threshold above it comes once a minute under load, in
+-- one piece, and every decision answered meanwhile waits with it (docs/PERFORMANCE.md,
+-- 2026-12-07 (night)). No statistics on the states: no statement filters, joins or sorts
+-- on them, and their element statistics were most of the cost. A sample of 3,000 rows
+-- (300 x the largest target) for the rest: the service's plans do not depend on the
+-- statistics (tests/flow/test_plans.py), and 3,000 rows tell the status shares well
+-- enough. On 240,000 rows of a bulk run: 188-212 ms of a core at the defaults, 22 ms so.
+-- A column added later needs its line here (tests/flow/test_schema.py checks).
+ALTER TABLE ai_requests
+    ALTER COLUMN state_vector SET STATISTICS 0,
+    ALTER COLUMN request_id SET STATISTICS 10,
+    ALTER COLUMN monster_id SET STATISTICS 10,
+    ALTER COLUMN mob_id SET STATISTICS 10,
+    ALTER COLUMN archetype SET STATISTICS 10,
+    ALTER COLUMN map_id SET STATISTICS 10,
+    ALTER COLUMN position_x SET STATISTICS 10,
+    ALTER COLUMN position_y SET STATISTICS 10,
+    ALTER COLUMN hp_ratio SET STATISTICS 10,
+    ALTER COLUMN sp_ratio SET STATISTICS 10,
+    ALTER COLUMN status SET STATISTICS 10,
+    ALTER COLUMN priority SET STATISTICS 10,
+    ALTER COLUMN created_at SET STATISTICS 10,
+    ALTER COLUMN claimed_at SET STATISTICS 10,
+    ALTER COLUMN attempts SET STATISTICS 10,
+    ALTER COLUMN answered_at SET STATISTICS 10,
+    ALTER COLUMN claim_token SET STATISTICS 10;
 
 -- What the bridge claims: most urgent first, oldest first within a priority.
 CREATE INDEX IF NOT EXISTS ai_requests_pending_idx
