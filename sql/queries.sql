@@ -16,8 +16,9 @@
 -- * a row whose state is not a one-dimensional array of 64 values is closed `invalid`
 --   (reason state_length_<its first dimension>): its array never leaves PostgreSQL (a
 --   1 MB state would otherwise travel with, and delay, every row of its batch).
--- `at` is read once (a CTE with a volatile function is computed once): a row's status
--- and its answered_at can never disagree at the deadline's edge.
+-- The deadline is measured from statement_timestamp(), one value for the whole statement:
+-- a row's status and its answered_at can never disagree at the deadline's edge, and no
+-- CTE holding a clock needs joining to the update.
 -- A state leaves as array_send's bytes (the real[]'s binary form): the bridge passes them on
 -- untouched and a worker decodes a batch of them as one array (mltasks/serving/
 -- validation.py); no side makes 64 Python floats of a row.
@@ -33,9 +34,6 @@ WITH woke AS (
     ORDER BY priority DESC, created_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), clock AS (
-    SELECT t.at, t.at - make_interval(secs => %(deadline_s)s) AS overdue_before
-    FROM (SELECT clock_timestamp() AS at) AS t
 ), claimed AS (
     -- The state's check is written out in SET and in RETURNING (the state itself is not
     -- updated: both see the same value) rather than in a CTE of its own, which cost every
@@ -44,15 +42,17 @@ WITH woke AS (
     SET status = CASE WHEN NOT (r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
                                 AND cardinality(r.state_vector) = 64))
                       THEN 'invalid'
-                      WHEN r.created_at < c.overdue_before THEN 'expired'
+                      WHEN r.created_at < statement_timestamp()
+                                          - make_interval(secs => %(deadline_s)s)
+                      THEN 'expired'
                       ELSE 'processing' END,
-        claimed_at = c.at, attempts = r.attempts + 1,
+        claimed_at = clock_timestamp(), attempts = r.attempts + 1,
         claim_token = %(token)s,
         answered_at = CASE WHEN (r.state_vector IS NULL OR (array_ndims(r.state_vector) = 1
                                  AND cardinality(r.state_vector) = 64))
-                                AND r.created_at >= c.overdue_before
-                           THEN NULL ELSE c.at END
-    FROM clock AS c
+                                AND r.created_at >= statement_timestamp()
+                                                    - make_interval(secs => %(deadline_s)s)
+                           THEN NULL ELSE clock_timestamp() END
     WHERE r.request_id = ANY (ARRAY(SELECT request_id FROM picked))
     RETURNING r.request_id, r.archetype, r.mob_id,
               CASE WHEN r.status = 'processing' THEN array_send(r.state_vector) END
