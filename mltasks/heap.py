@@ -3,8 +3,8 @@ out of the cyclic garbage collector's full passes.
 
 A bridge or worker holds about 80,000 objects once its imports are done (modules, classes,
 functions, Celery's app and consumer), and they live as long as the process. Every full
-collection walked them all: 67-154 ms in a worker, 42 ms in the bridge, measured during a
-bulk run (docs/PERFORMANCE.md, 2026-12-07 (night)); every decision waiting on that process
+collection walked them all: 53-154 ms in a worker, 42-62 ms in the bridge, measured in
+bulk runs (docs/PERFORMANCE.md, 2026-12-07 (night)); every decision waiting on that process
 meanwhile was late (the game's timeout is 15 ms). ``gc.freeze`` moves them to the permanent
 generation, which collections skip: a full collection then walks what was made since.
 

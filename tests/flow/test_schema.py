@@ -39,21 +39,20 @@ def test_analyze_of_the_queue_is_small(pg: psycopg.Connection[Any]) -> None:
     time, and no plan reads them), samples 3,000 rows for every other column of the queue
     and of its answers (none left at the default target, a column added later included),
     and still gathers what the claim's plans use."""
-    targets = dict(
-        pg.execute(
-            "SELECT attname, coalesce(attstattarget, -1) FROM pg_attribute "
-            "WHERE attrelid = 'ai_requests'::regclass AND attnum > 0 AND NOT attisdropped"
-        ).fetchall()
-    )
-    assert targets.pop("state_vector") == 0
-    assert targets and all(0 < t <= 10 for t in targets.values()), targets
-    answers = dict(
-        pg.execute(
-            "SELECT attname, coalesce(attstattarget, -1) FROM pg_attribute "
-            "WHERE attrelid = 'ai_responses'::regclass AND attnum > 0 AND NOT attisdropped"
-        ).fetchall()
-    )
-    assert answers and all(0 < t <= 10 for t in answers.values()), answers
+
+    def targets(table: str) -> dict[str, int]:
+        return dict(
+            pg.execute(
+                "SELECT attname, coalesce(attstattarget, -1) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                (table,),
+            ).fetchall()
+        )
+
+    queue, answers = targets("ai_requests"), targets("ai_responses")
+    assert queue.pop("state_vector") == 0
+    for table in (queue, answers):
+        assert table and all(0 < t <= 10 for t in table.values()), table
     for i in range(50):
         game.insert(pg, [i / 50] + [0.5] * 63, archetype="tank" if i % 2 else "mage")
     pg.execute("ANALYZE ai_requests")
