@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
-import redis
 from celery import Celery
 
+from bridge.congestion import CONGESTION_RECHECK_S, Congestion, Waiting
 from bridge.housekeeping import Housekeeping
 from bridge.publish import Publisher
 from mltasks import metrics
@@ -40,18 +40,8 @@ log = logging.getLogger(__name__)
 
 # At stop, how long the claim loop waits for a housekeeping round still running.
 KEEPER_JOIN_S = 5.0
-# While the tier's queue is full, it is looked at again (LLEN) this often. Not sooner on a
-# NOTIFY: at the game's insert rate that would be a Redis round trip per insert. (A NOTIFY
-# from the workers' answers would be exact, but PostgreSQL serialises the commits of every
-# notifying transaction: it cut the bridge's own throughput by more than a third.)
-CONGESTION_RECHECK_S = 0.002
 # After a failed publish, batches are answered here for this long before the next try.
 PUBLISH_PAUSE_S = 1.0
-# A full queue holds rows back in PostgreSQL for at most this share of their deadline
-# (inference.max_latency_ms); past it the rows go to the next live tier below, or are
-# answered here with the rule policy. (Rows waiting in PostgreSQL are about as old as the
-# hold-back: the ones before it were claimed.)
-HOLD_BACK_SHARE = 0.5
 # A batch still waiting in its queue at `InferenceConfig.rescue_after_s` (80% of its oldest
 # row's deadline) is taken back and answered 255 here (`rescue`), at most this often.
 RESCUE_EVERY_S = 0.005
@@ -79,15 +69,12 @@ class Bridge:
         self.sent = 0
         self.expired = 0
         self.answered_here = 0
-        # Queues a publish found full: since when (monotonic), and when last looked at.
-        self._held: dict[str, float] = {}
-        self._looked: dict[str, float] = {}
-        self.hold_back_s = self.config.inference.max_latency_ms / 1000 * HOLD_BACK_SHARE
         self.diverted = 0
         # Sent batches: (when to rescue them (monotonic), queue, message, request ids).
         self._in_flight: deque[tuple[float, str, bytes, list[int]]] = deque()
         self.rescue_after_s = self.config.inference.rescue_after_s
         self.rescued = 0
+        self.topped_up = 0  # rows that joined a waiting batch
         self.left_to_workers = 0  # rows of due batches a worker had taken: not rescued
         # The broker the app's workers consume from (its URL, not ours: a test or a
         # deployment may point the app elsewhere).
@@ -98,6 +85,7 @@ class Bridge:
             socket_connect_timeout=self.config.redis.socket_timeout_s,
         )
         self.publisher = Publisher(self.app, self._broker)
+        self.congestion = Congestion(self.config, self._broker)
         self.refresh_level()
         self.keeper = Housekeeping(self.config, self.refresh_level)
 
@@ -124,21 +112,24 @@ class Bridge:
 
     # -- one round ----------------------------------------------------------------------
 
-    def claim(self) -> tuple[str, list[Claimed]]:
-        """Claim a batch under a fresh random token: (token, rows).
+    def claim(
+        self, limit: int | None = None, token: str | None = None
+    ) -> tuple[str, list[Claimed]]:
+        """Claim a batch (at most ``limit`` rows, else ``inference.batch_size``) under
+        ``token``, by default a fresh random one: (token, rows).
 
         Rows the claim itself answered `invalid` (a state that is not 64 values) come
         back without their state and with the reason in ``invalid``.
         """
         inf = self.config.inference
-        token = secrets.token_hex(16)
+        token = token or secrets.token_hex(16)
         with self._errors("claiming"):
             # Binary results: each state comes as its array's bytes (array_send), passed
             # on to the worker untouched (mltasks/serving/validation.py decodes them).
             cur = self._connection().execute(
                 query("claim_batch"),
                 {
-                    "limit": inf.batch_size,
+                    "limit": limit or inf.batch_size,
                     "deadline_s": inf.max_latency_ms / 1000.0,
                     "token": token,
                 },
@@ -151,6 +142,13 @@ class Bridge:
         token, rows = self.claim()
         if not rows:
             return 0
+        fresh = self._fresh(rows)
+        if fresh:
+            self.dispatch([r.row() for r in fresh], [r.created_epoch for r in fresh], token)
+        return len(rows)
+
+    def _fresh(self, rows: list[Claimed]) -> list[Claimed]:
+        """Count what the claim answered itself (invalid and overdue rows); the rest."""
         self.claimed += len(rows)
         invalid = [r for r in rows if r.invalid is not None]
         if invalid:
@@ -161,19 +159,65 @@ class Bridge:
             rows = [r for r in rows if r.invalid is None]
         overdue = [r for r in rows if r.overdue]
         if overdue:  # the claim answered them 255 `deadline` already
-            fresh = [r for r in rows if not r.overdue]
             self._expired(len(overdue), "deadline", [r.created_epoch for r in overdue])
-        else:
-            fresh = rows
-        if fresh:
-            self.dispatch([r.row() for r in fresh], [r.created_epoch for r in fresh], token)
-        return len(rows) + len(invalid)
+            return [r for r in rows if not r.overdue]
+        return rows
 
-    def dispatch(self, rows: Sequence[Row], created: Sequence[float] = (), token: str = "") -> None:
+    def top_up(self) -> int:
+        """While the tier's queue is full, pending rows join the batch still waiting in it
+        (taken back with one LREM and sent again with them); returns how many were claimed.
+
+        Without it, rows that arrive while a batch waits stay in PostgreSQL until a worker
+        has taken that batch, and then wait behind it. In bulk load at 7,000/s it held the
+        step in 4 of 5 runs against 2 of 5 (docs/PERFORMANCE.md, 2026-12-07 (late night)).
+        The rows are claimed under the waiting batch's own token, so whichever way the
+        LREM goes, one message answers them; a batch a worker took meanwhile is left to
+        it and the new rows go out as the next one.
+        """
+        queue = LEVEL_QUEUE.get(self.level)
+        waiting = self.congestion.waiting.get(queue) if queue is not None else None
+        if queue is None or waiting is None or waiting.level != self.level:
+            return 0
+        room = self.config.inference.batch_size - len(waiting.rows)
+        if room <= 0:
+            return 0
+        _, claimed_rows = self.claim(room, waiting.token)
+        if not claimed_rows:
+            return 0
+        fresh = self._fresh(claimed_rows)
+        if not fresh:
+            return len(claimed_rows)
+        rows = [r.row() for r in fresh]
+        created = [r.created_epoch for r in fresh]
+        del self.congestion.waiting[queue]
+        last = self._in_flight[-1] if self._in_flight else None
+        if (
+            last is not None
+            and last[2] is waiting.message
+            and self.publisher.withdraw([(queue, waiting.message)]) == [True]
+        ):
+            due = self._in_flight.pop()[0]  # sent again below, with the same rescue time
+            self.sent -= len(waiting.rows)
+            self.topped_up += len(rows)
+            rows = [*waiting.rows, *rows]
+            created = [*waiting.created, *created]
+            self.dispatch(rows, created, waiting.token, due)
+        else:
+            self.dispatch(rows, created, waiting.token)
+        return len(claimed_rows)
+
+    def dispatch(
+        self,
+        rows: Sequence[Row],
+        created: Sequence[float] = (),
+        token: str = "",
+        due: float | None = None,
+    ) -> None:
         """Send a batch to the queue of the current level; level 5 is answered here.
 
         ``created`` holds each row's created_at (epoch s), for end-to-end latency metrics;
-        ``token`` is the claim's (the answer must bring it back).
+        ``token`` is the claim's (the answer must bring it back); ``due`` the batch's rescue
+        time (monotonic), by default from its oldest row.
         """
         level = self.level
         if level >= Level.TRADITIONAL:
@@ -182,7 +226,7 @@ class Bridge:
             )
             return
         queue = LEVEL_QUEUE[level]
-        if self._lapsed(queue):
+        if self.congestion.lapsed(queue):
             # Its queue has been full as long as the rows may wait: the next live tier
             # below whose queue has room, else the rule policy here. Never a timeout.
             below = self._next_tier(level)
@@ -216,18 +260,14 @@ class Bridge:
             )
             return
         self.sent += len(rows)
-        oldest = min(created, default=time.time())
-        due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
+        if due is None:
+            oldest = min(created, default=time.time())
+            due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
         sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
         self._in_flight.append(sent)
-        if waiting >= self.config.inference.max_waiting_batches:
-            # The tier is busy: let rows gather until the queue has room again (for at
-            # most hold_back_s from when it was first found full).
-            now = time.monotonic()
-            self._held.setdefault(queue, now)
-            self._looked[queue] = now
-        else:
-            self._held.pop(queue, None)
+        # A busy tier: the next rows gather (bridge.congestion), in this batch while it waits.
+        batch = Waiting(level, token, list(rows), list(created), self.publisher.last_message)
+        self.congestion.published(queue, waiting, batch)
 
     def answer_here(
         self,
@@ -348,51 +388,18 @@ class Bridge:
         self.keeper.round()
 
     def congested(self) -> bool:
-        """True while the tier's queue holds ``max_waiting_batches`` batches or more, for
-        at most ``hold_back_s`` since it was found full.
-
-        Then the bridge stops claiming and lets rows gather in PostgreSQL: when the queue
-        has room again they leave as one larger batch instead of many one-row batches, so
-        the per-batch cost (broker, acks, one database write) is shared by more decisions.
-        Each publish tells how many batches wait (bridge.publish); a full queue is looked
-        at again every CONGESTION_RECHECK_S. A hold-back that lapsed claims again, and
-        `dispatch` sends the rows elsewhere: a stuck worker (a huge batch, a worker that
-        does not read yet) never keeps rows past their deadline.
-        """
-        queue = LEVEL_QUEUE.get(self.level)
-        if queue is None or not self._full(queue):
-            return False
-        return not self._lapsed(queue)
-
-    def _full(self, queue: str) -> bool:
-        """Whether ``queue`` was found full and still is (LLEN at most every 2 ms)."""
-        if queue not in self._held:
-            return False
-        now = time.monotonic()
-        if now - self._looked.get(queue, 0.0) < CONGESTION_RECHECK_S:
-            return True
-        self._looked[queue] = now
-        try:
-            waiting = int(self._broker.llen(queue))
-        except (redis.RedisError, OSError):
-            waiting = 0  # the publish will find out, and answer with the rules
-        if waiting < self.config.inference.max_waiting_batches:
-            self._held.pop(queue, None)
-            return False
-        return True
-
-    def _lapsed(self, queue: str) -> bool:
-        """Full for longer than rows may be held back."""
-        since = self._held.get(queue)
-        return (
-            since is not None and time.monotonic() - since >= self.hold_back_s and self._full(queue)
-        )
+        """True while the tier's queue is full and rows are held back (bridge.congestion)."""
+        return self.congestion.congested(LEVEL_QUEUE.get(self.level))
 
     def _next_tier(self, level: int) -> int | None:
         """The first level below ``level`` with a live consumer and room in its queue."""
         for lower in range(level + 1, Level.TRADITIONAL):
             queue = LEVEL_QUEUE[lower]
-            if self.live.get(queue) and queue != LEVEL_QUEUE[level] and not self._full(queue):
+            if (
+                self.live.get(queue)
+                and queue != LEVEL_QUEUE[level]
+                and not self.congestion.full(queue)
+            ):
                 return lower
         return None
 
@@ -401,6 +408,8 @@ class Bridge:
         total = 0
         while True:
             if self.congested():
+                if self.config.inference.top_up:
+                    total += self.top_up()
                 return total
             n = self.step()
             total += n
@@ -438,7 +447,7 @@ class Bridge:
             try:
                 claimed = self.drain()
                 self.rescue()
-                if LEVEL_QUEUE.get(self.level) in self._held:
+                if LEVEL_QUEUE.get(self.level) in self.congestion.held:
                     # Holding rows back on purpose: nothing to be woken for (and no reason
                     # to have the game's inserts notify); look at the queue again soon.
                     stop.wait(min(CONGESTION_RECHECK_S, self._next_rescue_s()))

@@ -147,6 +147,9 @@ class InferenceConfig:
     # Batches allowed to wait in a tier's queue before the bridge holds back and lets rows
     # gather into a larger batch (0: never hold back).
     max_waiting_batches: int = 1
+    # While a tier's queue is full, pending rows join the batch waiting in it (the bridge
+    # takes it back and sends it again with them) rather than wait for the next batch.
+    top_up: bool = True
 
     # A batch still waiting in its queue this far into its oldest row's deadline is taken
     # back off the queue and answered 255 by the bridge (`rescue`): the game then reads a

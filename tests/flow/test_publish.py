@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ import redis
 from celery import Celery
 from kombu.serialization import loads
 
-from bridge.loop import CONGESTION_RECHECK_S, Bridge
+from bridge.congestion import CONGESTION_RECHECK_S
+from bridge.loop import Bridge
 from bridge.publish import Publisher
 from mltasks.broker.celery_app import INFER_TASK
 from mltasks.config import Config, DatabaseConfig
@@ -105,9 +107,9 @@ def test_a_batch_taken_by_an_idle_worker_is_not_counted_as_waiting(
 
 
 class Clock:
-    """bridge.loop's `time` module with a monotonic clock that moves only when the test
-    moves it: the congestion intervals are asserted as behaviour, whatever this host's
-    scheduling does to a few milliseconds."""
+    """The `time` module of bridge.loop and bridge.congestion, with a monotonic clock that
+    moves only when the test moves it: the congestion intervals are asserted as behaviour,
+    whatever this host's scheduling does to a few milliseconds."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -124,15 +126,17 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    from bridge import loop
+    from bridge import congestion, loop
 
     c = Clock()
     monkeypatch.setattr(loop, "time", c)
+    monkeypatch.setattr(congestion, "time", c)
     return c
 
 
-def _congestion_bridge(config: Config, app: Celery) -> Bridge:
-    b = Bridge(config, app)
+def _congestion_bridge(config: Config, app: Celery, top_up: bool = False) -> Bridge:
+    inference = dataclasses.replace(config.inference, top_up=top_up)
+    b = Bridge(dataclasses.replace(config, inference=inference), app)
     b.level = 3  # the cpu tier, whatever the heartbeats say: nothing consumes here
     b.refresh_level = lambda: None  # type: ignore[method-assign]
     return b
@@ -144,8 +148,9 @@ def test_congested_tier_gathers_rows_until_the_queue_has_room(
     quiet_broker: tuple[Celery, redis.Redis],
     clock: Clock,
 ) -> None:
-    """max_waiting_batches 1: a batch waiting for a worker holds the next rows back, and
-    they leave together once a worker took it (the queue is looked at every few ms)."""
+    """max_waiting_batches 1, no top-up: a batch waiting for a worker holds the next rows
+    back, and they leave together once a worker took it (the queue is looked at every few
+    ms)."""
     app, client = quiet_broker
     b = _congestion_bridge(config, app)
     status = "SELECT status FROM ai_requests WHERE request_id = %s"
@@ -168,6 +173,83 @@ def test_congested_tier_gathers_rows_until_the_queue_has_room(
         assert pg.execute(status, (second,)).fetchone() == ("processing",)
         assert pg.execute(status, (third,)).fetchone() == ("processing",)
         assert client.llen(QUEUE) == 1
+    finally:
+        b.close()
+
+
+def _batch(raw: Any) -> tuple[list[int], list[float], str]:
+    """A pushed message's request ids, created times and claim token."""
+    assert isinstance(raw, bytes)  # a message is there
+    msg = json.loads(raw)
+    args = loads(  # type: ignore[no-untyped-call]  # kombu ships no annotations
+        base64.b64decode(msg["body"]),
+        msg["content-type"],
+        msg["content-encoding"],
+        accept={"application/x-msgpack"},
+    )[0]
+    return [r[0] for r in args[0]], args[3], args[4]
+
+
+def test_rows_held_back_join_the_batch_waiting_in_the_queue(
+    config: Config,
+    pg: psycopg.Connection[Any],
+    quiet_broker: tuple[Celery, redis.Redis],
+    clock: Clock,
+) -> None:
+    """top_up: while the batch waits for a worker, rows that arrive are claimed under its
+    token and sent with it, as one message in its place; its rescue time stays its own."""
+    app, client = quiet_broker
+    b = _congestion_bridge(config, app, top_up=True)
+    status = "SELECT status, claim_token FROM ai_requests WHERE request_id = %s"
+    try:
+        first = game.insert(pg, STATE)
+        assert b.drain() == 1 and b.congested()  # nobody took it: one batch waiting
+        ids, created, token = _batch(client.lindex(QUEUE, 0))
+        assert ids == [first]
+        due = b._in_flight[-1][0]
+        second, third = game.insert(pg, STATE), game.insert(pg, STATE)
+        assert b.drain() == 2  # joined the waiting batch
+        assert client.llen(QUEUE) == 1
+        ids, joined, same = _batch(client.lindex(QUEUE, 0))
+        assert ids == [first, second, third] and same == token
+        assert joined[0] == created[0] and len(joined) == 3
+        assert pg.execute(status, (third,)).fetchone() == ("processing", token)
+        assert len(b._in_flight) == 1 and b._in_flight[0][0] == due
+        assert b._in_flight[0][2] == client.lindex(QUEUE, 0)  # the rescue takes this one
+        assert b.topped_up == 2 and b.sent == 3
+        assert b.drain() == 0  # nothing pending: the batch is left as it is
+        assert b.rescue() == 0
+
+        assert client.rpop(QUEUE) is not None  # a worker takes it: nothing waits
+        fourth = game.insert(pg, STATE)
+        assert b.drain() == 1  # within the recheck interval: still taken for full
+        ids, _, again = _batch(client.lindex(QUEUE, 0))
+        assert ids == [fourth] and again == token  # the next batch, under the same token
+        assert client.llen(QUEUE) == 1 and b.topped_up == 2 and len(b._in_flight) == 2
+    finally:
+        b.close()
+
+
+def test_a_top_up_never_grows_a_batch_past_the_claim_limit(
+    config: Config,
+    pg: psycopg.Connection[Any],
+    quiet_broker: tuple[Celery, redis.Redis],
+    clock: Clock,
+) -> None:
+    app, client = quiet_broker
+    inference = dataclasses.replace(config.inference, batch_size=32)
+    b = _congestion_bridge(dataclasses.replace(config, inference=inference), app, top_up=True)
+    try:
+        for _ in range(30):
+            game.insert(pg, STATE)
+        assert b.drain() == 30 and b.congested()
+        for _ in range(5):
+            game.insert(pg, STATE)
+        assert b.drain() == 2
+        assert len(_batch(client.lindex(QUEUE, 0))[0]) == 32
+        assert b.drain() == 0  # full: the other three wait for the next batch
+        pending = "SELECT count(*) FROM ai_requests WHERE status = 'pending'"
+        assert pg.execute(pending).fetchone() == (3,)
     finally:
         b.close()
 
@@ -223,7 +305,7 @@ def test_a_hold_back_never_outlasts_the_rows_deadline(
     with room, or are answered here with the rule policy (issue 11, item 2)."""
     app, client = quiet_broker
     b = _congestion_bridge(config, app)
-    b.hold_back_s = 0.05
+    b.congestion.hold_back_s = 0.05
     status = "SELECT status FROM ai_requests WHERE request_id = %s"
     reason = "SELECT source, reason FROM ai_responses WHERE request_id = %s"
     try:
@@ -232,7 +314,7 @@ def test_a_hold_back_never_outlasts_the_rows_deadline(
         held = game.insert(pg, STATE)
         assert b.drain() == 0
         assert b.congested()  # not lapsed yet: the clock stood still
-        clock.advance(b.hold_back_s + 1e-6)  # just past the hold-back
+        clock.advance(b.congestion.hold_back_s + 1e-6)  # just past the hold-back
         assert not b.congested()  # lapsed: claims again
         assert b.drain() == 1  # no live tier below: the rule policy answers here
         assert pg.execute(status, (held,)).fetchone() == ("completed",)
