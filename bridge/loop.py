@@ -478,13 +478,14 @@ class Bridge:
         self.store.redis.close()
         log.info(
             "stopped: %d claimed, %d sent, %d expired, %d answered in the bridge, "
-            "%d diverted from a full queue, %d rescued",
+            "%d diverted from a full queue, %d rescued, %d joined a waiting batch",
             self.claimed,
             self.sent,
             self.expired,
             self.answered_here,
             self.diverted,
             self.rescued,
+            self.topped_up,
             extra={"event": "bridge_stopped"},
         )
 
