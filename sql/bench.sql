@@ -79,6 +79,14 @@ SELECT status, count(*) FROM ai_requests GROUP BY status ORDER BY status;
 SELECT source, count(*), count(*) FILTER (WHERE action_id = 255)
 FROM ai_responses GROUP BY source ORDER BY source;
 
+-- batch_fresh --
+-- `mltasks bench batch`: the rows just inserted made as young as the claim that follows.
+UPDATE ai_requests SET created_at = clock_timestamp() WHERE status = 'pending';
+
+-- batch_not_inferred --
+-- `mltasks bench batch`: answers no model gave (a 255: a row the task skipped).
+SELECT count(*) FROM ai_responses WHERE source <> 'model' OR action_id NOT BETWEEN 0 AND 9;
+
 -- warm_up_answer --
 -- The warm-up request's answer, who gave it and why: a 'bridge' 255 means the worker was
 -- not up, unless the reason is the fallback level 5 the run asked for.

@@ -3,17 +3,22 @@ by size and by step, measured on batches the real claim took and the real task a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from mltasks.bench import batchcost
+from mltasks.bench import BenchError, batchcost
+from mltasks.bench.queries import bench_query
 from mltasks.cli import build_parser
+from mltasks.config import Config
 
 
 def test_it_parses_its_options(tmp_path: Path) -> None:
@@ -84,3 +89,42 @@ def test_it_measures_batches_that_were_really_answered(
             " count(*) FROM ai_requests r LEFT JOIN ai_responses s USING (request_id)"
         ).fetchone()
     assert answered == (20, 20)
+
+
+def test_a_batch_is_as_fresh_as_its_claim_and_a_skipped_row_fails_the_run(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    """The rows' ages are as of the claim, not their INSERTs: rows inserted one by one can
+    be past the deadline when claimed, and would be answered 255 without their models (the
+    batch measured smaller than it is). A row answered so anyway fails the run."""
+    source = batchcost.Batches(pg, config)
+    before = time.time()
+    rows, created, _ = source.next(3)
+    assert len(rows) == len(created) == 3
+    assert all(c >= before for c in created)
+    batchcost._all_inferred(pg, 3)  # nothing answered yet: nothing skipped
+    pg.execute(
+        "INSERT INTO ai_responses (request_id, action_id, confidence, source, model)"
+        " VALUES (%s, 255, 0, 'bridge', 'traditional')",
+        (rows[0][0],),
+    )
+    with pytest.raises(BenchError, match="1 rows were not answered by the models"):
+        batchcost._all_inferred(pg, 3)
+
+
+def test_a_claim_that_found_rows_overdue_is_set_aside_not_measured(
+    config: Config, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stall between the INSERTs and the claim (here: a 10 ms sleep where the rows are
+    made young, against a 5 ms deadline) has the claim answer the rows 255: such a batch
+    is made again, never measured, and the run gives up after STALE_TRIES of them."""
+    inference = dataclasses.replace(config.inference, max_latency_ms=5)
+    stalled = {"batch_fresh": "SELECT pg_sleep(0.01)"}
+    monkeypatch.setattr(
+        batchcost, "bench_query", lambda name: stalled.get(name) or bench_query(name)
+    )
+    source = batchcost.Batches(pg, dataclasses.replace(config, inference=inference))
+    with pytest.raises(BenchError, match="found rows overdue"):
+        source.next(2)
+    assert source.set_aside == 2 * batchcost.STALE_TRIES
+    batchcost._all_inferred(pg, 2, source.set_aside)  # the set-aside 255s are not skips
