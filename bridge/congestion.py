@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -41,8 +42,8 @@ class Waiting:
 
     level: int
     token: str
-    rows: list[Row]
-    created: list[float]
+    rows: Sequence[Row]
+    created: Sequence[float]
     message: bytes
 
 
@@ -57,16 +58,17 @@ class Congestion:
         self._looked: dict[str, float] = {}  # queue -> last LLEN (monotonic)
         self.waiting: dict[str, Waiting] = {}
 
-    def published(self, queue: str, waiting: int, batch: Waiting) -> None:
-        """A publish to ``queue`` found ``waiting`` batches there after its own."""
+    def published(self, queue: str, waiting: int) -> bool:
+        """A publish to ``queue`` found ``waiting`` batches there after its own: whether
+        the queue is now held full (the caller may record the batch in ``waiting``)."""
         if waiting >= self.max_waiting:
             now = time.monotonic()
             self.held.setdefault(queue, now)
             self._looked[queue] = now
-            self.waiting[queue] = batch
-        else:
-            self.held.pop(queue, None)
-            self.waiting.pop(queue, None)
+            return True
+        self.held.pop(queue, None)
+        self.waiting.pop(queue, None)
+        return False
 
     def congested(self, queue: str | None) -> bool:
         """Full, for at most ``hold_back_s`` since it was found full."""

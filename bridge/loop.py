@@ -265,9 +265,10 @@ class Bridge:
             due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
         sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
         self._in_flight.append(sent)
-        # A busy tier: the next rows gather (bridge.congestion), in this batch while it waits.
-        batch = Waiting(level, token, list(rows), list(created), self.publisher.last_message)
-        self.congestion.published(queue, waiting, batch)
+        if self.congestion.published(queue, waiting) and self.config.inference.top_up:
+            # A busy tier: the next rows join this batch while it waits (`top_up`).
+            message = self.publisher.last_message
+            self.congestion.waiting[queue] = Waiting(level, token, rows, created, message)
 
     def answer_here(
         self,
@@ -408,9 +409,7 @@ class Bridge:
         total = 0
         while True:
             if self.congested():
-                if self.config.inference.top_up:
-                    total += self.top_up()
-                return total
+                return total + self.top_up()
             n = self.step()
             total += n
             if n < self.config.inference.batch_size:

@@ -221,12 +221,12 @@ def measure(
                     for i in range(warmup + batches):
                         if i == warmup:
                             cpu.clear()
-                        rows, created, token = source.next(size)
+                        rows, _, token = source.next(size)
                         # The rows as young as the call: the task answers a row past its
                         # stale limit 255 without its models (a stall of this host).
                         now = time.time()
                         t0 = time.thread_time()
-                        answered = infer_batch(rows, LEVEL, now, [now] * len(created), token)
+                        answered = infer_batch(rows, LEVEL, now, [now] * len(rows), token)
                         spent = time.thread_time() - t0
                         if answered != size:
                             raise BenchError(f"a batch of {size} came back {answered} answered")
