@@ -292,6 +292,11 @@ class CachingConfig:
     # histories are read at every level whose fusion has a sequence type; answers and
     # states are written at every level, L3 outputs only at these (their only readers).
     lookup_levels: tuple[int, ...] = (1, 2)
+    # Whether workers write the game's L2 keys themselves. Off: the gateway SETEXes the same
+    # key and value after every fresh answer it reads (CONTRACT.md 4), so a worker's write
+    # only repeated it, at about 10 us a row (the key's MD5 text, the SET; docs/PERFORMANCE.md).
+    # On for a gateway that does not write its own cache.
+    write_actions: bool = False
 
     def __post_init__(self) -> None:
         _range("caching.action_ttl_s", self.action_ttl_s, 1, 3600)

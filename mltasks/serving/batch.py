@@ -112,7 +112,9 @@ def infer_batch(
     if isinstance(engine, Engine):
         deploy_shadow.refresh(engine)  # between batches: deployed versions swap in here
     lookup = level in cfg.caching.lookup_levels
-    outcome = answer_batch(batch, engine, cache, rule_of(cfg), lookup)
+    outcome = answer_batch(
+        batch, engine, cache, rule_of(cfg), lookup, write_actions=cfg.caching.write_actions
+    )
     try:
         with process.db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
             accepted = write_answers(conn, [*outcome.answers, *stale], claim)

@@ -90,6 +90,7 @@ def answer_batch(
     rule: FusionRule | None = None,
     lookup: bool = True,
     observe: bool = True,
+    write_actions: bool = True,
 ) -> Outcome:
     """Validate, look the batch up (one cache round trip), run each archetype's fusion
     members on what the cache missed, fuse, and answer every row exactly once.
@@ -101,6 +102,9 @@ def answer_batch(
     ``observe`` False (the worker's warm-up, mltasks.serving.warm): the model calls
     timings stay out of ``ml_inference_latency_seconds``.
 
+    ``write_actions`` False (``caching.write_actions``, the default of a worker): no L2
+    answer is written, and without ``lookup`` no L2 key made: the game writes its own.
+
     With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
     sequence members their history windows; the fresh answers, outputs and states are
     written back by ``Outcome.remember``, after the caller has stored the answers.
@@ -109,7 +113,7 @@ def answer_batch(
     refused, valid = _validated(as_rows(rows))
     if not valid:
         return Outcome(refused, [])
-    plan = plan_batch(valid, engine, cache, lookup)
+    plan = plan_batch(valid, engine, cache, lookup, write_actions)
     res = Results(refused)
     voiced: list[tuple[Group, list[Member]]] = []
     served: list[Group] = []
@@ -188,7 +192,7 @@ def _assemble(plan: Plan, group: Group, fused: Fused, res: Results) -> None:
             answered_by: Source = source if group.ran[k] else "cache"
             res.answers.append(Answer(rid, action, conf, answered_by, "completed", model))
             name = plan.action_names[i]
-            if name is not None:
+            if name is not None and plan.write_actions:
                 res.fresh.append((name, action, conf))
         start += count
 

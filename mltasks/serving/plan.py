@@ -105,13 +105,20 @@ class Plan:
     # Per archetype, its members as one session where the engine has built one
     # (`mltasks.models.merged`): one call for all of them.
     merged: dict[str, Any] = field(default_factory=dict)
+    # The answers go to L2 (caching.write_actions); else the game writes its own keys.
+    write_actions: bool = True
 
 
 def plan_batch(
-    valid: list[Valid], engine: Predictors, cache: BatchCache | None, lookup: bool = True
+    valid: list[Valid],
+    engine: Predictors,
+    cache: BatchCache | None,
+    lookup: bool = True,
+    write_actions: bool = True,
 ) -> Plan:
     """Keys of the batch, and one cache round trip for L2, L3 and L1 (without ``lookup``:
-    no L3 key at all, and a round trip for L1 alone where a member reads a history)."""
+    no L3 key at all, and a round trip for L1 alone where a member reads a history; without
+    ``lookup`` or ``write_actions``: no L2 key either, the costliest key of a row)."""
     from mltasks.cache.client import BatchLookup
     from mltasks.cache.codec import action_keys, output_key, state_digests
 
@@ -122,7 +129,7 @@ def plan_batch(
         return Plan(valid, members, [None] * len(valid), {}, empty, merged=merged)
     names: list[str | None] = [None] * len(valid)
     with_mob = [i for i, v in enumerate(valid) if v.mob_id is not None]
-    if with_mob:
+    if with_mob and (lookup or write_actions):
         found = action_keys(
             np.stack([valid[i].vec for i in with_mob]),
             [int(valid[i].mob_id or 0) for i in with_mob],
@@ -151,7 +158,9 @@ def plan_batch(
     else:
         looked = empty
     index = {k: j for j, k in enumerate(outputs)}
-    return Plan(valid, members, names, outputs, looked, index, merged=merged)
+    return Plan(
+        valid, members, names, outputs, looked, index, merged=merged, write_actions=write_actions
+    )
 
 
 def _merged(

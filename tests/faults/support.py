@@ -115,6 +115,7 @@ class Settings:
     visibility_timeout_s: int = 2
     heartbeat_interval_ms: int = 200
     heartbeat_ttl_ms: int = 800
+    write_actions: bool = False  # caching.write_actions: the game's L2 keys from the workers
 
     @property
     def bound_s(self) -> float:
@@ -145,6 +146,7 @@ class Settings:
                 "cpu_load_per_core": 1000,
                 "queue_lag_ms": 60000,
             },
+            "caching": {"write_actions": self.write_actions},
             "worker": {"concurrency": 1},
             "monitoring": {"metrics_port": 0, "bridge_metrics_port": 0},
             "logging": {"level": "WARNING"},

@@ -22,7 +22,7 @@ from mltasks import keys
 from mltasks.config import Config
 from tests import game
 from tests.conftest import wait_for
-from tests.faults.support import REPO, RedisServer, Service, warm_up
+from tests.faults.support import REPO, RedisServer, Service, Settings, warm_up
 
 pytestmark = pytest.mark.faults
 
@@ -56,7 +56,7 @@ def test_the_service_runs_on_redis_acl_users_with_least_rights(
     url = f"redis://mltasks:{SERVICE_PASSWORD}@127.0.0.1:{server.port}"
     svc = Service(
         tmp_path / "svc", database_url=config.database.conninfo, redis_url=url,
-        models_dir=models_dir,
+        models_dir=models_dir, settings=Settings(write_actions=True),
     )  # fmt: skip
     try:
         anonymous = redis.Redis(port=server.port, socket_timeout=2)
@@ -71,7 +71,8 @@ def test_the_service_runs_on_redis_acl_users_with_least_rights(
             warm_up(pg)
             _, answer = game.decide(pg, STATE, timeout_ms=5000, archetype="tank")
             assert answer is not None and answer[0] != 255
-        # The game's own user reads the action cache the service wrote, and nothing more.
+        # The game's own user reads the action cache the service wrote (caching.write_actions,
+        # for a gateway that does not write its own), and nothing more.
         gamer = redis.Redis(
             port=server.port, username="game", password=GAME_PASSWORD, socket_timeout=2
         )

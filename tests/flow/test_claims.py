@@ -123,11 +123,38 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
         k for k in written if as_text(k).startswith((GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX))
     ], written
 
-    # The same batch with the right token answers the row claimed with it, and caches it.
+    # The same batch with the right token answers the row claimed with it, and caches it:
+    # its state in L1; its L2 key is the game's to write (caching.write_actions off).
     infer_batch.apply(args=[[forged[1]], 3, time.time(), None, "another-claim"]).get()
     got = response(pg, other)
     assert got is not None and got[0] != 255 and got[4] == "completed"
-    assert redis_cache.get(action_keys(np.array([STATE], dtype=np.float32), [1002])[0]) is not None
+    assert redis_cache.llen(f"{WORKING_MEMORY_PREFIX}1003") == 1
+    l2 = action_keys(np.array([STATE], dtype=np.float32), [1002])[0]
+    assert redis_cache.get(l2) is None
+
+
+def test_with_write_actions_a_worker_writes_the_games_l2_key(
+    config: Config, pg: psycopg.Connection[Any], redis_cache: redis.Redis, models_dir: Path
+) -> None:
+    """caching.write_actions (a gateway that does not write its own cache): the answer is
+    in L2 under the game's key and value, as the map server parses it."""
+    import dataclasses
+
+    from mltasks.cache.codec import parse_value
+    from mltasks.config import set_config
+    from mltasks.serving.batch import infer_batch
+
+    set_config(
+        dataclasses.replace(config, caching=dataclasses.replace(config.caching, write_actions=True))
+    )
+    rid = game.insert(pg, STATE, archetype="mage")
+    claim(pg, rid)
+    infer_batch.apply(args=[[[rid, "mage", 1002, STATE, 1003]], 3, time.time(), None, TOKEN]).get()
+    got = response(pg, rid)
+    assert got is not None and got[0] != 255
+    l2 = action_keys(np.array([STATE], dtype=np.float32), [1002])[0]
+    cached = parse_value(redis_cache.get(l2))
+    assert cached is not None and cached[0] == got[0]
 
 
 def test_an_oversized_broker_message_is_dropped_whole(

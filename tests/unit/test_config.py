@@ -26,6 +26,7 @@ def test_shipped_file_matches_the_game_defaults() -> None:
     assert "s3cret" not in repr(cfg)  # never in a log line that prints the config
     assert set(cfg.models.fusion.level3) == {"combat_dqn", "skill_dqn", "threat_assessment"}
     assert cfg.caching.lookup_levels == (1, 2)
+    assert cfg.caching.write_actions is False  # the game writes its own L2 keys
     assert 32 <= cfg.inference.batch_size <= 128
     assert cfg.redis.cache_db == 0  # the game's own cache lives in db 0
 
