@@ -113,7 +113,13 @@ def infer_batch(
         deploy_shadow.refresh(engine)  # between batches: deployed versions swap in here
     lookup = level in cfg.caching.lookup_levels
     outcome = answer_batch(
-        batch, engine, cache, rule_of(cfg), lookup, write_actions=cfg.caching.write_actions
+        batch,
+        engine,
+        cache,
+        rule_of(cfg),
+        lookup,
+        write_actions=cfg.caching.write_actions,
+        write_states=cache is not None and process.histories_read(cfg, level),
     )
     try:
         with process.db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:

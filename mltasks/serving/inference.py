@@ -91,19 +91,23 @@ def answer_batch(
     lookup: bool = True,
     observe: bool = True,
     write_actions: bool = True,
+    write_states: bool = True,
 ) -> Outcome:
     """Validate, look the batch up (one cache round trip), run each archetype's fusion
     members on what the cache missed, fuse, and answer every row exactly once.
 
     ``lookup`` False (a level outside ``caching.lookup_levels``): L2 and L3 are not read,
-    only L1 histories where a member needs them; L2 answers and L1 states are still
-    written (the game's next hits, the next histories), L3 outputs are not.
+    only L1 histories where a member needs them; L2 answers (with ``write_actions``) and
+    L1 states are still written (the game's next hits, the next histories), L3 outputs
+    are not.
 
     ``observe`` False (the worker's warm-up, mltasks.serving.warm): the model calls
     timings stay out of ``ml_inference_latency_seconds``.
 
     ``write_actions`` False (``caching.write_actions``, the default of a worker): no L2
     answer is written, and without ``lookup`` no L2 key made: the game writes its own.
+    ``write_states`` False (no worker that reads L1 histories is alive,
+    `mltasks.serving.process.histories_read`): no state is pushed to L1.
 
     With a cache: L2 answers rows outright, L3 saves a member's run for a row, L1 gives the
     sequence members their history windows; the fresh answers, outputs and states are
@@ -135,7 +139,9 @@ def answer_batch(
         metrics.observe_inference(plan.timings)
     outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
     if cache is not None:
-        states_seen = [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
+        states_seen = [
+            (v.monster_id, v.vec) for v in valid if write_states and v.monster_id is not None
+        ]
         fresh, computed = res.fresh, res.computed
         outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)
     return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import redis
@@ -21,10 +22,10 @@ from celery.signals import (
 )
 from psycopg_pool import ConnectionPool
 
-from mltasks import metrics
+from mltasks import keys, metrics
 from mltasks.cache.client import get_cache, reset_cache
 from mltasks.config import Config, get_config
-from mltasks.fallback.ladder import QUEUE_LEVELS, Level
+from mltasks.fallback.ladder import LEVEL_QUEUE, MODEL_LEVELS, QUEUE_LEVELS, Level
 from mltasks.fallback.levels import LevelStore
 from mltasks.fallback.registry import WorkerRegistry
 from mltasks.fallback.rules import rules_engine
@@ -32,6 +33,7 @@ from mltasks.heap import freeze_startup_objects
 from mltasks.logs import configure_logging
 from mltasks.models import served
 from mltasks.models.engine import get_engine, reset_engine
+from mltasks.models.family import FAMILY
 from mltasks.serving.bootsteps import worker_queues
 from mltasks.serving.plan import Predictors
 from mltasks.serving.warm import warm
@@ -44,6 +46,10 @@ _store: LevelStore | None = None
 failing: set[int] = set()
 # The longest any task waits for a database connection (the pool's own default is 30 s).
 DB_WAIT_MAX_S = 2.0
+# How long a worker trusts its last look at whether a tier that reads L1 histories is alive.
+HISTORY_READERS_RECHECK_S = 1.0
+# The last look: (config, level, its monotonic time, whether the level's states are read).
+_readers_seen: tuple[Config | None, int, float, bool] = (None, 0, 0.0, True)
 
 
 def db_pool() -> ConnectionPool:
@@ -63,11 +69,12 @@ def db_pool() -> ConnectionPool:
 
 
 def close_pool() -> None:
-    global _pool, _store
+    global _pool, _store, _readers_seen
     if _pool is not None:
         _pool.close()
         _pool = None
     _store = None
+    _readers_seen = (None, 0, 0.0, True)
     failing.clear()
     reset_cache()
 
@@ -77,6 +84,42 @@ def level_store() -> LevelStore:
     if _store is None or _store.config is not get_config():
         _store = LevelStore(get_config())
     return _store
+
+
+def history_queues(config: Config) -> frozenset[str]:
+    """The queues whose level's fusion has a sequence type: their workers read L1."""
+    return frozenset(
+        LEVEL_QUEUE[level]
+        for level in MODEL_LEVELS
+        if any(FAMILY[t].input == "sequence" for t in config.models.fusion.for_level(level))
+    )
+
+
+def histories_read(config: Config, level: int) -> bool:
+    """Whether a batch of ``level`` should push its states to L1: a worker that reads them
+    can exist. Its own queue's fusion reads histories, or a live worker (heartbeat) serves
+    a queue whose fusion does: by default the GPU tier, which a level-3 batch keeps warm for
+    the climb back. Where none does (a CPU-only deployment) the states were the batch's one
+    cache write, read by nobody. Looked at again every HISTORY_READERS_RECHECK_S; in doubt
+    (Redis away), written."""
+    global _readers_seen
+    seen_config, seen_level, seen_at, wanted = _readers_seen
+    now = time.monotonic()
+    if seen_config is config and seen_level == level and now - seen_at < HISTORY_READERS_RECHECK_S:
+        return wanted
+    readers = history_queues(config)
+    if LEVEL_QUEUE.get(level) in readers:
+        wanted = True
+    elif not readers:
+        wanted = False
+    else:
+        beats = [keys.heartbeat(q) for q in sorted(readers)]
+        try:
+            wanted = bool(level_store().redis.exists(*beats))
+        except (redis.RedisError, OSError):
+            wanted = True
+    _readers_seen = (config, level, now, wanted)
+    return wanted
 
 
 def predictors(config: Config, level: int) -> Predictors:

@@ -16,7 +16,7 @@ import redis
 from bridge.loop import Bridge
 from mltasks.cache.codec import action_keys
 from mltasks.config import Config
-from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX
+from mltasks.keys import GAME_ACTION_PREFIX, WORKING_MEMORY_PREFIX, heartbeat
 from mltasks.serving.records import Row
 from mltasks.serving.validation import validate_rows
 from tests import game
@@ -108,6 +108,7 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
     other = game.insert(pg, STATE, archetype="mage")
     claim(pg, other, token="another-claim")
     ghost = 999_999  # no such request
+    redis_cache.set(heartbeat("gpu"), "1", px=60_000)  # a live GPU tier reads L1 states
     forged = [
         [pending, "tank", 1002, STATE, 1002],
         [other, "mage", 1002, STATE, 1003],
@@ -124,7 +125,8 @@ def test_answers_only_rows_claimed_with_the_token_and_caches_nothing_refused(
     ], written
 
     # The same batch with the right token answers the row claimed with it, and caches it:
-    # its state in L1; its L2 key is the game's to write (caching.write_actions off).
+    # its state in L1, for the GPU tier to read; its L2 key is the game's to write
+    # (caching.write_actions off).
     infer_batch.apply(args=[[forged[1]], 3, time.time(), None, "another-claim"]).get()
     got = response(pg, other)
     assert got is not None and got[0] != 255 and got[4] == "completed"
