@@ -16,13 +16,20 @@ _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
 def parse_queries(text: str) -> dict[str, str]:
-    """Split a queries file into ``{name: statement}``."""
+    """Split a queries file into ``{name: statement}``.
+
+    A statement keeps its SQL and a first line naming it (``-- <name>``, what
+    pg_stat_statements shows), not its comment lines: those are for the file's readers.
+    psycopg parses the text of a statement longer than 4,096 bytes again at every call
+    (13.5 against 1.7 us for claim_batch, its comments 2 KB of its 4.2 KB).
+    """
     parts = _BLOCK.split(text)
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"duplicate query name {name!r}")
-        queries[name] = body.strip().rstrip(";").strip()
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        queries[name] = f"-- {name}\n" + "\n".join(lines).strip().rstrip(";").strip()
     return queries
 
 
