@@ -167,9 +167,8 @@ class Bridge:
         """While the tier's queue is full, pending rows join the batch still waiting in it
         (taken back with one LREM and sent again with them); returns how many were claimed.
 
-        Without it, rows that arrive while a batch waits stay in PostgreSQL until a worker
-        has taken that batch, and then wait behind it. In bulk load at 7,000/s it held the
-        step in 4 of 5 runs against 2 of 5 (docs/PERFORMANCE.md, 2026-12-07 (late night)).
+        Without it, rows that arrive while a batch waits wait behind it in PostgreSQL. In
+        bulk load at 7,000/s it held the step in 4 of 5 runs against 2 of 5 (PERFORMANCE.md).
         The rows are claimed under the waiting batch's own token, so whichever way the
         LREM goes, one message answers them; a batch a worker took meanwhile is left to
         it and the new rows go out as the next one.
@@ -260,6 +259,9 @@ class Bridge:
             )
             return
         self.sent += len(rows)
+        if not waiting:  # taken at once by a worker in BRPOP: its (or the lease's), no LREM
+            self.congestion.published(queue, waiting)
+            return
         if due is None:
             oldest = min(created, default=time.time())
             due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())

@@ -3,7 +3,8 @@
 It used to answer 255 (`lost`) every row still unanswered at 80% of its deadline, while the
 worker that had the batch in hand went on inferring and writing the same rows: both paid,
 and the worker's answers were refused. Now a due batch is taken back off its queue first
-(one LREM per batch); only a batch still waiting there is rescued.
+(one LREM per batch; none for a batch a blocked worker took at its push); only a batch still
+waiting there is rescued.
 """
 
 from __future__ import annotations
@@ -78,3 +79,34 @@ def test_without_redis_every_due_batch_is_answered_here(config: Config) -> None:
     gone = redis.Redis(port=1, socket_connect_timeout=0.2)
     p = Publisher(app_with_broker(config, "redis://127.0.0.1:1/0", "gone"), gone)
     assert p.withdraw([(QUEUE, b"a"), (QUEUE, b"b")]) == [True, True]
+
+
+def test_a_batch_a_waiting_worker_took_at_once_is_not_watched(
+    config: Config, pg: psycopg.Connection[Any]
+) -> None:
+    """The push found a worker blocked in BRPOP (the queue empty right after it): the
+    batch is that worker's, so no rescue entry and no LREM later."""
+    import threading
+
+    broker_url = config.redis.db_url(14)
+    b = Bridge(config, app_with_broker(config, broker_url, "rescue-taken"))
+    b.level = 3
+    broker = redis.Redis.from_url(broker_url)
+    popped: list[Any] = []
+    worker = threading.Thread(target=lambda: popped.append(broker.brpop([QUEUE], timeout=10)))
+    try:
+        worker.start()
+        deadline = time.monotonic() + 5
+        while not any(c.get("cmd") == "brpop" for c in broker.client_list()):
+            assert time.monotonic() < deadline, "the stand-in worker never blocked"
+            time.sleep(0.01)
+        rid = game.insert(pg, STATE)
+        claim(pg, rid, token="claim-taken")
+        b.dispatch([as_row([rid, "aggressive", 1002, STATE, 1002])], [time.time()], "claim-taken")
+        worker.join(5)
+        assert popped and popped[0] is not None and popped[0][1] == b.publisher.last_message
+        assert len(b._in_flight) == 0  # nothing for the rescue to take back
+        assert b.sent == 1 and b.rescue() == 0 and answered(pg) == {}
+    finally:
+        b.close()
+        broker.close()
