@@ -112,6 +112,11 @@ def infer_batch(
     if isinstance(engine, Engine):
         deploy_shadow.refresh(engine)  # between batches: deployed versions swap in here
     lookup = level in cfg.caching.lookup_levels
+    # Redis known away (the cache's breaker is not closed): no look at the heartbeats;
+    # in doubt the states are written, which the breaker itself skips while it is open.
+    write_states = cache is not None and (
+        cache.breaker.state != "closed" or process.histories_read(cfg, level)
+    )
     outcome = answer_batch(
         batch,
         engine,
@@ -119,7 +124,7 @@ def infer_batch(
         rule_of(cfg),
         lookup,
         write_actions=cfg.caching.write_actions,
-        write_states=cache is not None and process.histories_read(cfg, level),
+        write_states=write_states,
     )
     try:
         with process.db_pool().connection(timeout=_pool_wait_s(cfg, now, created)) as conn:
