@@ -14,6 +14,13 @@ batch costs whatever its size (fixed) and what each row adds (marginal).
 
 Per step: the thread CPU inside each step of the path (``STEPS``), timed by wrapping those
 functions in this process for the run only.
+
+A size's batches are all claimed before the first is timed, so that back to back the task
+runs as in a busy worker, its code warm. ``--pause-ms``: each batch runs that long after the
+one before, as in a worker that waited in BRPOP: on the benchmark host a one-row task costs
+three times its CPU after 20 ms of not running (docs/PERFORMANCE.md, 2026-12-08), and a
+lightly loaded service pays that. (Before 2026-12-08 each batch was claimed just before it
+ran: figures between a warm and a paused one.)
 """
 
 from __future__ import annotations
@@ -190,8 +197,10 @@ def measure(
     batches: int,
     warmup: int,
     seed: int = 0,
+    pause_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """{"sizes": {n: {"task_ms": {p25, median, p75}, "steps_ms": {step: mean}}}, "fit": ...}."""
+    """{"sizes": {n: {"task_ms": {p25, median, p75}, "steps_ms": {step: mean}}}, "fit": ...};
+    each batch run ``pause_ms`` after the one before it ended."""
     from mltasks.bench.database import recreate_database
     from mltasks.config import set_config
     from mltasks.fallback.levels import LevelStore
@@ -217,11 +226,16 @@ def measure(
             for size in sizes:
                 cpu: dict[str, float] = {}
                 times: list[float] = []
+                # Every batch of the size claimed first: between two timed tasks this
+                # process runs nothing else (the game's INSERTs and the claim did, and
+                # cooled the task's code as a pause does).
+                made = [source.next(size) for _ in range(warmup + batches)]
                 with timed_steps(cpu):
-                    for i in range(warmup + batches):
+                    for i, (rows, _, token) in enumerate(made):
                         if i == warmup:
                             cpu.clear()
-                        rows, _, token = source.next(size)
+                        if pause_ms:  # a worker idle in BRPOP between two batches
+                            time.sleep(pause_ms / 1000)
                         # The rows as young as the call: the task answers a row past its
                         # stale limit 255 without its models (a stall of this host).
                         now = time.time()
@@ -241,6 +255,7 @@ def measure(
         "level": LEVEL,
         "batches": batches,
         "warmup": warmup,
+        "pause_ms": pause_ms,
         "sizes": results,
         "fit": fit(results),
     }
@@ -290,7 +305,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"The batch task in one process at level {report['level']}, on claimed rows of distinct "
         f"states (no cache hit); thread CPU per batch over {report['batches']} batches after "
-        f"{report['warmup']} of warm-up. Steps: the mean thread CPU a batch inside each step.",
+        f"{report['warmup']} of warm-up. Steps: the mean thread CPU a batch inside each step."
+        + _pause_text(report.get("pause_ms") or 0.0),
         "",
         "| thread CPU, ms | " + " | ".join(f"{n} row{'s' * (n != 1)}" for n in order) + " |",
         "| --- | " + " | ".join("---:" for _ in order) + " |",
@@ -323,6 +339,15 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["", machine_line(report["machine"]), ""]
     return "\n".join(lines)
+
+
+def _pause_text(pause_ms: float) -> str:
+    if not pause_ms:
+        return " Batches back to back (a busy worker's: its code warm)."
+    return (
+        f" Each batch {pause_ms:g} ms after the last one ended, as a worker that waited for"
+        " it (its code cold)."
+    )
 
 
 def write(report: dict[str, Any], out: Path) -> str:

@@ -178,6 +178,13 @@ def add_parser(subparsers: Any) -> None:
     bat.add_argument("--batches", type=int, default=300, help="timed batches a size")
     bat.add_argument("--warmup", type=int, default=50, help="untimed batches a size first")
     bat.add_argument("--seed", type=int, default=0, help="of the states drawn")
+    bat.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="sleep this long before each batch, as a worker idle between batches "
+        "(default: 0, back to back)",
+    )
     where_options(bat)
     bat.set_defaults(func=batch_command)
 

@@ -37,6 +37,8 @@ def inserts_command(args: argparse.Namespace) -> int:
 def batch_command(args: argparse.Namespace) -> int:
     if args.batches < 2 or args.warmup < 0:
         raise BenchError("--batches must be at least 2 and --warmup at least 0")
+    if not 0 <= args.pause_ms <= 1000:
+        raise BenchError(f"--pause-ms must be within 0..1000, got {args.pause_ms:g}")
     started = datetime.now().astimezone()
     out = out_dir(args, started)
     with workspace(args) as (_, models_dir):
@@ -48,6 +50,7 @@ def batch_command(args: argparse.Namespace) -> int:
             args.batches,
             args.warmup,
             args.seed,
+            args.pause_ms,
         )
     report = report_head("batch", started, schema_version=batchcost_mod.SCHEMA_VERSION, **measured)
     return finish(report, out, batchcost_mod.write)

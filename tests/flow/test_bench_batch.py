@@ -26,7 +26,22 @@ def test_it_parses_its_options(tmp_path: Path) -> None:
         ["bench", "batch", "--sizes", "1,8", "--batches", "5", "--models-dir", str(tmp_path)]
     )
     assert args.sizes == [1, 8] and args.batches == 5 and args.warmup == 50
+    assert args.pause_ms == 0.0
+    paused = build_parser().parse_args(["bench", "batch", "--pause-ms", "20"])
+    assert paused.pause_ms == 20.0
     assert args.models_dir == tmp_path and args.func.__name__ == "batch_command"
+
+
+def test_a_pause_outside_its_range_is_refused_before_any_work(tmp_path: Path) -> None:
+    from mltasks.bench.cli_measure import batch_command
+
+    for pause in ("-1", "1001"):
+        args = build_parser().parse_args(
+            ["bench", "batch", "--pause-ms", pause, "--models-dir", str(tmp_path / "none")]
+        )
+        with pytest.raises(BenchError, match=r"--pause-ms must be within 0\.\.1000"):
+            batch_command(args)
+    assert not (tmp_path / "none").exists()
 
 
 def test_the_fit_is_a_fixed_cost_and_a_cost_a_row() -> None:
@@ -61,6 +76,7 @@ def test_it_measures_batches_that_were_really_answered(
     out = tmp_path / "report"
     argv = [
         *("bench", "batch", "--sizes", "1,4", "--batches", "3", "--warmup", "1"),
+        *("--pause-ms", "2"),
         *("--models-dir", str(models_dir), "--out", str(out)),
         *("--database-url", bench_db, "--redis-url", os.environ["MLTASKS_TEST_REDIS_URL"]),
     ]
@@ -70,7 +86,7 @@ def test_it_measures_batches_that_were_really_answered(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == "batch" and report["level"] == 3
+    assert report["kind"] == "batch" and report["level"] == 3 and report["pause_ms"] == 2.0
     assert sorted(report["sizes"]) == ["1", "4"]
     for size in report["sizes"].values():
         assert size["task_ms"]["median"] > 0
@@ -81,7 +97,8 @@ def test_it_measures_batches_that_were_really_answered(
         (report["sizes"]["4"]["task_ms"]["median"] - report["sizes"]["1"]["task_ms"]["median"]) / 3,
         abs=1e-3,
     )
-    assert "Fixed cost a batch" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Fixed cost a batch" in text and "2 ms after the last one ended" in text
     # Every batch timed or warmed was claimed and answered by a model: (1 + 3) x (1 + 4).
     with psycopg.connect(bench_db) as conn:
         answered = conn.execute(
