@@ -259,15 +259,15 @@ class Bridge:
             )
             return
         self.sent += len(rows)
+        full = self.congestion.published(queue, waiting)
         if not waiting:  # taken at once by a worker in BRPOP: its (or the lease's), no LREM
-            self.congestion.published(queue, waiting)
             return
         if due is None:
             oldest = min(created, default=time.time())
             due = time.monotonic() + max(0.0, oldest + self.rescue_after_s - time.time())
         sent = (due, queue, self.publisher.last_message, [int(r.request_id) for r in rows])
         self._in_flight.append(sent)
-        if self.congestion.published(queue, waiting) and self.config.inference.top_up:
+        if full and self.config.inference.top_up:
             # A busy tier: the next rows join this batch while it waits (`top_up`).
             message = self.publisher.last_message
             self.congestion.waiting[queue] = Waiting(level, token, rows, created, message)

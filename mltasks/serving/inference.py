@@ -139,9 +139,11 @@ def answer_batch(
         metrics.observe_inference(plan.timings)
     outcome = Outcome(res.answers, res.failures, fused=res.fused, shadow=res.shadow)
     if cache is not None:
-        states_seen = [
-            (v.monster_id, v.vec) for v in valid if write_states and v.monster_id is not None
-        ]
+        states_seen = (
+            [(v.monster_id, v.vec) for v in valid if v.monster_id is not None]
+            if write_states
+            else []
+        )
         fresh, computed = res.fresh, res.computed
         outcome.remember = lambda: cache.store_batch(fresh, computed, states_seen)
     return outcome
